@@ -1,0 +1,56 @@
+"""Headless command line: ``workbench inspect|compress|export ...``.
+
+Each subcommand lives in its own module exposing ``register(subparsers)``; the parser's
+``func`` returns the exit code. Expected failures (`WorkbenchError`) print one line on stderr
+and exit 2; nothing prints a traceback for them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+from core.errors import Cancelled, WorkbenchError
+
+#: subcommand -> module defining ``register(subparsers)``
+SUBCOMMANDS = {
+    "inspect": "core.cli_inspect",
+    "compress": "core.cli_compress",
+    "export": "core.cli_export",
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="workbench",
+        description=(
+            "Compression Workbench. Without a subcommand, opens the desktop workbench "
+            "(`workbench [MODEL]`). Subcommands run the same engine headless."
+        ),
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for module in SUBCOMMANDS.values():
+        importlib.import_module(module).register(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except Cancelled as exc:
+        print(f"workbench: {exc}", file=sys.stderr)
+        return 130
+    except WorkbenchError as exc:
+        print(f"workbench {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("workbench: interrupted; nothing was written", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

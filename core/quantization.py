@@ -1,0 +1,155 @@
+"""Uniform affine quantization with scale and zero point, 2..16 bits.
+
+Convention (shared by the engine, the estimates and the packed archive): codes are unsigned
+integers ``q`` in ``[qmin, qmax]`` and the dequantized value is ``(q - zero_point) * scale``.
+
+- asymmetric: ``qmin = 0, qmax = 2**bits - 1``; the range ``[min(w, 0), max(w, 0)]`` is
+  mapped onto it, so ``0.0`` is exactly representable (``q == zero_point``).
+- symmetric: ``zero_point = 2**(bits-1)`` and ``q`` in ``[1, 2**bits - 1]`` so the grid is
+  ``scale * [-(2**(bits-1) - 1) .. 2**(bits-1) - 1]`` around an exact zero.
+
+Per-channel quantization uses one scale/zero point per slice along axis 0 (output channel /
+row). Pruned weights (``mask == False``) are excluded from the range and dequantize to exactly
+``0.0``; kept weights whose code equals the zero point also become exactly zero.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from core.plan import MAX_BITS, MIN_BITS, QuantConfig
+
+
+@dataclass(frozen=True)
+class QuantizedTensor:
+    """Integer codes plus the affine parameters to restore a float tensor.
+
+    ``codes`` has the weight's shape, dtype int32. ``scale`` (float32) and ``zero_point``
+    (int32) have shape ``(1,)`` per-tensor or ``(shape[0],)`` per-channel. ``mask`` (bool, same
+    shape) marks kept weights; ``None`` means dense.
+    """
+
+    codes: torch.Tensor
+    scale: torch.Tensor
+    zero_point: torch.Tensor
+    bits: int
+    symmetric: bool
+    per_channel: bool
+    mask: torch.Tensor | None = None
+
+    @property
+    def qmin(self) -> int:
+        return 1 if self.symmetric else 0
+
+    @property
+    def qmax(self) -> int:
+        return 2**self.bits - 1
+
+    def dequantize(self) -> torch.Tensor:
+        return dequantize(self)
+
+
+def _broadcast(p: torch.Tensor, ndim: int) -> torch.Tensor:
+    return p.reshape((-1,) + (1,) * (ndim - 1)) if p.numel() > 1 else p.reshape(())
+
+
+def quant_params(
+    w: torch.Tensor, bits: int, *, symmetric: bool, per_channel: bool, mask: torch.Tensor | None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Scale (float32) and zero point (int32) for ``w`` restricted to ``mask``."""
+    if not MIN_BITS <= bits <= MAX_BITS:
+        raise ValueError(f"bits must be in {MIN_BITS}..{MAX_BITS}, got {bits}")
+    w = w.detach().to(torch.float32)
+    finite = torch.isfinite(w)
+    keep = finite if mask is None else (finite & mask)
+    if per_channel and w.ndim >= 1 and w.shape[0] > 0:
+        flat = w.reshape(w.shape[0], -1)
+        k = keep.reshape(w.shape[0], -1)
+        big = torch.finfo(torch.float32).max
+        lo = torch.where(k, flat, torch.full_like(flat, big)).amin(dim=1)
+        hi = torch.where(k, flat, torch.full_like(flat, -big)).amax(dim=1)
+        empty = ~k.any(dim=1)
+        lo = torch.where(empty, torch.zeros_like(lo), lo)
+        hi = torch.where(empty, torch.zeros_like(hi), hi)
+    else:
+        vals = w[keep]
+        lo = vals.min().reshape(1) if vals.numel() else torch.zeros(1)
+        hi = vals.max().reshape(1) if vals.numel() else torch.zeros(1)
+    lo = torch.clamp(lo, max=0.0)
+    hi = torch.clamp(hi, min=0.0)
+    if symmetric:
+        half = 2 ** (bits - 1) - 1
+        absmax = torch.maximum(-lo, hi)
+        scale = absmax / half
+        zp = torch.full_like(scale, 2 ** (bits - 1), dtype=torch.int32)
+    else:
+        qmax = 2**bits - 1
+        scale = (hi - lo) / qmax
+        safe = torch.where(scale > 0, scale, torch.ones_like(scale))
+        zp = torch.clamp(torch.round(-lo / safe), 0, qmax).to(torch.int32)
+    scale = torch.where(scale > 0, scale, torch.ones_like(scale)).to(torch.float32)
+    return scale, zp
+
+
+def quantize(
+    w: torch.Tensor,
+    bits: int,
+    *,
+    symmetric: bool = True,
+    per_channel: bool = False,
+    mask: torch.Tensor | None = None,
+) -> QuantizedTensor:
+    """Quantize ``w`` (after pruning: pass the keep ``mask``) to ``bits``-bit codes."""
+    scale, zp = quant_params(w, bits, symmetric=symmetric, per_channel=per_channel, mask=mask)
+    w32 = torch.nan_to_num(w.detach().to(torch.float32), nan=0.0, posinf=0.0, neginf=0.0)
+    s = _broadcast(scale, w.ndim)
+    z = _broadcast(zp, w.ndim)
+    qmin = 1 if symmetric else 0
+    q = torch.clamp(torch.round(w32 / s) + z, qmin, 2**bits - 1).to(torch.int32)
+    if mask is not None:
+        q = torch.where(mask, q, z.to(torch.int32).expand_as(q))
+    return QuantizedTensor(
+        codes=q,
+        scale=scale,
+        zero_point=zp,
+        bits=bits,
+        symmetric=symmetric,
+        per_channel=per_channel,
+        mask=None if mask is None else mask.clone(),
+    )
+
+
+def dequantize(qt: QuantizedTensor) -> torch.Tensor:
+    """Float32 tensor ``(codes - zero_point) * scale``; masked-out positions are exactly 0."""
+    s = _broadcast(qt.scale, qt.codes.ndim)
+    z = _broadcast(qt.zero_point, qt.codes.ndim)
+    w = (qt.codes - z).to(torch.float32) * s
+    if qt.mask is not None:
+        w = torch.where(qt.mask, w, torch.zeros_like(w))
+    return w
+
+
+def fake_quantize(w: torch.Tensor, cfg: QuantConfig, mask: torch.Tensor | None = None) -> torch.Tensor:
+    """Quantize-dequantize ``w`` with a straight-through gradient (for quantization-aware tuning)."""
+    if cfg.bits is None:
+        return w if mask is None else w * mask
+    with torch.no_grad():
+        qt = quantize(w, cfg.bits, symmetric=cfg.symmetric, per_channel=cfg.per_channel, mask=mask)
+        deq = dequantize(qt)
+    out = w + (deq - w).detach()
+    return out if mask is None else out * mask
+
+
+def sqnr_db(reference: torch.Tensor, approx: torch.Tensor) -> float:
+    """Signal-to-quantization-noise ratio in dB (``inf`` when identical)."""
+    ref = reference.detach().to(torch.float64)
+    err = (approx.detach().to(torch.float64) - ref).pow(2).sum().item()
+    sig = ref.pow(2).sum().item()
+    if err == 0.0:
+        return math.inf
+    if sig == 0.0:
+        return -math.inf
+    return 10.0 * math.log10(sig / err)
