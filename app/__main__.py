@@ -1,0 +1,171 @@
+"""GUI entry point: ``workbench [MODEL] [--data FILE] [--recipe R] [--trust] [--screenshot PATH]``.
+
+Without MODEL the last session's model (and plan) is reopened, else the built-in ``demo:mlp``.
+Settings go to the platform's usual place, or to the INI file named by ``--settings`` or the
+``WORKBENCH_SETTINGS`` environment variable (tests and screenshots use a throw-away one).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+SETTINGS_ENV = "WORKBENCH_SETTINGS"
+DEFAULT_MODEL = "demo:mlp"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="workbench",
+        description=(
+            "Compression Workbench: prune and quantize a PyTorch model by eye. Subcommands "
+            "(inspect, compress, export) run the same engine headless; see `workbench inspect -h`."
+        ),
+    )
+    parser.add_argument(
+        "model",
+        nargs="?",
+        help="model file (TorchScript, .pt2, state_dict, safetensors) or demo:mlp / demo:cnn; "
+        "default: the last session's model, else demo:mlp",
+    )
+    parser.add_argument(
+        "--data", help=".npz/.pt file with x (and optional y) for gradients and accuracy"
+    )
+    parser.add_argument("--recipe", help="JSON recipe to start from")
+    parser.add_argument(
+        "--trust",
+        action="store_true",
+        help="allow opening pickled models (unpickling runs code from the file)",
+    )
+    parser.add_argument(
+        "--screenshot",
+        metavar="PATH",
+        help="render the window (analysed, sample plan applied, compressed) to a PNG and exit",
+    )
+    parser.add_argument("--select", metavar="LAYER", help="layer to select (default: the largest)")
+    parser.add_argument(
+        "--size",
+        default="1440x900",
+        metavar="WxH",
+        help="window size for --screenshot (at least 1280x800; default 1440x900)",
+    )
+    parser.add_argument(
+        "--settings",
+        metavar="FILE",
+        help=f"INI file for window state and recent files (also ${SETTINGS_ENV})",
+    )
+    return parser
+
+
+def make_settings(path: str | None = None):
+    """`QSettings` at ``path`` / ``$WORKBENCH_SETTINGS`` (INI), else the platform default."""
+    from PySide6.QtCore import QSettings
+
+    path = path or os.environ.get(SETTINGS_ENV)
+    if path:
+        return QSettings(str(path), QSettings.Format.IniFormat)
+    return QSettings("compression-workbench", "workbench")
+
+
+def _parse_size(text: str) -> tuple[int, int]:
+    try:
+        w, h = (int(v) for v in text.lower().split("x"))
+    except ValueError:
+        raise SystemExit(
+            f"workbench: error: --size must look like 1440x900, got {text!r}"
+        ) from None
+    return max(w, 1280), max(h, 800)
+
+
+def gui_main(argv: list[str] | None = None) -> int:
+    """Run the desktop workbench; returns the process exit code."""
+    args = build_parser().parse_args(sys.argv[1:] if argv is None else argv)
+    if args.screenshot and not os.environ.get("DISPLAY") and not os.environ.get("WAYLAND_DISPLAY"):
+        # Rendering to a file needs no screen; this lets the screenshot script run headless.
+        os.environ.setdefault("QT_QPA_PLATFORM", "offscreen")
+
+    from PySide6.QtWidgets import QApplication
+
+    from core.errors import WorkbenchError
+    from core.plan import CompressionPlan
+
+    app = QApplication.instance() or QApplication([sys.argv[0]])
+    app.setApplicationName("Compression Workbench")
+    app.setOrganizationName("compression-workbench")
+    app.setStyle("Fusion")
+
+    from app.main_window import MainWindow
+
+    settings = make_settings(args.settings)
+    plan = None
+    if args.recipe:
+        try:
+            plan = CompressionPlan.load(args.recipe)
+        except WorkbenchError as exc:
+            print(f"workbench: error: {exc}", file=sys.stderr)
+            return 2
+    source = args.model
+    if source is None and not args.screenshot:
+        last = settings.value("session/model", "")
+        if last and (str(last).startswith("demo:") or Path(str(last)).is_file()):
+            source = str(last)
+            if plan is None:
+                try:
+                    plan = CompressionPlan.from_json(str(settings.value("session/plan", "")))
+                except WorkbenchError:
+                    plan = None
+    source = source or DEFAULT_MODEL
+
+    window = MainWindow(settings, trust=args.trust)
+    exit_code = {"code": 0}
+    if args.screenshot:
+        w, h = _parse_size(args.size)
+        window.resize(w, h)
+
+        def on_saved(path: str) -> None:
+            if path:
+                print(f"workbench: screenshot saved to {path}")
+            else:
+                print("workbench: screenshot failed (see the messages above)", file=sys.stderr)
+                exit_code["code"] = 1
+            window.controller.cancel_jobs()
+            app.exit(exit_code["code"])
+
+        def on_error(title: str, message: str, details: str) -> None:
+            print(f"workbench: {title}: {message}", file=sys.stderr)
+            if details:
+                print(details, file=sys.stderr)
+
+        window.controller.errorRaised.connect(on_error)
+        window.screenshotSaved.connect(on_saved)
+        window.take_screenshot_when_ready(args.screenshot, plan=plan, select=args.select)
+    window.show()
+    window.open_model(source, plan=plan)
+    if args.data:
+        # Queued behind the load: open_data needs the model, so wait for it.
+        def load_data_once(kind: str, outcome: str) -> None:
+            if kind == "load":
+                window.controller.jobFinished.disconnect(load_data_once)
+                if outcome == "done":
+                    window.controller.open_data(args.data)
+
+        window.controller.jobFinished.connect(load_data_once)
+    if args.select and not args.screenshot:
+
+        def select_once(kind: str, outcome: str) -> None:
+            if kind == "load":
+                window.controller.jobFinished.disconnect(select_once)
+                window.controller.set_selection((args.select,))
+
+        window.controller.jobFinished.connect(select_once)
+    code = app.exec()
+    if args.screenshot:
+        window.controller.shutdown()
+        return exit_code["code"]
+    return int(code)
+
+
+if __name__ == "__main__":
+    sys.exit(gui_main())

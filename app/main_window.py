@@ -1,0 +1,940 @@
+"""The main window: layer table, histograms, controls, live summary, jobs and results.
+
+Layout: layers dock on the left, plots in the centre (selected layer's weight and gradient
+histograms over the whole-model size chart), controls dock on the right (scope, pruning,
+quantization, live estimate), jobs dock at the bottom (progress, actions, recovery, results).
+Docks, splitters, geometry, recent files and the last session live in `QSettings`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from pathlib import Path
+
+from PySide6.QtCore import QByteArray, QEvent, QSettings, Qt, QTimer, Signal
+from PySide6.QtGui import QAction, QKeySequence
+from PySide6.QtWidgets import (
+    QComboBox,
+    QDockWidget,
+    QFileDialog,
+    QFormLayout,
+    QHBoxLayout,
+    QLabel,
+    QMainWindow,
+    QMenu,
+    QMessageBox,
+    QScrollArea,
+    QSplitter,
+    QVBoxLayout,
+    QWidget,
+)
+
+from app.controller import JOB_TITLES, Controller
+from app.widgets.export_dialog import ExportDialog
+from app.widgets.histogram_view import HistogramView
+from app.widgets.jobs_panel import JobStatus, RecoveryPanel, ResultsPanel, action_button
+from app.widgets.layer_table import LayerTable
+from app.widgets.prune_panel import PrunePanel
+from app.widgets.quant_panel import QuantPanel
+from app.widgets.size_view import SizeView
+from app.widgets.summary_panel import SummaryPanel
+from core.plan import CompressionPlan
+
+DEMOS = (("demo:mlp", "Digits MLP (LeNet-300-100)"), ("demo:cnn", "Digits CNN (LeNet-5)"))
+MODEL_FILTER = (
+    "PyTorch models (*.pt *.pth *.pt2 *.ts *.jit *.safetensors *.bin *.ckpt);;All files (*)"
+)
+DATA_FILTER = "Data (*.npz *.pt *.pth);;All files (*)"
+RECIPE_FILTER = "Recipes (*.json);;All files (*)"
+DATA_SUFFIXES = {".npz"}
+RECIPE_SUFFIXES = {".json"}
+MAX_RECENT = 8
+#: Bump when the dock/toolbar layout changes so an old saved state is not restored onto it.
+STATE_VERSION = 1
+
+
+class MainWindow(QMainWindow):
+    """See the module docstring. ``settings`` is injected so tests never touch the user's."""
+
+    screenshotSaved = Signal(str)
+
+    def __init__(self, settings: QSettings, controller: Controller | None = None, *, trust=False):
+        super().__init__()
+        self.settings = settings
+        self.controller = controller or Controller(self)
+        self.trust = trust
+        self._error_boxes: list[QMessageBox] = []
+        self.setObjectName("mainWindow")
+        self.setWindowTitle("Compression Workbench")
+        self.setAcceptDrops(True)
+        self.setDockOptions(
+            QMainWindow.DockOption.AnimatedDocks | QMainWindow.DockOption.AllowTabbedDocks
+        )
+        self._build_widgets()
+        self._build_actions()
+        self._build_menus()
+        self._build_docks()
+        self._connect()
+        self._restore_layout()
+        self._update_actions()
+
+    # ------------------------------------------------------------------ construction
+    def _build_widgets(self) -> None:
+        self.layer_table = LayerTable(self)
+        self.histograms = HistogramView(self)
+        self.histograms.log_counts.setChecked(self.settings.value("view/logCounts", True, bool))
+        self.histograms.abs_axis.setChecked(self.settings.value("view/absAxis", False, bool))
+        self.size_view = SizeView(self)
+        self.center = QSplitter(Qt.Orientation.Vertical, self)
+        self.center.setObjectName("centerSplitter")
+        self.center.addWidget(self.histograms)
+        self.center.addWidget(self.size_view)
+        self.center.setStretchFactor(0, 3)
+        self.center.setStretchFactor(1, 2)
+        self.center.setChildrenCollapsible(False)
+        self.setCentralWidget(self.center)
+
+        self.scope = QComboBox(self)
+        self.scope.setObjectName("scopeCombo")
+        self.scope.addItem("Whole model", "model")
+        self.scope.addItem("Selected layers", "selection")
+        self.scope.setToolTip(
+            "Whole model: edits change the default (and every layer's own settings). "
+            "Selected layers: edits give the selected layers their own settings."
+        )
+        self.scope_note = QLabel(self)
+        self.scope_note.setWordWrap(True)
+        self.prune_panel = PrunePanel(self)
+        self.quant_panel = QuantPanel(self)
+        self.summary = SummaryPanel(self)
+        controls = QWidget(self)
+        v = QVBoxLayout(controls)
+        scope_form = QFormLayout()
+        scope_form.addRow("Apply to", self.scope)
+        v.addLayout(scope_form)
+        v.addWidget(self.scope_note)
+        v.addWidget(self.prune_panel)
+        v.addWidget(self.quant_panel)
+        v.addWidget(self.summary)
+        v.addStretch(1)
+        self.controls_scroll = QScrollArea(self)
+        self.controls_scroll.setWidgetResizable(True)
+        self.controls_scroll.setWidget(controls)
+
+        self.job_status = JobStatus(self)
+        self.recovery = RecoveryPanel(self)
+        self.results = ResultsPanel(self)
+        self.data_label = QLabel("No data", self)
+        self.data_label.setObjectName("dataLabel")
+        self.data_label.setWordWrap(True)
+
+    def _action(self, text, slot, shortcut=None, tip="", name=None) -> QAction:
+        action = QAction(text, self)
+        if shortcut is not None:
+            action.setShortcut(QKeySequence(shortcut))
+            action.setShortcutContext(Qt.ShortcutContext.WindowShortcut)
+        tip_text = tip or text.replace("…", "")
+        if shortcut is not None:
+            tip_text += (
+                f" ({QKeySequence(shortcut).toString(QKeySequence.SequenceFormat.NativeText)})"
+            )
+        action.setToolTip(tip_text)
+        action.setStatusTip(tip or text)
+        action.triggered.connect(slot)
+        if name:
+            action.setObjectName(name)
+        self.addAction(action)
+        return action
+
+    def _build_actions(self) -> None:
+        K = QKeySequence.StandardKey
+        self.act_open = self._action(
+            "&Open model…", self._on_actOpen_triggered, K.Open, "Open a PyTorch model file"
+        )
+        self.act_open_data = self._action(
+            "Open &data…",
+            self._on_actOpenData_triggered,
+            "Ctrl+D",
+            "Open a .npz/.pt data file with x (and optional y) for gradients and accuracy",
+        )
+        self.act_load_recipe = self._action(
+            "&Load recipe…", self._on_actLoadRecipe_triggered, "Ctrl+L", "Load a JSON recipe"
+        )
+        self.act_save_recipe = self._action(
+            "&Save recipe…", self._on_actSaveRecipe_triggered, K.Save, "Save the plan as a recipe"
+        )
+        self.act_export = self._action(
+            "&Export…", self._on_actExport_triggered, "Ctrl+E", "Export the compressed model"
+        )
+        self.act_quit = self._action("&Quit", self.close, K.Quit)
+        self.act_undo = self._action(
+            "&Undo", self.controller.undo, K.Undo, "Undo the last plan edit"
+        )
+        self.act_redo = self._action(
+            "&Redo", self.controller.redo, "Ctrl+Shift+Z", "Redo the plan edit"
+        )
+        self.act_reset_plan = self._action(
+            "Reset &plan", self._on_actResetPlan_triggered, None, "Start again from no compression"
+        )
+        self.act_analyze = self._action(
+            "&Analyze",
+            self._on_actAnalyze_triggered,
+            "Ctrl+Shift+A",
+            "Recompute histograms, scores and gradient statistics",
+        )
+        self.act_compress = self._action(
+            "&Compress",
+            self._on_actCompress_triggered,
+            "Ctrl+R",
+            "Apply the plan to a copy of the model (fine-tunes when Recovery epochs > 0)",
+            name="actCompress",
+        )
+        self.act_finetune = self._action(
+            "&Fine-tune",
+            self._on_actFinetune_triggered,
+            "Ctrl+Shift+R",
+            "Fine-tune / distill the compressed model with its masks fixed",
+        )
+        self.act_evaluate = self._action(
+            "E&valuate",
+            self._on_actEvaluate_triggered,
+            "Ctrl+T",
+            "Accuracy, agreement and latency of original vs compressed",
+        )
+        self.act_cancel = self._action(
+            "Ca&ncel job", self.controller.cancel_jobs, "Esc", "Cancel the running job"
+        )
+        self.act_reset_layout = self._action(
+            "Reset &layout", self._on_actResetLayout_triggered, None, "Default dock sizes"
+        )
+
+    def _build_menus(self) -> None:
+        bar = self.menuBar()
+        file_menu = bar.addMenu("&File")
+        file_menu.addAction(self.act_open)
+        demos = file_menu.addMenu("Open &built-in demo")
+        for source, title in DEMOS:
+            act = demos.addAction(title)
+            act.setToolTip(f"{source}: trained on scikit-learn's 8x8 digits, data included")
+            act.triggered.connect(lambda _=False, s=source: self.open_model(s))
+        self.recent_menu = QMenu("Open &recent", self)
+        file_menu.addMenu(self.recent_menu)
+        file_menu.addAction(self.act_open_data)
+        file_menu.addSeparator()
+        file_menu.addAction(self.act_load_recipe)
+        file_menu.addAction(self.act_save_recipe)
+        file_menu.addSeparator()
+        file_menu.addAction(self.act_export)
+        file_menu.addSeparator()
+        file_menu.addAction(self.act_quit)
+        edit = bar.addMenu("&Edit")
+        edit.addAction(self.act_undo)
+        edit.addAction(self.act_redo)
+        edit.addSeparator()
+        edit.addAction(self.act_reset_plan)
+        run = bar.addMenu("&Run")
+        for act in (self.act_analyze, self.act_compress, self.act_finetune, self.act_evaluate):
+            run.addAction(act)
+        run.addSeparator()
+        run.addAction(self.act_cancel)
+        self.view_menu = bar.addMenu("&View")
+        help_menu = bar.addMenu("&Help")
+        help_menu.addAction("Pruning &methods", self._on_actMethods_triggered)
+        help_menu.addAction("&About", self._on_actAbout_triggered)
+        self._rebuild_recent_menu()
+
+        tools = self.addToolBar("Main")
+        tools.setObjectName("mainToolbar")
+        tools.setMovable(False)
+        for act in (self.act_open, self.act_open_data):
+            tools.addAction(act)
+        tools.addSeparator()
+        for act in (self.act_undo, self.act_redo):
+            tools.addAction(act)
+        tools.addSeparator()
+        for act in (self.act_analyze, self.act_compress, self.act_finetune, self.act_evaluate):
+            tools.addAction(act)
+        tools.addAction(self.act_export)
+
+    def _build_docks(self) -> None:
+        self.layers_dock = QDockWidget("Layers", self)
+        self.layers_dock.setObjectName("layersDock")
+        self.layers_dock.setWidget(self.layer_table)
+        self.addDockWidget(Qt.DockWidgetArea.LeftDockWidgetArea, self.layers_dock)
+
+        self.controls_dock = QDockWidget("Compression plan", self)
+        self.controls_dock.setObjectName("controlsDock")
+        self.controls_dock.setWidget(self.controls_scroll)
+        self.addDockWidget(Qt.DockWidgetArea.RightDockWidgetArea, self.controls_dock)
+
+        jobs = QWidget(self)
+        h = QHBoxLayout(jobs)
+        left = QVBoxLayout()
+        left.addWidget(self.job_status)
+        buttons = QHBoxLayout()
+        for act in (
+            self.act_analyze,
+            self.act_compress,
+            self.act_finetune,
+            self.act_evaluate,
+            self.act_export,
+        ):
+            buttons.addWidget(action_button(act, jobs))
+        buttons.addStretch(1)
+        left.addLayout(buttons)
+        left.addWidget(self.data_label)
+        left.addWidget(self.recovery)
+        left.addStretch(1)
+        h.addLayout(left, 2)
+        h.addWidget(self.results, 3)
+        self.jobs_dock = QDockWidget("Jobs and results", self)
+        self.jobs_dock.setObjectName("jobsDock")
+        self.jobs_dock.setWidget(jobs)
+        self.addDockWidget(Qt.DockWidgetArea.BottomDockWidgetArea, self.jobs_dock)
+        for dock in (self.layers_dock, self.controls_dock, self.jobs_dock):
+            self.view_menu.addAction(dock.toggleViewAction())
+        self.view_menu.addSeparator()
+        self.view_menu.addAction(self.act_reset_layout)
+
+    def _connect(self) -> None:
+        c = self.controller
+        c.modelLoaded.connect(self._on_controller_modelLoaded)
+        c.layersChanged.connect(self.layer_table.set_layers)
+        c.dataLoaded.connect(self._on_controller_dataLoaded)
+        c.statsReady.connect(self._on_controller_statsReady)
+        c.planChanged.connect(self._on_controller_planChanged)
+        c.previewUpdated.connect(self._on_controller_previewUpdated)
+        c.selectionChanged.connect(self._on_controller_selectionChanged)
+        c.scopeChanged.connect(self._on_controller_scopeChanged)
+        c.resultReady.connect(self._on_controller_resultReady)
+        c.evaluated.connect(self.results.set_evaluation)
+        c.exported.connect(self.results.set_exports)
+        c.historyChanged.connect(self._on_controller_historyChanged)
+        c.jobStarted.connect(self._on_controller_jobStarted)
+        c.jobProgressed.connect(self._on_controller_jobProgressed)
+        c.jobFinished.connect(self._on_controller_jobFinished)
+        c.errorRaised.connect(self.show_error)
+        c.statusMessaged.connect(self._on_controller_statusMessaged)
+        c.trustRequested.connect(self._on_controller_trustRequested)
+
+        self.layer_table.layersSelected.connect(c.set_selection)
+        self.size_view.layerClicked.connect(self._on_sizeView_layerClicked)
+        self.scope.currentIndexChanged.connect(self._on_scope_currentIndexChanged)
+        p = self.prune_panel
+        p.methodChosen.connect(self._on_prune_methodChosen)
+        p.modeChosen.connect(self._on_prune_modeChosen)
+        p.sparsityMoved.connect(self._on_prune_sparsityMoved)
+        p.thresholdMoved.connect(self._on_prune_thresholdMoved)
+        p.nmChosen.connect(self._on_prune_nmChosen)
+        p.globalToggled.connect(self._on_prune_globalToggled)
+        p.skipToggled.connect(self._on_prune_skipToggled)
+        p.editFinished.connect(c.end_merge)
+        p.resetRequested.connect(c.reset_selection_to_default)
+        q = self.quant_panel
+        q.bitsMoved.connect(self._on_quant_bitsMoved)
+        q.symmetricToggled.connect(self._on_quant_symmetricToggled)
+        q.perChannelToggled.connect(self._on_quant_perChannelToggled)
+        q.editFinished.connect(c.end_merge)
+        self.recovery.recoveryEdited.connect(c.set_recovery)
+        self.histograms.thresholdDragged.connect(self._on_histograms_thresholdDragged)
+        self.histograms.thresholdReleased.connect(c.end_merge)
+        self.job_status.cancelRequested.connect(c.cancel_jobs)
+
+    # ------------------------------------------------------------------ layout & settings
+    def _default_layout(self) -> None:
+        self.resize(1440, 900)
+        self.resizeDocks(
+            [self.layers_dock, self.controls_dock], [400, 360], Qt.Orientation.Horizontal
+        )
+        self.resizeDocks([self.jobs_dock], [250], Qt.Orientation.Vertical)
+        self.center.setSizes([420, 260])
+        self.histograms.splitter.setSizes([560, 340])
+
+    def _restore_layout(self) -> None:
+        self._default_layout()
+        geometry = self.settings.value("window/geometry")
+        state = self.settings.value("window/state")
+        if isinstance(geometry, QByteArray | bytes):
+            self.restoreGeometry(QByteArray(geometry))
+        if isinstance(state, QByteArray | bytes):
+            self.restoreState(QByteArray(state), STATE_VERSION)
+        for key, splitter in (
+            ("window/center", self.center),
+            ("window/histograms", self.histograms.splitter),
+        ):
+            value = self.settings.value(key)
+            if isinstance(value, QByteArray | bytes):
+                splitter.restoreState(QByteArray(value))
+
+    def save_session(self) -> None:
+        s = self.settings
+        s.setValue("window/geometry", self.saveGeometry())
+        s.setValue("window/state", self.saveState(STATE_VERSION))
+        s.setValue("window/center", self.center.saveState())
+        s.setValue("window/histograms", self.histograms.splitter.saveState())
+        s.setValue("view/logCounts", self.histograms.log_counts.isChecked())
+        s.setValue("view/absAxis", self.histograms.abs_axis.isChecked())
+        model = self.controller.model
+        if model is not None:
+            s.setValue("session/model", model.source)
+            s.setValue("session/plan", self.controller.plan.to_json())
+        s.sync()
+
+    def recent_files(self) -> list[str]:
+        value = self.settings.value("recent/files", [])
+        if isinstance(value, str):
+            value = [value]
+        return [str(v) for v in (value or [])]
+
+    def _add_recent(self, source: str) -> None:
+        if source.startswith("demo:"):
+            return
+        files = [source] + [f for f in self.recent_files() if f != source]
+        self.settings.setValue("recent/files", files[:MAX_RECENT])
+        self._rebuild_recent_menu()
+
+    def _rebuild_recent_menu(self) -> None:
+        self.recent_menu.clear()
+        files = self.recent_files()
+        for path in files:
+            act = self.recent_menu.addAction(Path(path).name)
+            act.setToolTip(path)
+            act.setStatusTip(path)
+            act.triggered.connect(lambda _=False, p=path: self.open_model(p))
+        self.recent_menu.setEnabled(bool(files))
+
+    def _on_actResetLayout_triggered(self) -> None:
+        for dock in (self.layers_dock, self.controls_dock, self.jobs_dock):
+            dock.setFloating(False)
+            dock.show()
+        self.addDockWidget(Qt.DockWidgetArea.LeftDockWidgetArea, self.layers_dock)
+        self.addDockWidget(Qt.DockWidgetArea.RightDockWidgetArea, self.controls_dock)
+        self.addDockWidget(Qt.DockWidgetArea.BottomDockWidgetArea, self.jobs_dock)
+        self._default_layout()
+
+    # ------------------------------------------------------------------ public
+    def open_model(self, source: str, *, trust: bool | None = None, plan=None) -> None:
+        self.controller.open_model(source, trust=self.trust if trust is None else trust, plan=plan)
+
+    def show_error(self, title: str, message: str, details: str = "") -> QMessageBox:
+        """Non-blocking error dialog with the engine's message; the app stays usable."""
+        box = QMessageBox(
+            QMessageBox.Icon.Critical, title, message, QMessageBox.StandardButton.Ok, self
+        )
+        box.setObjectName("errorDialog")
+        if details:
+            box.setDetailedText(details)
+        box.setAttribute(Qt.WidgetAttribute.WA_DeleteOnClose)
+        box.finished.connect(
+            lambda _=0, b=box: self._error_boxes.remove(b) if b in self._error_boxes else None
+        )
+        self._error_boxes.append(box)
+        box.open()
+        self.statusBar().showMessage(f"{title}: {message}", 10_000)
+        return box
+
+    # ------------------------------------------------------------------ refresh helpers
+    def _shown_layer(self) -> str | None:
+        sel = self.controller.selection
+        return sel[0] if sel else None
+
+    def _threshold_max(self) -> float:
+        """Range of the threshold slider: the largest score of the method in scope."""
+        c = self.controller
+        stats = c.stats
+        if stats is None:
+            return 1.0
+        method = c.shown_config().prune.method
+        key = (
+            method
+            if method in ("gradient_stability", "taylor", "channel_l1", "channel_l2")
+            else "magnitude"
+        )
+        names = c.targets() or tuple(stats.tensors)
+        best = 0.0
+        for name in names:
+            ts = stats.tensors.get(name)
+            if ts is None:
+                continue
+            index = ts.scores.get(key)
+            if index is not None and index.n:
+                # The smallest threshold that prunes every score is the top of the range.
+                best = max(best, float(index.threshold_for_count(index.n)))
+        return best or 1.0
+
+    def _refresh_controls(self) -> None:
+        c = self.controller
+        cfg = c.shown_config()
+        name = self._shown_layer()
+        shown_threshold = None
+        if c.preview is not None:
+            target = c.targets()[0] if c.targets() else name
+            lp = _layer_preview(c.preview, target)
+            if lp is not None:
+                shown_threshold = lp.threshold
+        whole = c.scope == "model"
+        self.prune_panel.set_config(
+            cfg.prune,
+            skip=cfg.skip,
+            threshold_max=self._threshold_max(),
+            shown_threshold=shown_threshold,
+            has_gradients=bool(c.stats is not None and c.stats.has_gradients),
+            whole_model=whole,
+            has_override=any(n in c.plan.layer_overrides for n in c.selection),
+        )
+        self.quant_panel.set_config(cfg.quant)
+        self.recovery.set_config(c.plan.recovery)
+        overrides = len(c.plan.overrides)
+        if whole:
+            note = "Edits apply to every layer."
+            if overrides:
+                note += f" {overrides} layer(s) have their own settings (shown in the table)."
+        elif c.selection:
+            shown = ", ".join(c.selection[:3]) + (" …" if len(c.selection) > 3 else "")
+            note = f"Edits apply to: {shown}"
+        else:
+            note = "Select layers in the table to edit them."
+        self.scope_note.setText(note)
+        self._refresh_histogram_state()
+
+    def _refresh_histogram_state(self) -> None:
+        c = self.controller
+        name = self._shown_layer()
+        if name is None:
+            return
+        cfg = c.plan.config_for(name)
+        lp = _layer_preview(c.preview, name) if c.preview is not None else None
+        method = cfg.prune.method
+        if cfg.skip:
+            method = "none"
+        self.histograms.set_plan_state(
+            method=method,
+            threshold=None if lp is None else lp.threshold,
+            bits=None if (lp is None or cfg.skip) else lp.bits,
+            symmetric=cfg.quant.symmetric,
+            per_channel=cfg.quant.per_channel,
+            layer_preview=lp,
+        )
+
+    def _refresh_histogram_layer(self) -> None:
+        c = self.controller
+        name = self._shown_layer()
+        ts = None if (c.stats is None or name is None) else c.stats.tensors.get(name)
+        self.histograms.set_layer(ts)
+        self.histograms.set_after(c.after_hists.get(name) if name else None)
+        self._refresh_histogram_state()
+
+    def _update_actions(self) -> None:
+        c = self.controller
+        model = c.model
+        can_run = model is not None and model.can_run
+        loading = c.busy("load")
+        self.act_open_data.setEnabled(model is not None and not loading)
+        self.act_analyze.setEnabled(model is not None and not loading)
+        self.act_compress.setEnabled(c.stats is not None and not loading)
+        self.act_finetune.setEnabled(c.result is not None and can_run and c.train is not None)
+        self.act_evaluate.setEnabled(c.result is not None and can_run and c.test is not None)
+        self.act_export.setEnabled(c.result is not None)
+        self.act_save_recipe.setEnabled(model is not None)
+        self.act_load_recipe.setEnabled(model is not None)
+        self.act_cancel.setEnabled(c.busy())
+        self.act_undo.setEnabled(c.can_undo)
+        self.act_redo.setEnabled(c.can_redo)
+
+    # ------------------------------------------------------------------ controller slots
+    def _on_controller_modelLoaded(self, model) -> None:
+        name = model.name or model.source
+        flags = []
+        if model.weights_only:
+            flags.append("weights only")
+        self.setWindowTitle(
+            f"{name} [{model.format}{', ' + ', '.join(flags) if flags else ''}] — Compression Workbench"
+        )
+        self.histograms.set_weights_only(model.weights_only)
+        self._add_recent(model.source)
+        self.settings.setValue("session/model", model.source)
+        self.statusBar().showMessage(f"Opened {model.source} ({model.format})", 5000)
+        self._update_actions()
+
+    def _on_controller_dataLoaded(self, description: str) -> None:
+        self.data_label.setText(
+            f"Data: {description}"
+            if description
+            else "No data: open a .npz/.pt file for gradients and accuracy"
+        )
+        self._update_actions()
+
+    def _on_controller_statsReady(self, _stats) -> None:
+        self._refresh_histogram_layer()
+        self._refresh_controls()
+        self._update_actions()
+
+    def _on_controller_planChanged(self, plan) -> None:
+        self._refresh_controls()
+        self.layer_table.view.viewport().update()
+
+    def _on_controller_previewUpdated(self, preview) -> None:
+        c = self.controller
+        self.summary.set_preview(preview, "" if preview is None else _plan_note(c.plan))
+        self.layer_table.set_preview(preview)
+        self.size_view.set_preview(preview, c.selection)
+        self._refresh_controls()
+
+    def _on_controller_selectionChanged(self, names: tuple) -> None:
+        self.layer_table.select_names(names)
+        self.size_view.set_selection(names)
+        self._refresh_histogram_layer()
+        self._refresh_controls()
+
+    def _on_controller_scopeChanged(self, scope: str) -> None:
+        idx = self.scope.findData(scope)
+        if idx != self.scope.currentIndex():
+            self.scope.blockSignals(True)
+            self.scope.setCurrentIndex(idx)
+            self.scope.blockSignals(False)
+        self._refresh_controls()
+
+    def _on_controller_resultReady(self, result) -> None:
+        self.results.set_result(result)
+        name = self._shown_layer()
+        self.histograms.set_after(self.controller.after_hists.get(name) if name else None)
+        self._update_actions()
+
+    def _on_controller_historyChanged(self, can_undo: bool, can_redo: bool) -> None:
+        self.act_undo.setEnabled(can_undo)
+        self.act_redo.setEnabled(can_redo)
+
+    def _on_controller_jobStarted(self, kind: str, description: str) -> None:
+        self.job_status.started(JOB_TITLES[kind], description)
+        self._update_actions()
+
+    def _on_controller_jobProgressed(self, kind: str, fraction: float, message: str) -> None:
+        self.job_status.progressed(JOB_TITLES[kind], fraction, message)
+
+    def _on_controller_jobFinished(self, kind: str, outcome: str) -> None:
+        self.job_status.finished(JOB_TITLES[kind], outcome, self.controller.busy())
+        self._update_actions()
+
+    def _on_controller_statusMessaged(self, message: str) -> None:
+        self.statusBar().showMessage(message, 8000)
+
+    def _on_controller_trustRequested(self, source: str) -> None:
+        answer = QMessageBox.warning(
+            self,
+            "Trust this file?",
+            f"{source} is a pickled Python object. Unpickling runs code stored in the file, "
+            "which can do anything your user account can.\n\nOpen it only if you made it or "
+            "trust where it came from. Open and run it?",
+            QMessageBox.StandardButton.Open | QMessageBox.StandardButton.Cancel,
+            QMessageBox.StandardButton.Cancel,
+        )
+        if answer == QMessageBox.StandardButton.Open:
+            self.open_model(source, trust=True)
+
+    # ------------------------------------------------------------------ widget slots
+    def _on_sizeView_layerClicked(self, name: str) -> None:
+        self.controller.set_selection((name,))
+
+    def _on_scope_currentIndexChanged(self, _index: int) -> None:
+        self.controller.set_scope(self.scope.currentData())
+
+    def _edit(self, change, merge_key: str | None = None) -> None:
+        c = self.controller
+        if c.scope == "selection" and not c.selection:
+            self.statusBar().showMessage("Select layers in the table first.", 5000)
+            return
+        c.edit(change, merge_key=merge_key)
+
+    def _on_prune_methodChosen(self, method: str) -> None:
+        self._edit(lambda cfg: replace(cfg, prune=replace(cfg.prune, method=method)))
+
+    def _on_prune_modeChosen(self, mode: str) -> None:
+        # Switch without a jump: the new mode starts from what the old one produced.
+        c = self.controller
+        target = c.targets()[0] if c.targets() else self._shown_layer()
+        lp = _layer_preview(c.preview, target) if (c.preview is not None and target) else None
+
+        def change(cfg):
+            p = replace(cfg.prune, mode=mode)
+            if lp is not None and mode == "threshold" and lp.threshold is not None:
+                p = replace(p, threshold=float(lp.threshold))
+            elif lp is not None and mode == "sparsity":
+                p = replace(p, sparsity=min(float(lp.sparsity), 0.999))
+            return replace(cfg, prune=p)
+
+        self._edit(change)
+
+    def _on_prune_sparsityMoved(self, sparsity: float) -> None:
+        def change(cfg):
+            method = cfg.prune.method if cfg.prune.method != "none" else "magnitude"
+            return replace(
+                cfg, prune=replace(cfg.prune, method=method, mode="sparsity", sparsity=sparsity)
+            )
+
+        self._edit(change, merge_key="sparsity")
+
+    def _set_threshold(self, t: float) -> None:
+        def change(cfg):
+            method = cfg.prune.method if cfg.prune.method != "none" else "magnitude"
+            return replace(
+                cfg, prune=replace(cfg.prune, method=method, mode="threshold", threshold=t)
+            )
+
+        self._edit(change, merge_key="threshold")
+
+    def _on_prune_thresholdMoved(self, t: float) -> None:
+        self._set_threshold(t)
+
+    def _on_histograms_thresholdDragged(self, t: float) -> None:
+        self.prune_panel.set_threshold_value(t)
+        self._set_threshold(t)
+
+    def _on_prune_nmChosen(self, n: int, m: int) -> None:
+        self._edit(lambda cfg: replace(cfg, prune=replace(cfg.prune, n=n, m=m)))
+
+    def _on_prune_globalToggled(self, on: bool) -> None:
+        scope = "global" if on else "layer"
+        self._edit(lambda cfg: replace(cfg, prune=replace(cfg.prune, scope=scope)))
+
+    def _on_prune_skipToggled(self, skip: bool) -> None:
+        self._edit(lambda cfg: replace(cfg, skip=skip))
+
+    def _on_quant_bitsMoved(self, bits) -> None:
+        self._edit(lambda cfg: replace(cfg, quant=replace(cfg.quant, bits=bits)), merge_key="bits")
+
+    def _on_quant_symmetricToggled(self, on: bool) -> None:
+        self._edit(lambda cfg: replace(cfg, quant=replace(cfg.quant, symmetric=on)))
+
+    def _on_quant_perChannelToggled(self, on: bool) -> None:
+        self._edit(lambda cfg: replace(cfg, quant=replace(cfg.quant, per_channel=on)))
+
+    # ------------------------------------------------------------------ actions
+    def _last_dir(self, key: str) -> str:
+        return str(self.settings.value(f"dirs/{key}", str(Path.home())))
+
+    def _remember_dir(self, key: str, path: str) -> None:
+        self.settings.setValue(f"dirs/{key}", str(Path(path).parent))
+
+    def _on_actOpen_triggered(self) -> None:
+        path, _ = QFileDialog.getOpenFileName(
+            self, "Open model", self._last_dir("model"), MODEL_FILTER
+        )
+        if path:
+            self._remember_dir("model", path)
+            self.open_model(path)
+
+    def _on_actOpenData_triggered(self) -> None:
+        path, _ = QFileDialog.getOpenFileName(
+            self, "Open data", self._last_dir("data"), DATA_FILTER
+        )
+        if path:
+            self._remember_dir("data", path)
+            self.controller.open_data(path)
+
+    def _on_actLoadRecipe_triggered(self) -> None:
+        path, _ = QFileDialog.getOpenFileName(
+            self, "Load recipe", self._last_dir("recipe"), RECIPE_FILTER
+        )
+        if path:
+            self._remember_dir("recipe", path)
+            self.controller.load_recipe(path)
+            self.settings.setValue("session/recipe", path)
+
+    def _on_actSaveRecipe_triggered(self) -> None:
+        start = str(Path(self._last_dir("recipe")) / "recipe.json")
+        path, _ = QFileDialog.getSaveFileName(self, "Save recipe", start, RECIPE_FILTER)
+        if path:
+            self._remember_dir("recipe", path)
+            if self.controller.save_recipe(path):
+                self.settings.setValue("session/recipe", path)
+
+    def _on_actExport_triggered(self) -> None:
+        from core.export import EXPORT_FORMATS
+
+        c = self.controller
+        if c.result is None:
+            self.show_error("Export", "Compress the model first (Ctrl+R).")
+            return
+        checked = self.settings.value("export/formats", ["packed"])
+        if isinstance(checked, str):
+            checked = [checked]
+        default_dir = str(Path(self._last_dir("export")) / "compressed")
+        dialog = ExportDialog(
+            EXPORT_FORMATS,
+            directory=str(self.settings.value("export/folder", default_dir)),
+            checked=checked,
+            can_run=c.result.original.can_run,
+            parent=self,
+        )
+        if dialog.exec() != ExportDialog.DialogCode.Accepted:
+            return
+        self.settings.setValue("export/formats", dialog.formats())
+        self.settings.setValue("export/folder", dialog.directory())
+        c.export(
+            dialog.formats(),
+            dialog.directory(),
+            force=dialog.force,
+            report=dialog.report.isChecked(),
+        )
+
+    def _on_actAnalyze_triggered(self) -> None:
+        self.controller.analyze()
+
+    def _on_actCompress_triggered(self) -> None:
+        self.controller.compress()
+
+    def _on_actFinetune_triggered(self) -> None:
+        self.controller.finetune()
+
+    def _on_actEvaluate_triggered(self) -> None:
+        self.controller.evaluate()
+
+    def _on_actResetPlan_triggered(self) -> None:
+        plan = CompressionPlan(recovery=self.controller.plan.recovery)
+        self.controller.set_plan(plan)
+
+    def _on_actMethods_triggered(self) -> None:
+        from app.widgets.prune_panel import METHOD_LABELS
+        from core.plan import METHOD_HELP
+
+        text = "".join(
+            f"<p><b>{METHOD_LABELS.get(m, m)}</b> — {h}</p>" for m, h in METHOD_HELP.items()
+        )
+        QMessageBox.information(self, "Pruning methods", text)
+
+    def _on_actAbout_triggered(self) -> None:
+        QMessageBox.about(
+            self,
+            "Compression Workbench",
+            "Prune and quantize PyTorch models by eye, check accuracy, export smaller files.\n"
+            "The same engine runs headless: `workbench compress MODEL --recipe R.json`.",
+        )
+
+    # ------------------------------------------------------------------ Qt events
+    def dragEnterEvent(self, event) -> None:
+        if event.mimeData().hasUrls() and any(u.isLocalFile() for u in event.mimeData().urls()):
+            event.acceptProposedAction()
+
+    def dropEvent(self, event) -> None:
+        for url in event.mimeData().urls():
+            if url.isLocalFile():
+                self.open_path(url.toLocalFile())
+                event.acceptProposedAction()
+                return
+
+    def open_path(self, path: str) -> None:
+        """Open a dropped file by kind: data (.npz), recipe (.json) or a model."""
+        suffix = Path(path).suffix.lower()
+        if suffix in DATA_SUFFIXES:
+            self.controller.open_data(path)
+        elif suffix in RECIPE_SUFFIXES:
+            self.controller.load_recipe(path)
+        else:
+            self.open_model(path)
+
+    def changeEvent(self, event) -> None:
+        if event.type() in (QEvent.Type.PaletteChange, QEvent.Type.ApplicationPaletteChange):
+            self.histograms.apply_theme()
+            self.size_view.apply_theme()
+        super().changeEvent(event)
+
+    def closeEvent(self, event) -> None:
+        self.save_session()
+        self.controller.shutdown()
+        super().closeEvent(event)
+
+    # ------------------------------------------------------------------ screenshot mode
+    def take_screenshot_when_ready(
+        self,
+        path: str,
+        *,
+        plan=None,
+        select: str | None = None,
+        compress: bool = True,
+        timeout_s: float = 300.0,
+    ) -> None:
+        """Wait for load + analyze, apply ``plan`` (or a sample), optionally compress and
+        evaluate, select a layer, then save the window as a PNG and emit `screenshotSaved`."""
+        c = self.controller
+        state = {"phase": "analyze"}
+
+        def fail(title: str, message: str, _details: str = "") -> None:
+            state["phase"] = "failed"
+            self.screenshotSaved.emit("")
+
+        def grab() -> None:
+            QTimer.singleShot(300, lambda: self._save_grab(path))
+
+        def on_finished(kind: str, outcome: str) -> None:
+            if state["phase"] == "failed":
+                return
+            if outcome == "cancelled":
+                return  # superseded (e.g. analyze restarted with data); the newer job reports
+            if outcome != "done":
+                fail(kind, outcome)
+                return
+            if kind == "analyze" and state["phase"] == "analyze":
+                if plan is not None and plan != c.plan:
+                    c.set_plan(plan)
+                elif not any(cfg.prune.active or cfg.quant.active for cfg in _configs(c.plan)):
+                    from core.plan import simple_plan
+
+                    c.set_plan(simple_plan(0.8, 6, "magnitude"))
+                name = select or _largest_layer(c)
+                if name:
+                    c.set_selection((name,))
+                if compress:
+                    state["phase"] = "compress"
+                    c.compress()
+                else:
+                    state["phase"] = "done"
+                    grab()
+            elif state["phase"] == "compress" and kind in ("compress", "evaluate"):
+                if not c.busy():
+                    state["phase"] = "done"
+                    grab()
+
+        c.jobFinished.connect(on_finished)
+        c.errorRaised.connect(fail)
+        QTimer.singleShot(int(timeout_s * 1000), lambda: fail("timeout", "timed out"))
+
+    def _save_grab(self, path: str) -> None:
+        target = Path(path)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        ok = self.grab().save(str(target), "PNG")
+        self.screenshotSaved.emit(str(target) if ok else "")
+
+
+def _configs(plan):
+    yield plan.default
+    for _, cfg in plan.overrides:
+        yield cfg
+
+
+def _largest_layer(c: Controller) -> str | None:
+    layers = [layer for layer in c.layers if layer.prunable]
+    return max(layers, key=lambda layer: layer.params).name if layers else None
+
+
+def _layer_preview(preview, name: str | None):
+    if preview is None or name is None:
+        return None
+    for lp in preview.layers:
+        if lp.name == name:
+            return lp
+    return None
+
+
+def _plan_note(plan) -> str:
+    d = plan.default
+    if d.prune.method == "none" and d.quant.bits is None and not plan.overrides:
+        return "No compression planned yet: move the sliders."
+    parts = []
+    if d.prune.active:
+        where = "global pool" if d.prune.scope == "global" else "per layer"
+        parts.append(f"default: {d.prune.method} ({where})")
+    if d.quant.bits is not None:
+        parts.append(f"{d.quant.bits}-bit {'sym' if d.quant.symmetric else 'asym'}")
+    if plan.overrides:
+        parts.append(f"{len(plan.overrides)} layer override(s)")
+    return "; ".join(parts)

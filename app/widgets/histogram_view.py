@@ -1,0 +1,420 @@
+"""One layer's weight histogram with draggable threshold lines, plus its gradient histograms.
+
+All bins come from core (`TensorStats.hist`, `.hist_log`, `GradientStats.hist_mean/std`) or
+from the compress job (the after-compression overlay); this widget only moves existing
+pyqtgraph items: every item is created once in ``__init__`` and updated with ``setData``.
+
+Two x-axes are offered: signed ``w`` (threshold lines at ±t, pruned band between them) and
+``log10|w|`` (one line at ``log10 t``, pruned band to its left), which shows the small weights
+that magnitude pruning removes far better on wide-range layers.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pyqtgraph as pg
+from PySide6.QtCore import Qt, Signal
+from PySide6.QtGui import QPen
+from PySide6.QtWidgets import (
+    QCheckBox,
+    QHBoxLayout,
+    QLabel,
+    QSplitter,
+    QStackedWidget,
+    QVBoxLayout,
+    QWidget,
+)
+from superqt.utils import signals_blocked
+
+from app import style
+
+#: Above this many levels inside the view the grid is a solid block, so it is not drawn.
+MAX_DRAWN_LEVELS = 512
+
+GRADIENT_HINT = (
+    "No gradient statistics yet.\n\nLoad data (File ▸ Open data…, or a built-in demo) and run "
+    "Analyze to see gradients: the per-weight mean and spread over the recorded batches that "
+    "the gradient-stability and Taylor criteria use."
+)
+WEIGHTS_ONLY_HINT = (
+    "This model is weights-only (no forward pass), so there are no gradients.\n\n"
+    "Open a TorchScript/.pt2 file, a demo, or give the architecture to see them."
+)
+
+
+def quant_levels(lo: float, hi: float, bits: int, symmetric: bool) -> np.ndarray:
+    """Dequantized values of the uniform grid `core.quantization` uses for range ``[lo, hi]``.
+
+    Symmetric: ``scale * [-(2**(b-1)-1) .. 2**(b-1)-1]`` with ``scale = max|w| / (2**(b-1)-1)``.
+    Asymmetric: ``(q - zp) * scale`` for ``q`` in ``0..2**b-1`` over ``[min(lo,0), max(hi,0)]``.
+    """
+    if symmetric:
+        half = 2 ** (bits - 1) - 1
+        absmax = max(abs(lo), abs(hi))
+        if absmax == 0 or half == 0:
+            return np.zeros(1)
+        return np.arange(-half, half + 1, dtype=np.float64) * (absmax / half)
+    lo, hi = min(lo, 0.0), max(hi, 0.0)
+    qmax = 2**bits - 1
+    if hi == lo:
+        return np.zeros(1)
+    scale = (hi - lo) / qmax
+    zp = round(-lo / scale)
+    return (np.arange(0, qmax + 1, dtype=np.float64) - zp) * scale
+
+
+def _step_xy(
+    edges: np.ndarray, counts: np.ndarray, log_counts: bool
+) -> tuple[np.ndarray, np.ndarray]:
+    y = np.asarray(counts, dtype=np.float64)
+    if log_counts:
+        y = np.log10(y + 1.0)
+    return np.asarray(edges, dtype=np.float64), y
+
+
+class HistogramView(QWidget):
+    """Weight histogram (left) and gradient histograms (right) of the selected layer."""
+
+    thresholdDragged = Signal(float)  # new threshold in |w| units while a line is dragged
+    thresholdReleased = Signal()
+
+    def __init__(self, parent=None):
+        super().__init__(parent)
+        self._stats = None
+        self._after = None
+        self._threshold: float | None = None
+        self._method = "none"
+        self._bits: int | None = None
+        self._symmetric = True
+        self._per_channel = False
+        self._layer_preview = None
+        self._weights_only = False
+
+        self.log_counts = QCheckBox("Log counts", self)
+        self.log_counts.setChecked(True)
+        self.log_counts.setToolTip(
+            "Plot log10(count + 1): the tails and the small weights near zero stay visible"
+        )
+        self.abs_axis = QCheckBox("|w| (log axis)", self)
+        self.abs_axis.setToolTip(
+            "Show log10|w| instead of signed w: magnitude pruning removes everything left of "
+            "the red line"
+        )
+        self.log_counts.toggled.connect(self._on_logCounts_toggled)
+        self.abs_axis.toggled.connect(self._on_absAxis_toggled)
+        self.caption = QLabel(self)
+        self.caption.setWordWrap(True)
+        self.caption.setTextInteractionFlags(Qt.TextInteractionFlag.TextSelectableByMouse)
+
+        self.plot = pg.PlotWidget(self)
+        self.plot.setObjectName("weightPlot")
+        self.plot.setMenuEnabled(False)
+        self.plot.showGrid(x=True, y=True, alpha=0.15)
+        self.plot.setLabel("bottom", "weight w")
+        self.plot.setLabel("left", "log10(count + 1)")
+        self.plot.setTitle("Weights")
+        pi = self.plot.getPlotItem()
+        self.legend = pi.addLegend(offset=(-10, 10))
+        self.band = pg.LinearRegionItem(
+            values=(0, 0),
+            movable=False,
+            brush=pg.mkBrush(style.with_alpha(style.PRUNED_COLOR, 45)),
+            pen=pg.mkPen(None),
+        )
+        self.band.setZValue(-10)
+        self.band.setToolTip("Pruned band: weights in here become exactly zero")
+        self.curve = pg.PlotDataItem(
+            stepMode="center",
+            fillLevel=0,
+            brush=pg.mkBrush(style.with_alpha(style.WEIGHT_COLOR, 110)),
+            pen=pg.mkPen(style.WEIGHT_COLOR, width=1),
+            name="original",
+        )
+        self.after_curve = pg.PlotDataItem(
+            stepMode="center", pen=pg.mkPen(style.AFTER_COLOR, width=2), name="after compression"
+        )
+        level_pen = QPen(style.with_alpha(style.LEVEL_COLOR, 150))
+        level_pen.setCosmetic(True)
+        level_pen.setWidthF(1.0)
+        self.levels = pg.PlotDataItem(connect="pairs", pen=level_pen)
+        self.levels.setZValue(-5)
+        line_pen = pg.mkPen(style.THRESHOLD_COLOR, width=2)
+        hover_pen = pg.mkPen(style.THRESHOLD_COLOR, width=4)
+        self.lines = (
+            pg.InfiniteLine(angle=90, movable=True, pen=line_pen, hoverPen=hover_pen),
+            pg.InfiniteLine(angle=90, movable=True, pen=line_pen, hoverPen=hover_pen),
+        )
+        for item in (self.band, self.levels, self.curve, self.after_curve, *self.lines):
+            pi.addItem(item)
+        self.legend.removeItem(self.after_curve)
+        for sign, line in zip((1.0, -1.0), self.lines, strict=True):
+            line.setToolTip("Drag to set the pruning threshold (synced with the slider)")
+            line.sigPositionChanged.connect(
+                lambda ln, s=sign: self._on_line_sigPositionChanged(ln, s)
+            )
+            line.sigPositionChangeFinished.connect(self._on_line_sigPositionChangeFinished)
+            line.setVisible(False)
+
+        self.grad_plot = pg.PlotWidget(self)
+        self.grad_plot.setObjectName("gradientPlot")
+        self.grad_plot.setMenuEnabled(False)
+        self.grad_plot.showGrid(x=True, y=True, alpha=0.15)
+        self.grad_plot.setTitle("Gradients over the recorded batches")
+        self.grad_plot.setLabel("bottom", "per-weight gradient statistic")
+        self.grad_plot.setLabel("left", "log10(count + 1)")
+        gpi = self.grad_plot.getPlotItem()
+        gpi.addLegend(offset=(-10, 10))
+        self.grad_mean = pg.PlotDataItem(
+            stepMode="center",
+            fillLevel=0,
+            brush=pg.mkBrush(style.with_alpha(style.GRAD_MEAN_COLOR, 80)),
+            pen=pg.mkPen(style.GRAD_MEAN_COLOR, width=1),
+            name="mean g",
+        )
+        self.grad_std = pg.PlotDataItem(
+            stepMode="center", pen=pg.mkPen(style.GRAD_STD_COLOR, width=2), name="std g"
+        )
+        gpi.addItem(self.grad_mean)
+        gpi.addItem(self.grad_std)
+        self.grad_hint = QLabel(GRADIENT_HINT, self)
+        self.grad_hint.setObjectName("gradientHint")
+        self.grad_hint.setWordWrap(True)
+        self.grad_hint.setAlignment(Qt.AlignmentFlag.AlignCenter)
+        self.grad_hint.setMargin(24)
+        self.grad_stack = QStackedWidget(self)
+        self.grad_stack.addWidget(self.grad_hint)
+        self.grad_stack.addWidget(self.grad_plot)
+
+        splitter = QSplitter(Qt.Orientation.Horizontal, self)
+        splitter.setObjectName("histogramSplitter")
+        splitter.addWidget(self.plot)
+        splitter.addWidget(self.grad_stack)
+        splitter.setStretchFactor(0, 3)
+        splitter.setStretchFactor(1, 2)
+        self.splitter = splitter
+
+        bar = QHBoxLayout()
+        bar.addWidget(self.log_counts)
+        bar.addWidget(self.abs_axis)
+        bar.addStretch(1)
+        layout = QVBoxLayout(self)
+        layout.setContentsMargins(0, 0, 0, 0)
+        layout.addLayout(bar)
+        layout.addWidget(splitter, 1)
+        layout.addWidget(self.caption)
+        self.apply_theme()
+        self._redraw_all()
+
+    # ------------------------------------------------------------------ public API
+    def apply_theme(self) -> None:
+        style.apply_plot_theme(self.plot)
+        style.apply_plot_theme(self.grad_plot)
+
+    def set_weights_only(self, weights_only: bool) -> None:
+        self._weights_only = weights_only
+        self.grad_hint.setText(WEIGHTS_ONLY_HINT if weights_only else GRADIENT_HINT)
+
+    def set_layer(self, tensor_stats) -> None:
+        """Show ``tensor_stats`` (a `TensorStats`, or None for nothing)."""
+        self._stats = tensor_stats
+        self._redraw_all()
+
+    def set_after(self, after) -> None:
+        """Overlay of the compressed weights (an `AfterHistograms`) or None to hide it."""
+        self._after = after
+        self._redraw_curves()
+
+    def set_plan_state(
+        self,
+        *,
+        method: str,
+        threshold: float | None,
+        bits: int | None,
+        symmetric: bool,
+        per_channel: bool,
+        layer_preview=None,
+    ) -> None:
+        """The plan as it applies to the shown layer (cheap: moves lines, band and levels)."""
+        self._method = method
+        self._threshold = threshold
+        self._bits = bits
+        self._symmetric = symmetric
+        self._per_channel = per_channel
+        self._layer_preview = layer_preview
+        self._redraw_overlays()
+        self._update_caption()
+
+    @property
+    def threshold_lines_active(self) -> bool:
+        """Lines show |w| thresholds, i.e. only for magnitude pruning."""
+        return self._stats is not None and self._method == "magnitude"
+
+    # ------------------------------------------------------------------ drawing
+    def _redraw_all(self) -> None:
+        self._redraw_curves()
+        self._redraw_gradients()
+        self._redraw_overlays()
+        self._update_caption()
+
+    def _redraw_curves(self) -> None:
+        ts = self._stats
+        log_counts = self.log_counts.isChecked()
+        abs_axis = self.abs_axis.isChecked()
+        self.plot.setLabel("left", "log10(count + 1)" if log_counts else "count")
+        self.plot.setLabel("bottom", "log10 |w|" if abs_axis else "weight w")
+        if ts is None:
+            self.curve.setData([], [])
+            self.after_curve.setData([], [])
+            self.plot.setTitle("Weights — select a layer")
+            return
+        hist = ts.hist_log if abs_axis else ts.hist
+        x, y = _step_xy(hist.edges, hist.counts, log_counts)
+        self.curve.setData(x, y)
+        self.plot.setTitle(f"Weights of {ts.layer.name}")
+        after = self._after
+        if after is not None:
+            counts = after.log_abs if abs_axis else after.signed
+            ax, ay = _step_xy(hist.edges, counts, log_counts)
+            self.after_curve.setData(ax, ay)
+            if self.after_curve not in [item for item, _ in self.legend.items]:
+                self.legend.addItem(self.after_curve, "after compression")
+        else:
+            self.after_curve.setData([], [])
+            self.legend.removeItem(self.after_curve)
+        self.plot.enableAutoRange()
+
+    def _redraw_gradients(self) -> None:
+        ts = self._stats
+        grad = None if ts is None else ts.grad
+        if grad is None:
+            self.grad_stack.setCurrentWidget(self.grad_hint)
+            self.grad_mean.setData([], [])
+            self.grad_std.setData([], [])
+            return
+        log_counts = self.log_counts.isChecked()
+        self.grad_stack.setCurrentWidget(self.grad_plot)
+        self.grad_plot.setLabel("left", "log10(count + 1)" if log_counts else "count")
+        self.grad_mean.setData(*_step_xy(grad.hist_mean.edges, grad.hist_mean.counts, log_counts))
+        self.grad_std.setData(*_step_xy(grad.hist_std.edges, grad.hist_std.counts, log_counts))
+        self.grad_plot.setTitle(f"Gradients of {ts.layer.name} ({grad.batches} batches)")
+        self.grad_plot.enableAutoRange()
+
+    def _x_of(self, t: float) -> float | None:
+        """x position of threshold ``t`` on the current axis (None: not drawable)."""
+        if self.abs_axis.isChecked():
+            return math.log10(t) if t > 0 else None
+        return t
+
+    def _redraw_overlays(self) -> None:
+        ts = self._stats
+        abs_axis = self.abs_axis.isChecked()
+        t = self._threshold
+        active = self.threshold_lines_active and t is not None
+        pos = self._x_of(t) if active else None
+        with signals_blocked(self.lines[0]), signals_blocked(self.lines[1]):
+            if pos is None:
+                for line in self.lines:
+                    line.setVisible(False)
+            else:
+                self.lines[0].setValue(pos)
+                self.lines[0].setVisible(True)
+                self.lines[1].setVisible(not abs_axis)
+                if not abs_axis:
+                    self.lines[1].setValue(-pos)
+        if pos is not None and t and t > 0:
+            if abs_axis:
+                left = float(np.asarray(ts.hist_log.edges)[0])
+                self.band.setRegion((min(left, pos), pos))
+            else:
+                self.band.setRegion((-pos, pos))
+            self.band.setVisible(True)
+        else:
+            self.band.setVisible(False)
+        self._redraw_levels()
+
+    def _redraw_levels(self) -> None:
+        ts = self._stats
+        if (
+            ts is None
+            or self._bits is None
+            or not math.isfinite(ts.min)
+            or not math.isfinite(ts.max)
+        ):
+            self.levels.setData([], [])
+            return
+        levels = quant_levels(float(ts.min), float(ts.max), self._bits, self._symmetric)
+        if self.abs_axis.isChecked():
+            mags = np.unique(np.abs(levels[levels != 0]))
+            levels = np.log10(mags) if mags.size else mags
+        if levels.size > MAX_DRAWN_LEVELS or levels.size == 0:
+            self.levels.setData([], [])
+            return
+        x, y = self.curve.getData()
+        top = float(np.max(y)) if y is not None and len(y) else 1.0
+        xs = np.repeat(levels, 2)
+        ys = np.tile([0.0, top], levels.size)
+        self.levels.setData(xs, ys)
+
+    def _update_caption(self) -> None:
+        ts = self._stats
+        if ts is None:
+            self.caption.setText("Select a layer in the table to see its weights.")
+            return
+        parts = [
+            f"<b>{ts.layer.name}</b> · {ts.numel:,} weights · min {ts.min:.4g} · max {ts.max:.4g}"
+            f" · mean {ts.mean:.3g} · std {ts.std:.3g}"
+        ]
+        if ts.nonfinite:
+            parts.append(f"<span style='color:#d33'>{ts.nonfinite} non-finite values</span>")
+        lp = self._layer_preview
+        if lp is not None and lp.skip:
+            parts.append("skipped by the plan (stays fp32)")
+        elif lp is not None:
+            if self._method == "magnitude" and lp.threshold is not None:
+                parts.append(
+                    f"<span style='color:{style.PRUNED_COLOR.name()}'>pruned "
+                    f"{100 * lp.sparsity:.1f}%: |w| &lt; {lp.threshold:.4g}</span>"
+                )
+            elif self._method not in ("none",) and lp.sparsity > 0:
+                score = "channel norm" if self._method.startswith("channel") else self._method
+                parts.append(f"pruned {100 * lp.sparsity:.1f}% by {score} score (not |w|)")
+            if self._bits is not None:
+                n = 2**self._bits - (1 if self._symmetric else 0)
+                grid = f"{self._bits}-bit grid ({n} levels, green)"
+                if n > MAX_DRAWN_LEVELS:
+                    grid = f"{self._bits}-bit grid ({n} levels, too dense to draw)"
+                if self._per_channel:
+                    grid += "; per-channel: each row has its own grid, the widest is shown"
+                parts.append(grid)
+        if self._after is not None:
+            parts.append(
+                f"<span style='color:{style.AFTER_COLOR.name()}'>orange: after compression</span>"
+            )
+        self.caption.setText(" · ".join(parts))
+
+    # ------------------------------------------------------------------ slots
+    def _on_line_sigPositionChanged(self, line: pg.InfiniteLine, sign: float) -> None:
+        value = float(line.value())
+        if self.abs_axis.isChecked():
+            t = 10.0**value
+        else:
+            t = abs(value)
+            other = self.lines[1] if line is self.lines[0] else self.lines[0]
+            with signals_blocked(other):
+                other.setValue(-value)
+        self._threshold = t
+        self.thresholdDragged.emit(t)
+
+    def _on_line_sigPositionChangeFinished(self, _line) -> None:
+        self.thresholdReleased.emit()
+
+    def _on_logCounts_toggled(self, _checked: bool) -> None:
+        self._redraw_curves()
+        self._redraw_gradients()
+        self._redraw_levels()
+
+    def _on_absAxis_toggled(self, _checked: bool) -> None:
+        self._redraw_curves()
+        self._redraw_overlays()

@@ -1,0 +1,287 @@
+"""Background job status (progress, cancel), recovery settings, and measured results."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+from PySide6.QtCore import Qt, Signal
+from PySide6.QtWidgets import (
+    QCheckBox,
+    QDoubleSpinBox,
+    QFormLayout,
+    QGroupBox,
+    QHBoxLayout,
+    QHeaderView,
+    QLabel,
+    QProgressBar,
+    QPushButton,
+    QSpinBox,
+    QTableWidget,
+    QTableWidgetItem,
+    QToolButton,
+    QVBoxLayout,
+    QWidget,
+)
+from superqt.utils import signals_blocked
+
+from app.style import decibels, human_bytes, percent, ratio
+from core.plan import RecoveryConfig
+
+
+class JobStatus(QWidget):
+    """Progress bar, status message and Cancel button of the running job."""
+
+    cancelRequested = Signal()
+
+    def __init__(self, parent=None):
+        super().__init__(parent)
+        self.bar = QProgressBar(self)
+        self.bar.setObjectName("jobProgress")
+        self.bar.setRange(0, 1000)
+        self.bar.setTextVisible(True)
+        self.bar.setFormat("idle")
+        self.message = QLabel("Ready.", self)
+        self.message.setObjectName("jobMessage")
+        self.message.setMinimumWidth(200)
+        self.cancel = QPushButton("Cancel", self)
+        self.cancel.setObjectName("cancelJob")
+        self.cancel.setToolTip("Stop the running job (Esc); nothing half-done is kept")
+        self.cancel.setEnabled(False)
+        self.cancel.clicked.connect(self.cancelRequested)
+        row = QHBoxLayout(self)
+        row.setContentsMargins(0, 0, 0, 0)
+        row.addWidget(self.bar, 1)
+        row.addWidget(self.cancel)
+        row.addWidget(self.message, 2)
+
+    def started(self, title: str, description: str) -> None:
+        self.bar.setValue(0)
+        self.bar.setFormat(f"{title}: %p%")
+        self.message.setText(description + "…")
+        self.cancel.setEnabled(True)
+
+    def progressed(self, title: str, fraction: float, message: str) -> None:
+        self.bar.setValue(int(round(1000 * min(max(fraction, 0.0), 1.0))))
+        self.bar.setFormat(f"{title}: %p%")
+        if message:
+            self.message.setText(message)
+
+    def finished(self, title: str, outcome: str, still_running: bool) -> None:
+        if not still_running:
+            self.cancel.setEnabled(False)
+            self.bar.setValue(1000 if outcome == "done" else 0)
+            self.bar.setFormat("idle" if outcome != "done" else f"{title}: done")
+        self.message.setText(
+            {
+                "done": f"{title} finished.",
+                "cancelled": f"{title} cancelled.",
+                "failed": f"{title} failed.",
+            }[outcome]
+        )
+
+
+class RecoveryPanel(QGroupBox):
+    """Fine-tuning / distillation settings (the plan's `RecoveryConfig`)."""
+
+    recoveryEdited = Signal(object)
+
+    def __init__(self, parent=None):
+        super().__init__("Recovery (fine-tune / distill)", parent)
+        self._cfg = RecoveryConfig()
+        self.epochs = QSpinBox(self)
+        self.epochs.setRange(0, 1000)
+        self.epochs.setToolTip("Epochs of fine-tuning after Compress (0 = none); masks stay fixed")
+        self.lr = QDoubleSpinBox(self)
+        self.lr.setDecimals(5)
+        self.lr.setRange(1e-5, 1.0)
+        self.lr.setSingleStep(1e-4)
+        self.lr.setToolTip("Learning rate of the fine-tuning optimizer")
+        self.distill = QCheckBox("Distill from the original", self)
+        self.distill.setToolTip(
+            "Knowledge distillation: the uncompressed model is the teacher (soft targets)"
+        )
+        self.temperature = QDoubleSpinBox(self)
+        self.temperature.setRange(0.5, 100.0)
+        self.temperature.setSingleStep(0.5)
+        self.temperature.setToolTip("Softmax temperature of the teacher's soft targets")
+        self.alpha = QDoubleSpinBox(self)
+        self.alpha.setRange(0.0, 1.0)
+        self.alpha.setSingleStep(0.05)
+        self.alpha.setToolTip("Weight of the distillation loss (1 - alpha for the labels)")
+        for w in (self.epochs, self.lr, self.temperature, self.alpha):
+            w.valueChanged.connect(self._on_field_edited)
+            w.setKeyboardTracking(False)
+        self.distill.toggled.connect(self._on_field_edited)
+        form = QFormLayout(self)
+        form.addRow("Epochs", self.epochs)
+        form.addRow("Learning rate", self.lr)
+        form.addRow(self.distill)
+        form.addRow("Temperature", self.temperature)
+        form.addRow("Alpha", self.alpha)
+
+    def set_config(self, cfg: RecoveryConfig) -> None:
+        self._cfg = cfg
+        widgets = (self.epochs, self.lr, self.distill, self.temperature, self.alpha)
+        with (
+            signals_blocked(widgets[0]),
+            signals_blocked(widgets[1]),
+            signals_blocked(widgets[2]),
+            signals_blocked(widgets[3]),
+            signals_blocked(widgets[4]),
+        ):
+            self.epochs.setValue(cfg.epochs)
+            self.lr.setValue(cfg.lr)
+            self.distill.setChecked(cfg.distill)
+            self.temperature.setValue(cfg.temperature)
+            self.alpha.setValue(cfg.alpha)
+        self.temperature.setEnabled(cfg.distill)
+        self.alpha.setEnabled(cfg.distill)
+
+    def _on_field_edited(self, *_):
+        cfg = replace(
+            self._cfg,
+            epochs=self.epochs.value(),
+            lr=self.lr.value(),
+            distill=self.distill.isChecked(),
+            temperature=self.temperature.value(),
+            alpha=self.alpha.value(),
+        )
+        self.recoveryEdited.emit(cfg)
+
+
+def _cell(text: str, tip: str = "") -> QTableWidgetItem:
+    item = QTableWidgetItem(text)
+    item.setFlags(Qt.ItemFlag.ItemIsEnabled | Qt.ItemFlag.ItemIsSelectable)
+    if tip:
+        item.setToolTip(tip)
+    return item
+
+
+class ResultsPanel(QGroupBox):
+    """Measured numbers after Compress / Evaluate / Export."""
+
+    EVAL_ROWS = (
+        ("accuracy", "Accuracy", "Top-1 accuracy on the held-out data"),
+        (
+            "agreement",
+            "Agreement",
+            "Fraction of samples where the top-1 class equals the original's",
+        ),
+        ("rel_l2", "Rel. L2 error", "||y - y_orig|| / ||y_orig|| over the outputs"),
+        ("cosine", "Cosine", "Mean cosine similarity of outputs to the original's"),
+        ("latency", "Latency", "Median CPU time of one forward pass on a batch"),
+        ("size", "Packed size", "Bytes of the packed archive (measured on the compressed model)"),
+        ("sparsity", "Sparsity", "Measured fraction of zeros in the compressed weights"),
+    )
+
+    def __init__(self, parent=None):
+        super().__init__("Results", parent)
+        self.table = QTableWidget(len(self.EVAL_ROWS), 2, self)
+        self.table.setObjectName("resultsTable")
+        self.table.setHorizontalHeaderLabels(["Original", "Compressed"])
+        self.table.setVerticalHeaderLabels([title for _, title, _ in self.EVAL_ROWS])
+        for row, (_, _, tip) in enumerate(self.EVAL_ROWS):
+            self.table.verticalHeaderItem(row).setToolTip(tip)
+        self.table.horizontalHeader().setSectionResizeMode(QHeaderView.ResizeMode.Stretch)
+        self.table.verticalHeader().setDefaultSectionSize(20)
+        self.exports = QTableWidget(0, 5, self)
+        self.exports.setObjectName("exportsTable")
+        self.exports.setHorizontalHeaderLabels(
+            ["Format", "On disk", "Max |diff|", "Latency", "File"]
+        )
+        tips = (
+            "Export format",
+            "Bytes of the file on disk",
+            "Largest output difference vs the compressed PyTorch model on the data",
+            "Median time of one forward pass (onnxruntime for ONNX, PyTorch otherwise)",
+            "Where the file was written",
+        )
+        for col, tip in enumerate(tips):
+            self.exports.horizontalHeaderItem(col).setToolTip(tip)
+        self.exports.horizontalHeader().setStretchLastSection(True)
+        self.exports.verticalHeader().setVisible(False)
+        self.exports.verticalHeader().setDefaultSectionSize(20)
+        self.note = QLabel("Compress the model to see measured results.", self)
+        self.note.setWordWrap(True)
+        layout = QVBoxLayout(self)
+        layout.addWidget(self.note)
+        layout.addWidget(self.table, 3)
+        layout.addWidget(QLabel("Exported files", self))
+        layout.addWidget(self.exports, 2)
+        self._result_cells: dict[str, str] = {}
+        self._clear_table()
+
+    def _clear_table(self) -> None:
+        for row in range(len(self.EVAL_ROWS)):
+            for col in range(2):
+                self.table.setItem(row, col, _cell("—"))
+
+    def _set(self, key: str, original: str, compressed: str) -> None:
+        row = [k for k, _, _ in self.EVAL_ROWS].index(key)
+        self.table.setItem(row, 0, _cell(original))
+        self.table.setItem(row, 1, _cell(compressed))
+
+    def set_result(self, result, preview_dense_bytes: int | None = None) -> None:
+        self._clear_table()
+        if result is None:
+            self.note.setText("Compress the model to see measured results.")
+            return
+        packed = sum(r.packed_bytes for r in result.layers)
+        dense = sum(r.dense_bytes for r in result.layers)
+        self._set("size", human_bytes(dense), human_bytes(packed))
+        self._set("sparsity", "—", percent(result.sparsity, 2))
+        sqnrs = [r.sqnr_db for r in result.layers if not r.skipped and r.sqnr_db == r.sqnr_db]
+        worst = min(sqnrs) if sqnrs else None
+        self.note.setText(
+            f"Compressed {len(result.layers)} tensors: {ratio(dense / packed if packed else None)} "
+            f"smaller on the compressed layers; worst layer SQNR {decibels(worst)}. "
+            "Accuracy appears after Evaluate (automatic when data is loaded)."
+        )
+
+    def set_evaluation(self, evaluation) -> None:
+        if evaluation is None:
+            for key in ("accuracy", "agreement", "rel_l2", "cosine", "latency"):
+                self._set(key, "—", "—")
+            return
+        b, a = evaluation.before, evaluation.after
+
+        def pct(x):
+            return "n/a" if x is None else percent(x, 2)
+
+        def num(x, fmt):
+            return "n/a" if x is None else format(x, fmt)
+
+        self._set("accuracy", pct(b.accuracy), pct(a.accuracy))
+        self._set("agreement", "100.00 %", pct(a.agreement))
+        self._set("rel_l2", "0", num(a.rel_l2, ".4f"))
+        self._set("cosine", "1", num(a.cosine, ".5f"))
+        self._set(
+            "latency",
+            num(b.latency_ms_per_batch, ".2f") + " ms",
+            num(a.latency_ms_per_batch, ".2f") + " ms",
+        )
+        self.note.setText(
+            f"Evaluated on {a.samples} held-out samples of {evaluation.data_name} "
+            f"(latency per batch of {a.latency_batch})."
+        )
+
+    def set_exports(self, records) -> None:
+        self.exports.setRowCount(len(records))
+        for row, rec in enumerate(records):
+            diff = "n/a" if rec.max_abs_diff is None else f"{rec.max_abs_diff:.2e}"
+            latency = "n/a" if rec.latency_ms is None else f"{rec.latency_ms:.2f} ms"
+            self.exports.setItem(row, 0, _cell(rec.format, rec.note))
+            self.exports.setItem(
+                row, 1, _cell(human_bytes(rec.bytes_on_disk), f"{rec.bytes_on_disk:,} bytes")
+            )
+            self.exports.setItem(row, 2, _cell(diff))
+            self.exports.setItem(row, 3, _cell(latency))
+            self.exports.setItem(row, 4, _cell(str(rec.path), str(rec.path)))
+        self.exports.resizeColumnsToContents()
+
+
+def action_button(action, parent=None) -> QToolButton:
+    button = QToolButton(parent)
+    button.setDefaultAction(action)
+    button.setToolButtonStyle(Qt.ToolButtonStyle.ToolButtonTextOnly)
+    return button

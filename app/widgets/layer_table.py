@@ -1,0 +1,264 @@
+"""The layer inventory as a sortable, filterable table with the live preview's numbers."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+from PySide6.QtCore import (
+    QAbstractTableModel,
+    QItemSelection,
+    QItemSelectionModel,
+    QModelIndex,
+    QPersistentModelIndex,
+    QRegularExpression,
+    QSortFilterProxyModel,
+    Qt,
+    Signal,
+)
+from PySide6.QtWidgets import (
+    QAbstractItemView,
+    QHeaderView,
+    QLineEdit,
+    QTableView,
+    QVBoxLayout,
+    QWidget,
+)
+from superqt.utils import signals_blocked
+
+from app.style import bits_text, decibels, human_bytes, human_count, percent
+
+COLUMNS = ("Layer", "Type", "Params", "Sparsity", "Bits", "Bytes", "SQNR")
+TOOLTIPS = (
+    "Layer name (module path; LSTM/attention weights get one row per matrix)",
+    "Module type",
+    "Number of parameters of the layer (all its tensors)",
+    "Fraction of the compressible weight that the current plan prunes (exact)",
+    "Quantization width of the current plan (fp32 = not quantized)",
+    "Bytes of this tensor in the packed archive: before → after",
+    "Estimated signal-to-quantization-and-pruning-noise ratio of this tensor (higher is better)",
+)
+#: Role under which each cell exposes a number for sorting.
+SORT_ROLE = Qt.ItemDataRole.UserRole + 1
+NAME_ROLE = Qt.ItemDataRole.UserRole + 2
+
+
+class LayerTableModel(QAbstractTableModel):
+    """Rows are `LayerInfo` records; preview columns come from the current `PlanPreview`."""
+
+    def __init__(self, parent=None):
+        super().__init__(parent)
+        self._layers: tuple = ()
+        self._preview: dict[str, object] = {}
+
+    def set_layers(self, layers: Sequence) -> None:
+        self.beginResetModel()
+        self._layers = tuple(layers)
+        self._preview = {}
+        self.endResetModel()
+
+    def set_preview(self, preview) -> None:
+        self._preview = {} if preview is None else {lp.name: lp for lp in preview.layers}
+        if self._layers:
+            self.dataChanged.emit(
+                self.index(0, 3), self.index(len(self._layers) - 1, len(COLUMNS) - 1)
+            )
+
+    def layer(self, row: int):
+        return self._layers[row]
+
+    def row_of(self, name: str) -> int:
+        for i, layer in enumerate(self._layers):
+            if layer.name == name:
+                return i
+        return -1
+
+    def rowCount(self, parent=QModelIndex()) -> int:  # noqa: B008 - Qt signature
+        return 0 if parent.isValid() else len(self._layers)
+
+    def columnCount(self, parent=QModelIndex()) -> int:  # noqa: B008 - Qt signature
+        return 0 if parent.isValid() else len(COLUMNS)
+
+    def headerData(self, section, orientation, role=Qt.ItemDataRole.DisplayRole):
+        if orientation == Qt.Orientation.Horizontal:
+            if role == Qt.ItemDataRole.DisplayRole:
+                return COLUMNS[section]
+            if role == Qt.ItemDataRole.ToolTipRole:
+                return TOOLTIPS[section]
+        return None
+
+    def data(self, index: QModelIndex | QPersistentModelIndex, role=Qt.ItemDataRole.DisplayRole):
+        if not index.isValid():
+            return None
+        layer = self._layers[index.row()]
+        lp = self._preview.get(layer.name)
+        col = index.column()
+        if role == NAME_ROLE:
+            return layer.name
+        if role == Qt.ItemDataRole.DisplayRole:
+            return self._display(layer, lp, col)
+        if role == SORT_ROLE:
+            return self._sort_key(layer, lp, col)
+        if role == Qt.ItemDataRole.TextAlignmentRole and col >= 2:
+            return int(Qt.AlignmentFlag.AlignRight | Qt.AlignmentFlag.AlignVCenter)
+        if role == Qt.ItemDataRole.ToolTipRole:
+            shape = "×".join(str(s) for s in layer.shape)
+            tip = f"{layer.name} ({layer.type}, weight {shape})"
+            if not layer.prunable:
+                tip += " — not compressed by default (norms, biases-only layers)"
+            if lp is not None and lp.skip:
+                tip += " — skipped by the plan"
+            return tip
+        if role == Qt.ItemDataRole.ForegroundRole and not layer.prunable:
+            return self._muted()
+        return None
+
+    @staticmethod
+    def _muted():
+        from PySide6.QtGui import QPalette
+        from PySide6.QtWidgets import QApplication
+
+        return QApplication.palette().color(QPalette.ColorGroup.Disabled, QPalette.ColorRole.Text)
+
+    @staticmethod
+    def _display(layer, lp, col: int) -> str:
+        if col == 0:
+            return layer.name
+        if col == 1:
+            return layer.type
+        if col == 2:
+            return human_count(layer.params)
+        if lp is None:
+            return "" if not layer.prunable else "…"
+        if col == 3:
+            return percent(lp.sparsity)
+        if col == 4:
+            return bits_text(lp.bits)
+        if col == 5:
+            return f"{human_bytes(lp.dense_bytes)} → {human_bytes(lp.packed_bytes)}"
+        if col == 6:
+            return decibels(lp.sqnr_db)
+        return ""
+
+    @staticmethod
+    def _sort_key(layer, lp, col: int):
+        if col == 0:
+            return layer.name
+        if col == 1:
+            return layer.type
+        if col == 2:
+            return layer.params
+        if lp is None:
+            return -1.0
+        if col == 3:
+            return float(lp.sparsity)
+        if col == 4:
+            return 32 if lp.bits is None else lp.bits
+        if col == 5:
+            return float(lp.packed_bytes)
+        if col == 6:
+            v = float(lp.sqnr_db)
+            return 1e9 if math.isinf(v) and v > 0 else v
+        return 0
+
+
+class _Proxy(QSortFilterProxyModel):
+    """Filters on name and type at once (one line edit), sorts by the numeric sort role."""
+
+    def filterAcceptsRow(self, source_row: int, source_parent: QModelIndex) -> bool:
+        rx = self.filterRegularExpression()
+        if not rx.pattern():
+            return True
+        model = self.sourceModel()
+        for col in (0, 1):
+            text = model.index(source_row, col, source_parent).data()
+            if text and rx.match(text).hasMatch():
+                return True
+        return False
+
+
+class LayerTable(QWidget):
+    """Filter line edit over the layer table; emits the selected layer names."""
+
+    layersSelected = Signal(tuple)
+
+    def __init__(self, parent=None):
+        super().__init__(parent)
+        self.model = LayerTableModel(self)
+        self.proxy = _Proxy(self)
+        self.proxy.setSourceModel(self.model)
+        self.proxy.setSortRole(SORT_ROLE)
+        self.proxy.setFilterCaseSensitivity(Qt.CaseSensitivity.CaseInsensitive)
+        self.filter_edit = QLineEdit(self)
+        self.filter_edit.setPlaceholderText("Filter layers by name or type (e.g. conv, fc2)")
+        self.filter_edit.setClearButtonEnabled(True)
+        self.filter_edit.setToolTip("Show only layers whose name or type contains this text")
+        self.filter_edit.textChanged.connect(self._on_filter_textChanged)
+        self.view = QTableView(self)
+        self.view.setObjectName("layerTable")
+        self.view.setModel(self.proxy)
+        self.view.setSortingEnabled(True)
+        self.view.sortByColumn(-1, Qt.SortOrder.AscendingOrder)
+        self.view.setSelectionBehavior(QAbstractItemView.SelectionBehavior.SelectRows)
+        self.view.setSelectionMode(QAbstractItemView.SelectionMode.ExtendedSelection)
+        self.view.setAlternatingRowColors(True)
+        self.view.verticalHeader().setVisible(False)
+        self.view.verticalHeader().setDefaultSectionSize(22)
+        header = self.view.horizontalHeader()
+        header.setSectionResizeMode(QHeaderView.ResizeMode.Interactive)
+        header.setStretchLastSection(True)
+        self.view.selectionModel().selectionChanged.connect(self._on_view_selectionChanged)
+        layout = QVBoxLayout(self)
+        layout.setContentsMargins(0, 0, 0, 0)
+        layout.addWidget(self.filter_edit)
+        layout.addWidget(self.view)
+
+    def set_layers(self, layers: Sequence) -> None:
+        with signals_blocked(self.view.selectionModel()):
+            self.model.set_layers(layers)
+        self.view.resizeColumnsToContents()
+
+    def set_preview(self, preview) -> None:
+        self.model.set_preview(preview)
+
+    def selected_names(self) -> tuple[str, ...]:
+        rows = self.view.selectionModel().selectedRows()
+        names = [self.proxy.data(idx, NAME_ROLE) for idx in rows]
+        order = {layer.name: i for i, layer in enumerate(self.model._layers)}
+        return tuple(sorted(names, key=lambda n: order.get(n, 0)))
+
+    def select_names(self, names: Sequence[str]) -> None:
+        """Model -> widget: select ``names`` without echoing a selection signal."""
+        selection = QItemSelection()
+        for name in names:
+            row = self.model.row_of(name)
+            if row < 0:
+                continue
+            idx = self.proxy.mapFromSource(self.model.index(row, 0))
+            if idx.isValid():
+                selection.select(idx, idx)
+        sm = self.view.selectionModel()
+        with signals_blocked(sm):
+            sm.select(
+                selection,
+                QItemSelectionModel.SelectionFlag.ClearAndSelect
+                | QItemSelectionModel.SelectionFlag.Rows,
+            )
+            if names:
+                row = self.model.row_of(names[0])
+                if row >= 0:
+                    idx = self.proxy.mapFromSource(self.model.index(row, 0))
+                    sm.setCurrentIndex(idx, QItemSelectionModel.SelectionFlag.NoUpdate)
+                    self.view.scrollTo(idx)
+        self.view.viewport().update()
+
+    def _on_filter_textChanged(self, text: str) -> None:
+        self.proxy.setFilterRegularExpression(
+            QRegularExpression(
+                QRegularExpression.escape(text.strip()),
+                QRegularExpression.PatternOption.CaseInsensitiveOption,
+            )
+        )
+
+    def _on_view_selectionChanged(self, *_):
+        self.layersSelected.emit(self.selected_names())

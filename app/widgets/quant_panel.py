@@ -1,0 +1,81 @@
+"""Quantization controls: bit-width slider (off, 2..16), symmetric and per-channel toggles."""
+
+from __future__ import annotations
+
+from PySide6.QtCore import Qt, Signal
+from PySide6.QtWidgets import QCheckBox, QFormLayout, QGroupBox, QHBoxLayout, QLabel, QSlider
+from superqt.utils import signals_blocked
+
+from core.plan import MAX_BITS, MIN_BITS
+
+#: Slider position meaning "quantization off" (one below the smallest width).
+OFF = MIN_BITS - 1
+
+
+def bits_from_position(pos: int) -> int | None:
+    return None if pos <= OFF else int(pos)
+
+
+class QuantPanel(QGroupBox):
+    bitsMoved = Signal(object)  # int | None
+    symmetricToggled = Signal(bool)
+    perChannelToggled = Signal(bool)
+    editFinished = Signal()
+
+    def __init__(self, parent=None):
+        super().__init__("Quantization", parent)
+        self.bits = QSlider(Qt.Orientation.Horizontal, self)
+        self.bits.setObjectName("bitsSlider")
+        self.bits.setRange(OFF, MAX_BITS)
+        self.bits.setPageStep(1)
+        self.bits.setTickPosition(QSlider.TickPosition.TicksBelow)
+        self.bits.setTickInterval(2)
+        self.bits.setToolTip(
+            "Bits per kept weight: leftmost = off (fp32); 8 is usually lossless in accuracy, "
+            "4-5 with fine-tuning"
+        )
+        self.bits_label = QLabel("off", self)
+        self.bits_label.setMinimumWidth(64)
+        self.bits.valueChanged.connect(self._on_bits_valueChanged)
+        self.bits.sliderReleased.connect(self.editFinished)
+        self.symmetric = QCheckBox("Symmetric (zero point fixed at 0)", self)
+        self.symmetric.setToolTip(
+            "Symmetric: grid centred on zero, one level fewer. Asymmetric: the grid spans "
+            "[min, max] of the weights, finer when they are lopsided."
+        )
+        self.symmetric.toggled.connect(self.symmetricToggled)
+        self.per_channel = QCheckBox("Per channel (one scale per output row)", self)
+        self.per_channel.setToolTip(
+            "One scale and zero point per output channel instead of one per tensor: a few "
+            "bytes more, much lower error when channels have different ranges"
+        )
+        self.per_channel.toggled.connect(self.perChannelToggled)
+        form = QFormLayout(self)
+        row = QHBoxLayout()
+        row.addWidget(self.bits, 1)
+        row.addWidget(self.bits_label)
+        form.addRow("Bit width", row)
+        form.addRow(self.symmetric)
+        form.addRow(self.per_channel)
+
+    def set_config(self, quant) -> None:
+        """Show ``quant`` (a `QuantConfig`) without emitting."""
+        with (
+            signals_blocked(self.bits),
+            signals_blocked(self.symmetric),
+            signals_blocked(self.per_channel),
+        ):
+            self.bits.setValue(OFF if quant.bits is None else quant.bits)
+            self.symmetric.setChecked(quant.symmetric)
+            self.per_channel.setChecked(quant.per_channel)
+        self._show(quant.bits)
+
+    def _show(self, bits: int | None) -> None:
+        self.bits_label.setText("off (fp32)" if bits is None else f"{bits} bit")
+        self.symmetric.setEnabled(bits is not None)
+        self.per_channel.setEnabled(bits is not None)
+
+    def _on_bits_valueChanged(self, pos: int) -> None:
+        bits = bits_from_position(pos)
+        self._show(bits)
+        self.bitsMoved.emit(bits)

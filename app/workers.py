@@ -1,0 +1,159 @@
+"""Background jobs: a function run on a thread pool with progress, cancel and a result signal.
+
+Every long engine call (load, analyze, compress, evaluate, fine-tune, export) runs here so the
+UI thread only ever draws. A job reports through Qt signals that are delivered, queued, on the
+thread that created the `JobRunner` (the UI thread). The runner stamps each job with an id;
+the controller keeps the id of the newest job per kind and ignores anything else, so a result
+that arrives after it was superseded is simply dropped.
+"""
+
+from __future__ import annotations
+
+import time
+import traceback
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from PySide6.QtCore import QObject, QRunnable, QThreadPool, Signal
+
+from app._compat import ensure_signal_refcounts
+from core.progress import CancelToken, ProgressFn
+
+ensure_signal_refcounts()
+
+#: A job body: ``fn(progress, cancel) -> result``; it runs on a worker thread.
+JobFn = Callable[[ProgressFn, CancelToken], Any]
+
+#: Progress updates closer together than this are coalesced (the last one wins), so a tight
+#: engine loop cannot flood the UI thread's event queue.
+PROGRESS_INTERVAL_S = 0.05
+
+
+@dataclass
+class JobHandle:
+    """Book-keeping of one submitted job (lives on the UI thread)."""
+
+    job_id: int
+    kind: str
+    description: str
+    token: CancelToken = field(default_factory=CancelToken)
+    fraction: float = 0.0
+    message: str = ""
+    started_at: float = field(default_factory=time.perf_counter)
+
+    def cancel(self) -> None:
+        self.token.cancel()
+
+
+class _JobSignals(QObject):
+    """Signals of one job; created on the UI thread so emissions from the worker are queued."""
+
+    progressed = Signal(int, float, str)
+    succeeded = Signal(int, object)
+    failed = Signal(int, object, str)
+
+
+class _Job(QRunnable):
+    def __init__(self, job_id: int, fn: JobFn, token: CancelToken, signals: _JobSignals):
+        super().__init__()
+        self.setAutoDelete(False)
+        self._id = job_id
+        self._fn = fn
+        self._token = token
+        self._signals = signals
+        self._last_emit = 0.0
+        self._done_sent = False
+
+    def _progress(self, fraction: float, message: str) -> None:
+        now = time.perf_counter()
+        # "Done" always gets through once, so the bar never stops short of full.
+        finishing = fraction >= 1.0 and not self._done_sent
+        if now - self._last_emit >= PROGRESS_INTERVAL_S or finishing:
+            self._last_emit = now
+            self._done_sent = self._done_sent or fraction >= 1.0
+            self._signals.progressed.emit(self._id, float(fraction), str(message))
+
+    def run(self) -> None:
+        try:
+            self._token.check()
+            result = self._fn(self._progress, self._token)
+        except BaseException as exc:  # noqa: BLE001 - every failure must reach the UI, never kill the thread
+            self._signals.failed.emit(self._id, exc, traceback.format_exc())
+        else:
+            self._signals.succeeded.emit(self._id, result)
+
+
+class JobRunner(QObject):
+    """Runs `JobFn` bodies on a private thread pool and re-emits their outcome on the UI thread.
+
+    Signals carry the job id; `handle` gives the rest. At most ``max_threads`` jobs run at once
+    (more wait in the queue); a cancelled job stops at its next ``cancel.check()``.
+    """
+
+    jobProgressed = Signal(int, float, str)
+    jobSucceeded = Signal(int, object)
+    jobFailed = Signal(int, object, str)
+
+    def __init__(self, parent: QObject | None = None, *, max_threads: int = 3):
+        super().__init__(parent)
+        self._pool = QThreadPool(self)
+        self._pool.setMaxThreadCount(max_threads)
+        self._next_id = 0
+        self._handles: dict[int, JobHandle] = {}
+        # The runnables and their signal objects must outlive the worker thread's use of them:
+        # a finished job's last emit is delivered while its run() may still be unwinding, so
+        # finished jobs rest in a bounded graveyard instead of being freed at once.
+        self._alive: dict[int, tuple[_Job, _JobSignals]] = {}
+        self._graveyard: deque[tuple[_Job, _JobSignals]] = deque(maxlen=32)
+
+    def submit(self, kind: str, description: str, fn: JobFn) -> JobHandle:
+        self._next_id += 1
+        handle = JobHandle(self._next_id, kind, description)
+        signals = _JobSignals()
+        signals.progressed.connect(self._on_job_progressed)
+        signals.succeeded.connect(self._on_job_succeeded)
+        signals.failed.connect(self._on_job_failed)
+        job = _Job(handle.job_id, fn, handle.token, signals)
+        self._handles[handle.job_id] = handle
+        self._alive[handle.job_id] = (job, signals)
+        self._pool.start(job)
+        return handle
+
+    def handle(self, job_id: int) -> JobHandle | None:
+        return self._handles.get(job_id)
+
+    def running(self) -> list[JobHandle]:
+        """Jobs submitted and not yet finished, oldest first."""
+        return sorted(self._handles.values(), key=lambda h: h.job_id)
+
+    def cancel_all(self) -> None:
+        for handle in self._handles.values():
+            handle.cancel()
+
+    def wait(self, msecs: int = -1) -> bool:
+        """Block until every job has returned (used on shutdown and in tests)."""
+        return self._pool.waitForDone(msecs)
+
+    def _on_job_progressed(self, job_id: int, fraction: float, message: str) -> None:
+        handle = self._handles.get(job_id)
+        if handle is None:
+            return
+        handle.fraction, handle.message = fraction, message
+        self.jobProgressed.emit(job_id, fraction, message)
+
+    def _finish(self, job_id: int) -> None:
+        self._handles.pop(job_id, None)
+        entry = self._alive.pop(job_id, None)
+        if entry is not None:
+            self._graveyard.append(entry)
+
+    def _on_job_succeeded(self, job_id: int, result: object) -> None:
+        # Emit before forgetting the handle so listeners can still look it up.
+        self.jobSucceeded.emit(job_id, result)
+        self._finish(job_id)
+
+    def _on_job_failed(self, job_id: int, exc: object, tb: str) -> None:
+        self.jobFailed.emit(job_id, exc, tb)
+        self._finish(job_id)

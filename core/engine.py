@@ -1,0 +1,482 @@
+"""Apply a `CompressionPlan`: prune, optionally remove channels, quantize, measure.
+
+`compress` works on a clone of the model; the caller's model is never touched, also when the
+run is cancelled at any point. Thresholds come from `core.estimate.preview` and scores from
+`core.stats.score_tensor`, the same functions the live preview uses, so the sparsity the user
+saw is exactly the sparsity applied. Quantization runs after pruning with the keep mask, so
+pruned weights stay exactly zero.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass, field, replace
+
+import torch
+from torch import nn
+
+from core.errors import CompressionError
+from core.model import LayerInfo, LoadedModel
+from core.packed import tensor_packed_bytes
+from core.plan import GRADIENT_METHODS, STRUCTURED_METHODS, CompressionPlan, LayerConfig
+from core.progress import CancelToken, ProgressFn, no_progress
+from core.pruning import channel_mask, nm_mask, remove_channels_, threshold_mask
+from core.quantization import QuantizedTensor, dequantize, quantize
+
+#: Formats whose module is a plain eager ``nn.Module`` (channels can be removed physically).
+EAGER_FORMATS = ("eager", "demo")
+
+
+@dataclass(frozen=True)
+class LayerReport:
+    """What compression did to one layer, measured on the result.
+
+    ``shape``/``numel`` are the tensor's current shape and size (smaller than the original's
+    when channels were removed); ``original_numel`` is the size before. ``sparsity`` is
+    ``1 - nnz / original_numel``. ``sqnr_db`` compares the final weights with the original
+    ones (pruning and quantization error together; removed weights count as error).
+    ``dense_bytes`` is the original float32 size, ``packed_bytes`` the payload the packed
+    archive spends on this tensor (`core.packed.tensor_packed_bytes`).
+    """
+
+    name: str
+    tensor: str
+    type: str
+    shape: tuple[int, ...]
+    numel: int
+    nnz: int
+    sparsity: float
+    method: str
+    threshold: float | None
+    bits: int | None
+    symmetric: bool
+    per_channel: bool
+    sqnr_db: float
+    dense_bytes: int
+    packed_bytes: int
+    original_numel: int = 0
+    skipped: bool = False
+
+    def to_dict(self) -> dict:
+        d = {k: getattr(self, k) for k in self.__dataclass_fields__}
+        d["shape"] = list(self.shape)
+        d["sqnr_db"] = None if not math.isfinite(self.sqnr_db) else self.sqnr_db
+        return d
+
+
+@dataclass(frozen=True)
+class CompressionResult:
+    """The compressed copy and everything needed to export and report it.
+
+    ``masks`` and ``quantized`` are keyed by parameter name (``LayerInfo.tensor``); ``masks``
+    holds the keep mask of every pruned tensor, ``quantized`` the codes of every quantized
+    tensor (``dequantize(quantized[t])`` equals the compressed weight exactly).
+    ``removed_channels``: layer -> kept output channel indices (original numbering) for every
+    layer whose output channels were physically removed; empty otherwise.
+    ``aligned_original``: for tensors whose shape changed, the original weights with the same
+    rows/columns removed (used to measure error against the original).
+    """
+
+    original: LoadedModel
+    compressed: LoadedModel
+    plan: CompressionPlan
+    masks: Mapping[str, torch.Tensor]
+    quantized: Mapping[str, QuantizedTensor]
+    layers: tuple[LayerReport, ...]
+    removed_channels: Mapping[str, list[int]] = field(default_factory=dict)
+    aligned_original: Mapping[str, torch.Tensor] = field(default_factory=dict, compare=False)
+
+    @property
+    def total_numel(self) -> int:
+        """Weights of the compressed layers before compression."""
+        return sum(r.original_numel for r in self.layers)
+
+    @property
+    def total_nnz(self) -> int:
+        return sum(r.nnz for r in self.layers)
+
+    @property
+    def sparsity(self) -> float:
+        """Fraction of zeros over all prunable weights (removed weights count as zeros)."""
+        n = self.total_numel
+        return 1.0 - self.total_nnz / n if n else 0.0
+
+    def layer(self, name: str) -> LayerReport:
+        for r in self.layers:
+            if r.name == name:
+                return r
+        raise KeyError(name)
+
+
+# ---------------------------------------------------------------------------------------
+# tensors by name
+# ---------------------------------------------------------------------------------------
+def named_tensors(module: nn.Module) -> dict[str, torch.Tensor]:
+    """Parameters and buffers of ``module`` by full name (TorchScript and GraphModules too)."""
+    out = dict(module.named_buffers())
+    out.update(dict(module.named_parameters()))
+    return out
+
+
+def _tensor(module: nn.Module, name: str, *, where: str) -> torch.Tensor:
+    tensors = named_tensors(module)
+    if name not in tensors:
+        raise CompressionError(
+            f"layer {where!r}: tensor {name!r} not found in the model",
+            hint="the statistics were computed on a different model; analyze this one again",
+        )
+    return tensors[name]
+
+
+# ---------------------------------------------------------------------------------------
+# checks
+# ---------------------------------------------------------------------------------------
+def _check_plan(loaded: LoadedModel, plan: CompressionPlan, stats) -> None:
+    names = {layer.name for layer in stats.layers}
+    unknown = sorted(set(plan.layer_overrides) - names)
+    if unknown:
+        raise CompressionError(
+            f"the recipe configures layer {unknown[0]!r}, which this model does not have",
+            hint=f"layers are: {', '.join(sorted(names)[:8])}{' ...' if len(names) > 8 else ''}",
+        )
+    for layer in stats.layers:
+        cfg = plan.config_for(layer.name)
+        if cfg.skip or not cfg.prune.active:
+            continue
+        method = cfg.prune.method
+        ts = stats.tensors.get(layer.name)
+        if method in GRADIENT_METHODS and (ts is None or ts.grad is None):
+            raise CompressionError(
+                f"layer {layer.name!r}: method {method!r} needs gradient statistics",
+                hint="analyze the model with data (--data FILE) or use magnitude pruning",
+            )
+    if plan.remove_channels and _uses_channels(plan, stats.layers):
+        if loaded.format not in EAGER_FORMATS or isinstance(
+            loaded.module, torch.jit.ScriptModule | torch.fx.GraphModule
+        ):
+            raise CompressionError(
+                f"channels can only be removed physically from eager PyTorch modules, not from "
+                f"a {loaded.format} model (its graph has fixed shapes)",
+                path=loaded.source,
+                hint="switch off 'remove channels': pruned channels stay as zero rows",
+            )
+        if loaded.example_input is None:
+            raise CompressionError(
+                "removing channels needs an example input to trace the model's dependencies",
+                path=loaded.source,
+                hint="switch off 'remove channels' or open the model with sample data",
+            )
+
+
+def _uses_channels(plan: CompressionPlan, layers) -> bool:
+    return any(
+        (not plan.config_for(layer.name).skip)
+        and plan.config_for(layer.name).prune.active
+        and plan.config_for(layer.name).prune.method in STRUCTURED_METHODS
+        for layer in layers
+    )
+
+
+# ---------------------------------------------------------------------------------------
+# masks
+# ---------------------------------------------------------------------------------------
+def layer_mask(
+    layer: LayerInfo, cfg: LayerConfig, weight: torch.Tensor, threshold: float | None, grad
+) -> torch.Tensor:
+    """The keep mask the plan asks for on one layer (``threshold`` from the preview)."""
+    from core.stats import score_tensor
+
+    method = cfg.prune.method
+    if method == "nm":
+        return nm_mask(weight, cfg.prune.n, cfg.prune.m)
+    scores = score_tensor(method, weight.detach(), grad)
+    if method in STRUCTURED_METHODS:
+        return channel_mask(scores, threshold, weight.shape)
+    return threshold_mask(scores.reshape(weight.shape), threshold)
+
+
+# ---------------------------------------------------------------------------------------
+# measurement
+# ---------------------------------------------------------------------------------------
+def _sqnr(original: torch.Tensor, aligned: torch.Tensor, final: torch.Tensor) -> float:
+    """SQNR of ``final`` against ``original``; weights removed from the shape count as error."""
+    o = original.detach().double()
+    a = aligned.detach().double()
+    sig = float(o.pow(2).sum())
+    removed = max(sig - float(a.pow(2).sum()), 0.0)
+    err = float((final.detach().double() - a).pow(2).sum()) + removed
+    if err == 0.0:
+        return math.inf
+    if sig == 0.0:
+        return -math.inf
+    return 10.0 * math.log10(sig / err)
+
+
+def _report(
+    layer: LayerInfo,
+    cfg: LayerConfig,
+    threshold: float | None,
+    original: torch.Tensor,
+    aligned: torch.Tensor,
+    final: torch.Tensor,
+    qt: QuantizedTensor | None,
+    pruned: bool,
+) -> LayerReport:
+    numel = int(final.numel())
+    nnz = int(torch.count_nonzero(final))
+    orig_numel = int(original.numel())
+    bits = qt.bits if qt is not None else None
+    per_channel = bool(qt.per_channel) if qt is not None else False
+    symmetric = bool(qt.symmetric) if qt is not None else False
+    n_params = int(qt.scale.numel()) if qt is not None else 0
+    structured = pruned and cfg.prune.method in STRUCTURED_METHODS and final.ndim >= 1
+    packed = tensor_packed_bytes(
+        numel,
+        nnz,
+        bits,
+        n_params,
+        structured_rows=int(final.shape[0]) if structured else None,
+        symmetric=symmetric,
+    )
+    return LayerReport(
+        name=layer.name,
+        tensor=str(layer.tensor),
+        type=layer.type,
+        shape=tuple(int(s) for s in final.shape),
+        numel=numel,
+        nnz=nnz,
+        sparsity=1.0 - nnz / orig_numel if orig_numel else 0.0,
+        method=cfg.prune.method if pruned else "none",
+        threshold=threshold if pruned else None,
+        bits=bits,
+        symmetric=symmetric,
+        per_channel=per_channel,
+        sqnr_db=_sqnr(original, aligned, final),
+        dense_bytes=4 * orig_numel,
+        packed_bytes=int(packed),
+        original_numel=orig_numel,
+        skipped=cfg.skip,
+    )
+
+
+def measure_result(result: CompressionResult) -> CompressionResult:
+    """Re-measure every `LayerReport` of ``result`` from its current weights.
+
+    Used after fine-tuning: method and threshold are kept, everything measurable is redone.
+    """
+    orig = named_tensors(result.original.module)
+    comp = named_tensors(result.compressed.module)
+    layers = []
+    for r in result.layers:
+        cfg = result.plan.config_for(r.name)
+        info = LayerInfo(
+            name=r.name,
+            type=r.type,
+            tensor=r.tensor,
+            shape=r.shape,
+            params=r.numel,
+            bytes=r.dense_bytes,
+            prunable=True,
+        )
+        original = orig[r.tensor]
+        aligned = result.aligned_original.get(r.tensor, original)
+        layers.append(
+            _report(
+                info,
+                cfg,
+                r.threshold,
+                original,
+                aligned,
+                comp[r.tensor],
+                result.quantized.get(r.tensor),
+                r.method != "none",
+            )
+        )
+    return replace(result, layers=tuple(layers))
+
+
+# ---------------------------------------------------------------------------------------
+# compress
+# ---------------------------------------------------------------------------------------
+def _check(cancel: CancelToken | None) -> None:
+    if cancel is not None:
+        cancel.check()
+
+
+def compress(
+    loaded: LoadedModel,
+    plan: CompressionPlan,
+    stats,
+    *,
+    progress: ProgressFn = no_progress,
+    cancel: CancelToken | None = None,
+) -> CompressionResult:
+    """Apply ``plan`` to a copy of ``loaded``.
+
+    Parameters
+    ----------
+    loaded
+        The model to compress; never modified.
+    plan
+        Per-layer pruning and quantization settings.
+    stats
+        `core.stats.ModelStats` of ``loaded`` (from `core.stats.analyze`); supplies thresholds
+        (via `core.estimate.preview`) and gradient statistics.
+    progress, cancel
+        Progress callback and cancel token, checked between layers.
+
+    Returns
+    -------
+    CompressionResult
+        The compressed copy (pruned, dequantized weights), masks, codes and per-layer reports.
+
+    Raises
+    ------
+    CompressionError
+        The plan names unknown layers, needs gradients that were not recorded, or asks to
+        remove channels from a model that cannot be re-shaped.
+    Cancelled
+        When ``cancel`` fires; the original is untouched and nothing is returned.
+    """
+    from core.estimate import preview
+    from core.model_io import clone_model
+
+    _check_plan(loaded, plan, stats)
+    _check(cancel)
+    progress(0.0, "computing thresholds")
+    pv = preview(stats, plan)
+    thresholds = {lp.name: lp.threshold for lp in pv.layers}
+    _check(cancel)
+    progress(0.02, "copying the model")
+    work = clone_model(loaded)
+    _check(cancel)
+    module = work.module
+    layers = [
+        layer for layer in stats.layers if layer.prunable and layer.tensor is not None
+    ]
+    n = max(len(layers), 1)
+    originals: dict[str, torch.Tensor] = {}
+    masks: dict[str, torch.Tensor] = {}
+    for i, layer in enumerate(layers):
+        _check(cancel)
+        progress(0.05 + 0.35 * i / n, f"pruning {layer.name}")
+        w = _tensor(module, layer.tensor, where=layer.name)
+        originals[layer.tensor] = w.detach().clone()
+        cfg = plan.config_for(layer.name)
+        if cfg.skip or not cfg.prune.active:
+            continue
+        ts = stats.tensors.get(layer.name)
+        grad = ts.grad if ts is not None else None
+        masks[layer.tensor] = layer_mask(layer, cfg, w, thresholds.get(layer.name), grad)
+
+    removed: dict[str, list[int]] = {}
+    aligned: dict[str, torch.Tensor] = {}
+    if plan.remove_channels and _uses_channels(plan, layers):
+        _check(cancel)
+        progress(0.4, "removing pruned channels")
+        removed, aligned, masks = _remove(work, layers, plan, masks)
+
+    quantized: dict[str, QuantizedTensor] = {}
+    reports = []
+    current = named_tensors(module)
+    for i, layer in enumerate(layers):
+        _check(cancel)
+        progress(0.5 + 0.5 * i / n, f"quantizing {layer.name}")
+        cfg = plan.config_for(layer.name)
+        w = current[layer.tensor]
+        mask = masks.get(layer.tensor)
+        qt = None
+        with torch.no_grad():
+            if not cfg.skip and cfg.quant.active:
+                qt = quantize(
+                    w,
+                    cfg.quant.bits,
+                    symmetric=cfg.quant.symmetric,
+                    per_channel=cfg.quant.per_channel,
+                    mask=mask,
+                )
+                w.copy_(dequantize(qt).to(w.dtype))
+                quantized[layer.tensor] = qt
+            elif mask is not None:
+                w.mul_(mask.to(w.dtype))
+        original = originals[layer.tensor]
+        reports.append(
+            _report(
+                layer,
+                cfg,
+                thresholds.get(layer.name),
+                original,
+                aligned.get(layer.tensor, original),
+                w,
+                qt,
+                layer.tensor in masks,
+            )
+        )
+    _check(cancel)
+    progress(1.0, "compressed")
+    return CompressionResult(
+        original=loaded,
+        compressed=work,
+        plan=plan,
+        masks=masks,
+        quantized=quantized,
+        layers=tuple(reports),
+        removed_channels=removed,
+        aligned_original=aligned,
+    )
+
+
+def _remove(
+    work: LoadedModel,
+    layers: list[LayerInfo],
+    plan: CompressionPlan,
+    masks: dict[str, torch.Tensor],
+) -> tuple[dict[str, list[int]], dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """Physically remove the masked channels of channel-pruned layers from ``work``.
+
+    Returns kept output channels per layer, the original weights aligned with the new shapes
+    and the masks shrunk to them.
+    """
+    module = work.module
+    modules = dict(module.named_modules())
+    pruned: dict[str, list[int]] = {}
+    for layer in layers:
+        cfg = plan.config_for(layer.name)
+        mask = masks.get(layer.tensor)
+        if cfg.skip or mask is None or cfg.prune.method not in STRUCTURED_METHODS:
+            continue
+        owner = layer.tensor.rsplit(".", 1)[0] if "." in layer.tensor else ""
+        if owner not in modules:
+            raise CompressionError(f"layer {layer.name!r}: cannot find its module {owner!r}")
+        rows = mask.reshape(mask.shape[0], -1).any(dim=1)
+        idxs = [int(i) for i in torch.nonzero(~rows).reshape(-1)]
+        if idxs:
+            pruned[owner] = idxs
+    if not pruned:
+        return {}, {}, masks
+    # Companions shrink exactly like the model: one carries the masks as 0/1 floats, one the
+    # original weights (the working copy holds them too at this point).
+    mask_model = copy.deepcopy(module)
+    ref_model = copy.deepcopy(module)
+    mask_tensors = named_tensors(mask_model)
+    with torch.no_grad():
+        for name, mask in masks.items():
+            mask_tensors[name].copy_(mask.to(mask_tensors[name].dtype))
+    before = {name: tuple(t.shape) for name, t in named_tensors(module).items()}
+    info = remove_channels_(
+        module, work.example_input, pruned, companions=(mask_model, ref_model)
+    )
+    after = named_tensors(module)
+    mask_after = named_tensors(mask_model)
+    ref_after = named_tensors(ref_model)
+    new_masks = {name: mask_after[name].detach() > 0.5 for name in masks}
+    aligned = {
+        name: ref_after[name].detach().clone()
+        for name, t in after.items()
+        if tuple(t.shape) != before.get(name)
+    }
+    tensor_of = {layer.tensor.rsplit(".", 1)[0]: layer.name for layer in layers if layer.tensor}
+    kept = {tensor_of.get(mod, mod): idx for mod, idx in info.kept.items()}
+    return kept, aligned, new_masks

@@ -1,0 +1,208 @@
+"""Accuracy, fidelity to a reference model, and CPU latency.
+
+Fidelity works for any model with a forward pass, labelled data or not: top-1 agreement for
+classifiers, and for every output the relative L2 error ``||y - y_ref|| / ||y_ref||`` over
+the whole data set and the mean per-sample cosine similarity (an embedding encoder is judged
+by these two).
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager, nullcontext
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from core.errors import CompressionError
+from core.model import LoadedModel
+from core.progress import CancelToken, ProgressFn, no_progress
+
+
+@dataclass(frozen=True)
+class EvalResult:
+    """Measured quality of a model on a data set.
+
+    ``accuracy`` is ``None`` without labels (or for non-classifiers); ``agreement``,
+    ``rel_l2`` and ``cosine`` are ``None`` without a reference model; ``agreement`` also for
+    non-classifiers. ``latency_ms_per_batch`` is the median CPU time of one forward pass on
+    a batch of ``latency_batch`` samples after warm-up.
+    """
+
+    samples: int
+    accuracy: float | None
+    agreement: float | None
+    rel_l2: float | None
+    cosine: float | None
+    latency_ms_per_batch: float | None
+    latency_batch: int
+    classifier: bool
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def first_tensor(out: Any) -> torch.Tensor:
+    """The primary tensor of a model output (tensors, tuples/lists, dicts, namedtuples)."""
+    if isinstance(out, torch.Tensor):
+        return out
+    if isinstance(out, dict):
+        out = list(out.values())
+    if isinstance(out, tuple | list):
+        for item in out:
+            if isinstance(item, torch.Tensor | tuple | list | dict):
+                try:
+                    return first_tensor(item)
+                except CompressionError:
+                    continue
+    raise CompressionError(
+        f"the model returned {type(out).__name__}, not a tensor",
+        hint="evaluation and fine-tuning need a model whose output is a tensor",
+    )
+
+
+@contextmanager
+def eval_mode(module: nn.Module) -> Iterator[nn.Module]:
+    """Run ``module`` in eval mode and restore its previous mode afterwards.
+
+    ``torch.export`` graphs bake their mode in and may refuse ``train()``/``eval()``; they
+    are used as they are.
+    """
+    was_training = module.training
+    try:
+        module.eval()
+    except (NotImplementedError, RuntimeError):
+        was_training = False
+    try:
+        yield module
+    finally:
+        if was_training:
+            module.train()
+
+
+def require_forward(loaded: LoadedModel, what: str) -> None:
+    """Raise `CompressionError` if ``loaded`` has no forward pass (weights-only file)."""
+    if not loaded.can_run:
+        raise CompressionError(
+            f"{what} needs a forward pass, but this is a weights-only checkpoint",
+            path=loaded.source,
+            hint="open it with an architecture (--architecture) or use a TorchScript/.pt2 file",
+        )
+
+
+def is_classifier_output(loaded: LoadedModel, out: torch.Tensor, has_labels: bool) -> bool:
+    """Outputs are class logits: a 2-D ``(batch, classes)`` tensor of a classification model
+    (or of any model given integer labels)."""
+    return out.ndim == 2 and out.shape[1] > 1 and (loaded.task == "classification" or has_labels)
+
+
+def measure_latency(
+    module: nn.Module, batch: torch.Tensor, *, warmup: int = 3, repeats: int = 15
+) -> float:
+    """Median wall time in milliseconds of ``module(batch)`` on the CPU after ``warmup`` runs."""
+    times = []
+    with torch.no_grad(), eval_mode(module):
+        for _ in range(warmup):
+            module(batch)
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            module(batch)
+            times.append((time.perf_counter() - t0) * 1000.0)
+    return float(statistics.median(times))
+
+
+def evaluate(
+    loaded: LoadedModel,
+    data,
+    *,
+    reference: LoadedModel | None = None,
+    batch_size: int = 256,
+    latency: bool = True,
+    progress: ProgressFn = no_progress,
+    cancel: CancelToken | None = None,
+) -> EvalResult:
+    """Evaluate ``loaded`` on ``data`` (a `core.data.Dataset`), optionally against a reference.
+
+    Parameters
+    ----------
+    loaded
+        The model to measure (usually the compressed one). Never modified.
+    data
+        Inputs ``x`` and optional labels ``y``.
+    reference
+        The model to compare with (usually the original): enables agreement / rel. L2 / cosine.
+    batch_size
+        Batch size for evaluation and for the latency measurement.
+    latency
+        Measure CPU latency per batch (median after warm-up).
+
+    Returns
+    -------
+    EvalResult
+    """
+    require_forward(loaded, "evaluation")
+    if reference is not None:
+        require_forward(reference, "fidelity against the original")
+    has_labels = data.y is not None
+    n = len(data)
+    if n == 0:
+        raise CompressionError("the evaluation data set is empty", path=getattr(data, "name", None))
+    correct = 0
+    agree = 0
+    err_sq = 0.0
+    ref_sq = 0.0
+    cos_sum = 0.0
+    seen = 0
+    classifier = False
+    first_batch: torch.Tensor | None = None
+    with torch.no_grad(), eval_mode(loaded.module):
+        ctx = eval_mode(reference.module) if reference is not None else nullcontext()
+        with ctx:
+            for x, y in data.batches(batch_size):
+                if cancel is not None:
+                    cancel.check()
+                if first_batch is None:
+                    first_batch = x
+                out = first_tensor(loaded.module(x)).detach().float()
+                classifier = is_classifier_output(loaded, out, has_labels)
+                if has_labels and classifier:
+                    correct += int((out.argmax(dim=1) == y.reshape(-1).to(out.device)).sum())
+                if reference is not None:
+                    ref = first_tensor(reference.module(x)).detach().float()
+                    if ref.shape != out.shape:
+                        raise CompressionError(
+                            f"output shapes differ: {tuple(out.shape)} vs reference "
+                            f"{tuple(ref.shape)}"
+                        )
+                    if classifier:
+                        agree += int((out.argmax(dim=1) == ref.argmax(dim=1)).sum())
+                    err_sq += float((out - ref).double().pow(2).sum())
+                    ref_sq += float(ref.double().pow(2).sum())
+                    a = out.reshape(out.shape[0], -1).double()
+                    b = ref.reshape(ref.shape[0], -1).double()
+                    cos_sum += float(torch.nn.functional.cosine_similarity(a, b, dim=1).sum())
+                seen += x.shape[0]
+                progress(min(seen / n, 1.0) * (0.9 if latency else 1.0), "evaluating")
+    lat = None
+    if latency and first_batch is not None:
+        if cancel is not None:
+            cancel.check()
+        lat = measure_latency(loaded.module, first_batch)
+        progress(1.0, "measured latency")
+    rel = None
+    if reference is not None:
+        rel = (err_sq**0.5) / ref_sq**0.5 if ref_sq > 0 else (0.0 if err_sq == 0 else float("inf"))
+    return EvalResult(
+        samples=seen,
+        accuracy=(correct / seen) if (has_labels and classifier) else None,
+        agreement=(agree / seen) if (reference is not None and classifier) else None,
+        rel_l2=rel,
+        cosine=(cos_sum / seen) if reference is not None else None,
+        latency_ms_per_batch=lat,
+        latency_batch=0 if first_batch is None else int(first_batch.shape[0]),
+        classifier=classifier,
+    )

@@ -1,0 +1,583 @@
+"""Exports of a compression result: the packed archive and dense PyTorch / ONNX files.
+
+Every export is written atomically (temporary file in the target directory, then rename; the
+temporary file is removed on any failure or cancel), never overwrites an existing file without
+``force``, and is verified after writing: the file is loaded back and run on data next to the
+compressed PyTorch model (max abs difference of the outputs) and its latency is measured
+(onnxruntime for ONNX files, PyTorch otherwise).
+
+Dense exports hold the compressed weights as they are in the compressed model: pruned weights
+are zeros, quantized ones their dequantized float values. ``onnx-int8`` re-quantizes the fp32
+ONNX graph with onnxruntime's quantization tools so it is smaller and faster in onnxruntime.
+"""
+
+from __future__ import annotations
+
+import copy
+import statistics
+import tempfile
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from core.errors import ExportError, WorkbenchError
+from core.packed import atomic_write, load_packed, write_packed
+from core.progress import CancelToken, ProgressFn, no_progress, scaled
+
+EXPORT_FORMATS = ("packed", "onnx", "onnx-int8", "torchscript", "state_dict", "safetensors", "pt2")
+
+#: File name written into the output directory per format.
+FILE_NAMES = {
+    "packed": "model.packed.safetensors",
+    "onnx": "model.onnx",
+    "onnx-int8": "model.int8.onnx",
+    "torchscript": "model.torchscript.pt",
+    "state_dict": "model.pt",
+    "safetensors": "model.safetensors",
+    "pt2": "model.pt2",
+}
+
+#: Samples used to verify an export against the PyTorch model and to time it.
+VERIFY_SAMPLES = 256
+#: ONNX opset for the legacy (TorchScript-based) exporter.
+ONNX_OPSET = 17
+
+
+@dataclass(frozen=True)
+class ExportRecord:
+    """One written export.
+
+    ``max_abs_diff``: largest absolute difference between the exported file's outputs and the
+    compressed PyTorch model's on the verification data (None when the model cannot run).
+    ``latency_ms``: median time of one forward pass on that batch (onnxruntime for ONNX files,
+    PyTorch otherwise). ``extra``: format-specific numbers (packed: estimate and entropy bound).
+    """
+
+    format: str
+    path: Path
+    bytes_on_disk: int
+    max_abs_diff: float | None
+    latency_ms: float | None
+    note: str = ""
+    batch: int | None = None
+    extra: dict[str, Any] | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["path"] = str(self.path)
+        return d
+
+
+def file_name(fmt: str) -> str:
+    """``model.<ext>`` for ``fmt``; `ExportError` for an unknown format."""
+    try:
+        return FILE_NAMES[fmt]
+    except KeyError:
+        raise ExportError(
+            f"unknown export format {fmt!r}", hint=f"choose from {', '.join(EXPORT_FORMATS)}"
+        ) from None
+
+
+def parse_formats(text: str) -> list[str]:
+    """``"packed,onnx"`` -> ``["packed", "onnx"]`` (validated, duplicates dropped, order kept)."""
+    out: list[str] = []
+    for part in (p.strip() for p in text.split(",")):
+        if not part:
+            continue
+        file_name(part)
+        if part not in out:
+            out.append(part)
+    if not out:
+        raise ExportError("no export format given", hint=f"choose from {', '.join(EXPORT_FORMATS)}")
+    return out
+
+
+# ---------------------------------------------------------------------------------------
+# verification helpers
+# ---------------------------------------------------------------------------------------
+def _verify_input(result: Any, data: Any) -> torch.Tensor | None:
+    """A batch to run the exports on: the data's first samples, else the example input."""
+    if data is not None:
+        x = data if isinstance(data, torch.Tensor) else getattr(data, "x", None)
+        if isinstance(x, torch.Tensor) and x.shape[0] > 0:
+            return x[:VERIFY_SAMPLES]
+    for loaded in (result.compressed, result.original):
+        if loaded.example_input is not None:
+            return loaded.example_input
+    return None
+
+
+def _forward(module: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
+    from core.evaluate import eval_mode, first_tensor
+
+    with torch.no_grad(), eval_mode(module):
+        return first_tensor(module(x)).detach()
+
+
+def _max_abs_diff(a: torch.Tensor | np.ndarray, b: torch.Tensor | np.ndarray) -> float:
+    ta = torch.as_tensor(np.asarray(a)).double()
+    tb = torch.as_tensor(np.asarray(b)).double()
+    if ta.shape != tb.shape:
+        raise ExportError(
+            f"the exported model's output has shape {tuple(ta.shape)}, PyTorch's {tuple(tb.shape)}"
+        )
+    return float((ta - tb).abs().max()) if ta.numel() else 0.0
+
+
+def _torch_latency(module: torch.nn.Module, x: torch.Tensor) -> float:
+    from core.evaluate import measure_latency
+
+    return measure_latency(module, x, warmup=2, repeats=10)
+
+
+def ort_session(path: Path, threads: int | None = None):
+    """An onnxruntime CPU session (``threads`` intra-op threads, default: onnxruntime's)."""
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    if threads is not None:
+        opts.intra_op_num_threads = threads
+        opts.inter_op_num_threads = 1
+    opts.log_severity_level = 3
+    return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+
+
+def ort_latency(session, x: np.ndarray, *, warmup: int = 3, repeats: int = 15) -> float:
+    """Median milliseconds of one ``session.run`` on ``x``."""
+    name = session.get_inputs()[0].name
+    for _ in range(warmup):
+        session.run(None, {name: x})
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        session.run(None, {name: x})
+        times.append((time.perf_counter() - t0) * 1000.0)
+    return float(statistics.median(times))
+
+
+def _require_runnable(result: Any, fmt: str) -> None:
+    if not result.compressed.can_run:
+        raise ExportError(
+            f"{fmt} export needs a model with a forward pass; this is a weights-only checkpoint",
+            path=result.original.source,
+            hint="open the model with an architecture, or export state_dict/safetensors/packed",
+        )
+
+
+def _example(result: Any, x: torch.Tensor | None, fmt: str) -> torch.Tensor:
+    _require_runnable(result, fmt)
+    if x is None:
+        raise ExportError(
+            f"{fmt} export traces the model and needs an example input",
+            path=result.original.source,
+            hint="give sample data (--data FILE)",
+        )
+    return x
+
+
+# ---------------------------------------------------------------------------------------
+# one writer per format: each returns (note, verify(path) -> (max_abs_diff, latency, note))
+# ---------------------------------------------------------------------------------------
+def _state(result: Any) -> dict[str, torch.Tensor]:
+    """The compressed state with every tensor its own contiguous copy (no shared storage)."""
+    return {
+        k: v.detach().cpu().contiguous().clone()
+        for k, v in result.compressed.module.state_dict().items()
+        if isinstance(v, torch.Tensor)
+    }
+
+
+def _verify_state(result: Any, state: dict[str, torch.Tensor], x: torch.Tensor | None):
+    """Load a dense state into a copy of the compressed model and compare outputs."""
+    from core.packed import _assign_state
+
+    if x is None or not result.compressed.can_run:
+        return None, None
+    module = copy.deepcopy(result.compressed.module)
+    _assign_state(module, state, Path(result.compressed.source))
+    ref = _forward(result.compressed.module, x)
+    return _max_abs_diff(_forward(module, x), ref), _torch_latency(module, x)
+
+
+def _export_state_dict(result, path, x, force, cancel):
+    state = _state(result)
+    atomic_write(path, force=force, cancel=cancel, writer=lambda tmp: torch.save(state, tmp))
+    loaded = torch.load(path, map_location="cpu", weights_only=True)
+    diff, lat = _verify_state(result, loaded, x)
+    return (
+        diff,
+        lat,
+        "dense state_dict (pruned zeros, dequantized values); torch.load(weights_only=True)",
+    )
+
+
+def _export_safetensors(result, path, x, force, cancel):
+    from safetensors.torch import load_file, save_file
+
+    state = _state(result)
+    meta = {"format": "pt", "source": str(result.original.source)}
+    atomic_write(
+        path,
+        force=force,
+        cancel=cancel,
+        writer=lambda tmp: save_file(state, str(tmp), metadata=meta),
+    )
+    diff, lat = _verify_state(result, load_file(str(path)), x)
+    return diff, lat, "dense safetensors (pruned zeros, dequantized values)"
+
+
+def _export_packed(result, path, x, force, cancel, entropy: bool = False):
+    info = write_packed(result, path, force=force, entropy=entropy, cancel=cancel)
+    diff = lat = None
+    if x is not None and result.compressed.can_run:
+        restored = load_packed(path, base=result.original)
+        diff = _max_abs_diff(_forward(restored.module, x), _forward(result.compressed.module, x))
+        lat = _torch_latency(restored.module, x)
+    err = 100.0 * (info.bytes_on_disk - info.estimate_bytes) / max(info.estimate_bytes, 1)
+    note = (
+        f"estimate {info.estimate_bytes} B ({err:+.2f}%), entropy bound "
+        f"{info.entropy_bound_bytes} B{', zstd-coded codes' if info.entropy_coded else ''}"
+    )
+    extra = {
+        "estimate_bytes": info.estimate_bytes,
+        "entropy_bound_bytes": info.entropy_bound_bytes,
+        "header_bytes": info.header_bytes,
+        "entropy_coded": info.entropy_coded,
+    }
+    return diff, lat, note, extra
+
+
+def _scripted(result: Any, x: torch.Tensor | None) -> tuple[torch.jit.ScriptModule, str]:
+    """A TorchScript module of the compressed model: itself, scripted, or traced."""
+    module = result.compressed.module
+    fmt = result.compressed.format
+    if isinstance(module, torch.jit.ScriptModule):
+        return module, "re-saved TorchScript"
+    _require_runnable(result, "TorchScript")
+    copy_ = copy.deepcopy(module).eval()
+    if fmt != "pt2":
+        try:
+            return torch.jit.script(copy_), "scripted (torch.jit.script)"
+        except Exception as exc:  # noqa: BLE001 - scripting fails on arbitrary Python in many ways
+            script_error = f"{type(exc).__name__}"
+    else:
+        script_error = "torch.export graph"
+    if x is None:
+        raise ExportError(
+            f"the model cannot be scripted ({script_error}) and tracing needs an example input",
+            hint="give sample data (--data FILE)",
+        )
+    try:
+        with torch.no_grad():
+            traced = torch.jit.trace(copy_, (x,), check_trace=False)
+    except Exception as exc:  # noqa: BLE001
+        raise ExportError(
+            f"the model can be neither scripted ({script_error}) nor traced "
+            f"({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''})",
+            hint="export onnx, state_dict or packed instead",
+        ) from None
+    return traced, f"traced (torch.jit.trace; scripting failed: {script_error})"
+
+
+def _export_torchscript(result, path, x, force, cancel):
+    scripted, how = _scripted(result, x)
+    atomic_write(
+        path, force=force, cancel=cancel, writer=lambda tmp: torch.jit.save(scripted, str(tmp))
+    )
+    diff = lat = None
+    if x is not None:
+        reloaded = torch.jit.load(str(path), map_location="cpu")
+        diff = _max_abs_diff(_forward(reloaded, x), _forward(result.compressed.module, x))
+        lat = _torch_latency(reloaded, x)
+    return diff, lat, how
+
+
+def _export_pt2(result, path, x, force, cancel):
+    module = result.compressed.module
+    if isinstance(module, torch.jit.ScriptModule):
+        raise ExportError(
+            "a TorchScript model cannot be converted to a torch.export program",
+            path=result.original.source,
+            hint="export torchscript, onnx or packed instead",
+        )
+    x = _example(result, x, "pt2")
+    try:
+        with torch.no_grad():
+            ep = torch.export.export(copy.deepcopy(module).eval(), (x,))
+    except Exception as exc:  # noqa: BLE001 - export fails on arbitrary Python in many ways
+        raise ExportError(
+            f"torch.export could not capture the model ({type(exc).__name__}: "
+            f"{str(exc).splitlines()[0] if str(exc) else ''})",
+            hint="export torchscript, onnx or packed instead",
+        ) from None
+    atomic_write(
+        path, force=force, cancel=cancel, writer=lambda tmp: torch.export.save(ep, str(tmp))
+    )
+    reloaded = torch.export.load(str(path)).module()
+    diff = _max_abs_diff(_forward(reloaded, x), _forward(module, x))
+    return diff, _torch_latency(reloaded, x), "torch.export program (batch size fixed at export)"
+
+
+def _onnx_fp32(result: Any, x: torch.Tensor, target: Path) -> None:
+    """Write the fp32 ONNX graph of the compressed model to ``target`` (legacy exporter)."""
+    module = result.compressed.module
+    model = module if isinstance(module, torch.jit.ScriptModule) else copy.deepcopy(module).eval()
+    # Gradients stay enabled while tracing: under no_grad, nn.TransformerEncoderLayer takes
+    # its fused fast path (aten::_transformer_encoder_layer_fwd), which ONNX cannot express.
+    try:
+        torch.onnx.export(
+            model,
+            (x,),
+            str(target),
+            input_names=["input"],
+            output_names=["output"],
+            dynamic_axes={"input": {0: "batch"}, "output": {0: "batch"}},
+            opset_version=ONNX_OPSET,
+            dynamo=False,
+        )
+    except Exception as exc:  # noqa: BLE001 - the exporter fails on unsupported ops in many ways
+        raise ExportError(
+            f"ONNX export failed ({type(exc).__name__}: "
+            f"{str(exc).splitlines()[0] if str(exc) else ''})",
+            hint="export torchscript, state_dict or packed instead",
+        ) from None
+
+
+def _onnx_verify(path: Path, result: Any, x: torch.Tensor) -> tuple[float, float]:
+    sess = ort_session(path)
+    xn = x.detach().cpu().numpy()
+    out = sess.run(None, {sess.get_inputs()[0].name: xn})[0]
+    diff = _max_abs_diff(out, _forward(result.compressed.module, x))
+    return diff, ort_latency(sess, xn)
+
+
+def _export_onnx(result, path, x, force, cancel):
+    x = _example(result, x, "onnx")
+    atomic_write(path, force=force, cancel=cancel, writer=lambda tmp: _onnx_fp32(result, x, tmp))
+    diff, lat = _onnx_verify(path, result, x)
+    return diff, lat, f"fp32 ONNX opset {ONNX_OPSET}, checked in onnxruntime"
+
+
+class _Calibration:
+    """onnxruntime `CalibrationDataReader` over a few batches of the verification data."""
+
+    def __init__(self, name: str, x: np.ndarray, batch: int = 32):
+        self._batches = iter([{name: x[i : i + batch]} for i in range(0, len(x), batch)])
+
+    def get_next(self):
+        return next(self._batches, None)
+
+
+def _has_conv(result: Any) -> bool:
+    return any(
+        isinstance(m, torch.nn.modules.conv._ConvNd) for m in result.compressed.module.modules()
+    )
+
+
+def _quantize_onnx(src: Path, dst: Path, x: np.ndarray, static: bool) -> None:
+    from onnxruntime.quantization import (
+        CalibrationMethod,
+        QuantFormat,
+        QuantType,
+        quantize_dynamic,
+        quantize_static,
+    )
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    pre = src.with_name(src.stem + ".pre.onnx")
+    try:
+        quant_pre_process(str(src), str(pre), skip_symbolic_shape=True)
+    except Exception:  # noqa: BLE001 - pre-processing is an optimisation; quantize the raw graph
+        pre = src
+    if static:
+        quantize_static(
+            str(pre),
+            str(dst),
+            _Calibration("input", x),
+            quant_format=QuantFormat.QDQ,
+            per_channel=True,
+            weight_type=QuantType.QInt8,
+            activation_type=QuantType.QUInt8,
+            calibrate_method=CalibrationMethod.MinMax,
+        )
+    else:
+        quantize_dynamic(str(pre), str(dst), weight_type=QuantType.QInt8, per_channel=False)
+
+
+def _export_onnx_int8(result, path, x, force, cancel, int8_mode: str = "auto"):
+    x = _example(result, x, "onnx-int8")
+    xn = x.detach().cpu().numpy()
+    floating = np.issubdtype(xn.dtype, np.floating)
+    static = int8_mode == "static" or (int8_mode == "auto" and _has_conv(result) and floating)
+    with tempfile.TemporaryDirectory(prefix="workbench-onnx-") as tmpdir:
+        fp32 = Path(tmpdir) / "model.fp32.onnx"
+        _onnx_fp32(result, x, fp32)
+        if cancel is not None:
+            cancel.check()
+        try:
+            atomic_write(
+                path,
+                force=force,
+                cancel=cancel,
+                writer=lambda tmp: _quantize_onnx(fp32, tmp, xn, static),
+            )
+        except WorkbenchError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - onnxruntime's quantizer raises many kinds
+            raise ExportError(
+                f"onnxruntime could not quantize the graph ({type(exc).__name__}: {exc})",
+                path=path,
+                hint="export fp32 onnx instead",
+            ) from None
+    diff, lat = _onnx_verify(path, result, x)
+    how = (
+        "static QDQ int8 (per-channel weights, activations calibrated on the data)"
+        if static
+        else "dynamic int8 (int8 weights, activations quantized at run time)"
+    )
+    return diff, lat, how
+
+
+_WRITERS = {
+    "packed": _export_packed,
+    "onnx": _export_onnx,
+    "onnx-int8": _export_onnx_int8,
+    "torchscript": _export_torchscript,
+    "state_dict": _export_state_dict,
+    "safetensors": _export_safetensors,
+    "pt2": _export_pt2,
+}
+
+
+def export(
+    result: Any,
+    fmt: str,
+    path: str | Path,
+    *,
+    force: bool = False,
+    data: Any = None,
+    entropy: bool = False,
+    int8_mode: str = "auto",
+    progress: ProgressFn = no_progress,
+    cancel: CancelToken | None = None,
+) -> ExportRecord:
+    """Write one export of ``result`` and verify it.
+
+    Parameters
+    ----------
+    result
+        A `core.engine.CompressionResult` (or `result_from_packed`'s equivalent).
+    fmt
+        One of `EXPORT_FORMATS`.
+    path
+        Target file; its directory must exist.
+    force
+        Replace an existing file.
+    data
+        A `core.data.Dataset` or input tensor: the first samples verify the export, calibrate
+        ``onnx-int8`` and time it. Default: the model's example input.
+    entropy
+        ``packed`` only: entropy-code the codes with zstd where smaller.
+    int8_mode
+        ``onnx-int8``: ``"dynamic"``, ``"static"`` (QDQ, calibrated on ``data``) or ``"auto"``
+        (static for convolutional models with float inputs, else dynamic).
+
+    Raises
+    ------
+    ExportError
+        The format does not apply to this model, the file exists without ``force``, or writing
+        failed. No partial file is left.
+    Cancelled
+        ``cancel`` fired; no partial file is left.
+    """
+    file_name(fmt)
+    target = Path(path)
+    if target.exists() and not force:
+        raise ExportError("file already exists", path=target, hint="pass --force to overwrite it")
+    if cancel is not None:
+        cancel.check()
+    progress(0.0, f"exporting {fmt}")
+    x = _verify_input(result, data)
+    writer = _WRITERS[fmt]
+    kwargs: dict[str, Any] = {}
+    if fmt == "packed":
+        kwargs["entropy"] = entropy
+    if fmt == "onnx-int8":
+        kwargs["int8_mode"] = int8_mode
+    out = writer(result, target, x, force, cancel, **kwargs)
+    diff, lat, note = out[:3]
+    extra = out[3] if len(out) > 3 else None
+    progress(1.0, f"exported {fmt}")
+    return ExportRecord(
+        format=fmt,
+        path=target,
+        bytes_on_disk=target.stat().st_size,
+        max_abs_diff=diff,
+        latency_ms=lat,
+        note=note,
+        batch=None if (x is None or lat is None) else int(x.shape[0]),
+        extra=extra,
+    )
+
+
+def export_all(
+    result: Any,
+    formats: Sequence[str],
+    out_dir: str | Path,
+    *,
+    force: bool = False,
+    data: Any = None,
+    entropy: bool = False,
+    progress: ProgressFn = no_progress,
+    cancel: CancelToken | None = None,
+) -> list[ExportRecord]:
+    """Write ``model.<ext>`` for every format into ``out_dir`` (created if missing).
+
+    All targets are checked before anything is written, so an existing file (without
+    ``force``) fails the whole call up front instead of leaving half the exports.
+    """
+    out = Path(out_dir)
+    fmts = list(dict.fromkeys(formats))
+    targets = {fmt: out / file_name(fmt) for fmt in fmts}
+    if not force:
+        for target in targets.values():
+            if target.exists():
+                raise ExportError(
+                    "file already exists", path=target, hint="pass --force to overwrite it"
+                )
+    out.mkdir(parents=True, exist_ok=True)
+    records = []
+    for i, fmt in enumerate(fmts):
+        if cancel is not None:
+            cancel.check()
+        sub = scaled(progress, i / max(len(fmts), 1), (i + 1) / max(len(fmts), 1))
+        records.append(
+            export(
+                result,
+                fmt,
+                targets[fmt],
+                force=force,
+                data=data,
+                entropy=entropy,
+                progress=sub,
+                cancel=cancel,
+            )
+        )
+    return records
+
+
+__all__ = [
+    "EXPORT_FORMATS",
+    "FILE_NAMES",
+    "ExportRecord",
+    "export",
+    "export_all",
+    "file_name",
+    "load_packed",
+    "parse_formats",
+]

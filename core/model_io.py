@@ -1,0 +1,1003 @@
+"""Open and save every model format the workbench accepts; detection is by content.
+
+Formats (see docs/formats.md):
+
+- ``demo:mlp`` / ``demo:cnn``: built-in digits models (`core.zoo`), runnable.
+- TorchScript (``torch.jit.save``): a zip holding ``code/`` and ``constants.pkl``; runnable.
+- ``torch.export`` programs (``.pt2``, ``torch.export.save``): a zip holding ``archive_format``
+  = ``pt2`` and ``models/*.json``; runnable (``ExportedProgram.module()``).
+- ``state_dict`` files (``torch.save`` of a dict of tensors, zip or legacy pickle stream,
+  including ``{"state_dict": ...}``/``{"model": ...}`` checkpoints) and ``.safetensors``:
+  weights-only unless an ``architecture`` (a demo name) is given.
+- a pickled ``nn.Module`` (``torch.save(model)``/``pickle.dump``): only with ``trust=True``.
+
+Safety: nothing from a file is unpickled with a general unpickler unless the caller passes
+``trust=True``. State dicts are read with ``torch.load(weights_only=True)``. ``.pt2`` archives are
+checked before ``torch.export.load`` sees them, because that loader falls back to full
+unpickling for some members and evaluates symbolic-shape strings with sympy: members that would
+be unpickled must pass a ``weights_only`` load first, opaque/custom objects and compiled
+AOTInductor code need trust, and every symbolic expression must be plain arithmetic.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import io
+import json
+import os
+import pickle
+import re
+import struct
+import tempfile
+import warnings
+import zipfile
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from core.errors import ExportError, ModelLoadError, UntrustedPickleError
+from core.model import LoadedModel
+from core.progress import CancelToken, ProgressFn, no_progress
+from core.zoo import DEMOS, demo_info, demo_name, demo_spec, load_demo
+
+TRUST_HINT = (
+    "unpickling runs code stored in the file; pass --trust (trust=True) only for files you "
+    "made yourself or fully trust, or save the weights instead: "
+    "torch.save(model.state_dict(), path)"
+)
+SUPPORTED = (
+    "TorchScript (torch.jit.save), torch.export programs (.pt2), state_dict files "
+    "(torch.save of a dict of tensors), .safetensors, or a pickled nn.Module with --trust"
+)
+#: Checkpoint keys that commonly wrap the real state dict.
+STATE_DICT_KEYS = ("state_dict", "model_state_dict", "model", "module", "net", "weights", "params")
+#: Prefixes left by DataParallel / torch.compile that no architecture expects.
+WRAPPER_PREFIXES = ("module.", "_orig_mod.")
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    line = text.splitlines()[0] if text else type(exc).__name__
+    return line[:240]
+
+
+def _check(cancel: CancelToken | None) -> None:
+    if cancel is not None:
+        cancel.check()
+
+
+_INT_OPS = {
+    "PROTO",
+    "FRAME",
+    "LONG1",
+    "LONG4",
+    "LONG",
+    "INT",
+    "BININT",
+    "BININT1",
+    "BININT2",
+    "STOP",
+}
+_STR_OPS = {
+    "SHORT_BINUNICODE",
+    "BINUNICODE",
+    "BINUNICODE8",
+    "UNICODE",
+    "STRING",
+    "BINSTRING",
+    "SHORT_BINSTRING",
+}
+#: Modules whose globals torch's own state-dict pickles reference.
+_TORCH_GLOBAL_ROOTS = ("torch.", "collections.", "_codecs.", "numpy.core.multiarray._reconstruct")
+
+
+def _scan_pickle(fh: Any) -> tuple[list[str], list[str]]:
+    """(global names, opcode names) of ONE pickle stream, read statically with ``pickletools``
+    (nothing is executed). Raises ``ValueError`` when the bytes are not a pickle stream."""
+    import pickletools
+
+    names: list[str] = []
+    ops: list[str] = []
+    strings: list[str] = []
+    try:
+        for op, arg, _ in pickletools.genops(fh):
+            ops.append(op.name)
+            if op.name in _STR_OPS and isinstance(arg, (str, bytes)):
+                strings.append(arg if isinstance(arg, str) else arg.decode("latin-1"))
+            elif op.name in ("GLOBAL", "INST") and isinstance(arg, str):
+                names.append(arg.replace(" ", "."))
+            elif op.name == "STACK_GLOBAL":
+                names.append(".".join(strings[-2:]) if len(strings) >= 2 else "?")
+    except Exception as exc:  # pickletools raises ValueError/EOFError/etc. on junk
+        raise ValueError(str(exc)) from None
+    return names, ops
+
+
+def _pickle_globals(path: Path, kind: str) -> list[str] | None:
+    """Every global a torch file's pickles reference, or ``None`` if they are not valid pickles."""
+    try:
+        if kind == "torch_zip":
+            with zipfile.ZipFile(path) as zf:
+                member = next(n for n in zf.namelist() if n.endswith("data.pkl"))
+                with zf.open(member) as fh:
+                    return _scan_pickle(fh)[0]
+        found: list[str] = []
+        with path.open("rb") as fh:
+            for i in range(5):
+                try:
+                    names, ops = _scan_pickle(fh)
+                except ValueError:
+                    if i == 0:
+                        return None
+                    break
+                found.extend(names)
+                if i == 0 and not (set(ops) <= _INT_OPS):
+                    break  # a plain pickle.dump stream, not torch's legacy multi-stream format
+        return found
+    except (OSError, StopIteration, zipfile.BadZipFile):
+        return None
+
+
+def _is_plain_pickle(path: Path) -> bool:
+    """True when the first pickle stream is an object, not the int magic of torch's legacy format."""
+    with path.open("rb") as fh:
+        try:
+            _, ops = _scan_pickle(fh)
+        except ValueError:
+            return False
+    return not set(ops) <= _INT_OPS
+
+
+def _looks_truncated(exc: BaseException) -> bool:
+    text = str(exc).lower()
+    return any(
+        s in text
+        for s in (
+            "truncated",
+            "ran out of input",
+            "eoferror",
+            "unexpected eof",
+            "failed finding central directory",
+            "invalid header or archive is corrupted",
+        )
+    )
+
+
+def _zip_names(path: Path) -> list[str] | None:
+    try:
+        with zipfile.ZipFile(path) as zf:
+            return zf.namelist()
+    except (zipfile.BadZipFile, OSError, ValueError):
+        return None
+
+
+def _archive_root(names: list[str], marker: str) -> str | None:
+    """The folder prefix (``"archive/"``) under which ``marker`` sits, if present."""
+    for n in names:
+        if n == marker:
+            return ""
+        if n.endswith("/" + marker) and n.count("/") == marker.count("/") + 1:
+            return n[: -len(marker)]
+    return None
+
+
+def _sniff(path: Path) -> str:
+    """Classify a file by its bytes: torchscript | pt2 | torch_zip | zip | safetensors | pickle
+    | zip_truncated | onnx | unknown."""
+    size = path.stat().st_size
+    with path.open("rb") as fh:
+        head = fh.read(64)
+    names = _zip_names(path)
+    if names is not None:
+        if _archive_root(names, "archive_format") is not None and any(
+            "/models/" in n or n.startswith("models/") for n in names
+        ):
+            return "pt2"
+        if _archive_root(names, "constants.pkl") is not None and any("/code/" in n for n in names):
+            return "torchscript"
+        if _archive_root(names, "data.pkl") is not None:
+            return "torch_zip"
+        return "zip"
+    if head[:4] == b"PK\x03\x04":
+        return "zip_truncated"
+    if len(head) >= 9:
+        (n,) = struct.unpack("<Q", head[:8])
+        if head[8:9] == b"{" and 2 <= n:
+            return "safetensors"
+    if head[:1] == b"\x80" and len(head) > 1 and 2 <= head[1] <= 5:
+        return "pickle"
+    if path.suffix.lower() == ".onnx" or (head[:1] == b"\x08" and b"onnx" in head[:64].lower()):
+        return "onnx"
+    del size
+    return "unknown"
+
+
+# --------------------------------------------------------------------------- weights-only
+
+
+class WeightsOnlyModule(nn.Module):
+    """A module tree mirroring a checkpoint's tensor names; it has weights but no forward pass.
+
+    Floating-point tensors become parameters, everything else (``num_batches_tracked``,
+    integer tables) buffers, so ``named_parameters()`` yields exactly the checkpoint's float
+    tensors under their original names and ``state_dict()`` reproduces the checkpoint.
+
+    Parameters
+    ----------
+    tensors
+        Checkpoint name -> tensor (``"features.0.weight"``). ``None`` builds an empty node.
+    source
+        Shown in the error `forward` raises.
+    """
+
+    def __init__(self, tensors: Mapping[str, torch.Tensor] | None = None, source: str = ""):
+        super().__init__()
+        self._source = source
+        for name, tensor in (tensors or {}).items():
+            self._insert(name, tensor)
+
+    def _insert(self, name: str, tensor: torch.Tensor) -> None:
+        parts = name.split(".")
+        if any(p == "" for p in parts):
+            raise ModelLoadError(
+                f"tensor name {name!r} has an empty path component",
+                path=self._source or None,
+                hint="rename the checkpoint's keys to dotted module paths",
+            )
+        node: nn.Module = self
+        for i, part in enumerate(parts[:-1]):
+            child = node._modules.get(part)
+            if child is None:
+                if part in node._parameters or part in node._buffers:
+                    raise ModelLoadError(
+                        f"tensor {'.'.join(parts[: i + 1])!r} is also a prefix of {name!r}",
+                        path=self._source or None,
+                        hint="a checkpoint key cannot be both a tensor and a module path",
+                    )
+                child = WeightsOnlyModule(source=self._source)
+                node.add_module(part, child)
+            node = child
+        leaf = parts[-1]
+        if leaf in node._modules:
+            raise ModelLoadError(
+                f"tensor {name!r} is also a module path of other tensors",
+                path=self._source or None,
+                hint="a checkpoint key cannot be both a tensor and a module path",
+            )
+        t = tensor.detach()
+        if t.is_floating_point():
+            node.register_parameter(leaf, nn.Parameter(t, requires_grad=True))
+        else:
+            node.register_buffer(leaf, t)
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        raise ModelLoadError(
+            "this model was opened from a weights-only file and has no forward pass",
+            path=self._source or None,
+            hint=(
+                "histograms, compression and export work without one; to run it, open a "
+                "TorchScript or .pt2 file, or give an architecture (e.g. demo:mlp)"
+            ),
+        )
+
+    def extra_repr(self) -> str:
+        return "weights only" if self._source == "" else f"weights only from {self._source}"
+
+
+# --------------------------------------------------------------------------- state dicts
+
+
+def _tensor_mapping(obj: Any) -> dict[str, torch.Tensor] | None:
+    """The flat name -> tensor mapping inside a loaded checkpoint, or ``None``."""
+    if not isinstance(obj, Mapping):
+        return None
+    if obj and all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in obj.items()):
+        return dict(obj)
+    for key in STATE_DICT_KEYS:
+        inner = obj.get(key)
+        found = _tensor_mapping(inner) if isinstance(inner, Mapping) else None
+        if found:
+            return found
+    flat: dict[str, torch.Tensor] = {}
+
+    def walk(prefix: str, value: Any) -> None:
+        if isinstance(value, torch.Tensor):
+            flat[prefix] = value
+        elif isinstance(value, Mapping):
+            for k, v in value.items():
+                if isinstance(k, str):
+                    walk(f"{prefix}.{k}" if prefix else k, v)
+
+    walk("", obj)
+    return flat or None
+
+
+def _strip_wrapper_prefix(state: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], str]:
+    for prefix in WRAPPER_PREFIXES:
+        if state and all(k.startswith(prefix) for k in state):
+            return {k[len(prefix) :]: v for k, v in state.items()}, prefix
+    return state, ""
+
+
+def _torch_load_weights_only(path: Path, *, trust: bool, kind: str, sniffed: str) -> Any:
+    """``torch.load(weights_only=True)``; a file with pickled objects needs ``trust``."""
+    try:
+        with warnings.catch_warnings():
+            # torch warns about unusual pickle protocols; the outcome is reported below instead.
+            warnings.simplefilter("ignore")
+            return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # torch raises many unrelated types for corrupt or unsafe files
+        if _looks_truncated(exc):
+            raise ModelLoadError(
+                f"the {kind} is truncated or corrupt ({_first_line(exc)})",
+                path=path,
+                hint="copy or download the file again",
+            ) from None
+        refused = "Weights only load failed" in str(exc)
+        names = _pickle_globals(path, sniffed) if refused else None
+        if not names:
+            reason = "it is not a valid pickle stream" if refused else _first_line(exc)
+            raise ModelLoadError(
+                f"the {kind} cannot be read ({reason})",
+                path=path,
+                hint=f"the workbench opens {SUPPORTED}",
+            ) from None
+        if not trust:
+            foreign = [n for n in names if not n.startswith(_TORCH_GLOBAL_ROOTS)]
+            shown = ", ".join(dict.fromkeys(foreign or names))
+            raise UntrustedPickleError(
+                f"the {kind} holds pickled Python objects (it references {shown[:160]}), "
+                "which are never unpickled without trust",
+                path=path,
+                hint=TRUST_HINT,
+            ) from None
+    return _trusted_load(path, kind)
+
+
+def _trusted_load(path: Path, kind: str) -> Any:
+    try:
+        if _is_plain_pickle(path):
+            # pickle.dump output: torch.load would unpickle it once just to read a magic number.
+            with path.open("rb") as fh:
+                return pickle.load(fh)
+        return torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as exc:  # a trusted pickle can fail in any way (missing classes...)
+        raise ModelLoadError(
+            f"the trusted {kind} could not be unpickled ({_first_line(exc)})",
+            path=path,
+            hint="the classes it references must be importable here (same code as when saved)",
+        ) from None
+
+
+# --------------------------------------------------------------------------- .pt2 safety
+
+_SYM_TOKEN = re.compile(r"\s*(\d+\.\d+|\d+|[A-Za-z_][A-Za-z0-9_]*|[-+*/%(),<>=!^&|~]+)")
+_SYM_SAFE_NAMES = {
+    "FloorDiv", "ModularIndexing", "Where", "PythonMod", "Mod", "CleanDiv", "CeilToInt",
+    "FloorToInt", "CeilDiv", "LShift", "RShift", "PowByNatural", "FloatPow", "FloatTrueDiv",
+    "IntTrueDiv", "IsNonOverlappingAndDenseIndicator", "Max", "Min", "TruncToFloat",
+    "TruncToInt", "RoundToInt", "RoundDecimal", "ToFloat", "Identity", "BitwiseFn_bitwise_and",
+    "BitwiseFn_bitwise_or", "OpaqueUnaryFn_sqrt", "oo", "zoo", "nan", "True", "False", "Abs",
+    "Eq", "Ne", "Lt", "Le", "Gt", "Ge", "And", "Or", "Not", "Integer", "Rational", "Float",
+    "floor", "ceiling", "sqrt", "log", "exp",
+}  # fmt: skip
+_SYM_NAME = re.compile(r"^[a-z]\d+$")
+
+
+def _safe_sym_expr(expr: str) -> bool:
+    """True when ``expr`` is plain symbolic-shape arithmetic (no strings, attributes, calls to
+    anything but sympy shape functions) and therefore harmless for ``sympy.sympify``."""
+    pos = 0
+    while pos < len(expr):
+        m = _SYM_TOKEN.match(expr, pos)
+        if m is None:
+            return expr[pos:].strip() == ""
+        tok = m.group(1)
+        if tok[0].isalpha() or tok[0] == "_":
+            if tok not in _SYM_SAFE_NAMES and not _SYM_NAME.match(tok):
+                return False
+        pos = m.end()
+    return True
+
+
+def _iter_sym_strings(obj: Any) -> Any:
+    if isinstance(obj, dict):
+        for k, v in obj.items():
+            if k == "expr_str" and isinstance(v, str):
+                yield v
+            elif k == "range_constraints" and isinstance(v, dict):
+                yield from (key for key in v if isinstance(key, str))
+                yield from _iter_sym_strings(v)
+            else:
+                yield from _iter_sym_strings(v)
+    elif isinstance(obj, list):
+        for v in obj:
+            yield from _iter_sym_strings(v)
+
+
+def _vet_pt2(path: Path, names: list[str]) -> None:
+    """Refuse a .pt2 archive whose loading would run code from the file (see module docstring)."""
+    root = _archive_root(names, "archive_format") or ""
+
+    def need_trust(what: str) -> UntrustedPickleError:
+        return UntrustedPickleError(
+            f"the torch.export archive {what}, which would run code from the file when loaded",
+            path=path,
+            hint=TRUST_HINT,
+        )
+
+    rel = [n[len(root) :] for n in names if n.startswith(root)]
+    if any(n.startswith(("data/aotinductor/", "data/executorch/", "data/mtia")) for n in rel):
+        raise need_trust("contains compiled native code (AOTInductor/ExecuTorch)")
+    with zipfile.ZipFile(path) as zf:
+
+        def read(member: str) -> bytes:
+            return zf.read(root + member)
+
+        def weights_only_ok(member: str) -> bool:
+            data = read(member)
+            if not data:
+                return True
+            try:
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore")
+                    torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+            except Exception:  # any refusal or error: the real loader would unpickle fully
+                return False
+            return True
+
+        models = [
+            n[len("models/") : -len(".json")] for n in rel if re.match(r"models/[^/]+\.json$", n)
+        ]
+        if not models:
+            raise ModelLoadError(
+                "the torch.export archive holds no program (no models/*.json)",
+                path=path,
+                hint="save it with torch.export.save(exported_program, path)",
+            )
+        for model in models:
+            for legacy in (f"data/weights/{model}.pt", f"data/constants/{model}.pt"):
+                if legacy in rel and not weights_only_ok(legacy):
+                    raise need_trust("stores pickled objects in the legacy layout")
+            sample = f"data/sample_inputs/{model}.pt"
+            if sample in rel and not weights_only_ok(sample):
+                raise need_trust("stores example inputs as pickled Python objects")
+            for cfg_name, base in (
+                (f"data/weights/{model}_weights_config.json", "data/weights/"),
+                (f"data/constants/{model}_constants_config.json", "data/constants/"),
+            ):
+                if cfg_name not in rel:
+                    continue
+                try:
+                    cfg = json.loads(read(cfg_name))
+                except ValueError:
+                    raise ModelLoadError(
+                        f"the torch.export archive's {cfg_name} is not valid JSON",
+                        path=path,
+                        hint="export and save the program again",
+                    ) from None
+                for entry in (cfg.get("config") or {}).values():
+                    member = str(entry.get("path_name", ""))
+                    if member.startswith(("opaque_obj_", "custom_obj_")):
+                        raise need_trust("holds opaque/custom Python objects")
+                    if entry.get("use_pickle") and not weights_only_ok(base + member):
+                        raise need_trust("stores pickled Python objects")
+            try:
+                program = json.loads(read(f"models/{model}.json"))
+            except ValueError:
+                raise ModelLoadError(
+                    "the torch.export archive's program description is not valid JSON",
+                    path=path,
+                    hint="export and save the program again",
+                ) from None
+            for expr in _iter_sym_strings(program):
+                if not _safe_sym_expr(expr):
+                    raise need_trust(
+                        f"has a symbolic shape expression that is not arithmetic ({expr[:60]!r})"
+                    )
+
+
+def _pt2_example(ep: Any) -> tuple[tuple[Any, ...] | None, dict[str, Any]]:
+    """Example positional args for a program: its saved ``example_inputs`` or, failing that,
+    tensors built from the input placeholders' shapes."""
+    saved = getattr(ep, "example_inputs", None)
+    if saved:
+        args, kwargs = saved
+        if all(isinstance(a, torch.Tensor) for a in args):
+            return tuple(a.detach().clone() for a in args), dict(kwargs or {})
+    user_inputs = list(ep.graph_signature.user_inputs)
+    built: list[torch.Tensor] = []
+    for node in ep.graph.nodes:
+        if node.op != "placeholder" or node.name not in user_inputs:
+            continue
+        val = node.meta.get("val")
+        if not isinstance(val, torch.Tensor):
+            return None, {}
+        shape = []
+        for d in val.shape:
+            try:
+                shape.append(int(d))
+            except (TypeError, ValueError):
+                # A dynamic dimension: use its hint when the shape env has one, else 2.
+                hint = getattr(getattr(d, "node", None), "hint", None)
+                shape.append(int(hint) if hint is not None else 2)
+        g = torch.Generator().manual_seed(0)
+        if val.dtype.is_floating_point:
+            built.append(torch.randn(shape, generator=g).to(val.dtype))
+        elif val.dtype == torch.bool:
+            built.append(torch.zeros(shape, dtype=torch.bool))
+        else:
+            built.append(torch.zeros(shape, dtype=val.dtype))
+    return (tuple(built) if built else None), {}
+
+
+# --------------------------------------------------------------------------- loaders
+
+
+def _load_torchscript(path: Path) -> nn.Module:
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # deprecation notices would break one-line CLI errors
+            module = torch.jit.load(str(path), map_location="cpu")
+    except Exception as exc:  # torch.jit raises RuntimeError subclasses with long messages
+        raise ModelLoadError(
+            f"the TorchScript archive cannot be loaded ({_first_line(exc)})",
+            path=path,
+            hint="save it again with torch.jit.save(torch.jit.script(model), path)",
+        ) from None
+    return module.eval()
+
+
+def _load_pt2(path: Path, names: list[str], trust: bool) -> tuple[nn.Module, dict[str, Any]]:
+    if not trust:
+        _vet_pt2(path, names)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            ep = torch.export.load(str(path))
+            module = ep.module()
+    except Exception as exc:  # the deserializer raises many types on version/format mismatch
+        raise ModelLoadError(
+            f"the torch.export program cannot be loaded ({_first_line(exc)})",
+            path=path,
+            hint=f"save it with torch.export.save() from torch {torch.__version__.split('+')[0]}",
+        ) from None
+    args, kwargs = _pt2_example(ep)
+    meta: dict[str, Any] = {"exported_program": ep, "example_args": args, "example_kwargs": kwargs}
+    return module, meta
+
+
+def _load_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    from safetensors import SafetensorError, safe_open
+    from safetensors.torch import load_file
+
+    try:
+        with safe_open(str(path), framework="pt") as fh:
+            header_meta = dict(fh.metadata() or {})
+        tensors = load_file(str(path), device="cpu")
+    except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
+        reason = _first_line(exc)
+        what = (
+            "truncated or corrupt"
+            if "incomplete" in reason.lower()
+            or "cover" in reason.lower()
+            or "header" in reason.lower()
+            else "unreadable"
+        )
+        raise ModelLoadError(
+            f"the safetensors file is {what} ({reason})",
+            path=path,
+            hint="copy or download the file again",
+        ) from None
+    return tensors, header_meta
+
+
+def _with_architecture(
+    state: dict[str, torch.Tensor], architecture: str, path: Path
+) -> tuple[nn.Module, str]:
+    from core.zoo import build_demo
+
+    spec = demo_spec(architecture)
+    module = build_demo(spec.name)
+    expected = module.state_dict()
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    wrong = [
+        f"{k} {tuple(state[k].shape)} vs {tuple(v.shape)}"
+        for k, v in expected.items()
+        if k in state and tuple(state[k].shape) != tuple(v.shape)
+    ]
+    if missing or unexpected or wrong:
+        parts = []
+        if missing:
+            parts.append(f"missing {', '.join(missing[:6])}{' ...' if len(missing) > 6 else ''}")
+        if unexpected:
+            parts.append(
+                f"unexpected {', '.join(unexpected[:6])}{' ...' if len(unexpected) > 6 else ''}"
+            )
+        if wrong:
+            parts.append(f"shape mismatch {'; '.join(wrong[:4])}")
+        raise ModelLoadError(
+            f"the checkpoint does not fit architecture demo:{spec.name}: {'; '.join(parts)}",
+            path=path,
+            hint="give the architecture the weights were trained with, or open it weights-only",
+        )
+    module.load_state_dict({k: v.to(expected[k].dtype) for k, v in state.items()}, strict=True)
+    return module.eval(), spec.name
+
+
+def _demo(name: str) -> LoadedModel:
+    spec = demo_spec(name)
+    module = load_demo(spec.name)
+    from core.data import digits_split
+
+    _, test = digits_split(spec.input_kind)
+    return LoadedModel(
+        module=module,
+        format="demo",
+        source=f"demo:{spec.name}",
+        name=f"demo:{spec.name}",
+        example_input=test.x[:8].clone(),
+        weights_only=False,
+        task="classification",
+        num_classes=spec.num_classes,
+        metadata={"demo": spec.name, "input_kind": spec.input_kind, "info": demo_info(spec.name)},
+    )
+
+
+def load_model(
+    source: str | Path,
+    *,
+    trust: bool = False,
+    architecture: str | None = None,
+    progress: ProgressFn = no_progress,
+    cancel: CancelToken | None = None,
+) -> LoadedModel:
+    """Open a model file or a built-in demo; the format is detected from the file's content.
+
+    Parameters
+    ----------
+    source
+        A path, or ``"demo:mlp"`` / ``"demo:cnn"``.
+    trust
+        Allow unpickling arbitrary Python objects (a pickled ``nn.Module``, pickled members of a
+        ``.pt2``). Unpickling runs code from the file: only for files the user trusts.
+    architecture
+        ``"demo:mlp"``/``"demo:cnn"``: load a ``state_dict``/safetensors file into that
+        architecture (strict key and shape check) so it has a forward pass.
+
+    Returns
+    -------
+    LoadedModel
+        ``metadata`` may hold ``demo``, ``input_kind``, ``info`` (demos); ``exported_program``,
+        ``example_args``, ``example_kwargs`` (``.pt2``); ``checkpoint_keys`` (other entries of a
+        checkpoint dict), ``stripped_prefix``, ``safetensors_metadata``, ``architecture``;
+        ``detected`` (the content class) and ``extension_mismatch`` (bool).
+
+    Raises
+    ------
+    ModelLoadError
+        Missing, empty, truncated, corrupt or unsupported files, architecture mismatches.
+    UntrustedPickleError
+        The file needs general unpickling and ``trust`` is False. Nothing was executed.
+    """
+    _check(cancel)
+    progress(0.0, f"opening {source}")
+    demo = demo_name(source)
+    if demo is not None:
+        if architecture is not None:
+            raise ModelLoadError(
+                "an architecture only applies to weights-only files",
+                path=str(source),
+                hint="drop the architecture option for built-in demos",
+            )
+        loaded = _demo(demo)
+        progress(1.0, f"opened {loaded.name}")
+        return loaded
+
+    path = Path(source).expanduser()
+    if not path.exists():
+        raise ModelLoadError("no such file", path=path, hint="check the path to the model file")
+    if path.is_dir():
+        raise ModelLoadError(
+            "is a directory, not a model file",
+            path=path,
+            hint=f"pick the model file itself: {SUPPORTED}",
+        )
+    try:
+        size = path.stat().st_size
+    except OSError as exc:
+        raise ModelLoadError(
+            f"cannot be read ({exc.strerror})", path=path, hint="check permissions"
+        ) from None
+    if size == 0:
+        raise ModelLoadError(
+            "the file is empty (0 bytes)", path=path, hint="copy or save the model again"
+        )
+    try:
+        kind = _sniff(path)
+    except OSError as exc:
+        raise ModelLoadError(
+            f"cannot be read ({exc.strerror})", path=path, hint="check permissions"
+        ) from None
+    _check(cancel)
+    progress(0.1, f"reading {kind.replace('_', ' ')}")
+
+    expected_ext = {
+        "torchscript": {".pt", ".pth", ".ts", ".torchscript", ".jit", ".ptl", ".zip"},
+        "pt2": {".pt2", ".pt", ".zip"},
+        "torch_zip": {".pt", ".pth", ".bin", ".ckpt", ".tar", ".zip"},
+        "pickle": {".pt", ".pth", ".bin", ".ckpt", ".pkl", ".pickle", ".tar"},
+        "safetensors": {".safetensors", ".st"},
+    }
+    meta: dict[str, Any] = {
+        "detected": kind,
+        "extension_mismatch": path.suffix.lower()
+        not in expected_ext.get(kind, {path.suffix.lower()}),
+    }
+    name = path.stem
+    example: torch.Tensor | None = None
+    if kind == "zip_truncated":
+        raise ModelLoadError(
+            "the zip archive is truncated or corrupt (no central directory)",
+            path=path,
+            hint="copy or download the file again",
+        )
+    if kind == "onnx":
+        raise ModelLoadError(
+            "ONNX models cannot be opened",
+            path=path,
+            hint=f"open the PyTorch model instead: {SUPPORTED}",
+        )
+    if kind == "zip":
+        raise ModelLoadError(
+            "a zip archive that is neither a TorchScript, torch.export nor torch.save file",
+            path=path,
+            hint=f"the workbench opens {SUPPORTED}",
+        )
+    if kind == "unknown":
+        raise ModelLoadError(
+            "not a recognised model file (unknown content)",
+            path=path,
+            hint=f"the workbench opens {SUPPORTED}",
+        )
+    if architecture is not None and kind in ("torchscript", "pt2"):
+        raise ModelLoadError(
+            "an architecture only applies to weights-only files; this file has its own",
+            path=path,
+            hint="drop the architecture option",
+        )
+
+    if kind == "torchscript":
+        module = _load_torchscript(path)
+        loaded = LoadedModel(module, "torchscript", str(path), name, metadata=meta)
+    elif kind == "pt2":
+        names = _zip_names(path) or []
+        module, extra = _load_pt2(path, names, trust)
+        meta.update(extra)
+        args = extra.get("example_args")
+        if args and len(args) == 1 and isinstance(args[0], torch.Tensor):
+            example = args[0]
+        loaded = LoadedModel(module, "pt2", str(path), name, example_input=example, metadata=meta)
+    else:
+        header_meta: dict[str, str] = {}
+        if kind == "safetensors":
+            state, header_meta = _load_safetensors(path)
+            fmt = "safetensors"
+            meta["safetensors_metadata"] = header_meta
+        else:
+            obj = _torch_load_weights_only(
+                path,
+                trust=trust,
+                kind="torch zip file" if kind == "torch_zip" else "pickle file",
+                sniffed=kind,
+            )
+            _check(cancel)
+            if isinstance(obj, nn.Module) or (
+                isinstance(obj, Mapping) and isinstance(obj.get("model"), nn.Module)
+            ):
+                module = obj if isinstance(obj, nn.Module) else obj["model"]
+                if architecture is not None:
+                    raise ModelLoadError(
+                        "an architecture only applies to weights-only files; this file "
+                        "holds a whole module",
+                        path=path,
+                        hint="drop the architecture option",
+                    )
+                if isinstance(module, torch.jit.ScriptModule):
+                    loaded = LoadedModel(
+                        module.eval(), "torchscript", str(path), name, metadata=meta
+                    )
+                else:
+                    loaded = LoadedModel(module.eval(), "eager", str(path), name, metadata=meta)
+                progress(1.0, f"opened {name}")
+                return loaded
+            found = _tensor_mapping(obj)
+            if not found:
+                raise ModelLoadError(
+                    f"the file holds a {type(obj).__name__} without any tensors",
+                    path=path,
+                    hint="save model.state_dict() or the model itself",
+                )
+            state = found
+            fmt = "state_dict"
+            if isinstance(obj, Mapping) and found is not obj:
+                meta["checkpoint_keys"] = sorted(
+                    str(k) for k in obj if not isinstance(obj[k], torch.Tensor)
+                )
+        state, prefix = _strip_wrapper_prefix(state)
+        if prefix:
+            meta["stripped_prefix"] = prefix
+        _check(cancel)
+        if architecture is not None:
+            module, arch = _with_architecture(state, architecture, path)
+            spec = DEMOS[arch]
+            from core.data import digits_split
+
+            _, test = digits_split(spec.input_kind)
+            meta.update({"architecture": f"demo:{arch}", "input_kind": spec.input_kind})
+            loaded = LoadedModel(
+                module,
+                fmt,
+                str(path),
+                name,
+                example_input=test.x[:8].clone(),
+                weights_only=False,
+                task="classification",
+                num_classes=spec.num_classes,
+                metadata=meta,
+            )
+        else:
+            module = WeightsOnlyModule(state, source=str(path))
+            loaded = LoadedModel(module, fmt, str(path), name, weights_only=True, metadata=meta)
+    progress(1.0, f"opened {name}")
+    return loaded
+
+
+# --------------------------------------------------------------------------- copies and tensors
+
+
+def clone_model(loaded: LoadedModel) -> LoadedModel:
+    """A deep copy whose module shares no storage with the original (works for every format)."""
+    module = loaded.module
+    if isinstance(module, torch.jit.ScriptModule):
+        buf = io.BytesIO()
+        torch.jit.save(module, buf)
+        buf.seek(0)
+        new_module = torch.jit.load(buf, map_location="cpu")
+        if not module.training:
+            new_module.eval()
+    else:
+        new_module = copy.deepcopy(module)
+    example = loaded.example_input.clone() if loaded.example_input is not None else None
+    meta = dict(loaded.metadata)
+    for key in ("example_args",):
+        if meta.get(key) is not None:
+            meta[key] = tuple(a.clone() if isinstance(a, torch.Tensor) else a for a in meta[key])
+    return dataclasses.replace(loaded, module=new_module, example_input=example, metadata=meta)
+
+
+def _resolve(module: nn.Module, name: str) -> tuple[Any, str, torch.Tensor]:
+    """(owner module, leaf attribute, tensor) for a dotted parameter/buffer name."""
+    *path, leaf = name.split(".")
+    owner: Any = module
+    try:
+        for part in path:
+            owner = getattr(owner, part)
+        tensor = getattr(owner, leaf)
+    except AttributeError:
+        tensor = None
+    if not isinstance(tensor, torch.Tensor):
+        named = dict(module.named_parameters())
+        named.update(dict(module.named_buffers()))
+        if name not in named:
+            raise KeyError(f"the model has no parameter or buffer named {name!r}")
+        return None, leaf, named[name]
+    return owner, leaf, tensor
+
+
+def get_tensor(module: nn.Module, name: str) -> torch.Tensor:
+    """The parameter or buffer called ``name`` (``"fc1.weight"``); ``KeyError`` if absent."""
+    return _resolve(module, name)[2]
+
+
+def set_tensor(module: nn.Module, name: str, value: torch.Tensor) -> None:
+    """Write ``value`` into the parameter/buffer ``name`` of ``module`` (in place).
+
+    Same shape: the values are copied into the existing tensor (dtype kept). A new shape
+    (channels physically removed) replaces the tensor, keeping it a parameter/buffer.
+    """
+    owner, leaf, tensor = _resolve(module, name)
+    value = value.detach()
+    with torch.no_grad():
+        if tuple(value.shape) == tuple(tensor.shape):
+            tensor.copy_(value.to(tensor.dtype))
+            return
+        new = value.to(tensor.dtype).clone()
+        if isinstance(owner, nn.Module) and not isinstance(owner, torch.jit.ScriptModule):
+            if leaf in owner._parameters:
+                owner._parameters[leaf] = nn.Parameter(new, requires_grad=tensor.requires_grad)
+                return
+            if leaf in owner._buffers:
+                owner._buffers[leaf] = new
+                return
+        tensor.data = new
+
+
+# --------------------------------------------------------------------------- saving
+
+
+def _atomic_write(path: Path, write: Any) -> None:
+    """Write via ``write(tmp_path)`` into a temp file beside ``path`` and rename it over."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    # The temp name keeps the real suffix: torch.export.save checks for ".pt2".
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.tmp-", suffix=path.suffix, dir=path.parent)
+    os.close(fd)
+    try:
+        write(Path(tmp))
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _state_for_saving(module: nn.Module) -> dict[str, torch.Tensor]:
+    # Clones break shared storage (tied weights), which safetensors refuses to write.
+    return {k: v.detach().cpu().contiguous().clone() for k, v in module.state_dict().items()}
+
+
+def save_model(loaded: LoadedModel, path: str | Path) -> None:
+    """Write ``loaded`` in its own format, atomically (temp file + rename).
+
+    TorchScript -> ``torch.jit.save``; ``.pt2`` -> ``torch.export.save`` of the module
+    re-exported with its example inputs (so edited or resized weights are what is saved);
+    demo / eager / weights-only -> a state dict, as safetensors when ``path`` ends in
+    ``.safetensors``, else ``torch.save``. Raises `ExportError` when nothing could be written.
+    """
+    path = Path(path)
+    module = loaded.module
+    try:
+        if loaded.format == "torchscript" and isinstance(module, torch.jit.ScriptModule):
+            _atomic_write(path, lambda tmp: torch.jit.save(module, str(tmp)))
+        elif loaded.format == "pt2":
+            args = loaded.metadata.get("example_args")
+            if args is None:
+                raise ExportError(
+                    "the program has no example inputs to re-export it with",
+                    path=path,
+                    hint="save the weights as a state_dict (.pt or .safetensors) instead",
+                )
+            kwargs = loaded.metadata.get("example_kwargs") or {}
+            ep = torch.export.export(module, tuple(args), kwargs=dict(kwargs))
+            _atomic_write(path, lambda tmp: torch.export.save(ep, str(tmp)))
+        else:
+            state = _state_for_saving(module)
+            if path.suffix.lower() == ".safetensors":
+                from safetensors.torch import save_file
+
+                header = {"format": loaded.format, "source": loaded.source}
+                _atomic_write(path, lambda tmp: save_file(state, str(tmp), metadata=header))
+            else:
+                _atomic_write(path, lambda tmp: torch.save(state, tmp))
+    except ExportError:
+        raise
+    except OSError as exc:
+        raise ExportError(
+            f"cannot write the model ({exc.strerror or exc})",
+            path=path,
+            hint="check that the folder exists and is writable",
+        ) from None
+    except Exception as exc:  # tracing/serialisation errors from torch
+        raise ExportError(
+            f"cannot save the model ({_first_line(exc)})",
+            path=path,
+            hint="try a state_dict (.pt) or .safetensors path instead",
+        ) from None

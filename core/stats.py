@@ -1,0 +1,1004 @@
+"""Per-layer statistics: histograms, gradient statistics and the score indices behind live previews.
+
+`analyze` walks every prunable tensor once and precomputes what the GUI shows (signed and
+log10 histograms, min/max/mean/std, non-finite count, current sparsity) and, per pruning
+criterion, a `ScoreIndex`: a cumulative structure over the tensor's non-negative importance
+scores that turns "threshold -> sparsity" and "target sparsity -> threshold" into
+``searchsorted`` lookups.
+
+Score index
+-----------
+* Small tensors (at most `SMALL_MAX` scores) keep their finite scores sorted: exact counts at
+  any threshold.
+* Large tensors keep a radix histogram over the top 16 bits of the float32 bit pattern of the
+  score. For non-negative floats the bit pattern is monotone in the value, so the boundaries
+  between bins ("edges", floats whose low 16 bits are zero) split the scores exactly: the
+  cumulative count at an edge is the exact number of scores below it. A threshold asked for by
+  the user is snapped to the nearest edge (relative step at most 2**-7); the preview reports the
+  snapped threshold and the engine applies that same value, so the count is exact.
+* Every index (sorted ones too) also stores its bins with the same edges, so global pruning
+  pools any set of tensors by adding bin counts.
+
+The pruning rule is the engine's (`core.pruning.threshold_mask`): a weight is pruned iff its
+score is strictly below the threshold, and weights with a non-finite score (NaN/Inf) are pruned
+by every threshold. `ScoreIndex.count_below` counts exactly that.
+
+Scores (`score_tensor`, the single definition the engine uses too):
+
+* ``magnitude``: ``|w|``.
+* ``gradient_stability``: ``max(|mean g|, std g)`` over the recorded batches (see
+  `core.plan.METHOD_HELP`): pruned when both the gradient mean and its spread are small.
+* ``taylor``: ``|w| * sqrt(mean(g**2)) = |w| * hypot(mean g, std g)`` (population std).
+* ``channel_l1`` / ``channel_l2``: the norm of each output channel (row of
+  ``weight.reshape(shape[0], -1)``; for embeddings a row is one token's vector).
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+from collections.abc import Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field, replace
+from typing import TYPE_CHECKING
+
+import numpy as np
+import torch
+from torch import nn
+
+from core.errors import CompressionError, DataError, WorkbenchError
+from core.model import LayerInfo, LoadedModel
+from core.plan import GRADIENT_METHODS, STRUCTURED_METHODS
+from core.progress import CancelToken, ProgressFn, no_progress, scaled
+
+if TYPE_CHECKING:
+    from core.data import Dataset
+
+#: Tensors with at most this many scores keep them sorted (exact counts at any threshold).
+SMALL_MAX = 65536
+#: Bins of the signed and log10 weight histograms shown by the GUI.
+HIST_BINS = 128
+#: Radix bins of a non-negative float32: the top 16 bits with the sign bit clear.
+RADIX_BINS = 32768
+#: Edge index of +inf. Edges ``0 .. INF_EDGE`` are valid thresholds; bins ``>= INF_EDGE`` hold
+#: +inf and NaN patterns, which never count as finite.
+INF_EDGE = 0x7F80
+#: Elements per chunk of the radix pass (int32 buffer of 4 MiB stays in cache).
+_CHUNK = 1 << 20
+
+#: Criteria with a score index (``nm`` and ``none`` need none).
+SCORE_METHODS = ("magnitude", "gradient_stability", "taylor", "channel_l1", "channel_l2")
+
+#: Float value of every valid edge (``edge index << 16`` read as float32), as float64.
+EDGE_VALUES = (np.arange(INF_EDGE + 1, dtype=np.uint32) << np.uint32(16)).view(np.float32).astype(
+    np.float64
+)
+#: Upper edge of every finite bin; the last finite bin ends at float32's largest value.
+_BIN_HI = EDGE_VALUES[1:].copy()
+_BIN_HI[-1] = float(np.finfo(np.float32).max)
+_BIN_LO = EDGE_VALUES[:-1]
+#: Arithmetic centre of every finite bin.
+BIN_CENTERS = 0.5 * (_BIN_LO + _BIN_HI)
+
+_LITTLE_ENDIAN = sys.byteorder == "little"
+
+#: safetensors names of torch dtypes (the packed archive's size model keys on them).
+_ST_NAMES = {
+    torch.float64: "F64",
+    torch.float32: "F32",
+    torch.float16: "F16",
+    torch.bfloat16: "BF16",
+    torch.int64: "I64",
+    torch.int32: "I32",
+    torch.int16: "I16",
+    torch.int8: "I8",
+    torch.uint8: "U8",
+    torch.bool: "BOOL",
+}
+
+
+# ---------------------------------------------------------------------------------------
+# value objects
+# ---------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Histogram:
+    """Bin ``i`` counts values in ``[edges[i], edges[i+1])`` (the last bin is closed)."""
+
+    edges: np.ndarray
+    counts: np.ndarray
+
+    @property
+    def total(self) -> int:
+        return int(self.counts.sum())
+
+
+def _f32(t: float) -> np.float32:
+    with np.errstate(over="ignore"):
+        return np.float32(t)
+
+
+def _between(a: float, b: float) -> float:
+    """A float32 threshold ``t`` with ``a < t <= b`` (the midpoint when representable)."""
+    mid = _f32((float(a) + float(b)) / 2.0)
+    return float(mid) if float(mid) > float(a) else float(b)
+
+
+@dataclass(frozen=True, eq=False)
+class ScoreIndex:
+    """Cumulative structure over the non-negative scores of one tensor.
+
+    Attributes
+    ----------
+    n
+        Number of scores: weights, or output channels for channel methods.
+    unit
+        Weights per score (the row length for channel methods, else 1).
+    nonfinite
+        Scores that are NaN or Inf; every threshold prunes them (as the engine does).
+    nonfinite_energy
+        Sum of squares of the finite weights behind those scores.
+    bins, bin_cum, bin_energy
+        Ascending indices of the non-empty finite radix bins; ``bin_cum[i]`` is the number of
+        finite scores in bins before ``bins[i]`` (length ``len(bins) + 1``, last = all finite)
+        and ``bin_energy[i]`` the sum of squares of their weights. The count at an edge ``e`` is
+        ``bin_cum[searchsorted(bins, e)]``, exact.
+    values, value_energy
+        For exact (small) indices: the sorted finite scores (float32) and the cumulative sum of
+        squares of their weights in that order (length ``len(values) + 1``); else ``None``.
+    """
+
+    n: int
+    unit: int
+    nonfinite: int
+    nonfinite_energy: float
+    bins: np.ndarray
+    bin_cum: np.ndarray
+    bin_energy: np.ndarray
+    values: np.ndarray | None = None
+    value_energy: np.ndarray | None = None
+
+    @property
+    def exact(self) -> bool:
+        """True when counts are exact at any threshold (sorted scores), not only at edges."""
+        return self.values is not None
+
+    @property
+    def finite(self) -> int:
+        return int(self.bin_cum[-1])
+
+    @property
+    def bin_counts(self) -> np.ndarray:
+        return np.diff(self.bin_cum)
+
+    # -- thresholds ----------------------------------------------------------------------
+    def snap(self, threshold: float) -> float:
+        """The threshold the preview reports and the engine applies for a requested one.
+
+        Exact indices keep it (as float32, which is what a float32 score is compared with);
+        radix indices move it to the nearest bin edge, where their count is exact.
+        """
+        t = _f32(threshold)
+        if math.isnan(t):
+            raise ValueError("threshold must not be NaN")
+        if t <= 0.0:
+            return 0.0
+        if self.exact:
+            return float(t)
+        return float(EDGE_VALUES[_nearest_edge(t)])
+
+    def _finite_below(self, t: float) -> int:
+        """Finite scores strictly below ``t`` (``t`` already snapped)."""
+        if t <= 0.0:
+            return 0
+        if self.values is not None:
+            return int(np.searchsorted(self.values, _f32(t), side="left"))
+        e = _edge_index(t)
+        return int(self.bin_cum[np.searchsorted(self.bins, e, side="left")])
+
+    def count_below(self, threshold: float) -> int:
+        """Number of scores the threshold prunes: finite scores ``< t`` plus non-finite ones.
+
+        ``t`` is first snapped (`snap`): for exact indices this is the exact count at ``t``
+        itself; for radix indices it is the exact count at the nearest edge, which is the
+        threshold the preview reports and the engine applies.
+        """
+        return self.nonfinite + self._finite_below(self.snap(threshold))
+
+    def energy_below(self, threshold: float) -> float:
+        """Sum of squares of the weights the threshold prunes (finite weights only).
+
+        Exact for sorted indices and for radix indices built with per-weight energies; for
+        the magnitude radix index the within-bin energy assumes values spread uniformly over
+        the bin (relative bin width <= 2**-7).
+        """
+        t = self.snap(threshold)
+        if self.values is not None and self.value_energy is not None:
+            e = float(self.value_energy[self._finite_below(t)])
+        else:
+            e = float(self.bin_energy[np.searchsorted(self.bins, _edge_index(t), side="left")])
+        return e + self.nonfinite_energy
+
+    def threshold_for_sparsity(self, sparsity: float) -> float:
+        """A threshold whose pruned count is as close as possible to ``round(sparsity * n)``.
+
+        Ties go to the smaller count. The count it really prunes is ``count_below(t)``.
+        """
+        if not 0.0 <= sparsity <= 1.0:
+            raise ValueError(f"sparsity must be in [0, 1], got {sparsity}")
+        return self.threshold_for_count(round(sparsity * self.n))
+
+    def threshold_for_count(self, k: int) -> float:
+        """A threshold pruning as close as possible to ``k`` scores (see `threshold_for_sparsity`)."""
+        kf = k - self.nonfinite
+        if kf <= 0 or self.finite == 0:
+            return 0.0
+        if self.values is not None:
+            return _sorted_threshold(self.values, kf)
+        j = int(np.searchsorted(self.bin_cum, kf, side="left"))
+        if j >= len(self.bin_cum):
+            j = len(self.bin_cum) - 1
+        if j > 0 and (kf - self.bin_cum[j - 1]) <= (self.bin_cum[j] - kf):
+            j -= 1
+        edge = int(self.bins[j]) if j < len(self.bins) else int(self.bins[-1]) + 1
+        return float(EDGE_VALUES[edge])
+
+    # -- kept distribution (entropy estimates) ------------------------------------------
+    def kept_bins(self, threshold: float) -> tuple[np.ndarray, np.ndarray]:
+        """``(bins, counts)`` of the finite scores at or above the (snapped) threshold."""
+        t = self.snap(threshold)
+        below = self._finite_below(t)
+        j = int(np.searchsorted(self.bin_cum, below, side="right")) - 1
+        j = min(max(j, 0), len(self.bins))
+        bins = self.bins[j:]
+        counts = np.diff(self.bin_cum[j:]).astype(np.float64)
+        if counts.size:
+            counts[0] = float(self.bin_cum[j + 1] - below)
+        return bins, counts
+
+    # -- construction --------------------------------------------------------------------
+    @classmethod
+    def pooled(cls, members: Sequence[ScoreIndex]) -> ScoreIndex:
+        """One index over the union of ``members``' scores (global pruning scope).
+
+        Bin counts add up because every index uses the same edges; when every member is
+        exact the pooled index is exact too (merged sorted scores).
+        """
+        if not members:
+            raise ValueError("cannot pool zero indices")
+        all_bins = np.concatenate([m.bins for m in members])
+        all_counts = np.concatenate([np.diff(m.bin_cum) for m in members])
+        all_energy = np.concatenate([np.diff(m.bin_energy) for m in members])
+        bins, inv = np.unique(all_bins, return_inverse=True)
+        counts = np.zeros(bins.size, dtype=np.int64)
+        np.add.at(counts, inv, all_counts)
+        energy = np.bincount(inv, weights=all_energy, minlength=bins.size)
+        values = value_energy = None
+        if all(m.values is not None for m in members):
+            vals = np.concatenate([m.values for m in members])
+            en = np.concatenate([np.diff(m.value_energy) for m in members])
+            order = np.argsort(vals, kind="stable")
+            values = vals[order]
+            value_energy = _cum(en[order])
+        return cls(
+            n=sum(m.n for m in members),
+            unit=1,
+            nonfinite=sum(m.nonfinite for m in members),
+            nonfinite_energy=sum(m.nonfinite_energy for m in members),
+            bins=bins.astype(np.int32),
+            bin_cum=_cum(counts),
+            bin_energy=_cum(energy),
+            values=values,
+            value_energy=value_energy,
+        )
+
+
+def _cum(x: np.ndarray) -> np.ndarray:
+    out = np.zeros(x.size + 1, dtype=np.int64 if x.dtype.kind in "iu" else np.float64)
+    np.cumsum(x, out=out[1:])
+    return out
+
+
+def _edge_index(t: float) -> int:
+    """Largest edge index ``<= t`` for ``t > 0`` (float32); ``INF_EDGE`` for +inf."""
+    p = int(np.array([_f32(t)], dtype=np.float32).view(np.uint32)[0])
+    return min(p >> 16, INF_EDGE)
+
+
+def _nearest_edge(t: np.float32) -> int:
+    lo = _edge_index(float(t))
+    if lo >= INF_EDGE or float(EDGE_VALUES[lo]) == float(t):
+        return lo
+    hi = lo + 1
+    return hi if (EDGE_VALUES[hi] - t) < (t - EDGE_VALUES[lo]) else lo
+
+
+def _sorted_threshold(values: np.ndarray, k: int) -> float:
+    """Threshold over sorted finite ``values`` pruning as close as possible to ``k`` of them."""
+    m = values.size
+    if k >= m:
+        return float(np.nextafter(values[-1], np.float32(np.inf)))
+    v = values[k]
+    lo = int(np.searchsorted(values, v, side="left"))
+    hi = int(np.searchsorted(values, v, side="right"))
+    if k - lo <= hi - k:
+        return 0.0 if lo == 0 else _between(values[lo - 1], v)
+    return _between(v, values[hi]) if hi < m else float(np.nextafter(v, np.float32(np.inf)))
+
+
+@dataclass(frozen=True)
+class GradientStats:
+    """Per-weight gradient statistics over ``batches`` mini-batches.
+
+    ``mean`` and ``std`` (float32, the weight's shape) are the running mean and population
+    standard deviation (ddof=0) of the gradient of each batch's mean cross-entropy loss.
+    """
+
+    mean: torch.Tensor
+    std: torch.Tensor
+    batches: int
+    hist_mean: Histogram
+    hist_std: Histogram
+
+
+@dataclass(frozen=True)
+class TensorStats:
+    """Statistics of one prunable tensor (over its finite values unless said otherwise).
+
+    ``sparsity`` is the fraction of exact zeros now; ``std`` is the population std.
+    ``row_min``/``row_max`` are per output channel (rows of ``reshape(shape[0], -1)``);
+    ``sumsq`` the sum of squares (the signal energy of SQNR estimates); ``neg_fraction`` the
+    fraction of negative values among the non-zero finite ones; ``mean_absmax_sq`` and
+    ``mean_range_sq`` the channel means of ``max(|row_min|, |row_max|)**2`` and of
+    ``(max(row_max, 0) - min(row_min, 0))**2`` (per-channel quantization step estimates).
+    """
+
+    layer: LayerInfo
+    numel: int
+    min: float
+    max: float
+    mean: float
+    std: float
+    nonfinite: int
+    zeros: int
+    sparsity: float
+    hist: Histogram
+    hist_log: Histogram
+    scores: Mapping[str, ScoreIndex]
+    grad: GradientStats | None
+    row_min: np.ndarray
+    row_max: np.ndarray
+    sumsq: float
+    neg_fraction: float
+    mean_absmax_sq: float
+    mean_range_sq: float
+    dtype: str = "F32"
+
+    @property
+    def absmax_per_channel(self) -> np.ndarray:
+        return np.maximum(np.abs(self.row_min), np.abs(self.row_max))
+
+    @property
+    def rows(self) -> int:
+        return int(self.row_min.size)
+
+    @property
+    def row_len(self) -> int:
+        return self.numel // self.rows if self.rows else 0
+
+
+@dataclass(frozen=True)
+class StateTensor:
+    """One entry of the model's state dict, as the packed archive will store it."""
+
+    name: str
+    shape: tuple[int, ...]
+    dtype: str
+
+
+@dataclass(frozen=True)
+class ModelStats:
+    """Everything `analyze` found; input of `core.estimate.preview` and the engine.
+
+    ``tensors`` holds the prunable layers by layer name; ``layers`` every inventory row.
+    ``total_params`` counts floating-point parameters. ``state`` lists every state-dict tensor
+    (parameters and buffers) for the archive size model; ``source``/``format`` are the model's.
+    """
+
+    layers: tuple[LayerInfo, ...]
+    tensors: Mapping[str, TensorStats]
+    has_gradients: bool
+    total_params: int
+    state: tuple[StateTensor, ...] = ()
+    source: str = ""
+    format: str = ""
+    grad_batches: int = 0
+    _pools: dict = field(default_factory=dict, compare=False, repr=False)
+
+    def pooled(self, method: str, layer_names: Sequence[str]) -> ScoreIndex:
+        """The pooled `ScoreIndex` of ``method`` over ``layer_names`` (built once, then cached)."""
+        key = (method, tuple(layer_names))
+        index = self._pools.get(key)
+        if index is None:
+            index = ScoreIndex.pooled([self.tensors[n].scores[method] for n in layer_names])
+            self._pools[key] = index
+        return index
+
+
+# ---------------------------------------------------------------------------------------
+# scores
+# ---------------------------------------------------------------------------------------
+def _rows(weight: torch.Tensor) -> torch.Tensor:
+    if weight.ndim == 0:
+        return weight.reshape(1, 1)
+    return weight.reshape(weight.shape[0], -1)
+
+
+def score_tensor(method: str, weight: torch.Tensor, grad: GradientStats | None) -> torch.Tensor:
+    """The importance score the pruning rule thresholds (pruned iff ``score < threshold``).
+
+    Parameters
+    ----------
+    method
+        One of `SCORE_METHODS`.
+    weight
+        The tensor being pruned (any float dtype; scores are float32).
+    grad
+        Gradient statistics of ``weight``; required by ``gradient_stability`` and ``taylor``.
+
+    Returns
+    -------
+    torch.Tensor
+        float32 scores, ``>= 0`` (NaN where the weight or its gradient is NaN): the weight's
+        shape for per-weight methods, ``(shape[0],)`` for channel methods.
+    """
+    w = weight.detach()
+    if w.dtype != torch.float32:
+        w = w.to(torch.float32)
+    if method == "magnitude":
+        return w.abs()
+    if method in ("channel_l1", "channel_l2"):
+        order = 1 if method == "channel_l1" else 2
+        return torch.linalg.vector_norm(_rows(w), ord=order, dim=1)
+    if method in GRADIENT_METHODS:
+        if grad is None:
+            raise CompressionError(
+                f"method {method!r} needs gradient statistics",
+                hint="load data and run the analysis with gradients, or use magnitude pruning",
+            )
+        if tuple(grad.mean.shape) != tuple(w.shape):
+            raise CompressionError(
+                f"gradient statistics of shape {tuple(grad.mean.shape)} do not match the "
+                f"weight's shape {tuple(w.shape)}",
+                hint="analyze this model again",
+            )
+        if method == "gradient_stability":
+            return torch.maximum(grad.mean.abs(), grad.std)
+        return w.abs() * torch.hypot(grad.mean, grad.std)
+    raise ValueError(f"method {method!r} has no score (methods with scores: {SCORE_METHODS})")
+
+
+# ---------------------------------------------------------------------------------------
+# radix pass
+# ---------------------------------------------------------------------------------------
+def _radix_range(
+    bits: torch.Tensor, energy_of: torch.Tensor | None, start: int, stop: int
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Signed radix counts (65536 bins) of ``bits[start:stop]``, chunk by chunk.
+
+    ``(pattern >> 16) + 32768`` maps negative floats to ``0..32767`` (their magnitude bin)
+    and non-negative ones to ``32768..65535``; the arithmetic shift does the sign handling.
+    """
+    counts = torch.zeros(2 * RADIX_BINS, dtype=torch.int64)
+    esum = torch.zeros(2 * RADIX_BINS, dtype=torch.float64) if energy_of is not None else None
+    buf = torch.empty(min(_CHUNK, max(stop - start, 1)), dtype=torch.int32)
+    for s in range(start, stop, _CHUNK):
+        e = min(s + _CHUNK, stop)
+        b = buf[: e - s]
+        torch.bitwise_right_shift(bits[s:e], 16, out=b)
+        b.add_(RADIX_BINS)
+        counts += torch.bincount(b, minlength=2 * RADIX_BINS)
+        if esum is not None and energy_of is not None:
+            w = energy_of[s:e].to(torch.float64).square_()
+            w = torch.nan_to_num_(w, nan=0.0, posinf=0.0)
+            esum += torch.bincount(b, weights=w, minlength=2 * RADIX_BINS)
+    return counts, esum
+
+
+def radix_counts(
+    values: torch.Tensor, energy_of: torch.Tensor | None = None
+) -> tuple[np.ndarray, np.ndarray | None]:
+    """Signed 65536-bin radix histogram of a float32 tensor's top 16 bits (one pass).
+
+    Returns ``(counts, energy)``: ``counts[i]`` for ``i < 32768`` counts negative values of
+    magnitude bin ``i``, ``counts[32768 + i]`` non-negative ones; ``energy`` (when
+    ``energy_of`` is given, one entry per value) sums ``energy_of**2`` over the same bins
+    (non-finite squares count 0). The work is split over ``torch.get_num_threads()`` threads
+    because ``bincount`` itself runs on one.
+    """
+    flat = values.detach().reshape(-1)
+    if flat.dtype != torch.float32:
+        flat = flat.to(torch.float32)
+    flat = flat.contiguous()
+    bits = flat.view(torch.int32)
+    src = energy_of.detach().reshape(-1) if energy_of is not None else None
+    n = bits.numel()
+    workers = max(1, min(torch.get_num_threads(), n // (4 * _CHUNK)))
+    if workers == 1:
+        counts, esum = _radix_range(bits, src, 0, n)
+    else:
+        step = -(-n // workers)
+        with ThreadPoolExecutor(workers) as pool:
+            parts = list(
+                pool.map(
+                    lambda i: _radix_range(bits, src, i * step, min((i + 1) * step, n)),
+                    range(workers),
+                )
+            )
+        counts = torch.stack([p[0] for p in parts]).sum(0)
+        esum = torch.stack([p[1] for p in parts]).sum(0) if src is not None else None
+    return counts.numpy(), (esum.numpy() if esum is not None else None)
+
+
+def _fold(signed: np.ndarray) -> np.ndarray:
+    return signed[:RADIX_BINS] + signed[RADIX_BINS:]
+
+
+def _index_from_radix(
+    n: int, unit: int, mag_counts: np.ndarray, mag_energy: np.ndarray
+) -> ScoreIndex:
+    finite_counts = mag_counts[:INF_EDGE]
+    bins = np.flatnonzero(finite_counts).astype(np.int32)
+    return ScoreIndex(
+        n=n,
+        unit=unit,
+        nonfinite=int(mag_counts[INF_EDGE:].sum()),
+        nonfinite_energy=float(mag_energy[INF_EDGE:].sum()),
+        bins=bins,
+        bin_cum=_cum(finite_counts[bins].astype(np.int64)),
+        bin_energy=_cum(mag_energy[bins].astype(np.float64)),
+    )
+
+
+def _uniform_bin_energy(counts: np.ndarray) -> np.ndarray:
+    """Sum of squares per magnitude bin assuming values spread uniformly over the bin."""
+    energy = np.zeros(counts.size, dtype=np.float64)
+    lo, hi = _BIN_LO, _BIN_HI
+    energy[:INF_EDGE] = counts[:INF_EDGE] * (lo * lo + lo * hi + hi * hi) / 3.0
+    return energy
+
+
+def build_index(scores: torch.Tensor, energy_of: torch.Tensor, unit: int = 1) -> ScoreIndex:
+    """`ScoreIndex` of non-negative ``scores``; ``energy_of**2`` is each score's weight energy.
+
+    ``energy_of`` has one entry per score: the weight itself for per-weight scores, the row's
+    L2 norm (over finite values) for channel scores. Non-finite squares count as 0.
+    """
+    s = scores.detach().reshape(-1).to(torch.float32)
+    n = s.numel()
+    if n > SMALL_MAX:
+        counts, esum = radix_counts(s, energy_of)
+        assert esum is not None
+        return _index_from_radix(n, unit, _fold(counts), _fold(esum))
+    en = energy_of.detach().reshape(-1).to(torch.float64).square()
+    en = torch.nan_to_num(en, nan=0.0, posinf=0.0, neginf=0.0)
+    fin = torch.isfinite(s)
+    vals, order = torch.sort(s[fin], stable=True)
+    ven = en[fin][order].numpy()
+    vals_np = vals.numpy().astype(np.float32)
+    vbins = (vals_np.view(np.uint32) >> np.uint32(16)) & np.uint32(0x7FFF)
+    bins, inv = np.unique(vbins, return_inverse=True)
+    counts = np.bincount(inv, minlength=bins.size).astype(np.int64)
+    benergy = np.bincount(inv, weights=ven, minlength=bins.size)
+    return ScoreIndex(
+        n=n,
+        unit=unit,
+        nonfinite=int(n - vals.numel()),
+        nonfinite_energy=float(en[~fin].sum()),
+        bins=bins.astype(np.int32),
+        bin_cum=_cum(counts),
+        bin_energy=_cum(benergy),
+        values=vals_np,
+        value_energy=_cum(ven),
+    )
+
+
+# ---------------------------------------------------------------------------------------
+# histograms
+# ---------------------------------------------------------------------------------------
+def _range(lo: float, hi: float) -> tuple[float, float]:
+    if not (math.isfinite(lo) and math.isfinite(hi)):
+        return 0.0, 1.0
+    if hi > lo:
+        return lo, hi
+    pad = max(abs(lo) * 1e-3, 1e-12)
+    return lo - pad, hi + pad
+
+
+def histogram(values: torch.Tensor, bins: int = HIST_BINS) -> Histogram:
+    """Histogram of the finite entries of ``values`` over their own ``[min, max]``."""
+    v = values.detach().reshape(-1).to(torch.float32)
+    v = v[torch.isfinite(v)]
+    if v.numel() == 0:
+        return Histogram(np.linspace(0.0, 1.0, bins + 1), np.zeros(bins, dtype=np.int64))
+    lo, hi = _range(float(v.min()), float(v.max()))
+    counts = torch.histc(v, bins=bins, min=lo, max=hi).to(torch.int64).numpy()
+    return Histogram(np.linspace(lo, hi, bins + 1), counts)
+
+
+def _hist_from_points(
+    points: np.ndarray, weights: np.ndarray, lo: float, hi: float, bins: int
+) -> Histogram:
+    lo, hi = _range(lo, hi)
+    idx = np.floor((points - lo) / (hi - lo) * bins)
+    idx = np.clip(np.nan_to_num(idx, nan=0.0), 0, bins - 1).astype(np.int64)
+    counts = np.bincount(idx, weights=weights, minlength=bins)
+    return Histogram(np.linspace(lo, hi, bins + 1), np.rint(counts).astype(np.int64))
+
+
+def _radix_histograms(
+    signed: np.ndarray, lo: float, hi: float, zeros: int, bins: int = HIST_BINS
+) -> tuple[Histogram, Histogram]:
+    """Signed and log10|w| histograms from radix counts: each radix bin (relative width
+    <= 2**-7) goes to the display bin holding its centre, so every finite value is counted."""
+    neg = signed[:INF_EDGE].astype(np.float64)
+    pos = signed[RADIX_BINS : RADIX_BINS + INF_EDGE].astype(np.float64)
+    nz_neg, nz_pos = np.flatnonzero(neg), np.flatnonzero(pos)
+    points = np.concatenate([-BIN_CENTERS[nz_neg], BIN_CENTERS[nz_pos]])
+    weights = np.concatenate([neg[nz_neg], pos[nz_pos]])
+    hist = _hist_from_points(points, weights, lo, hi, bins)
+    mag = neg + pos
+    mag[0] -= zeros  # bin 0 holds the exact zeros (and denormals below 2**-133)
+    nz = np.flatnonzero(mag > 0)
+    if nz.size == 0:
+        return hist, Histogram(np.linspace(0.0, 1.0, bins + 1), np.zeros(bins, dtype=np.int64))
+    logs = np.log10(np.maximum(BIN_CENTERS[nz], np.finfo(np.float32).tiny))
+    top = math.log10(max(abs(lo), abs(hi))) if max(abs(lo), abs(hi)) > 0 else float(logs.max())
+    log_lo = math.log10(max(float(_BIN_LO[nz[0]]), float(np.finfo(np.float32).tiny)))
+    return hist, _hist_from_points(logs, mag[nz], log_lo, top, bins)
+
+
+# ---------------------------------------------------------------------------------------
+# one tensor
+# ---------------------------------------------------------------------------------------
+def _tensor_stats(
+    layer: LayerInfo, weight: torch.Tensor, grad: GradientStats | None, dtype: str
+) -> TensorStats:
+    w = weight.detach()
+    if w.dtype != torch.float32:
+        w = w.to(torch.float32)
+    w = w.contiguous()
+    flat = w.reshape(-1)
+    n = flat.numel()
+    rows2d = _rows(w)
+    signed, _ = radix_counts(flat)
+    mag = _fold(signed)
+    nonfinite = int(mag[INF_EDGE:].sum())
+    # Bin 0 is the only one that can hold exact zeros; count them only when it is not empty.
+    zeros = int(n - torch.count_nonzero(flat)) if mag[0] else 0
+
+    l2 = score_tensor("channel_l2", w, None)
+    if nonfinite:
+        finite_mask = torch.isfinite(flat)
+        fin = flat[finite_mask]
+        clean2d = _rows(torch.where(finite_mask, flat, torch.zeros_like(flat)).reshape(w.shape))
+        row_sq = torch.linalg.vector_norm(clean2d, 2, dim=1).to(torch.float64).square()
+        big = torch.finfo(torch.float32).max
+        fmask2d = _rows(finite_mask.reshape(w.shape))
+        row_min = torch.where(fmask2d, rows2d, torch.full_like(rows2d, big)).amin(dim=1)
+        row_max = torch.where(fmask2d, rows2d, torch.full_like(rows2d, -big)).amax(dim=1)
+        empty = ~fmask2d.any(dim=1)
+        row_min = torch.where(empty, torch.zeros_like(row_min), row_min)
+        row_max = torch.where(empty, torch.zeros_like(row_max), row_max)
+    else:
+        fin = flat
+        row_sq = l2.to(torch.float64).square()
+        if rows2d.numel():
+            row_min, row_max = torch.aminmax(rows2d, dim=1)
+        else:
+            row_min = row_max = torch.zeros(rows2d.shape[0])
+    nfin = fin.numel()
+    sumsq = float(row_sq.sum())
+    if nfin:
+        lo, hi = (float(x) for x in torch.aminmax(fin))
+        mean = float(fin.sum(dtype=torch.float64)) / nfin
+        var = sumsq / nfin - mean * mean
+        if var <= 1e-6 * mean * mean:  # cancellation: recompute directly
+            var = float(torch.var(fin.to(torch.float64), correction=0))
+        std = math.sqrt(max(var, 0.0))
+    else:
+        lo = hi = mean = std = 0.0
+
+    if n <= SMALL_MAX:
+        hist = histogram(fin)
+        nonzero = fin[fin != 0]
+        hist_log = histogram(torch.log10(nonzero.abs()))
+    else:
+        hist, hist_log = _radix_histograms(signed, lo, hi, zeros)
+    neg = float(signed[:INF_EDGE].sum()) - _negative_zeros(flat, zeros)
+    nonzero_finite = nfin - zeros
+    neg_fraction = neg / nonzero_finite if nonzero_finite > 0 else 0.5
+
+    # Scores: magnitude via the radix counts already made (large) or sorted |w| (small).
+    if n > SMALL_MAX:
+        magnitude = _index_from_radix(n, 1, mag, _uniform_bin_energy(mag))
+    else:
+        absw = flat.abs()
+        magnitude = build_index(absw, absw)
+    scores: dict[str, ScoreIndex] = {"magnitude": magnitude}
+    unit = n // rows2d.shape[0] if rows2d.shape[0] else 1
+    scores["channel_l2"] = build_index(l2, row_sq.sqrt(), unit)
+    scores["channel_l1"] = build_index(score_tensor("channel_l1", w, None), row_sq.sqrt(), unit)
+    if grad is not None:
+        for method in GRADIENT_METHODS:
+            scores[method] = build_index(score_tensor(method, w, grad), flat)
+
+    rmin = row_min.to(torch.float64).numpy()
+    rmax = row_max.to(torch.float64).numpy()
+    absmax = np.maximum(np.abs(rmin), np.abs(rmax))
+    span = np.maximum(rmax, 0.0) - np.minimum(rmin, 0.0)
+    return TensorStats(
+        layer=layer,
+        numel=n,
+        min=lo,
+        max=hi,
+        mean=mean,
+        std=std,
+        nonfinite=nonfinite,
+        zeros=zeros,
+        sparsity=zeros / n if n else 0.0,
+        hist=hist,
+        hist_log=hist_log,
+        scores=scores,
+        grad=grad,
+        row_min=rmin,
+        row_max=rmax,
+        sumsq=sumsq,
+        neg_fraction=neg_fraction,
+        mean_absmax_sq=float(np.mean(absmax * absmax)) if absmax.size else 0.0,
+        mean_range_sq=float(np.mean(span * span)) if span.size else 0.0,
+        dtype=dtype,
+    )
+
+
+def _negative_zeros(flat: torch.Tensor, zeros: int) -> int:
+    """How many of the ``zeros`` exact zeros are -0.0 (they sit in the negative radix bin 0)."""
+    if zeros == 0:
+        return 0
+    z = flat[flat == 0]
+    return int(torch.signbit(z).sum())
+
+
+# ---------------------------------------------------------------------------------------
+# gradients
+# ---------------------------------------------------------------------------------------
+def _named_tensors(module: nn.Module) -> dict[str, torch.Tensor]:
+    out = dict(module.named_buffers())
+    out.update(dict(module.named_parameters()))
+    return out
+
+
+def _logits(out: object) -> torch.Tensor:
+    if isinstance(out, tuple | list) and out and isinstance(out[0], torch.Tensor):
+        out = out[0]
+    if not isinstance(out, torch.Tensor):
+        raise DataError(
+            f"the model returned a {type(out).__name__}, not a tensor of class scores",
+            hint="gradient criteria need a classifier (outputs of shape (N, classes))",
+        )
+    return out
+
+
+def gradient_stats(
+    loaded: LoadedModel,
+    data: Dataset,
+    tensors: Sequence[str],
+    *,
+    batches: int = 8,
+    batch_size: int = 64,
+    progress: ProgressFn = no_progress,
+    cancel: CancelToken | None = None,
+) -> dict[str, GradientStats]:
+    """Running mean and std of the loss gradient of each named tensor over ``batches`` batches.
+
+    The loss of a batch is the mean cross-entropy of the model's outputs against ``data.y``
+    (or, without labels, against the model's own argmax predictions). Gradients are taken on
+    a copy of the model in eval mode, so ``loaded`` is never modified (not even its
+    ``requires_grad`` flags), also when cancelled.
+
+    Raises
+    ------
+    DataError
+        Weights-only model, outputs that are not ``(N, classes)`` logits, or labels out of range.
+    Cancelled
+        When ``cancel`` fires (checked before every batch).
+    """
+    from core.data import Dataset, with_model_labels
+    from core.model_io import clone_model
+
+    if not loaded.can_run:
+        raise DataError(
+            "gradient statistics need a forward pass, and this model is weights-only",
+            path=loaded.source,
+            hint="open the model with an architecture (or as TorchScript/.pt2) to use "
+            "gradient criteria, or use magnitude pruning",
+        )
+    if batches < 1 or batch_size < 1:
+        raise ValueError("batches and batch_size must be >= 1")
+    if cancel is not None:
+        cancel.check()
+    take = min(len(data), batches * batch_size)
+    if take == 0:
+        raise DataError("the data set is empty", path=data.name, hint="provide some samples")
+    data = Dataset(data.x[:take], None if data.y is None else data.y[:take], data.name)
+    work = clone_model(loaded).module
+    work.eval()
+    if data.y is None:
+        progress(0.0, "labelling data with the model's predictions")
+        try:
+            data = with_model_labels(replace(loaded, module=work), data)
+        except DataError as exc:
+            raise DataError(
+                f"{exc.reason}; gradient criteria need a classifier or labels",
+                path=exc.path,
+                hint="provide labels 'y' in the data file, or use magnitude pruning",
+            ) from None
+    named = _named_tensors(work)
+    missing = [t for t in tensors if t not in named]
+    if missing:
+        raise CompressionError(f"tensor {missing[0]!r} not found in the model")
+    for p in work.parameters():
+        p.requires_grad_(False)
+    targets = {t: named[t] for t in tensors}
+    for t in targets.values():
+        t.requires_grad_(True)
+    mean = {k: torch.zeros(v.shape, dtype=torch.float64) for k, v in targets.items()}
+    m2 = {k: torch.zeros(v.shape, dtype=torch.float64) for k, v in targets.items()}
+    total = -(-take // batch_size)
+    count = 0
+    for i, (xb, yb) in enumerate(data.batches(batch_size)):
+        if cancel is not None:
+            cancel.check()
+        progress(i / total, f"gradients: batch {i + 1} of {total}")
+        for t in targets.values():
+            t.grad = None
+        with torch.enable_grad():
+            out = _logits(work(xb))
+            if out.ndim != 2 or not out.is_floating_point():
+                raise DataError(
+                    f"the model's outputs have shape {list(out.shape)}, not (N, classes) "
+                    "logits; gradient criteria need a classifier",
+                    path=data.name,
+                    hint="use magnitude or channel pruning for this model",
+                )
+            assert yb is not None
+            y = yb.to(torch.int64).reshape(-1)
+            if y.numel() and (int(y.min()) < 0 or int(y.max()) >= out.shape[1]):
+                raise DataError(
+                    f"labels must be in 0..{out.shape[1] - 1} for a model with "
+                    f"{out.shape[1]} outputs, found {int(y.min())}..{int(y.max())}",
+                    path=data.name,
+                    hint="check the labels 'y' of the data file",
+                )
+            loss = nn.functional.cross_entropy(out, y)
+            grads = torch.autograd.grad(loss, list(targets.values()), allow_unused=True)
+        count += 1
+        # Welford's update in float64: stable even when the spread is tiny next to the mean.
+        for (name, tensor), g in zip(targets.items(), grads, strict=True):
+            g64 = (g if g is not None else torch.zeros_like(tensor)).detach().to(torch.float64)
+            delta = g64 - mean[name]
+            mean[name] += delta / count
+            m2[name] += delta * (g64 - mean[name])
+    if cancel is not None:
+        cancel.check()
+    progress(1.0, "gradients done")
+    out_stats = {}
+    for name in targets:
+        mu = mean[name].to(torch.float32)
+        sd = (m2[name] / count).sqrt().to(torch.float32)
+        out_stats[name] = GradientStats(
+            mean=mu, std=sd, batches=count, hist_mean=histogram(mu), hist_std=histogram(sd)
+        )
+    return out_stats
+
+
+# ---------------------------------------------------------------------------------------
+# analyze
+# ---------------------------------------------------------------------------------------
+def _state_entries(module: nn.Module) -> tuple[StateTensor, ...]:
+    out = []
+    for name, t in module.state_dict().items():
+        if isinstance(t, torch.Tensor):
+            dtype = _ST_NAMES.get(t.dtype, str(t.dtype).removeprefix("torch."))
+            out.append(StateTensor(name, tuple(int(s) for s in t.shape), dtype))
+    return tuple(out)
+
+
+def analyze(
+    loaded: LoadedModel,
+    data: Dataset | None = None,
+    *,
+    grad_batches: int = 8,
+    batch_size: int = 64,
+    layers: Sequence[LayerInfo] | None = None,
+    progress: ProgressFn = no_progress,
+    cancel: CancelToken | None = None,
+) -> ModelStats:
+    """Statistics and score indices of every prunable tensor of ``loaded``.
+
+    Parameters
+    ----------
+    loaded
+        The model; never modified.
+    data
+        Optional samples: with them, per-weight gradient statistics are recorded over
+        ``grad_batches`` batches of ``batch_size`` and the gradient criteria become available.
+    layers
+        The inventory to use (default: `core.inventory.inventory(loaded)`).
+    progress, cancel
+        Progress callback; cancel token checked between batches and layers.
+
+    Returns
+    -------
+    ModelStats
+        Frozen snapshot; ``tensors`` by layer name for every prunable layer.
+
+    Raises
+    ------
+    DataError
+        ``data`` given but the model cannot produce class logits for it (see `gradient_stats`).
+    Cancelled
+        When ``cancel`` fires.
+    """
+    if layers is None:
+        from core.inventory import inventory
+
+        layers = inventory(loaded)
+    layers = tuple(layers)
+    prunable = [layer for layer in layers if layer.prunable and layer.tensor is not None]
+    named = _named_tensors(loaded.module)
+    state = _state_entries(loaded.module)
+    dtypes = {s.name: s.dtype for s in state}
+    grads: dict[str, GradientStats] = {}
+    split = 0.0
+    if data is not None:
+        split = 0.6
+        grads = gradient_stats(
+            loaded,
+            data,
+            [layer.tensor for layer in prunable if layer.tensor is not None],
+            batches=grad_batches,
+            batch_size=batch_size,
+            progress=scaled(progress, 0.0, split),
+            cancel=cancel,
+        )
+    tensors: dict[str, TensorStats] = {}
+    total = max(len(prunable), 1)
+    for i, layer in enumerate(prunable):
+        if cancel is not None:
+            cancel.check()
+        progress(split + (1.0 - split) * i / total, f"statistics of {layer.name}")
+        assert layer.tensor is not None
+        if layer.tensor not in named:
+            raise WorkbenchError(
+                f"layer {layer.name!r}: tensor {layer.tensor!r} is not in the model",
+                path=loaded.source,
+            )
+        tensors[layer.name] = _tensor_stats(
+            layer, named[layer.tensor], grads.get(layer.tensor), dtypes.get(layer.tensor, "F32")
+        )
+    if cancel is not None:
+        cancel.check()
+    progress(1.0, "analysis done")
+    total_params = sum(
+        p.numel() for _, p in loaded.module.named_parameters() if p.is_floating_point()
+    )
+    return ModelStats(
+        layers=layers,
+        tensors=tensors,
+        has_gradients=bool(grads),
+        total_params=int(total_params),
+        state=state,
+        source=str(loaded.source),
+        format=str(loaded.format),
+        grad_batches=max((g.batches for g in grads.values()), default=0),
+    )

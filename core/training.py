@@ -1,0 +1,288 @@
+"""Recovery after compression: fine-tuning with fixed masks, simulated quantization, distillation.
+
+The trainer keeps a float *master* copy of every compressed weight. Before each forward pass
+the model's parameter is overwritten with ``fake_quantize(master) * mask``; after the backward
+pass the gradient with respect to that quantized weight is passed straight through to the
+master (the straight-through estimator) with pruned positions zeroed, the optimizer steps the
+masters, and the masks are re-applied. Only parameter *values* are written and only ``.grad``
+is read, so the same loop trains eager modules, TorchScript modules and the ``GraphModule`` of
+a ``torch.export`` program alike.
+
+Modules run in eval mode throughout (BatchNorm statistics and dropout frozen): TorchScript and
+``torch.export`` graphs bake their mode in, and this keeps every format training identically.
+"""
+
+from __future__ import annotations
+
+import math
+from contextlib import nullcontext
+from dataclasses import replace
+
+import torch
+import torch.nn.functional as F
+
+from core.errors import CompressionError
+from core.evaluate import eval_mode, first_tensor, is_classifier_output, require_forward
+from core.model import LoadedModel
+from core.plan import QuantConfig, RecoveryConfig
+from core.progress import CancelToken, ProgressFn, no_progress
+from core.quantization import QuantizedTensor, dequantize, quantize
+
+
+def distillation_loss(
+    student: torch.Tensor,
+    teacher: torch.Tensor,
+    labels: torch.Tensor | None,
+    *,
+    temperature: float,
+    alpha: float,
+    classifier: bool,
+) -> torch.Tensor:
+    """Hinton et al.'s loss ``alpha * T^2 * KL(p_teacher^T || p_student^T) + (1 - alpha) * CE``.
+
+    Without labels only the distillation term is used. For outputs that are not class logits
+    (embeddings, per-step features) the soft-target term is the mean squared error to the
+    teacher's outputs.
+    """
+    if classifier:
+        t = temperature
+        soft = F.kl_div(
+            F.log_softmax(student / t, dim=1),
+            F.softmax(teacher / t, dim=1),
+            reduction="batchmean",
+        ) * (t * t)
+    else:
+        soft = F.mse_loss(student, teacher)
+    if labels is None:
+        return soft
+    return alpha * soft + (1.0 - alpha) * task_loss(student, labels, classifier=classifier)
+
+
+def task_loss(out: torch.Tensor, labels: torch.Tensor, *, classifier: bool) -> torch.Tensor:
+    """Cross-entropy for class logits, mean squared error for anything else."""
+    if classifier:
+        return F.cross_entropy(out, labels.reshape(-1).long())
+    return F.mse_loss(out, labels.to(out.dtype).reshape(out.shape))
+
+
+def _quant_cfg(qt: QuantizedTensor) -> QuantConfig:
+    return QuantConfig(bits=qt.bits, symmetric=qt.symmetric, per_channel=qt.per_channel)
+
+
+def _project(
+    master: torch.Tensor, mask: torch.Tensor | None, cfg: QuantConfig | None
+) -> tuple[torch.Tensor, QuantizedTensor | None]:
+    """Masked (and quantized-dequantized) value of a master weight, with its codes."""
+    if cfg is None or cfg.bits is None:
+        return (master if mask is None else master * mask), None
+    qt = quantize(
+        master, cfg.bits, symmetric=cfg.symmetric, per_channel=cfg.per_channel, mask=mask
+    )
+    return dequantize(qt), qt
+
+
+def finetune(
+    result,
+    train,
+    val,
+    cfg: RecoveryConfig,
+    *,
+    progress: ProgressFn = no_progress,
+    cancel: CancelToken | None = None,
+):
+    """Fine-tune a compressed model with its masks fixed and quantization simulated.
+
+    Parameters
+    ----------
+    result
+        A `core.engine.CompressionResult`; neither it nor its models are modified.
+    train
+        Training data (`core.data.Dataset`). Labels are required unless ``cfg.distill``.
+    val
+        Held-out data: the checkpoint with the best score on it is kept (accuracy when
+        labelled, else the negative loss). The compressed starting point counts as a
+        checkpoint, so fine-tuning never returns something worse on ``val`` than it got.
+    cfg
+        Epochs, learning rate, batch size, distillation temperature and alpha.
+
+    Returns
+    -------
+    CompressionResult
+        A new result whose compressed model holds the fine-tuned, re-quantized weights; its
+        codes dequantize exactly to the weights and pruned weights are exactly zero.
+
+    Raises
+    ------
+    CompressionError
+        No forward pass, no labels without distillation, or parameters that are not trainable.
+    Cancelled
+        When ``cancel`` fires; nothing is modified.
+    """
+    from core.engine import measure_result
+    from core.model_io import clone_model
+
+    require_forward(result.compressed, "fine-tuning")
+    if train.y is None and not cfg.distill:
+        raise CompressionError(
+            "fine-tuning needs labelled data or distillation from the original",
+            path=getattr(train, "name", None),
+            hint="provide labels (a 'y' array) or switch on distillation",
+        )
+    if len(train) == 0:
+        raise CompressionError("the training data set is empty", path=getattr(train, "name", None))
+    teacher: LoadedModel = result.original
+    if cfg.distill:
+        require_forward(teacher, "distillation")
+    student = clone_model(result.compressed)
+    module = student.module
+    params = dict(module.named_parameters())
+    missing = sorted((set(result.masks) | set(result.quantized)) - set(params))
+    if missing:
+        raise CompressionError(
+            f"compressed tensor {missing[0]!r} is not a parameter of the model",
+            hint="fine-tuning updates parameters; this tensor is a constant of the graph",
+        )
+    compressed_names = sorted(set(result.masks) | set(result.quantized))
+    qcfgs = {n: _quant_cfg(qt) for n, qt in result.quantized.items()}
+    masters: dict[str, torch.Tensor] = {}
+    for name in compressed_names:
+        masters[name] = params[name].detach().clone().float()
+    plain = [p for n, p in params.items() if n not in masters and p.dtype.is_floating_point]
+    grad_flags = {n: p.requires_grad for n, p in params.items()}
+    try:
+        for p in params.values():
+            if p.dtype.is_floating_point:
+                p.requires_grad_(True)
+    except RuntimeError as exc:
+        raise CompressionError(
+            f"the model's parameters cannot be trained ({exc})",
+            path=student.source,
+            hint="export the model with trainable parameters or fine-tune the eager model",
+        ) from None
+    master_list = list(masters.values())
+    for t in master_list:
+        t.requires_grad_(True)
+    opt = torch.optim.Adam(plain + master_list, lr=cfg.lr)
+    n_batches = math.ceil(len(train) / cfg.batch_size)
+    total_steps = max(cfg.epochs * n_batches, 1)
+    # Cosine decay to zero: the last epochs settle the weights onto the quantization grid
+    # instead of jumping between codes, which matters at 3-5 bits.
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=total_steps)
+    masks = {n: m.to(torch.bool) for n, m in result.masks.items()}
+
+    def load_weights() -> None:
+        with torch.no_grad():
+            for name, master in masters.items():
+                value, _ = _project(master, masks.get(name), qcfgs.get(name))
+                params[name].copy_(value.to(params[name].dtype))
+
+    def forward(x: torch.Tensor) -> torch.Tensor:
+        return first_tensor(module(x))
+
+    probe_x, _ = next(iter(train.batches(min(cfg.batch_size, len(train)))))
+    with torch.no_grad(), eval_mode(module):
+        classifier = is_classifier_output(student, forward(probe_x), train.y is not None)
+
+    def batch_loss(x: torch.Tensor, y: torch.Tensor | None) -> torch.Tensor:
+        out = forward(x)
+        if cfg.distill:
+            with torch.no_grad():
+                t_out = first_tensor(teacher.module(x)).detach()
+            return distillation_loss(
+                out,
+                t_out,
+                y,
+                temperature=cfg.temperature,
+                alpha=cfg.alpha,
+                classifier=classifier,
+            )
+        return task_loss(out, y, classifier=classifier)
+
+    def val_score() -> tuple[float, float]:
+        """(accuracy or -inf, -loss): higher is better, compared lexicographically."""
+        correct = 0
+        total_loss = 0.0
+        n = 0
+        with torch.no_grad():
+            for x, y in val.batches(max(cfg.batch_size, 256)):
+                if cancel is not None:
+                    cancel.check()
+                out = forward(x)
+                if y is not None and classifier:
+                    correct += int((out.argmax(dim=1) == y.reshape(-1)).sum())
+                if y is not None or cfg.distill:
+                    total_loss += float(batch_loss(x, y)) * x.shape[0]
+                n += x.shape[0]
+        acc = correct / n if (val.y is not None and classifier and n) else -math.inf
+        return acc, -total_loss / max(n, 1)
+
+    def snapshot() -> dict[str, torch.Tensor]:
+        state = {n: t.detach().clone() for n, t in masters.items()}
+        state.update({n: p.detach().clone() for n, p in params.items() if n not in masters})
+        return state
+
+    def restore(state: dict[str, torch.Tensor]) -> None:
+        with torch.no_grad():
+            for n, t in state.items():
+                (masters[n] if n in masters else params[n]).copy_(t)
+
+    has_val = val is not None and len(val) > 0 and (val.y is not None or cfg.distill)
+    step = 0
+    teacher_ctx = eval_mode(teacher.module) if cfg.distill else nullcontext()
+    with eval_mode(module), teacher_ctx, torch.set_grad_enabled(True):
+        load_weights()
+        best_score = val_score() if has_val else None
+        best_state = snapshot()
+        for epoch in range(cfg.epochs):
+            for x, y in train.batches(cfg.batch_size, shuffle=True, seed=epoch):
+                if cancel is not None:
+                    cancel.check()
+                load_weights()
+                opt.zero_grad(set_to_none=True)
+                for p in params.values():
+                    p.grad = None
+                loss = batch_loss(x, y)
+                if not torch.isfinite(loss):
+                    raise CompressionError(
+                        f"the loss became {float(loss)} in epoch {epoch + 1}",
+                        hint="lower the learning rate",
+                    )
+                loss.backward()
+                for name, master in masters.items():
+                    g = params[name].grad
+                    # Straight-through: d loss / d master := d loss / d quantized weight,
+                    # zero where pruned so pruned weights never move.
+                    master.grad = None if g is None else g.detach().float()
+                    if master.grad is not None and name in masks:
+                        master.grad.mul_(masks[name])
+                opt.step()
+                sched.step()
+                with torch.no_grad():
+                    for name, master in masters.items():
+                        if name in masks:
+                            master.mul_(masks[name])
+                step += 1
+                progress(
+                    step / total_steps,
+                    f"epoch {epoch + 1}/{cfg.epochs}, batch loss {float(loss.detach()):.4f}",
+                )
+            if has_val:
+                load_weights()
+                score = val_score()
+                if score > best_score:
+                    best_score, best_state = score, snapshot()
+            else:
+                best_state = snapshot()
+        restore(best_state)
+    for n, p in params.items():
+        p.grad = None
+        p.requires_grad_(grad_flags[n])
+    quantized: dict[str, QuantizedTensor] = {}
+    with torch.no_grad():
+        for name, master in masters.items():
+            value, qt = _project(master.detach(), masks.get(name), qcfgs.get(name))
+            params[name].copy_(value.to(params[name].dtype))
+            if qt is not None:
+                quantized[name] = qt
+    tuned = replace(result, compressed=student, quantized=quantized)
+    return measure_result(tuned)
