@@ -212,9 +212,8 @@ class Controller(QObject):
         ``plan`` (e.g. the recipe given on the command line or the last session's plan) becomes
         the plan once the model is in; otherwise the plan starts empty.
         """
-        from core.inventory import inventory
-
         from core.data import demo_data_for
+        from core.inventory import inventory
         from core.model_io import load_model
 
         self.pending_plan = plan
@@ -585,9 +584,8 @@ class Controller(QObject):
         self, formats: Sequence[str], out_dir: str, *, force: bool = False, report: bool = True
     ) -> int | None:
         """Write the compressed model in ``formats`` (plus recipe and report) under ``out_dir``."""
-        from core.report import write_report
-
         from core.export import export_all
+        from core.report import write_report
 
         result = self.result
         if result is None:

@@ -124,6 +124,8 @@ def write(name: str, model: torch.nn.Module, record: dict, out_dir: Path) -> Non
     save_file(state, str(tmp_w), metadata={"demo": name, "script": record["script"]})
     tmp_i = info.with_suffix(".json.tmp")
     tmp_i.write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
+    for tmp in (tmp_w, tmp_i):
+        os.chmod(tmp, 0o644)  # safetensors writes 0600; the shipped files must be readable
     os.replace(tmp_w, weights)
     os.replace(tmp_i, info)
 

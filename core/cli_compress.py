@@ -17,7 +17,7 @@ from typing import Any
 import torch
 
 from core.errors import CompressionError, ExportError, RecipeError
-from core.plan import METHOD_HELP, PRUNE_METHODS, CompressionPlan, simple_plan
+from core.plan import GRADIENT_METHODS, METHOD_HELP, PRUNE_METHODS, CompressionPlan, simple_plan
 from core.progress import ProgressFn
 
 #: Files in the output directory that are never overwritten without ``--force``.
@@ -91,9 +91,7 @@ def _plan_from_args(args: argparse.Namespace) -> CompressionPlan:
     else:
         method = args.method or "magnitude"
         if method not in PRUNE_METHODS:
-            raise RecipeError(
-                f"--method: {method!r} is not one of {', '.join(PRUNE_METHODS)}"
-            )
+            raise RecipeError(f"--method: {method!r} is not one of {', '.join(PRUNE_METHODS)}")
         sparsity = args.sparsity if args.sparsity is not None else 0.0
         if not (math.isfinite(sparsity) and 0.0 <= sparsity < 1.0):
             raise RecipeError(f"--sparsity: {sparsity} is out of range [0, 1)")
@@ -108,19 +106,6 @@ def _plan_from_args(args: argparse.Namespace) -> CompressionPlan:
     if args.distill:
         recovery = replace(recovery, distill=True)
     return plan.with_recovery(recovery)
-
-
-def _formats(text: str) -> list[str]:
-    from core.export import EXPORT_FORMATS
-
-    formats = [f.strip() for f in text.split(",") if f.strip()]
-    bad = [f for f in formats if f not in EXPORT_FORMATS]
-    if bad or not formats:
-        raise ExportError(
-            f"--format: {bad[0] if bad else text!r} is not a known format",
-            hint=f"choose from {', '.join(EXPORT_FORMATS)}",
-        )
-    return list(dict.fromkeys(formats))
 
 
 def _check_out_dir(out: Path, force: bool) -> None:
@@ -184,25 +169,18 @@ def _say(quiet: bool) -> ProgressFn:
     return _progress
 
 
-def _eval_dict(ev) -> dict[str, Any] | None:
-    if ev is None:
-        return None
-    d = ev.to_dict()
-    return {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in d.items()}
-
-
 def run(args: argparse.Namespace) -> int:
     """Run ``workbench compress``; returns the exit code (errors raise `WorkbenchError`)."""
-    from core.engine import compress
+    from core.data import split_dataset
     from core.evaluate import evaluate
-    from core.export import export_all
+    from core.export import export_all, parse_formats
     from core.model_io import load_model
     from core.report import write_report
     from core.stats import analyze
-    from core.training import finetune
+    from core.training import compress_and_finetune
 
     plan = _plan_from_args(args)
-    formats = _formats(args.format)
+    formats = parse_formats(args.format)
     out = Path(args.out)
     _check_out_dir(out, args.force)
     progress = _say(args.quiet)
@@ -212,9 +190,11 @@ def run(args: argparse.Namespace) -> int:
     split = _data_for(loaded, args.data) if loaded.can_run else None
     train, test = split if split is not None else (None, None)
     progress(0.0, "analyzing")
-    stats = analyze(loaded, train if loaded.can_run else None, progress=progress)
-    progress(0.0, "compressing")
-    result = compress(loaded, plan, stats, progress=progress)
+    # Gradient statistics cost a few forward/backward passes; only the gradient criteria use them.
+    configs = [plan.default, *(cfg for _, cfg in plan.overrides)]
+    needs_grads = any(c.prune.active and c.prune.method in GRADIENT_METHODS for c in configs)
+    stats = analyze(loaded, train if needs_grads else None)
+    fit = val = None
     if plan.recovery.epochs > 0:
         if train is None:
             raise CompressionError(
@@ -222,11 +202,9 @@ def run(args: argparse.Namespace) -> int:
                 path=args.model,
                 hint="pass --data FILE (x and y arrays) or drop --finetune-epochs",
             )
-        from core.data import split_dataset
-
         fit, val = split_dataset(train, holdout=0.2, seed=1)
-        progress(0.0, "fine-tuning")
-        result = finetune(result, fit, val, plan.recovery, progress=progress)
+    progress(0.0, "compressing")
+    result = compress_and_finetune(loaded, plan, fit, val, stats=stats, progress=progress)
 
     evals: dict[str, Any] = {"before": None, "after": None, "data": None}
     eval_data = test if test is not None else (_random_inputs(loaded) if loaded.can_run else None)
@@ -238,69 +216,29 @@ def run(args: argparse.Namespace) -> int:
 
     out.mkdir(parents=True, exist_ok=True)
     progress(0.0, "exporting")
-    exports = export_all(result, formats, out, force=args.force, data=test, progress=progress)
+    exports = export_all(result, formats, out, force=args.force, data=test)
     plan.save(out / "recipe.json")
     json_path, _html = write_report(result, out, evals=evals, exports=exports)
-    summary = _summary(result, evals, exports, loaded)
-    _merge_report(Path(json_path), summary)
-    ratio = summary["compression_ratio"]
-    acc_b, acc_a = summary["accuracy_before"], summary["accuracy_after"]
+    report = json.loads(Path(json_path).read_text(encoding="utf-8"))
+    print(_summary_line(args.model, report, out))
+    return 0
+
+
+def _summary_line(model: str, report: dict[str, Any], out: Path) -> str:
+    """One line for the terminal: sizes, ratio, sparsity and accuracy before/after."""
+    size = report.get("compressed_bytes")
+    ratio = report.get("compression_ratio")
+    packed = f"{size:,} B packed ({ratio:.1f}x)" if size and ratio else "no packed export"
+    acc_b, acc_a = report.get("accuracy_before"), report.get("accuracy_after")
     acc = (
         f", accuracy {100 * acc_b:.2f}% -> {100 * acc_a:.2f}%"
         if acc_b is not None and acc_a is not None
         else ""
     )
-    print(
-        f"{args.model}: {summary['original_bytes']:,} B fp32 -> {summary['compressed_bytes']:,} B "
-        f"packed ({ratio:.1f}x), sparsity {100 * summary['sparsity']:.1f}%{acc}; wrote {out}"
+    fid = report.get("fidelity") or {}
+    rel = fid.get("rel_l2")
+    rel_txt = f", rel. L2 error {rel:.3g}" if rel is not None else ""
+    return (
+        f"{model}: {report['original_bytes']:,} B fp32 -> {packed}, sparsity "
+        f"{100 * report['sparsity']:.1f}%{acc}{rel_txt}; wrote {out}"
     )
-    return 0
-
-
-def fp32_bytes(module: torch.nn.Module) -> int:
-    """Bytes of every floating-point parameter stored as float32 (the baseline size)."""
-    return sum(4 * p.numel() for p in module.parameters() if p.dtype.is_floating_point)
-
-
-def _summary(result, evals: dict[str, Any], exports, loaded) -> dict[str, Any]:
-    """The fields report.json must carry whatever else the report writer adds."""
-    packed = [r for r in exports if getattr(r, "format", None) == "packed"]
-    compressed = (
-        int(Path(packed[0].path).stat().st_size)
-        if packed
-        else sum(r.packed_bytes for r in result.layers)
-    )
-    original = fp32_bytes(loaded.module)
-    before, after = evals.get("before"), evals.get("after")
-    return {
-        "model": loaded.source,
-        "original_bytes": original,
-        "compressed_bytes": compressed,
-        "compression_ratio": original / compressed if compressed else None,
-        "sparsity": result.sparsity,
-        "accuracy_before": before.accuracy if before is not None else None,
-        "accuracy_after": after.accuracy if after is not None else None,
-        "fidelity": {
-            "data": evals.get("data"),
-            "agreement": after.agreement if after is not None else None,
-            "rel_l2": after.rel_l2 if after is not None else None,
-            "cosine": after.cosine if after is not None else None,
-            "latency_ms_before": before.latency_ms_per_batch if before is not None else None,
-            "latency_ms_after": after.latency_ms_per_batch if after is not None else None,
-        },
-        "layers": [r.to_dict() for r in result.layers],
-        "removed_channels": {k: list(v) for k, v in result.removed_channels.items()},
-    }
-
-
-def _merge_report(path: Path, summary: dict[str, Any]) -> None:
-    """Add the required fields to the report writer's JSON (its own values win)."""
-    data: dict[str, Any] = {}
-    if path.is_file():
-        data = json.loads(path.read_text(encoding="utf-8"))
-    for key, value in summary.items():
-        if data.get(key) is None:
-            data[key] = value
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(data, indent=2, allow_nan=False, default=str) + "\n", "utf-8")
-    tmp.replace(path)

@@ -18,6 +18,7 @@ User data
 from __future__ import annotations
 
 import functools
+import warnings
 import zipfile
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
@@ -143,14 +144,26 @@ def _read_npz(path: Path) -> dict[str, Any]:
 
 
 def _read_pt(path: Path) -> Any:
+    from core.model_io import pickle_globals
+
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings(), path.open("rb") as fh:
+            warnings.simplefilter("ignore")
+            # A file object, not the path: torch.load dispatches on a ".safetensors" suffix.
+            return torch.load(fh, map_location="cpu", weights_only=True)
     except Exception as exc:  # torch raises many unrelated types for corrupt/unsafe files
-        msg = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        if "weights_only" in str(exc) or "Unsupported global" in str(exc):
-            reason = "it holds pickled Python objects, which are never unpickled"
+        kind = "torch_zip" if zipfile.is_zipfile(path) else "pickle"
+        names = pickle_globals(path, kind) if "Weights only load failed" in str(exc) else None
+        if names:
+            reason = (
+                f"it holds pickled Python objects (it references {', '.join(dict.fromkeys(names))[:120]}), "
+                "which are never unpickled"
+            )
         else:
-            reason = f"it is not a readable torch file ({msg})"
+            msg = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            if "Weights only load failed" in msg:
+                msg = "not a valid pickle stream"
+            reason = f"it is not a readable torch file ({msg[:160]})"
         raise DataError(reason, path=path, hint=DATA_HINT) from None
 
 
@@ -295,7 +308,7 @@ def load_data(path: str | Path) -> Dataset:
     y = None
     if obj.get("y") is not None:
         y = _clean_y(_as_tensor(obj["y"], "y", path), x.shape[0], path)
-    return Dataset(x, y, path.name)
+    return Dataset(x, y, str(path))
 
 
 @dataclass(frozen=True)
@@ -325,13 +338,10 @@ class DataCheck:
 
 
 def _forward(loaded: LoadedModel, x: torch.Tensor) -> torch.Tensor:
+    from core.model_io import forward
+
     with torch.no_grad():
-        out = loaded.module(x)
-    if isinstance(out, (tuple, list)) and out and isinstance(out[0], torch.Tensor):
-        out = out[0]
-    if not isinstance(out, torch.Tensor):
-        raise TypeError(f"the model returned a {type(out).__name__}, not a tensor")
-    return out
+        return forward(loaded, x)
 
 
 def check_data(loaded: LoadedModel, data: Dataset, *, probe: int = 4) -> DataCheck:

@@ -72,7 +72,8 @@ class CompressionResult:
 
     ``masks`` and ``quantized`` are keyed by parameter name (``LayerInfo.tensor``); ``masks``
     holds the keep mask of every pruned tensor, ``quantized`` the codes of every quantized
-    tensor (``dequantize(quantized[t])`` equals the compressed weight exactly).
+    tensor (``dequantize(quantized[t])`` equals the compressed weight exactly), including
+    biases when the plan sets ``bias_bits``.
     ``removed_channels``: layer -> kept output channel indices (original numbering) for every
     layer whose output channels were physically removed; empty otherwise.
     ``aligned_original``: for tensors whose shape changed, the original weights with the same
@@ -130,6 +131,15 @@ def _tensor(module: nn.Module, name: str, *, where: str) -> torch.Tensor:
     return tensors[name]
 
 
+def bias_name(layer: LayerInfo, tensors: Mapping[str, torch.Tensor]) -> str | None:
+    """The layer's bias: its other one-dimensional floating-point parameter, if any."""
+    for name in layer.param_names:
+        t = tensors.get(name)
+        if name != layer.tensor and t is not None and t.ndim == 1 and t.is_floating_point():
+            return name
+    return None
+
+
 # ---------------------------------------------------------------------------------------
 # checks
 # ---------------------------------------------------------------------------------------
@@ -143,7 +153,7 @@ def _check_plan(loaded: LoadedModel, plan: CompressionPlan, stats) -> None:
         )
     for layer in stats.layers:
         cfg = plan.config_for(layer.name)
-        if cfg.skip or not cfg.prune.active:
+        if cfg.skip or not cfg.prune.active or not layer.prunable:
             continue
         method = cfg.prune.method
         ts = stats.tensors.get(layer.name)
@@ -353,9 +363,7 @@ def compress(
     work = clone_model(loaded)
     _check(cancel)
     module = work.module
-    layers = [
-        layer for layer in stats.layers if layer.prunable and layer.tensor is not None
-    ]
+    layers = [layer for layer in stats.layers if layer.prunable and layer.tensor is not None]
     n = max(len(layers), 1)
     originals: dict[str, torch.Tensor] = {}
     masks: dict[str, torch.Tensor] = {}
@@ -401,6 +409,14 @@ def compress(
                 quantized[layer.tensor] = qt
             elif mask is not None:
                 w.mul_(mask.to(w.dtype))
+            bias = bias_name(layer, current)
+            if not cfg.skip and cfg.quant.bias_bits is not None and bias is not None:
+                b = current[bias]
+                bqt = quantize(
+                    b, cfg.quant.bias_bits, symmetric=cfg.quant.symmetric, per_channel=False
+                )
+                b.copy_(dequantize(bqt).to(b.dtype))
+                quantized[bias] = bqt
         original = originals[layer.tensor]
         reports.append(
             _report(
@@ -414,8 +430,10 @@ def compress(
                 layer.tensor in masks,
             )
         )
-    _check(cancel)
     progress(1.0, "compressed")
+    # A cancel that arrives with the last progress message still wins: a cancelled run
+    # never hands back a result.
+    _check(cancel)
     return CompressionResult(
         original=loaded,
         compressed=work,
@@ -465,9 +483,7 @@ def _remove(
         for name, mask in masks.items():
             mask_tensors[name].copy_(mask.to(mask_tensors[name].dtype))
     before = {name: tuple(t.shape) for name, t in named_tensors(module).items()}
-    info = remove_channels_(
-        module, work.example_input, pruned, companions=(mask_model, ref_model)
-    )
+    info = remove_channels_(module, work.example_input, pruned, companions=(mask_model, ref_model))
     after = named_tensors(module)
     mask_after = named_tensors(mask_model)
     ref_after = named_tensors(ref_model)
@@ -477,6 +493,10 @@ def _remove(
         for name, t in after.items()
         if tuple(t.shape) != before.get(name)
     }
-    tensor_of = {layer.tensor.rsplit(".", 1)[0]: layer.name for layer in layers if layer.tensor}
-    kept = {tensor_of.get(mod, mod): idx for mod, idx in info.kept.items()}
+    # Only the group roots are reported: re-applying their removals on the original
+    # architecture (the packed loader does this) reproduces every coupled change too.
+    kept = {}
+    for root, idxs in info.removed.items():
+        n_rows = int(before[f"{root}.weight"][0])
+        kept[root] = sorted(set(range(n_rows)) - set(idxs))
     return kept, aligned, new_masks

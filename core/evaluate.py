@@ -100,6 +100,49 @@ def is_classifier_output(loaded: LoadedModel, out: torch.Tensor, has_labels: boo
     return out.ndim == 2 and out.shape[1] > 1 and (loaded.task == "classification" or has_labels)
 
 
+def fixed_batch(loaded: LoadedModel) -> int | None:
+    """The only batch size the model accepts, or ``None`` when any size works.
+
+    ``torch.export`` programs exported without a dynamic batch dimension guard on the example
+    batch size; they are probed once with one more sample.
+    """
+    ex = loaded.example_input
+    if ex is None or not isinstance(loaded.module, torch.fx.GraphModule) or ex.ndim == 0:
+        return None
+    probe = torch.cat([ex, ex[:1]], dim=0)
+    try:
+        with torch.no_grad():
+            loaded.module(probe)
+    except Exception:  # noqa: BLE001 - a shape guard raises AssertionError/RuntimeError
+        return int(ex.shape[0])
+    return None
+
+
+def batches_for(
+    data,
+    batch_size: int,
+    fixed: int | None,
+    *,
+    shuffle: bool = False,
+    seed: int = 0,
+    pad: bool = True,
+) -> Iterator[tuple[torch.Tensor, torch.Tensor | None, int]]:
+    """``(x, y, real)`` batches; with a ``fixed`` batch size every batch has exactly that size.
+
+    ``pad``: the last short batch is filled up by repeating its first sample (``real`` says
+    how many rows are genuine, outputs beyond it are dropped); otherwise it is skipped.
+    """
+    size = fixed or batch_size
+    for x, y in data.batches(size, shuffle=shuffle, seed=seed):
+        real = int(x.shape[0])
+        if fixed is not None and real < fixed:
+            if not pad:
+                continue
+            fill = fixed - real
+            x = torch.cat([x, x[:1].expand(fill, *x.shape[1:])], dim=0)
+        yield x, y, real
+
+
 def measure_latency(
     module: nn.Module, batch: torch.Tensor, *, warmup: int = 3, repeats: int = 15
 ) -> float:
@@ -159,20 +202,23 @@ def evaluate(
     seen = 0
     classifier = False
     first_batch: torch.Tensor | None = None
+    fixed = fixed_batch(loaded)
+    if reference is not None and fixed is None:
+        fixed = fixed_batch(reference)
     with torch.no_grad(), eval_mode(loaded.module):
         ctx = eval_mode(reference.module) if reference is not None else nullcontext()
         with ctx:
-            for x, y in data.batches(batch_size):
+            for x, y, real in batches_for(data, batch_size, fixed):
                 if cancel is not None:
                     cancel.check()
                 if first_batch is None:
                     first_batch = x
-                out = first_tensor(loaded.module(x)).detach().float()
+                out = first_tensor(loaded.module(x)).detach().float()[:real]
                 classifier = is_classifier_output(loaded, out, has_labels)
                 if has_labels and classifier:
                     correct += int((out.argmax(dim=1) == y.reshape(-1).to(out.device)).sum())
                 if reference is not None:
-                    ref = first_tensor(reference.module(x)).detach().float()
+                    ref = first_tensor(reference.module(x)).detach().float()[:real]
                     if ref.shape != out.shape:
                         raise CompressionError(
                             f"output shapes differ: {tuple(out.shape)} vs reference "
@@ -185,7 +231,7 @@ def evaluate(
                     a = out.reshape(out.shape[0], -1).double()
                     b = ref.reshape(ref.shape[0], -1).double()
                     cos_sum += float(torch.nn.functional.cosine_similarity(a, b, dim=1).sum())
-                seen += x.shape[0]
+                seen += real
                 progress(min(seen / n, 1.0) * (0.9 if latency else 1.0), "evaluating")
     lat = None
     if latency and first_batch is not None:

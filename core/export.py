@@ -14,9 +14,11 @@ ONNX graph with onnxruntime's quantization tools so it is smaller and faster in 
 from __future__ import annotations
 
 import copy
+import math
 import statistics
 import tempfile
 import time
+import warnings
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -273,7 +275,8 @@ def _scripted(result: Any, x: torch.Tensor | None) -> tuple[torch.jit.ScriptModu
             hint="give sample data (--data FILE)",
         )
     try:
-        with torch.no_grad():
+        with torch.no_grad(), warnings.catch_warnings():
+            warnings.simplefilter("ignore")
             traced = torch.jit.trace(copy_, (x,), check_trace=False)
     except Exception as exc:  # noqa: BLE001
         raise ExportError(
@@ -330,16 +333,20 @@ def _onnx_fp32(result: Any, x: torch.Tensor, target: Path) -> None:
     # Gradients stay enabled while tracing: under no_grad, nn.TransformerEncoderLayer takes
     # its fused fast path (aten::_transformer_encoder_layer_fwd), which ONNX cannot express.
     try:
-        torch.onnx.export(
-            model,
-            (x,),
-            str(target),
-            input_names=["input"],
-            output_names=["output"],
-            dynamic_axes={"input": {0: "batch"}, "output": {0: "batch"}},
-            opset_version=ONNX_OPSET,
-            dynamo=False,
-        )
+        # TracerWarnings about Python control flow are the exporter's internal business;
+        # the graph is checked against PyTorch in onnxruntime right after.
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            torch.onnx.export(
+                model,
+                (x,),
+                str(target),
+                input_names=["input"],
+                output_names=["output"],
+                dynamic_axes={"input": {0: "batch"}, "output": {0: "batch"}},
+                opset_version=ONNX_OPSET,
+                dynamo=False,
+            )
     except Exception as exc:  # noqa: BLE001 - the exporter fails on unsupported ops in many ways
         raise ExportError(
             f"ONNX export failed ({type(exc).__name__}: "
@@ -571,6 +578,86 @@ def export_all(
     return records
 
 
+def result_from_packed(path: str | Path, base: Any = None, *, trust: bool = False) -> Any:
+    """Rebuild a `core.engine.CompressionResult` from a packed archive (for re-exporting).
+
+    Parameters
+    ----------
+    path
+        The ``model.packed.safetensors`` file.
+    base
+        The original model (path, demo name or `LoadedModel`); default: the source recorded in
+        the archive. It becomes ``result.original``.
+    trust
+        Allow unpickling a pickled eager base.
+
+    Returns
+    -------
+    CompressionResult
+        ``compressed`` restored from the archive, codes and masks as stored, the plan from the
+        stored recipe and per-layer reports measured again (thresholds are not stored: None).
+    """
+    from core.engine import CompressionResult, LayerReport, measure_result, named_tensors
+    from core.inventory import prunable_layers
+    from core.model_io import clone_model
+    from core.packed import read_packed, reapply_removal, resolve_base, restore_into
+
+    archive = read_packed(path)
+    original = resolve_base(archive, base, trust)
+    compressed = restore_into(archive, clone_model(original))
+    aligned: dict[str, torch.Tensor] = {}
+    if archive.removed_channels:
+        ref = clone_model(original)
+        reapply_removal(ref, archive)
+        before = named_tensors(original.module)
+        aligned = {
+            n: t.detach().clone()
+            for n, t in named_tensors(ref.module).items()
+            if tuple(t.shape) != tuple(before[n].shape)
+        }
+    plan = archive.plan
+    current = named_tensors(compressed.module)
+    layers = []
+    for info in prunable_layers(original):
+        if info.tensor is None or info.tensor not in current:
+            continue
+        cfg = plan.config_for(info.name)
+        pruned = not cfg.skip and cfg.prune.active
+        numel = math.prod(info.shape)
+        layers.append(
+            LayerReport(
+                name=info.name,
+                tensor=info.tensor,
+                type=info.type,
+                shape=tuple(current[info.tensor].shape),
+                numel=numel,
+                nnz=0,
+                sparsity=0.0,
+                method=cfg.prune.method if pruned else "none",
+                threshold=None,
+                bits=None,
+                symmetric=False,
+                per_channel=False,
+                sqnr_db=math.inf,
+                dense_bytes=4 * numel,
+                packed_bytes=0,
+                original_numel=numel,
+                skipped=cfg.skip,
+            )
+        )
+    result = CompressionResult(
+        original=original,
+        compressed=compressed,
+        plan=plan,
+        masks=dict(archive.masks),
+        quantized=dict(archive.quantized),
+        layers=tuple(layers),
+        removed_channels=archive.removed_channels,
+        aligned_original=aligned,
+    )
+    return measure_result(result)
+
+
 __all__ = [
     "EXPORT_FORMATS",
     "FILE_NAMES",
@@ -580,4 +667,5 @@ __all__ = [
     "file_name",
     "load_packed",
     "parse_formats",
+    "result_from_packed",
 ]

@@ -218,7 +218,9 @@ def _rows_for_owner(
                 used.add("in_proj_bias")
             used.add(leaf)
             rows.append(
-                _row(full(leaf), type_name, full(leaf), tensors, members, _compressible(leaves[leaf]))
+                _row(
+                    full(leaf), type_name, full(leaf), tensors, members, _compressible(leaves[leaf])
+                )
             )
     elif _is_norm(type_name) and leaves:
         tensor = full("weight") if "weight" in leaves else None

@@ -120,8 +120,12 @@ def _scan_pickle(fh: Any) -> tuple[list[str], list[str]]:
     return names, ops
 
 
-def _pickle_globals(path: Path, kind: str) -> list[str] | None:
-    """Every global a torch file's pickles reference, or ``None`` if they are not valid pickles."""
+def pickle_globals(path: Path, kind: str) -> list[str] | None:
+    """Every global a torch file's pickles reference, read statically (nothing is executed).
+
+    ``kind`` is ``"torch_zip"`` for zip containers (their ``data.pkl`` is scanned), anything
+    else for pickle streams. Returns ``None`` when the bytes are not valid pickles.
+    """
     try:
         if kind == "torch_zip":
             with zipfile.ZipFile(path) as zf:
@@ -191,7 +195,6 @@ def _archive_root(names: list[str], marker: str) -> str | None:
 def _sniff(path: Path) -> str:
     """Classify a file by its bytes: torchscript | pt2 | torch_zip | zip | safetensors | pickle
     | zip_truncated | onnx | unknown."""
-    size = path.stat().st_size
     with path.open("rb") as fh:
         head = fh.read(64)
     names = _zip_names(path)
@@ -215,7 +218,6 @@ def _sniff(path: Path) -> str:
         return "pickle"
     if path.suffix.lower() == ".onnx" or (head[:1] == b"\x08" and b"onnx" in head[:64].lower()):
         return "onnx"
-    del size
     return "unknown"
 
 
@@ -262,7 +264,9 @@ class WeightsOnlyModule(nn.Module):
                         hint="a checkpoint key cannot be both a tensor and a module path",
                     )
                 child = WeightsOnlyModule(source=self._source)
-                node.add_module(part, child)
+                # Direct dict insertion: checkpoint names may shadow nn.Module attributes
+                # ("half", "eval"), which add_module refuses; traversal goes by name anyway.
+                node._modules[part] = child
             node = child
         leaf = parts[-1]
         if leaf in node._modules:
@@ -273,9 +277,9 @@ class WeightsOnlyModule(nn.Module):
             )
         t = tensor.detach()
         if t.is_floating_point():
-            node.register_parameter(leaf, nn.Parameter(t, requires_grad=True))
+            node._parameters[leaf] = nn.Parameter(t, requires_grad=True)
         else:
-            node.register_buffer(leaf, t)
+            node._buffers[leaf] = t
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         raise ModelLoadError(
@@ -329,10 +333,11 @@ def _strip_wrapper_prefix(state: dict[str, torch.Tensor]) -> tuple[dict[str, tor
 def _torch_load_weights_only(path: Path, *, trust: bool, kind: str, sniffed: str) -> Any:
     """``torch.load(weights_only=True)``; a file with pickled objects needs ``trust``."""
     try:
-        with warnings.catch_warnings():
+        with warnings.catch_warnings(), path.open("rb") as fh:
             # torch warns about unusual pickle protocols; the outcome is reported below instead.
             warnings.simplefilter("ignore")
-            return torch.load(path, map_location="cpu", weights_only=True)
+            # A file object, not the path: torch.load dispatches on a ".safetensors" suffix.
+            return torch.load(fh, map_location="cpu", weights_only=True)
     except Exception as exc:  # torch raises many unrelated types for corrupt or unsafe files
         if _looks_truncated(exc):
             raise ModelLoadError(
@@ -341,7 +346,7 @@ def _torch_load_weights_only(path: Path, *, trust: bool, kind: str, sniffed: str
                 hint="copy or download the file again",
             ) from None
         refused = "Weights only load failed" in str(exc)
-        names = _pickle_globals(path, sniffed) if refused else None
+        names = pickle_globals(path, sniffed) if refused else None
         if not names:
             reason = "it is not a valid pickle stream" if refused else _first_line(exc)
             raise ModelLoadError(
@@ -367,7 +372,8 @@ def _trusted_load(path: Path, kind: str) -> Any:
             # pickle.dump output: torch.load would unpickle it once just to read a magic number.
             with path.open("rb") as fh:
                 return pickle.load(fh)
-        return torch.load(path, map_location="cpu", weights_only=False)
+        with path.open("rb") as fh:
+            return torch.load(fh, map_location="cpu", weights_only=False)
     except Exception as exc:  # a trusted pickle can fail in any way (missing classes...)
         raise ModelLoadError(
             f"the trusted {kind} could not be unpickled ({_first_line(exc)})",
@@ -571,7 +577,22 @@ def _load_pt2(path: Path, names: list[str], trust: bool) -> tuple[nn.Module, dic
         ) from None
     args, kwargs = _pt2_example(ep)
     meta: dict[str, Any] = {"exported_program": ep, "example_args": args, "example_kwargs": kwargs}
+    batch = _static_batch(ep)
+    if batch is not None:
+        meta["fixed_batch"] = batch
     return module, meta
+
+
+def _static_batch(ep: Any) -> int | None:
+    """The first input's batch size when the program was exported with a static one."""
+    user_inputs = list(ep.graph_signature.user_inputs)
+    for node in ep.graph.nodes:
+        if node.op == "placeholder" and node.name in user_inputs:
+            val = node.meta.get("val")
+            if isinstance(val, torch.Tensor) and val.ndim >= 1 and isinstance(val.shape[0], int):
+                return int(val.shape[0])
+            return None
+    return None
 
 
 def _load_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
@@ -677,7 +698,8 @@ def load_model(
     -------
     LoadedModel
         ``metadata`` may hold ``demo``, ``input_kind``, ``info`` (demos); ``exported_program``,
-        ``example_args``, ``example_kwargs`` (``.pt2``); ``checkpoint_keys`` (other entries of a
+        ``example_args``, ``example_kwargs``, ``fixed_batch`` (``.pt2`` with a static batch size: use
+        `forward` to run other batch sizes); ``checkpoint_keys`` (other entries of a
         checkpoint dict), ``stripped_prefix``, ``safetensors_metadata``, ``architecture``;
         ``detected`` (the content class) and ``extension_mismatch`` (bool).
 
@@ -859,6 +881,41 @@ def load_model(
             loaded = LoadedModel(module, fmt, str(path), name, weights_only=True, metadata=meta)
     progress(1.0, f"opened {name}")
     return loaded
+
+
+# --------------------------------------------------------------------------- running
+
+
+def forward(loaded: LoadedModel, x: torch.Tensor) -> torch.Tensor:
+    """Run ``loaded`` on a batch of any size and return its (first) output tensor.
+
+    ``.pt2`` programs exported with a static batch size (``metadata["fixed_batch"]``) only
+    accept that many samples; the batch is cut into such chunks, the last one padded by
+    repeating its final sample, and the padding's outputs are dropped. Gradient mode is the
+    caller's choice (padding repeats a real sample, so gradient users should weight the loss of
+    padded rows by zero or pick batch sizes that are multiples of ``fixed_batch``).
+    """
+    fixed = loaded.metadata.get("fixed_batch")
+    n = int(x.shape[0])
+    if not fixed or n == fixed:
+        return _first_tensor(loaded.module(x))
+    outs = []
+    for start in range(0, n, fixed):
+        chunk = x[start : start + fixed]
+        real = int(chunk.shape[0])
+        if real < fixed:
+            pad = chunk[-1:].expand(fixed - real, *chunk.shape[1:])
+            chunk = torch.cat([chunk, pad])
+        outs.append(_first_tensor(loaded.module(chunk))[:real])
+    return torch.cat(outs)
+
+
+def _first_tensor(out: Any) -> torch.Tensor:
+    if isinstance(out, (tuple, list)) and out and isinstance(out[0], torch.Tensor):
+        out = out[0]
+    if not isinstance(out, torch.Tensor):
+        raise TypeError(f"the model returned a {type(out).__name__}, not a tensor")
+    return out
 
 
 # --------------------------------------------------------------------------- copies and tensors

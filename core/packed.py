@@ -443,10 +443,17 @@ def archive_metadata(
     *,
     source: str,
     source_format: str,
+    architecture: str | None = None,
     removed_channels: Mapping[str, Sequence[int]] | None = None,
 ) -> dict[str, str]:
-    """The descriptive metadata the writer stores (pass it to `estimate_archive_bytes`)."""
+    """The descriptive metadata the writer stores (pass it to `estimate_archive_bytes`).
+
+    ``architecture`` is the demo architecture a weights-only file was opened with
+    (``LoadedModel.metadata["architecture"]``), so the loader can rebuild a runnable model.
+    """
     meta = {"source": source, "source_format": source_format, "recipe": compact_recipe(plan)}
+    if architecture:
+        meta["architecture"] = architecture
     if removed_channels:
         meta["removed_channels"] = _json(
             {k: [int(i) for i in v] for k, v in removed_channels.items()}
@@ -536,8 +543,16 @@ def _row_structured(mask: np.ndarray) -> bool:
     return bool((rows.all(axis=1) | ~rows.any(axis=1)).all())
 
 
-def actual_pattern(mask: np.ndarray | None, bits: int | None, itemsize: int) -> PatternChoice:
-    """The cheapest real coding of ``mask`` (None = dense) with the same rules as `choose_pattern`."""
+def actual_pattern(
+    mask: np.ndarray | None,
+    bits: int | None,
+    itemsize: int,
+    scrambled: np.ndarray | None = None,
+) -> PatternChoice:
+    """The cheapest real coding of ``mask`` (None = dense) with the same rules as `choose_pattern`.
+
+    ``scrambled``: `scrambled_positions(mask)` when the caller already has it.
+    """
     if mask is None:
         return PatternChoice("d", 0, 0)
     numel = int(mask.size)
@@ -547,12 +562,44 @@ def actual_pattern(mask: np.ndarray | None, bits: int | None, itemsize: int) -> 
         cands.append(PatternChoice("b", _ceil_bytes(numel), nnz))
         if _row_structured(mask):
             cands.append(PatternChoice("c", _ceil_bytes(mask.shape[0]), nnz))
-        cost, k, entries = relidx_cost(np.flatnonzero(mask.ravel()))
+        if scrambled is None:
+            scrambled = scrambled_positions(mask)
+        cost, k, entries = relidx_cost(scrambled)
         cands.append(PatternChoice("r", cost, nnz, k, entries))
     return min(cands, key=lambda c: c.pattern_bytes + _value_bytes(c.values, bits, itemsize))
 
 
-def encode_pattern(mask: np.ndarray, choice: PatternChoice) -> bytes:
+_MIX = (np.uint64(0x9E3779B97F4A7C15), np.uint64(0xBF58476D1CE4E5B9), np.uint64(0x94D049BB133111EB))
+
+
+def scramble_order(numel: int) -> np.ndarray:
+    """The fixed pseudo-random order in which relative indices visit a tensor's positions.
+
+    ``order[i]`` is the flat position visited ``i``-th: positions sorted by the splitmix64
+    finalizer of their index (a bijection on 64-bit integers, so there are no ties). Pruning
+    leaves structure (dead rows, dead input columns) whose gaps are far from geometric; in this
+    order any mask looks like a uniformly random subset, so the index length is what
+    `expected_index_entries` predicts whatever the mask's structure.
+    """
+    with np.errstate(over="ignore"):
+        z = np.arange(numel, dtype=np.uint64) + _MIX[0]
+        z = (z ^ (z >> np.uint64(30))) * _MIX[1]
+        z = (z ^ (z >> np.uint64(27))) * _MIX[2]
+        z ^= z >> np.uint64(31)
+    # The keys are distinct, so any sort gives the same order; quicksort is the fastest.
+    return np.argsort(z, kind="quicksort")
+
+
+def scrambled_positions(mask: np.ndarray) -> np.ndarray:
+    """Sorted ranks, in `scramble_order`, of the kept positions of ``mask``."""
+    order = scramble_order(int(mask.size))
+    return np.flatnonzero(mask.ravel()[order])
+
+
+def encode_pattern(
+    mask: np.ndarray, choice: PatternChoice, scrambled: np.ndarray | None = None
+) -> bytes:
+    """Bytes of ``mask`` coded as ``choice`` (see docs/packed-format.md)."""
     flat = mask.ravel()
     if choice.kind == "d":
         return b""
@@ -561,7 +608,9 @@ def encode_pattern(mask: np.ndarray, choice: PatternChoice) -> bytes:
     if choice.kind == "c":
         rows = mask.reshape(mask.shape[0], -1)[:, 0] if mask.size else np.zeros(0, bool)
         return np.packbits(rows, bitorder="little").tobytes()
-    entries = relidx_encode(np.flatnonzero(flat), choice.index_bits)
+    if scrambled is None:
+        scrambled = scrambled_positions(mask)
+    entries = relidx_encode(scrambled, choice.index_bits)
     if entries.size != choice.entries:
         raise AssertionError("relative index length changed between sizing and encoding")
     return pack_bits(entries, choice.index_bits)
@@ -597,7 +646,7 @@ def decode_pattern(kind: object, shape: Sequence[int], buf: bytes) -> np.ndarray
     if pos.size and (pos[-1] >= numel or pos[0] < 0):
         raise ValueError("relative index points outside the tensor")
     mask = np.zeros(numel, dtype=bool)
-    mask[pos] = True
+    mask[scramble_order(numel)[pos]] = True
     return mask.reshape(shape)
 
 
@@ -765,12 +814,14 @@ def _encode_tensor(
         raise ExportError(f"tensor {name!r} of dtype {dtype} cannot be pruned or quantized")
     m = _mask_np(qt.mask if (qt is not None and qt.mask is not None) else mask, shape)
     nnz = numel if m is None else int(m.sum())
+    # the scrambled positions are needed to size and to write the index: compute them once
+    spos = scrambled_positions(m) if (m is not None and 0 < nnz < numel) else None
     if qt is None:
         itemsize = value.element_size()
-        choice = actual_pattern(m, None, itemsize)
+        choice = actual_pattern(m, None, itemsize, spos)
         flat = value.detach().contiguous().reshape(-1)
         kept = flat if choice.kind == "d" else flat[torch.from_numpy(m.ravel())]
-        parts = [encode_pattern(m, choice) if m is not None else b"", _raw_bytes(kept)]
+        parts = [encode_pattern(m, choice, spos) if m is not None else b"", _raw_bytes(kept)]
         values_raw = kept.detach().contiguous().view(torch.uint8).numpy() if kept.numel() else None
         ent = _entropy_bits(values_raw) if values_raw is not None else 0.0
         entry = layout_entry(name, shape, dtype, pattern=choice)
@@ -805,7 +856,7 @@ def _encode_tensor(
     if m is not None:
         zfull = np.broadcast_to(zp.reshape((-1,) + (1,) * (len(shape) - 1)), shape)
         codes = np.where(m, codes, zfull)
-    choice = actual_pattern(m, bits, 0)
+    choice = actual_pattern(m, bits, 0, spos)
     flat_codes = codes.reshape(-1) if choice.kind == "d" else codes.reshape(-1)[m.ravel()]
     packed_codes = pack_bits(flat_codes, bits)
     zbytes = None
@@ -814,7 +865,7 @@ def _encode_tensor(
         if len(z) < len(packed_codes):
             packed_codes, zbytes = z, len(z)
     parts = [
-        encode_pattern(m, choice) if m is not None else b"",
+        encode_pattern(m, choice, spos) if m is not None else b"",
         packed_codes,
         qt.scale.detach().to(torch.float32).contiguous().numpy().astype("<f4").tobytes(),
         b"" if qt.symmetric else pack_bits(zp, bits),
@@ -913,6 +964,7 @@ def pack_result(
         result.plan,
         source=str(original.source),
         source_format=str(original.format),
+        architecture=original.metadata.get("architecture"),
         removed_channels=getattr(result, "removed_channels", None),
     )
     if getattr(result, "removed_channels", None) and original.example_input is not None:
@@ -970,6 +1022,18 @@ def write_packed(
     )
 
 
+def _umask() -> int:
+    """The process umask, read without changing it (os.umask would race other threads)."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as fh:
+            for line in fh:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except OSError:
+        pass
+    return 0o022
+
+
 def atomic_write(
     target: Path,
     chunks: Sequence[bytes] | None = None,
@@ -1005,6 +1069,8 @@ def atomic_write(
             writer(tmp)
         if cancel is not None:
             cancel.check()
+        # mkstemp creates 0600 files; give the export the permissions a plain open() would.
+        os.chmod(tmp, 0o666 & ~_umask())
         os.replace(tmp, target)
     except BaseException as exc:
         tmp.unlink(missing_ok=True)
@@ -1184,7 +1250,12 @@ def resolve_base(
                 hint="pass --base MODEL: the model file that was compressed (it gives the architecture)",
             )
         base = source
-    return model_io.load_model(base, trust=trust)
+    loaded = model_io.load_model(base, trust=trust)
+    architecture = archive.metadata.get("architecture")
+    if loaded.weights_only and architecture:
+        # A weights-only original was compressed with a demo architecture: rebuild it runnable.
+        loaded = model_io.load_model(base, trust=trust, architecture=architecture)
+    return loaded
 
 
 def reapply_removal(loaded: LoadedModel, archive: PackedArchive) -> None:

@@ -274,7 +274,9 @@ def remove_channels_(
         mod = modules.get(layer)
         if mod is None:
             raise CompressionError(f"layer {layer!r} is not a module of this model")
-        if not isinstance(mod, _REMOVABLE) or (getattr(mod, "groups", 1) != 1 and len(pruned[layer])):
+        if not isinstance(mod, _REMOVABLE) or (
+            getattr(mod, "groups", 1) != 1 and len(pruned[layer])
+        ):
             raise CompressionError(
                 f"layer {layer!r} ({type(mod).__name__}): only Linear and (non-grouped) Conv "
                 "layers can have channels removed",

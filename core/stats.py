@@ -39,7 +39,7 @@ import math
 import sys
 from collections.abc import Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -48,7 +48,7 @@ from torch import nn
 
 from core.errors import CompressionError, DataError, WorkbenchError
 from core.model import LayerInfo, LoadedModel
-from core.plan import GRADIENT_METHODS, STRUCTURED_METHODS
+from core.plan import GRADIENT_METHODS
 from core.progress import CancelToken, ProgressFn, no_progress, scaled
 
 if TYPE_CHECKING:
@@ -70,8 +70,8 @@ _CHUNK = 1 << 20
 SCORE_METHODS = ("magnitude", "gradient_stability", "taylor", "channel_l1", "channel_l2")
 
 #: Float value of every valid edge (``edge index << 16`` read as float32), as float64.
-EDGE_VALUES = (np.arange(INF_EDGE + 1, dtype=np.uint32) << np.uint32(16)).view(np.float32).astype(
-    np.float64
+EDGE_VALUES = (
+    (np.arange(INF_EDGE + 1, dtype=np.uint32) << np.uint32(16)).view(np.float32).astype(np.float64)
 )
 #: Upper edge of every finite bin; the last finite bin ends at float32's largest value.
 _BIN_HI = EDGE_VALUES[1:].copy()
@@ -349,7 +349,9 @@ class TensorStats:
     ``sumsq`` the sum of squares (the signal energy of SQNR estimates); ``neg_fraction`` the
     fraction of negative values among the non-zero finite ones; ``mean_absmax_sq`` and
     ``mean_range_sq`` the channel means of ``max(|row_min|, |row_max|)**2`` and of
-    ``(max(row_max, 0) - min(row_min, 0))**2`` (per-channel quantization step estimates).
+    ``(max(row_max, 0) - min(row_min, 0))**2`` (per-channel quantization noise estimates), and
+    ``log_absmax``/``log_range`` the channel means of their natural logs over non-zero channels
+    (geometric-mean steps for the entropy estimate).
     """
 
     layer: LayerInfo
@@ -371,6 +373,8 @@ class TensorStats:
     neg_fraction: float
     mean_absmax_sq: float
     mean_range_sq: float
+    log_absmax: float = 0.0
+    log_range: float = 0.0
     dtype: str = "F32"
 
     @property
@@ -428,9 +432,24 @@ class ModelStats:
 # scores
 # ---------------------------------------------------------------------------------------
 def _rows(weight: torch.Tensor) -> torch.Tensor:
+    """The ``(output channels, rest)`` view every channel statistic is taken over."""
     if weight.ndim == 0:
         return weight.reshape(1, 1)
-    return weight.reshape(weight.shape[0], -1)
+    return weight.reshape(weight.shape[0], math.prod(weight.shape[1:]))
+
+
+def _row_l1(rows: torch.Tensor) -> torch.Tensor:
+    """Row sums of ``|x|``, through a reused cache-sized buffer (``vector_norm(ord=1)`` and a
+    full-size ``abs()`` temporary are both several times slower on large tensors)."""
+    out = torch.empty(rows.shape[0], dtype=rows.dtype)
+    step = max(1, _CHUNK // max(rows.shape[1], 1))
+    buf = torch.empty((min(step, rows.shape[0]), rows.shape[1]), dtype=rows.dtype)
+    for i in range(0, rows.shape[0], step):
+        part = rows[i : i + step]
+        b = buf[: part.shape[0]]
+        torch.abs(part, out=b)
+        torch.sum(b, dim=1, out=out[i : i + step])
+    return out
 
 
 def score_tensor(method: str, weight: torch.Tensor, grad: GradientStats | None) -> torch.Tensor:
@@ -456,9 +475,10 @@ def score_tensor(method: str, weight: torch.Tensor, grad: GradientStats | None) 
         w = w.to(torch.float32)
     if method == "magnitude":
         return w.abs()
-    if method in ("channel_l1", "channel_l2"):
-        order = 1 if method == "channel_l1" else 2
-        return torch.linalg.vector_norm(_rows(w), ord=order, dim=1)
+    if method == "channel_l2":
+        return torch.linalg.vector_norm(_rows(w), ord=2, dim=1)
+    if method == "channel_l1":
+        return _row_l1(_rows(w))
     if method in GRADIENT_METHODS:
         if grad is None:
             raise CompressionError(
@@ -693,14 +713,15 @@ def _tensor_stats(
         fin = flat
         row_sq = l2.to(torch.float64).square()
         if rows2d.numel():
-            row_min, row_max = torch.aminmax(rows2d, dim=1)
+            # amin and amax separately: the fused aminmax(dim=1) is much slower on CPU.
+            row_min, row_max = rows2d.amin(dim=1), rows2d.amax(dim=1)
         else:
             row_min = row_max = torch.zeros(rows2d.shape[0])
     nfin = fin.numel()
     sumsq = float(row_sq.sum())
     if nfin:
-        lo, hi = (float(x) for x in torch.aminmax(fin))
-        mean = float(fin.sum(dtype=torch.float64)) / nfin
+        lo, hi = float(row_min.min()), float(row_max.max())
+        mean = float(fin.sum()) / nfin
         var = sumsq / nfin - mean * mean
         if var <= 1e-6 * mean * mean:  # cancellation: recompute directly
             var = float(torch.var(fin.to(torch.float64), correction=0))
@@ -756,8 +777,15 @@ def _tensor_stats(
         neg_fraction=neg_fraction,
         mean_absmax_sq=float(np.mean(absmax * absmax)) if absmax.size else 0.0,
         mean_range_sq=float(np.mean(span * span)) if span.size else 0.0,
+        log_absmax=_mean_log(absmax),
+        log_range=_mean_log(span),
         dtype=dtype,
     )
+
+
+def _mean_log(x: np.ndarray) -> float:
+    pos = x[np.isfinite(x) & (x > 0)]
+    return float(np.log(pos).mean()) if pos.size else 0.0
 
 
 def _negative_zeros(flat: torch.Tensor, zeros: int) -> int:
@@ -812,7 +840,7 @@ def gradient_stats(
     Cancelled
         When ``cancel`` fires (checked before every batch).
     """
-    from core.data import Dataset, with_model_labels
+    from core.data import Dataset
     from core.model_io import clone_model
 
     if not loaded.can_run:
@@ -826,22 +854,18 @@ def gradient_stats(
         raise ValueError("batches and batch_size must be >= 1")
     if cancel is not None:
         cancel.check()
+    if loaded.format == "pt2" and loaded.example_input is not None:
+        # torch.export programs usually fix the batch size they were exported with.
+        batch_size = int(loaded.example_input.shape[0]) if loaded.example_input.ndim else batch_size
+        if len(data) >= batch_size:
+            whole = (len(data) // batch_size) * batch_size
+            data = Dataset(data.x[:whole], None if data.y is None else data.y[:whole], data.name)
     take = min(len(data), batches * batch_size)
     if take == 0:
         raise DataError("the data set is empty", path=data.name, hint="provide some samples")
     data = Dataset(data.x[:take], None if data.y is None else data.y[:take], data.name)
     work = clone_model(loaded).module
     work.eval()
-    if data.y is None:
-        progress(0.0, "labelling data with the model's predictions")
-        try:
-            data = with_model_labels(replace(loaded, module=work), data)
-        except DataError as exc:
-            raise DataError(
-                f"{exc.reason}; gradient criteria need a classifier or labels",
-                path=exc.path,
-                hint="provide labels 'y' in the data file, or use magnitude pruning",
-            ) from None
     named = _named_tensors(work)
     missing = [t for t in tensors if t not in named]
     if missing:
@@ -862,7 +886,18 @@ def gradient_stats(
         for t in targets.values():
             t.grad = None
         with torch.enable_grad():
-            out = _logits(work(xb))
+            try:
+                raw = work(xb)
+            except WorkbenchError:
+                raise
+            except Exception as exc:  # the model's own code rejected the batch
+                first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+                raise DataError(
+                    f"the model failed on a batch of shape {list(xb.shape)}: {first}",
+                    path=data.name,
+                    hint="check that the data matches the model's input",
+                ) from None
+            out = _logits(raw)
             if out.ndim != 2 or not out.is_floating_point():
                 raise DataError(
                     f"the model's outputs have shape {list(out.shape)}, not (N, classes) "
@@ -870,8 +905,9 @@ def gradient_stats(
                     path=data.name,
                     hint="use magnitude or channel pruning for this model",
                 )
-            assert yb is not None
-            y = yb.to(torch.int64).reshape(-1)
+            # Without labels the model's own predictions are the labels (what
+            # core.data.with_model_labels gives), taken from this same forward pass.
+            y = (out.detach().argmax(dim=1) if yb is None else yb).to(torch.int64).reshape(-1)
             if y.numel() and (int(y.min()) < 0 or int(y.max()) >= out.shape[1]):
                 raise DataError(
                     f"labels must be in 0..{out.shape[1] - 1} for a model with "
@@ -989,14 +1025,13 @@ def analyze(
     if cancel is not None:
         cancel.check()
     progress(1.0, "analysis done")
-    total_params = sum(
-        p.numel() for _, p in loaded.module.named_parameters() if p.is_floating_point()
-    )
+    from core.inventory import float_param_count
+
     return ModelStats(
         layers=layers,
         tensors=tensors,
         has_gradients=bool(grads),
-        total_params=int(total_params),
+        total_params=float_param_count(loaded.module),
         state=state,
         source=str(loaded.source),
         format=str(loaded.format),

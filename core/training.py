@@ -22,10 +22,23 @@ import torch
 import torch.nn.functional as F
 
 from core.errors import CompressionError
-from core.evaluate import eval_mode, first_tensor, is_classifier_output, require_forward
+from core.evaluate import (
+    batches_for,
+    eval_mode,
+    first_tensor,
+    fixed_batch,
+    is_classifier_output,
+    require_forward,
+)
 from core.model import LoadedModel
-from core.plan import QuantConfig, RecoveryConfig
-from core.progress import CancelToken, ProgressFn, no_progress
+from core.plan import (
+    GRADIENT_METHODS,
+    CompressionPlan,
+    LayerConfig,
+    QuantConfig,
+    RecoveryConfig,
+)
+from core.progress import CancelToken, ProgressFn, no_progress, scaled
 from core.quantization import QuantizedTensor, dequantize, quantize
 
 
@@ -75,9 +88,7 @@ def _project(
     """Masked (and quantized-dequantized) value of a master weight, with its codes."""
     if cfg is None or cfg.bits is None:
         return (master if mask is None else master * mask), None
-    qt = quantize(
-        master, cfg.bits, symmetric=cfg.symmetric, per_channel=cfg.per_channel, mask=mask
-    )
+    qt = quantize(master, cfg.bits, symmetric=cfg.symmetric, per_channel=cfg.per_channel, mask=mask)
     return dequantize(qt), qt
 
 
@@ -162,8 +173,16 @@ def finetune(
     master_list = list(masters.values())
     for t in master_list:
         t.requires_grad_(True)
+    fixed = fixed_batch(student)
+    if cfg.distill and fixed is None:
+        fixed = fixed_batch(teacher)
     opt = torch.optim.Adam(plain + master_list, lr=cfg.lr)
-    n_batches = math.ceil(len(train) / cfg.batch_size)
+    n_batches = len(train) // fixed if fixed else math.ceil(len(train) / cfg.batch_size)
+    if n_batches == 0:
+        raise CompressionError(
+            f"the model only accepts batches of {fixed} samples; the training set has {len(train)}",
+            hint="provide more training samples",
+        )
     total_steps = max(cfg.epochs * n_batches, 1)
     # Cosine decay to zero: the last epochs settle the weights onto the quantization grid
     # instead of jumping between codes, which matters at 3-5 bits.
@@ -179,15 +198,15 @@ def finetune(
     def forward(x: torch.Tensor) -> torch.Tensor:
         return first_tensor(module(x))
 
-    probe_x, _ = next(iter(train.batches(min(cfg.batch_size, len(train)))))
+    probe_x, _, _ = next(iter(batches_for(train, min(cfg.batch_size, len(train)), fixed)))
     with torch.no_grad(), eval_mode(module):
         classifier = is_classifier_output(student, forward(probe_x), train.y is not None)
 
-    def batch_loss(x: torch.Tensor, y: torch.Tensor | None) -> torch.Tensor:
-        out = forward(x)
+    def batch_loss(x: torch.Tensor, y: torch.Tensor | None, real: int) -> torch.Tensor:
+        out = forward(x)[:real]
         if cfg.distill:
             with torch.no_grad():
-                t_out = first_tensor(teacher.module(x)).detach()
+                t_out = first_tensor(teacher.module(x)).detach()[:real]
             return distillation_loss(
                 out,
                 t_out,
@@ -204,15 +223,15 @@ def finetune(
         total_loss = 0.0
         n = 0
         with torch.no_grad():
-            for x, y in val.batches(max(cfg.batch_size, 256)):
+            for x, y, real in batches_for(val, max(cfg.batch_size, 256), fixed):
                 if cancel is not None:
                     cancel.check()
-                out = forward(x)
+                out = forward(x)[:real]
                 if y is not None and classifier:
                     correct += int((out.argmax(dim=1) == y.reshape(-1)).sum())
                 if y is not None or cfg.distill:
-                    total_loss += float(batch_loss(x, y)) * x.shape[0]
-                n += x.shape[0]
+                    total_loss += float(batch_loss(x, y, real)) * real
+                n += real
         acc = correct / n if (val.y is not None and classifier and n) else -math.inf
         return acc, -total_loss / max(n, 1)
 
@@ -234,14 +253,16 @@ def finetune(
         best_score = val_score() if has_val else None
         best_state = snapshot()
         for epoch in range(cfg.epochs):
-            for x, y in train.batches(cfg.batch_size, shuffle=True, seed=epoch):
+            for x, y, real in batches_for(
+                train, cfg.batch_size, fixed, shuffle=True, seed=epoch, pad=False
+            ):
                 if cancel is not None:
                     cancel.check()
                 load_weights()
                 opt.zero_grad(set_to_none=True)
                 for p in params.values():
                     p.grad = None
-                loss = batch_loss(x, y)
+                loss = batch_loss(x, y, real)
                 if not torch.isfinite(loss):
                     raise CompressionError(
                         f"the loss became {float(loss)} in epoch {epoch + 1}",
@@ -286,3 +307,119 @@ def finetune(
                 quantized[name] = qt
     tuned = replace(result, compressed=student, quantized=quantized)
     return measure_result(tuned)
+
+
+def _step_plan(plan: CompressionPlan, step: int, steps: int) -> CompressionPlan:
+    """The plan of pruning step ``step`` (1-based) of ``steps``.
+
+    Sparsity-mode targets shrink the density geometrically, ``1 - (1 - s) ** (step / steps)``,
+    so every step removes the same fraction of the remaining weights; quantization only comes
+    with the last step (earlier steps train in float so the masks are chosen on real weights).
+    """
+
+    def _cfg(cfg: LayerConfig) -> LayerConfig:
+        prune, quant = cfg.prune, cfg.quant
+        if prune.mode == "sparsity" and prune.method != "nm" and prune.active:
+            prune = replace(prune, sparsity=1.0 - (1.0 - prune.sparsity) ** (step / steps))
+        if step < steps:
+            quant = replace(quant, bits=None, bias_bits=None)
+        return replace(cfg, prune=prune, quant=quant)
+
+    out = plan.with_default(_cfg(plan.default))
+    for name, cfg in plan.overrides:
+        out = out.with_layer(name, _cfg(cfg))
+    return out
+
+
+def compress_and_finetune(
+    loaded: LoadedModel,
+    plan: CompressionPlan,
+    train,
+    val,
+    *,
+    stats=None,
+    progress: ProgressFn = no_progress,
+    cancel: CancelToken | None = None,
+):
+    """`core.engine.compress` followed by the recovery ``plan.recovery`` asks for.
+
+    With ``plan.recovery.prune_steps > 1`` pruning is iterative: prune part of the way, fine-tune
+    with the masks fixed, prune further (the zeros of earlier steps score lowest, so they stay
+    pruned), ... and quantize at the last step. Distillation always uses ``loaded`` as teacher.
+
+    Parameters
+    ----------
+    loaded
+        The original model; never modified.
+    plan
+        The plan; its ``recovery`` sets epochs (per step), steps, learning rate, distillation.
+    train, val
+        Training data and held-out data for the best checkpoint (see `finetune`); ``train`` may
+        be ``None`` only when ``plan.recovery.epochs == 0``.
+    stats
+        `core.stats.ModelStats` of ``loaded`` if already computed (else analysed here).
+
+    Returns
+    -------
+    CompressionResult
+        Measured against ``loaded``; its ``plan`` is ``plan``.
+
+    Raises
+    ------
+    CompressionError
+        Fine-tuning without data; iterative pruning with a criterion that can revive pruned
+        weights (gradient stability) or with channel removal.
+    Cancelled
+        When ``cancel`` fires; nothing is modified.
+    """
+    from core.engine import compress, measure_result
+    from core.stats import analyze
+
+    rec = plan.recovery
+    steps = rec.prune_steps if rec.epochs > 0 else 1
+    if rec.epochs > 0 and train is None:
+        raise CompressionError(
+            "fine-tuning needs training data",
+            path=loaded.source,
+            hint="provide data (x and y arrays) or set recovery.epochs to 0",
+        )
+    configs = [plan.default, *(cfg for _, cfg in plan.overrides)]
+    if steps > 1:
+        if any(c.prune.active and c.prune.method == "gradient_stability" for c in configs):
+            raise CompressionError(
+                "iterative pruning (prune_steps > 1) cannot use gradient stability: a pruned "
+                "weight's gradient can still be large, so it would come back",
+                hint="use magnitude or Taylor pruning, or set prune_steps to 1",
+            )
+        if plan.remove_channels:
+            raise CompressionError(
+                "iterative pruning (prune_steps > 1) cannot be combined with channel removal",
+                hint="set prune_steps to 1 or switch off 'remove channels'",
+            )
+    needs_grads = any(c.prune.active and c.prune.method in GRADIENT_METHODS for c in configs)
+    current = loaded
+    result = None
+    for step in range(1, steps + 1):
+        if cancel is not None:
+            cancel.check()
+        span = scaled(progress, (step - 1) / steps, step / steps)
+        label = f"step {step}/{steps}: " if steps > 1 else ""
+        if step > 1 or stats is None:
+            span(0.0, f"{label}analyzing")
+            stats = analyze(current, train if needs_grads else None, cancel=cancel)
+        span(0.05, f"{label}pruning and quantizing")
+        result = compress(current, _step_plan(plan, step, steps), stats, cancel=cancel)
+        result = replace(result, original=loaded, plan=plan)
+        if rec.epochs > 0:
+            result = finetune(
+                result,
+                train,
+                val,
+                rec,
+                progress=lambda f, m, span=span, label=label: span(0.1 + 0.9 * f, label + m),
+                cancel=cancel,
+            )
+        current = result.compressed
+    assert result is not None
+    progress(1.0, "compressed")
+    return measure_result(result)

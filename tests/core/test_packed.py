@@ -26,6 +26,8 @@ from core.packed import (
     relidx_cost,
     relidx_decode,
     relidx_encode,
+    scramble_order,
+    scrambled_positions,
     tensor_packed_bytes,
     unpack_bits,
     write_packed,
@@ -89,13 +91,43 @@ def test_expected_index_length_matches_random_masks():
         assert expected == pytest.approx(series, rel=1e-9)
 
 
+def test_scrambled_order_is_pinned_and_makes_structured_masks_look_random():
+    # the order is part of the file format: pin it
+    assert scramble_order(10).tolist() == [3, 5, 7, 4, 1, 2, 8, 9, 6, 0]
+    assert scramble_order(1000)[:5].tolist() == [558, 992, 196, 963, 472]
+    order = scramble_order(4096)
+    assert np.array_equal(np.sort(order), np.arange(4096))
+    # a pruned first layer: dead neurons (rows), blank pixels (columns), sparse elsewhere
+    rng = np.random.default_rng(4)
+    row_density = np.minimum(rng.gamma(0.5, 0.2, size=(300, 1)), 1.0)  # some neurons matter
+    mask = rng.random((300, 64)) < row_density
+    mask[rng.choice(300, 73, replace=False)] = False
+    mask[:, rng.choice(64, 12, replace=False)] = False
+    nnz = int(mask.sum())
+    _, k, entries = relidx_cost(scrambled_positions(mask))
+    expected = expected_index_entries(mask.size, nnz, k)
+    assert abs(entries - expected) / expected < 0.03
+    _, k_raw, raw = relidx_cost(np.flatnonzero(mask))
+    assert raw > 1.05 * expected_index_entries(mask.size, nnz, k_raw)
+    # and it decodes back to the same mask
+    from core.packed import PatternChoice, decode_pattern, encode_pattern
+
+    choice = PatternChoice("r", 0, nnz, k, entries)
+    assert np.array_equal(
+        decode_pattern([k, entries], mask.shape, encode_pattern(mask, choice)), mask
+    )
+
+
 def test_tensor_bytes_pick_the_cheapest_pattern():
     # dense 4-bit codes beat a bitmask at 10% sparsity
     assert tensor_packed_bytes(10_000, 9_000, 4, 1) == 5_000 + 4 + 1
     # a bitmask at 50%: 1250 + 5000*4/8
     assert tensor_packed_bytes(10_000, 5_000, 4, 1, symmetric=True) == 1_250 + 2_500 + 4
     # whole rows: one bit per row
-    assert tensor_packed_bytes(100 * 64, 50 * 64, 8, 100, structured_rows=100) == 13 + 3_200 + 400 + 100
+    assert (
+        tensor_packed_bytes(100 * 64, 50 * 64, 8, 100, structured_rows=100)
+        == 13 + 3_200 + 400 + 100
+    )
     # unquantized sparse values are float32
     dense = tensor_packed_bytes(1000, 1000, None, 0)
     assert dense == 4000
@@ -126,7 +158,9 @@ def _source(kind: str) -> LoadedModel:
         return LoadedModel(module=module, format="pt2", source="<pt2>", name="pt2", example_input=x)
     if kind == "torchscript":
         module = torch.jit.script(model)
-        return LoadedModel(module=module, format="torchscript", source="<ts>", name="ts", example_input=x)
+        return LoadedModel(
+            module=module, format="torchscript", source="<ts>", name="ts", example_input=x
+        )
     raise ValueError(kind)
 
 
@@ -289,7 +323,9 @@ def test_archive_is_plain_safetensors_and_loads_without_pickle(tmp_path, monkeyp
     monkeypatch.setattr(pickle, "loads", _no_pickle)
     monkeypatch.setattr(torch, "load", _no_pickle)
     restored = load_packed(path, base=loaded)
-    assert torch.equal(_forward(restored, loaded.example_input), _forward(result.compressed, loaded.example_input))
+    assert torch.equal(
+        _forward(restored, loaded.example_input), _forward(result.compressed, loaded.example_input)
+    )
 
 
 def test_corrupt_truncated_and_foreign_files_are_refused(tmp_path):

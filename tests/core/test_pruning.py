@@ -70,7 +70,11 @@ def _zero_groups(model: nn.Module, x: torch.Tensor, pruned: dict[str, list[int]]
     with torch.no_grad():
         for name, idxs in pruned.items():
             mod = mods[name]
-            fn = tp.prune_linear_out_channels if isinstance(mod, nn.Linear) else tp.prune_conv_out_channels
+            fn = (
+                tp.prune_linear_out_channels
+                if isinstance(mod, nn.Linear)
+                else tp.prune_conv_out_channels
+            )
             group = graph.get_pruning_group(mod, fn, idxs=idxs)
             for item in group.items:
                 target = item.dep.target.module

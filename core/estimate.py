@@ -1,0 +1,401 @@
+"""Live estimates of a plan: sparsity, sizes, entropy bound and SQNR, in O(layers * log n).
+
+`preview` reads only the precomputed `core.stats.ModelStats`: every number is a lookup in a
+`core.stats.ScoreIndex` or a closed form over a handful of stored sums, so it runs on the UI
+thread while a slider moves.
+
+What is exact and what is estimated
+-----------------------------------
+* Sparsity, nonzeros and thresholds are exact: the engine builds its masks from the thresholds
+  reported here (`LayerPreview.threshold`) with the same scores, so the applied mask prunes
+  exactly ``numel - nnz`` weights.
+* Packed bytes come from the archive's own size model (`core.packed.estimate_archive_bytes`):
+  exact except for relative-index streams (expected length for random positions).
+* The entropy bound is ``nnz * H(codes) + numel * H2(density)`` bits (``rows * H2`` for whole
+  pruned channels) plus scales and zero points, plus every tensor stored raw and the header. ``H(codes)`` comes from the layer's
+  ``|w|`` radix histogram (piecewise-uniform density) mapped onto the quantization grid, with
+  one bit of sign weighted by the fraction of non-zero codes; the kept weights' distribution
+  is exact for magnitude pruning and the whole tensor's otherwise. Per-channel quantization
+  uses the geometric mean of the channels' steps.
+* SQNR = ``10 log10(signal / (pruned energy + quantization noise))`` with the pruned energy
+  from the index (N:M: order statistics of the ``|w|`` distribution) and quantization noise
+  ``nnz * delta**2 / 12`` from the absmax/range of the weights (per channel: the mean of
+  ``delta_c**2``).
+* With ``remove_channels`` the archive also loses the consumers' input columns, which the
+  preview does not model: it counts the pruned channels as masked rows (an upper bound).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+
+from core.errors import CompressionError
+from core.packed import (
+    ST_DTYPES,
+    TensorSpec,
+    archive_metadata,
+    estimate_archive_bytes,
+    quant_param_bytes,
+)
+from core.plan import GRADIENT_METHODS, STRUCTURED_METHODS, CompressionPlan
+from core.pruning import nm_pruned_count
+from core.stats import _BIN_HI, _BIN_LO, ModelStats, ScoreIndex, TensorStats
+
+#: Quantization cells whose probabilities are integrated exactly; above them every radix bin
+#: spans several cells and its share of the entropy has a closed form.
+_CELL_LIMIT = 512
+
+
+@dataclass(frozen=True)
+class LayerPreview:
+    """Estimates for one prunable layer.
+
+    ``threshold`` is the one the engine will apply (``None``: no threshold mask, e.g. N:M or
+    no pruning). ``signal`` and ``noise`` are the weight energy and the estimated error energy
+    behind ``sqnr_db``. ``packed_bytes`` is the archive payload of this tensor;
+    ``entropy_bytes`` its entropy-coded lower bound.
+    """
+
+    name: str
+    tensor: str
+    method: str
+    scope: str
+    threshold: float | None
+    numel: int
+    nnz: int
+    sparsity: float
+    bits: int | None
+    symmetric: bool
+    per_channel: bool
+    dense_bytes: int
+    packed_bytes: int
+    entropy_bytes: int
+    sqnr_db: float
+    signal: float
+    noise: float
+    skip: bool
+
+
+@dataclass(frozen=True)
+class PlanPreview:
+    """Estimates for the whole plan.
+
+    ``total_numel``/``total_nnz``/``sparsity`` are over the prunable layers. ``dense_bytes`` is
+    float32 for every floating-point parameter (prunable or not); ``packed_bytes`` the whole
+    packed archive (every state tensor, header included); ``entropy_bytes`` its entropy-coded
+    lower bound; ``compression_ratio = dense_bytes / packed_bytes``; ``sqnr_db`` pools the
+    signal and noise of every prunable layer.
+    """
+
+    layers: tuple[LayerPreview, ...]
+    total_numel: int
+    total_nnz: int
+    sparsity: float
+    dense_bytes: int
+    packed_bytes: int
+    entropy_bytes: int
+    compression_ratio: float
+    sqnr_db: float
+    header_bytes: int
+
+    def layer(self, name: str) -> LayerPreview:
+        for lp in self.layers:
+            if lp.name == name:
+                return lp
+        raise KeyError(name)
+
+
+def _sqnr(signal: float, noise: float) -> float:
+    if noise <= 0.0:
+        return math.inf
+    if signal <= 0.0:
+        return -math.inf
+    return 10.0 * math.log10(signal / noise)
+
+
+def _h2(p: float) -> float:
+    """Binary entropy in bits."""
+    if p <= 0.0 or p >= 1.0:
+        return 0.0
+    return -(p * math.log2(p) + (1.0 - p) * math.log2(1.0 - p))
+
+
+def _mean_step_sq(ts: TensorStats, bits: int, symmetric: bool, per_channel: bool) -> float:
+    """Mean squared quantization step ``delta**2`` (over channels when per-channel)."""
+    half = 2 ** (bits - 1) - 1
+    qmax = 2**bits - 1
+    if per_channel:
+        return ts.mean_absmax_sq / half**2 if symmetric else ts.mean_range_sq / qmax**2
+    lo, hi = min(ts.min, 0.0), max(ts.max, 0.0)
+    delta = max(-lo, hi) / half if symmetric else (hi - lo) / qmax
+    return delta * delta
+
+
+def _entropy_step(ts: TensorStats, bits: int, symmetric: bool, per_channel: bool) -> float:
+    """Quantization step for the entropy estimate: per-channel, the channels' geometric mean
+    (entropy shifts by ``-log2 delta``, so channels average in log space)."""
+    if not per_channel:
+        return math.sqrt(_mean_step_sq(ts, bits, symmetric, False))
+    if symmetric:
+        return math.exp(ts.log_absmax) / (2 ** (bits - 1) - 1)
+    return math.exp(ts.log_range) / (2**bits - 1)
+
+
+def code_entropy(bins: np.ndarray, counts: np.ndarray, delta: float) -> tuple[float, float]:
+    """Entropy (bits per value) of ``round(|w| / delta)`` and the probability it is non-zero.
+
+    ``bins``/``counts`` are a radix histogram of ``|w|`` (`core.stats.ScoreIndex` bins); values
+    are taken as uniform within each bin. Cells up to `_CELL_LIMIT` get their probability from
+    the piecewise-linear CDF; above that each bin spreads over several cells uniformly, which
+    contributes ``-p log2(p * delta / width)``.
+    """
+    total = float(counts.sum())
+    if total <= 0.0 or not delta > 0.0 or not math.isfinite(delta):
+        return 0.0, 0.0
+    a, b = _BIN_LO[bins], _BIN_HI[bins]
+    cum = np.concatenate(([0.0], np.cumsum(counts)))
+    xp = np.empty(2 * bins.size)
+    xp[0::2], xp[1::2] = a, b
+    fp = np.empty(2 * bins.size)
+    fp[0::2], fp[1::2] = cum[:-1], cum[1:]
+    cells = int(min(math.ceil(float(b[-1]) / delta + 0.5), _CELL_LIMIT))
+    upper = (np.arange(1, cells + 1) - 0.5) * delta
+    cdf = np.interp(upper, xp, fp)
+    masses = np.diff(cdf, prepend=0.0)
+    p = masses[masses > 0.0] / total
+    entropy = float(-(p * np.log2(p)).sum())
+    nonzero = 1.0 - float(masses[0]) / total
+    if total - cdf[-1] > 0.0:
+        cut = float(upper[-1])
+        sel = b > cut
+        lo = np.maximum(a[sel], cut)
+        width = b[sel] - lo
+        pm = counts[sel] * (width / (b[sel] - a[sel])) / total
+        ok = pm > 0.0
+        spread = np.maximum(width[ok], delta)
+        entropy += float(-(pm[ok] * np.log2(pm[ok] * delta / spread)).sum())
+    return entropy, nonzero
+
+
+def _nm_pruned_energy(mag: ScoreIndex, n: int, m: int, pruned: int) -> float:
+    """Expected energy of the ``n`` smallest ``|w|`` of every group of ``m``.
+
+    A weight at CDF position ``F`` is among the ``n`` smallest of its group when at most
+    ``n - 1`` of the other ``m - 1`` weights are smaller: ``P = sum_j<n C(m-1, j) F^j (1-F)^(m-1-j)``.
+    The result is scaled so the expected count equals the exact ``pruned``.
+    """
+    counts = mag.bin_counts.astype(np.float64)
+    total = counts.sum()
+    if total <= 0.0 or pruned <= 0:
+        return 0.0
+    energy = np.diff(mag.bin_energy)
+    f = (mag.bin_cum[:-1] + 0.5 * counts) / total
+    prob = np.zeros_like(f)
+    for j in range(n):
+        prob += math.comb(m - 1, j) * f**j * (1.0 - f) ** (m - 1 - j)
+    expected = float((counts * prob).sum())
+    if expected <= 0.0:
+        return 0.0
+    return float((energy * prob).sum()) * pruned / expected
+
+
+def _gradient_error(name: str, method: str) -> CompressionError:
+    return CompressionError(
+        f"layer {name!r} uses {method!r}, which needs gradient statistics, and the analysis "
+        "ran without data",
+        hint="load data and run the analysis with gradients, or use magnitude pruning",
+    )
+
+
+def preview(stats: ModelStats, plan: CompressionPlan) -> PlanPreview:
+    """Estimate what ``plan`` does to the analysed model, without touching any weight.
+
+    Parameters
+    ----------
+    stats
+        `core.stats.analyze` output for the model.
+    plan
+        The plan to estimate.
+
+    Returns
+    -------
+    PlanPreview
+        Per prunable layer and in total: exact sparsity/nonzeros and the thresholds the engine
+        applies, packed archive bytes, entropy bound, compression ratio and estimated SQNR.
+
+    Raises
+    ------
+    CompressionError
+        The plan names a layer the model does not have, or a layer uses a gradient criterion
+        but the statistics hold no gradients.
+    """
+    known = {layer.name for layer in stats.layers}
+    unknown = sorted(set(plan.layer_overrides) - known)
+    if unknown:
+        raise CompressionError(
+            f"the plan configures layer {unknown[0]!r}, which this model does not have",
+            hint="remove it from the recipe or open the model the recipe was made for",
+        )
+    prunable = [layer for layer in stats.layers if layer.prunable and layer.tensor is not None]
+    for layer in prunable:
+        if layer.name not in stats.tensors:
+            raise CompressionError(
+                f"layer {layer.name!r} has no statistics", hint="analyze the model again"
+            )
+
+    members = [layer.name for layer in prunable if plan.is_global_member(layer.name)]
+    global_threshold: float | None = None
+    dprune = plan.default.prune
+    if members:
+        if dprune.method in GRADIENT_METHODS:
+            for name in members:
+                if stats.tensors[name].grad is None:
+                    raise _gradient_error(name, dprune.method)
+        pool = stats.pooled(dprune.method, members)
+        global_threshold = (
+            pool.threshold_for_sparsity(dprune.sparsity)
+            if dprune.mode == "sparsity"
+            else pool.snap(dprune.threshold)
+        )
+    member_set = set(members)
+
+    partial = []
+    coded: dict[str, TensorSpec] = {}
+    for layer in prunable:
+        ts = stats.tensors[layer.name]
+        cfg = plan.config_for(layer.name)
+        prune, quant = cfg.prune, cfg.quant
+        numel = ts.numel
+        shape = tuple(int(s) for s in layer.shape)
+        method, scope, threshold = "none", "layer", None
+        pruned, pruned_energy, structured = 0, 0.0, False
+        if not cfg.skip and prune.active:
+            method = prune.method
+            if method == "nm":
+                pruned = nm_pruned_count(shape, prune.n, prune.m)
+                pruned_energy = _nm_pruned_energy(ts.scores["magnitude"], prune.n, prune.m, pruned)
+            else:
+                if method in GRADIENT_METHODS and ts.grad is None:
+                    raise _gradient_error(layer.name, method)
+                index = ts.scores[method]
+                if layer.name in member_set:
+                    scope, threshold = "global", global_threshold
+                elif prune.mode == "sparsity":
+                    threshold = index.threshold_for_sparsity(prune.sparsity)
+                else:
+                    threshold = index.snap(prune.threshold)
+                assert threshold is not None
+                pruned = index.count_below(threshold) * index.unit
+                pruned_energy = index.energy_below(threshold)
+                structured = method in STRUCTURED_METHODS
+        nnz = numel - pruned
+        bits = quant.bits if (not cfg.skip and quant.active) else None
+        symmetric = bool(quant.symmetric) if bits else False
+        per_channel = bool(quant.per_channel) if bits else False
+        qnoise = 0.0
+        step_sq = 0.0
+        if bits:
+            step_sq = _mean_step_sq(ts, bits, symmetric, per_channel)
+            qnoise = max(nnz - ts.nonfinite, 0) * step_sq / 12.0
+        noise = pruned_energy + qnoise
+        if bits or method != "none":
+            coded[str(layer.tensor)] = TensorSpec(
+                str(layer.tensor),
+                shape,
+                nnz,
+                bits=bits,
+                symmetric=symmetric,
+                per_channel=per_channel,
+                structured=structured and nnz < numel,
+                dtype=ts.dtype,
+            )
+        # entropy bound of this tensor's payload
+        itemsize = ST_DTYPES.get(ts.dtype, 4)
+        if bits:
+            mag = ts.scores["magnitude"]
+            kept_t = threshold if (method == "magnitude" and threshold is not None) else 0.0
+            kbins, kcounts = mag.kept_bins(kept_t)
+            step = _entropy_step(ts, bits, symmetric, per_channel)
+            h_mag, p_nonzero = code_entropy(kbins, kcounts, step)
+            value_bits = nnz * (h_mag + p_nonzero * _h2(ts.neg_fraction))
+            n_params = shape[0] if (per_channel and shape) else 1
+            side = quant_param_bytes(bits, n_params, symmetric=symmetric)
+        else:
+            value_bits = nnz * 8.0 * itemsize
+            side = 0
+        if structured and ts.rows:
+            # a row mask: one binary symbol per output channel
+            mask_bits = ts.rows * _h2(nnz / numel) if 0 < nnz < numel else 0.0
+        else:
+            mask_bits = numel * _h2(nnz / numel) if 0 < nnz < numel else 0.0
+        entropy = math.ceil((value_bits + mask_bits) / 8.0) + side
+        partial.append(
+            dict(
+                name=layer.name,
+                tensor=str(layer.tensor),
+                method=method,
+                scope=scope,
+                threshold=threshold,
+                numel=numel,
+                nnz=nnz,
+                sparsity=pruned / numel if numel else 0.0,
+                bits=bits,
+                symmetric=symmetric,
+                per_channel=per_channel,
+                dense_bytes=4 * numel,
+                entropy_bytes=int(entropy),
+                sqnr_db=_sqnr(ts.sumsq, noise),
+                signal=ts.sumsq,
+                noise=noise,
+                skip=cfg.skip,
+            )
+        )
+
+    specs = []
+    raw_bytes = 0
+    seen = set()
+    for st in stats.state:
+        seen.add(st.name)
+        spec = coded.get(st.name)
+        if spec is None:
+            spec = TensorSpec(st.name, st.shape, math.prod(st.shape), dtype=st.dtype)
+            raw_bytes += math.prod(st.shape) * ST_DTYPES.get(st.dtype, 4)
+        specs.append(spec)
+    specs.extend(spec for name, spec in coded.items() if name not in seen)
+    meta = archive_metadata(plan, source=stats.source, source_format=stats.format)
+    archive = estimate_archive_bytes(specs, meta)
+
+    layers = []
+    for row in partial:
+        tensor = row["tensor"]
+        if tensor in archive.tensors:
+            packed = archive.tensors[tensor]
+        else:
+            packed = row["numel"] * ST_DTYPES.get(stats.tensors[row["name"]].dtype, 4)
+        if tensor not in coded:
+            row["entropy_bytes"] = packed
+        layers.append(LayerPreview(packed_bytes=int(packed), **row))
+
+    total_numel = sum(lp.numel for lp in layers)
+    total_nnz = sum(lp.nnz for lp in layers)
+    dense = 4 * stats.total_params
+    entropy_total = (
+        sum(lp.entropy_bytes for lp in layers if lp.tensor in coded) + raw_bytes + archive.header
+    )
+    signal = sum(lp.signal for lp in layers)
+    noise = sum(lp.noise for lp in layers)
+    return PlanPreview(
+        layers=tuple(layers),
+        total_numel=total_numel,
+        total_nnz=total_nnz,
+        sparsity=1.0 - total_nnz / total_numel if total_numel else 0.0,
+        dense_bytes=dense,
+        packed_bytes=int(archive.total),
+        entropy_bytes=int(entropy_total),
+        compression_ratio=dense / archive.total if archive.total else math.inf,
+        sqnr_db=_sqnr(signal, noise),
+        header_bytes=int(archive.header),
+    )

@@ -1,0 +1,125 @@
+"""``workbench compress`` in a subprocess: report fields, recipe round-trip, overwrite refusal,
+one-line errors, a non-demo TorchScript model with user data and fine-tuning."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from core.plan import CompressionPlan, simple_plan
+from tests.models import make
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def _run(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "core.cli", "compress", *args, "--quiet"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+
+
+@pytest.fixture(scope="module")
+def mlp_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("mlp")
+    proc = _run("demo:mlp", "--out", str(out), "--sparsity", "0.9", "--bits", "4")
+    return out, proc
+
+
+def test_demo_mlp_report_fields(mlp_run):
+    out, proc = mlp_run
+    assert proc.returncode == 0, proc.stderr
+    report = json.loads((out / "report.json").read_text())
+    packed = out / "model.packed.safetensors"
+    assert report["compressed_bytes"] == packed.stat().st_size
+    assert report["original_bytes"] == 4 * 50610
+    assert report["compression_ratio"] == pytest.approx(
+        report["original_bytes"] / report["compressed_bytes"]
+    )
+    assert report["compression_ratio"] > 10
+    assert report["sparsity"] == pytest.approx(0.9, abs=1e-4)
+    assert report["accuracy_before"] > 0.95
+    assert 0.0 <= report["accuracy_after"] <= 1.0
+    fid = report["fidelity"]
+    assert {"agreement", "rel_l2", "cosine"} <= set(fid) and fid["rel_l2"] > 0
+    names = [layer["name"] for layer in report["layers"]]
+    assert names == ["fc1", "fc2", "fc3"]
+    assert all(layer["bits"] == 4 for layer in report["layers"])
+    plan = CompressionPlan.load(out / "recipe.json")
+    assert plan == simple_plan(0.9, 4, "magnitude")
+    assert "packed" in proc.stdout and "x)" in proc.stdout
+
+
+def test_refuses_to_overwrite_without_force(mlp_run):
+    out, _ = mlp_run
+    before = (out / "model.packed.safetensors").read_bytes()
+    proc = _run("demo:mlp", "--out", str(out), "--sparsity", "0.5")
+    assert proc.returncode == 2
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and "--force" in lines[0] and "Traceback" not in proc.stderr
+    assert (out / "model.packed.safetensors").read_bytes() == before
+    proc = _run("demo:mlp", "--out", str(out), "--sparsity", "0.5", "--force")
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads((out / "report.json").read_text())["sparsity"] == pytest.approx(0.5, abs=1e-4)
+
+
+def test_bad_recipe_is_one_line_error(tmp_path):
+    recipe = tmp_path / "bad.json"
+    recipe.write_text(json.dumps({"version": 1, "default": {"quant": {"bitz": 4}}}))
+    proc = _run("demo:mlp", "--out", str(tmp_path / "o"), "--recipe", str(recipe))
+    assert proc.returncode == 2
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and "default.quant.bitz" in lines[0] and "bad.json" in lines[0]
+    assert not (tmp_path / "o").exists()
+    proc = _run("demo:mlp", "--out", str(tmp_path / "o"), "--recipe", str(recipe), "--bits", "4")
+    assert proc.returncode == 2 and "--recipe cannot be combined" in proc.stderr
+    proc = _run("demo:mlp", "--out", str(tmp_path / "o"), "--sparsity", "1.5")
+    assert proc.returncode == 2 and "sparsity" in proc.stderr.strip().splitlines()[0]
+
+
+def test_torchscript_lstm_with_data_and_finetuning(tmp_path):
+    model, _ = make("lstm")
+    path = tmp_path / "lstm.ts"
+    torch.jit.save(torch.jit.script(model), str(path))
+    rng = np.random.default_rng(0)
+    data = tmp_path / "d.npz"
+    np.savez(
+        data,
+        x=rng.standard_normal((80, 8, 8)).astype(np.float32),
+        y=rng.integers(0, 10, 80),
+    )
+    out = tmp_path / "out"
+    proc = _run(
+        str(path),
+        "--out",
+        str(out),
+        "--sparsity",
+        "0.6",
+        "--bits",
+        "6",
+        "--method",
+        "taylor",
+        "--data",
+        str(data),
+        "--finetune-epochs",
+        "1",
+        "--distill",
+        "--format",
+        "packed,state_dict",
+    )
+    assert proc.returncode == 0, proc.stderr
+    report = json.loads((out / "report.json").read_text())
+    assert report["accuracy_after"] is not None
+    assert 0.0 < report["fidelity"]["rel_l2"] < 1.0
+    assert (out / "model.pt").is_file()
+    plan = CompressionPlan.load(out / "recipe.json")
+    assert plan.recovery.epochs == 1 and plan.recovery.distill
+    assert plan.default.prune.method == "taylor"
+    assert {layer["method"] for layer in report["layers"]} == {"taylor"}
