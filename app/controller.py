@@ -87,6 +87,7 @@ class Controller(QObject):
     evaluated = Signal(object)  # Evaluation | None
     exported = Signal(object)  # list of ExportRecord
     historyChanged = Signal(bool, bool)  # can undo, can redo
+    dragFinished = Signal()
     jobStarted = Signal(str, str)  # kind, description
     jobProgressed = Signal(str, float, str)  # kind, fraction, message
     jobFinished = Signal(str, str)  # kind, outcome: "done" | "cancelled" | "failed"
@@ -126,8 +127,8 @@ class Controller(QObject):
 
     # ------------------------------------------------------------------ jobs
     def busy(self, kind: str | None = None) -> bool:
-        running = {h.kind for h in self.runner.running() if not h.token.cancelled}
-        return bool(running) if kind is None else kind in running
+        """Whether a current (not superseded, not yet reported) job of ``kind`` runs."""
+        return bool(self._current) if kind is None else kind in self._current
 
     def _start(
         self,
@@ -364,7 +365,16 @@ class Controller(QObject):
         self._apply_plan(plan)
 
     def end_merge(self) -> None:
+        """Close the current drag's undo step; listeners refresh what they skip mid-drag."""
+        was_dragging = self._merge_key is not None
         self._merge_key = None
+        if was_dragging:
+            self.dragFinished.emit()
+
+    @property
+    def dragging(self) -> bool:
+        """True between the first and the last edit of one slider/line drag."""
+        return self._merge_key is not None
 
     def undo(self) -> None:
         if self.can_undo:
@@ -399,7 +409,6 @@ class Controller(QObject):
             # say what is wrong in the status bar.
             self.preview_error = str(exc)
             self.statusMessaged.emit(f"Preview unavailable: {exc}")
-            return
         self.previewUpdated.emit(self.preview)
 
     def set_selection(self, names: Sequence[str]) -> None:

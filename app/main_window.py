@@ -38,7 +38,8 @@ from app.widgets.prune_panel import PrunePanel
 from app.widgets.quant_panel import QuantPanel
 from app.widgets.size_view import SizeView
 from app.widgets.summary_panel import SummaryPanel
-from core.plan import CompressionPlan
+from app.workers import warm_up_engine
+from core.plan import CompressionPlan, RecoveryConfig, simple_plan
 
 DEMOS = (("demo:mlp", "Digits MLP (LeNet-300-100)"), ("demo:cnn", "Digits CNN (LeNet-5)"))
 MODEL_FILTER = (
@@ -49,8 +50,11 @@ RECIPE_FILTER = "Recipes (*.json);;All files (*)"
 DATA_SUFFIXES = {".npz"}
 RECIPE_SUFFIXES = {".json"}
 MAX_RECENT = 8
+#: What `--screenshot` applies when no recipe is given: 70% global magnitude pruning, 6-bit
+#: per-channel codes, 10 epochs of fine-tuning (recovers the demos' accuracy).
+SAMPLE_PLAN = simple_plan(0.7, 6, "magnitude").with_recovery(RecoveryConfig(epochs=10))
 #: Bump when the dock/toolbar layout changes so an old saved state is not restored onto it.
-STATE_VERSION = 1
+STATE_VERSION = 2
 
 
 class MainWindow(QMainWindow):
@@ -77,6 +81,7 @@ class MainWindow(QMainWindow):
         self._connect()
         self._restore_layout()
         self._update_actions()
+        warm_up_engine()
 
     # ------------------------------------------------------------------ construction
     def _build_widgets(self) -> None:
@@ -107,22 +112,24 @@ class MainWindow(QMainWindow):
         self.prune_panel = PrunePanel(self)
         self.quant_panel = QuantPanel(self)
         self.summary = SummaryPanel(self)
+        self.recovery = RecoveryPanel(self)
         controls = QWidget(self)
         v = QVBoxLayout(controls)
+        v.addWidget(self.summary)
         scope_form = QFormLayout()
-        scope_form.addRow("Apply to", self.scope)
+        scope_form.addRow("Apply edits to", self.scope)
         v.addLayout(scope_form)
         v.addWidget(self.scope_note)
         v.addWidget(self.prune_panel)
         v.addWidget(self.quant_panel)
-        v.addWidget(self.summary)
+        v.addWidget(self.recovery)
         v.addStretch(1)
         self.controls_scroll = QScrollArea(self)
         self.controls_scroll.setWidgetResizable(True)
+        self.controls_scroll.setHorizontalScrollBarPolicy(Qt.ScrollBarPolicy.ScrollBarAlwaysOff)
         self.controls_scroll.setWidget(controls)
 
         self.job_status = JobStatus(self)
-        self.recovery = RecoveryPanel(self)
         self.results = ResultsPanel(self)
         self.data_label = QLabel("No data", self)
         self.data_label.setObjectName("dataLabel")
@@ -283,10 +290,9 @@ class MainWindow(QMainWindow):
         buttons.addStretch(1)
         left.addLayout(buttons)
         left.addWidget(self.data_label)
-        left.addWidget(self.recovery)
         left.addStretch(1)
-        h.addLayout(left, 2)
-        h.addWidget(self.results, 3)
+        h.addLayout(left, 3)
+        h.addWidget(self.results, 5)
         self.jobs_dock = QDockWidget("Jobs and results", self)
         self.jobs_dock.setObjectName("jobsDock")
         self.jobs_dock.setWidget(jobs)
@@ -310,6 +316,7 @@ class MainWindow(QMainWindow):
         c.evaluated.connect(self.results.set_evaluation)
         c.exported.connect(self.results.set_exports)
         c.historyChanged.connect(self._on_controller_historyChanged)
+        c.dragFinished.connect(self.layer_table.resort)
         c.jobStarted.connect(self._on_controller_jobStarted)
         c.jobProgressed.connect(self._on_controller_jobProgressed)
         c.jobFinished.connect(self._on_controller_jobFinished)
@@ -344,18 +351,19 @@ class MainWindow(QMainWindow):
     def _default_layout(self) -> None:
         self.resize(1440, 900)
         self.resizeDocks(
-            [self.layers_dock, self.controls_dock], [400, 360], Qt.Orientation.Horizontal
+            [self.layers_dock, self.controls_dock], [400, 380], Qt.Orientation.Horizontal
         )
-        self.resizeDocks([self.jobs_dock], [250], Qt.Orientation.Vertical)
-        self.center.setSizes([420, 260])
-        self.histograms.splitter.setSizes([560, 340])
+        self.resizeDocks([self.jobs_dock], [215], Qt.Orientation.Vertical)
+        self.center.setSizes([450, 250])
+        self.histograms.splitter.setSizes([400, 270])
 
     def _restore_layout(self) -> None:
         self._default_layout()
         geometry = self.settings.value("window/geometry")
         state = self.settings.value("window/state")
-        if isinstance(geometry, QByteArray | bytes):
-            self.restoreGeometry(QByteArray(geometry))
+        self.restored_geometry = isinstance(geometry, QByteArray | bytes) and self.restoreGeometry(
+            QByteArray(geometry)
+        )
         if isinstance(state, QByteArray | bytes):
             self.restoreState(QByteArray(state), STATE_VERSION)
         for key, splitter in (
@@ -543,7 +551,7 @@ class MainWindow(QMainWindow):
 
     # ------------------------------------------------------------------ controller slots
     def _on_controller_modelLoaded(self, model) -> None:
-        name = model.name or model.source
+        name = model.source if model.source.startswith("demo:") else Path(model.source).name
         flags = []
         if model.weights_only:
             flags.append("weights only")
@@ -570,13 +578,17 @@ class MainWindow(QMainWindow):
         self._update_actions()
 
     def _on_controller_planChanged(self, plan) -> None:
-        self._refresh_controls()
-        self.layer_table.view.viewport().update()
+        # With stats, previewUpdated follows at once and refreshes everything; refreshing
+        # here too would do the work twice per slider step.
+        if self.controller.stats is None:
+            self._refresh_controls()
 
     def _on_controller_previewUpdated(self, preview) -> None:
         c = self.controller
         self.summary.set_preview(preview, "" if preview is None else _plan_note(c.plan))
         self.layer_table.set_preview(preview)
+        if not c.dragging:
+            self.layer_table.resort()
         self.size_view.set_preview(preview, c.selection)
         self._refresh_controls()
 
@@ -877,9 +889,7 @@ class MainWindow(QMainWindow):
                 if plan is not None and plan != c.plan:
                     c.set_plan(plan)
                 elif not any(cfg.prune.active or cfg.quant.active for cfg in _configs(c.plan)):
-                    from core.plan import simple_plan
-
-                    c.set_plan(simple_plan(0.8, 6, "magnitude"))
+                    c.set_plan(SAMPLE_PLAN)
                 name = select or _largest_layer(c)
                 if name:
                     c.set_selection((name,))

@@ -46,6 +46,14 @@ def apply_plot_theme(plot: pg.PlotWidget) -> None:
         axis.setTextPen(fg)
     item.titleLabel.setAttr("color", fg.name())
     item.titleLabel.setText(item.titleLabel.text)
+    legend = item.legend
+    if legend is not None:
+        legend.setLabelTextColor(fg)
+        # setLabelTextColor only styles labels added later; restyle the existing ones.
+        for _sample, label in legend.items:
+            label.setText(label.text, color=fg)
+        legend.setBrush(pg.mkBrush(with_alpha(bg, 210)))
+        legend.setPen(pg.mkPen(with_alpha(fg, 60)))
 
 
 def with_alpha(color: QColor, alpha: int) -> QColor:

@@ -9,6 +9,8 @@ that arrives after it was superseded is simply dropped.
 
 from __future__ import annotations
 
+import importlib
+import threading
 import time
 import traceback
 from collections import deque
@@ -29,6 +31,47 @@ JobFn = Callable[[ProgressFn, CancelToken], Any]
 #: Progress updates closer together than this are coalesced (the last one wins), so a tight
 #: engine loop cannot flood the UI thread's event queue.
 PROGRESS_INTERVAL_S = 0.05
+
+
+#: Modules the engine imports lazily on first use. Importing one runs module code and loads
+#: shared libraries while holding the GIL; done mid-job that froze the UI for ~200 ms (torch
+#: pulls in torch._dynamo, sympy and torch.onnx on the first optimizer step / export), so the
+#: window imports them once, in the background, at start-up.
+WARM_MODULES = (
+    "core.stats",
+    "core.estimate",
+    "core.engine",
+    "core.evaluate",
+    "core.training",
+    "core.export",
+    "core.report",
+    "torch.optim",
+    "torch._dynamo",
+    "torch.onnx",
+)
+
+_warm_started = False
+
+
+def warm_up_engine() -> threading.Thread | None:
+    """Import `WARM_MODULES` on a daemon thread (once per process); returns that thread."""
+    global _warm_started
+    if _warm_started:
+        return None
+    _warm_started = True
+
+    def _run() -> None:
+        for name in WARM_MODULES:
+            try:
+                importlib.import_module(name)
+            except ImportError:
+                # Optional parts of torch may be missing in slim builds; the job that needs
+                # them reports the problem itself.
+                continue
+
+    thread = threading.Thread(target=_run, name="workbench-warm-up", daemon=True)
+    thread.start()
+    return thread
 
 
 @dataclass

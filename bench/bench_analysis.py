@@ -122,7 +122,7 @@ def run(write: bool) -> str:
     def plain_pass() -> float:
         return sum(float(torch.linalg.vector_norm(w, 1)) for w in weights)
 
-    plain, t_analyze = timed_pair(plain_pass, lambda: analyze(loaded, layers=layers), 7)
+    plain, t_analyze = timed_pair(plain_pass, lambda: analyze(loaded, layers=layers), 15)
     plain_sum = timed(lambda: sum(float(w.sum()) for w in weights), 15)
     stats = analyze(loaded, layers=layers)
 

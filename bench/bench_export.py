@@ -132,6 +132,14 @@ def measure(name: str, tmp: Path) -> dict[str, object]:
         result, tmp / f"{name}.z.packed.safetensors".replace(":", "_"), force=True, entropy=True
     )
 
+    acc = None
+    if test is not None:
+        from core.evaluate import evaluate
+
+        acc = (
+            evaluate(loaded, test, latency=False).accuracy,
+            evaluate(result.compressed, test, latency=False).accuracy,
+        )
     x = test.x[: BATCH[name]] if test is not None else loaded.example_input
     fp = export(result, "onnx", tmp / f"{name}.onnx".replace(":", "_"), force=True, data=x)
     q = export(result, "onnx-int8", tmp / f"{name}.int8.onnx".replace(":", "_"), force=True, data=x)
@@ -161,21 +169,25 @@ def measure(name: str, tmp: Path) -> dict[str, object]:
         "fp32_diff": fp.max_abs_diff,
         "lat": lat,
         "batch": int(x.shape[0]),
+        "accuracy": acc,
     }
 
 
 def _tables(rows: list[dict[str, object]]) -> str:
     size = [
         "| model | params | plan (sparsity / bits) | fp32 torch.save | gzip -9 of pruned dense | "
-        "packed (ours) | preview estimate | packed + zstd | entropy bound | ratio vs fp32 |",
-        "|---|---:|---|---:|---:|---:|---:|---:|---:|---:|",
+        "packed (ours) | preview estimate | packed + zstd | entropy bound | ratio vs fp32 | "
+        "digits accuracy (no fine-tuning) |",
+        "|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---|",
     ]
     for r in rows:
+        acc = r["accuracy"]
+        acc_text = f"{100 * acc[0]:.2f}% -> {100 * acc[1]:.2f}%" if acc else "n/a (random weights)"
         size.append(
             f"| {r['name']} | {r['params']:,} | {r['plan']} | {r['fp32']:,} | {r['gzip']:,} | "
             f"**{r['packed']:,}** | {r['estimate']:,} "
             f"({100 * (r['packed'] - r['estimate']) / r['packed']:+.2f}%) | {r['zstd']:,} | "
-            f"{r['entropy']:,} | {r['fp32'] / r['packed']:.1f}x |"
+            f"{r['entropy']:,} | {r['fp32'] / r['packed']:.1f}x | {acc_text} |"
         )
     lat = [
         "| model | batch | ONNX fp32 bytes | ONNX int8 bytes | int8 mode | fp32 1 thr (ms) | "
@@ -229,7 +241,10 @@ def run(*, write: bool, skip_large: bool) -> str:
         "it, the packed archive stores only kept codes plus a relative index. The entropy "
         "bound is the zero-order entropy of the codes and the masks plus everything stored raw "
         "(biases, scales, header). int8 mode: static QDQ (calibrated) for convolutional "
-        "models, dynamic otherwise."
+        "models, dynamic otherwise. The plans are for size, without fine-tuning, so accuracy "
+        "drops; `bench/` results of the engine show the fine-tuned accuracy. Load average when the run ended: "
+        f"{os.getloadavg()[0]:.1f} (on a shared machine, 2-thread timings suffer most from "
+        "other processes)."
     )
     text = env + "\n\n" + body
     print(body)

@@ -13,6 +13,7 @@ ONNX graph with onnxruntime's quantization tools so it is smaller and faster in 
 
 from __future__ import annotations
 
+import contextvars
 import copy
 import math
 import statistics
@@ -131,9 +132,15 @@ def _max_abs_diff(a: torch.Tensor | np.ndarray, b: torch.Tensor | np.ndarray) ->
     return float((ta - tb).abs().max()) if ta.numel() else 0.0
 
 
-def _torch_latency(module: torch.nn.Module, x: torch.Tensor) -> float:
+#: Whether the export being written measures latency (set per `export` call).
+_MEASURE: contextvars.ContextVar[bool] = contextvars.ContextVar("measure_latency", default=True)
+
+
+def _torch_latency(module: torch.nn.Module, x: torch.Tensor) -> float | None:
     from core.evaluate import measure_latency
 
+    if not _MEASURE.get():
+        return None
     return measure_latency(module, x, warmup=2, repeats=10)
 
 
@@ -183,7 +190,7 @@ def _example(result: Any, x: torch.Tensor | None, fmt: str) -> torch.Tensor:
 
 
 # ---------------------------------------------------------------------------------------
-# one writer per format: each returns (note, verify(path) -> (max_abs_diff, latency, note))
+# one writer per format: each returns (max_abs_diff, latency_ms, note[, extra])
 # ---------------------------------------------------------------------------------------
 def _state(result: Any) -> dict[str, torch.Tensor]:
     """The compressed state with every tensor its own contiguous copy (no shared storage)."""
@@ -233,18 +240,26 @@ def _export_safetensors(result, path, x, force, cancel):
     return diff, lat, "dense safetensors (pruned zeros, dequantized values)"
 
 
-def _export_packed(result, path, x, force, cancel, entropy: bool = False):
-    info = write_packed(result, path, force=force, entropy=entropy, cancel=cancel)
+def _export_packed(result, path, x, force, cancel, entropy: bool = False, progress=no_progress):
+    info = write_packed(
+        result, path, force=force, entropy=entropy, progress=scaled(progress, 0, 0.8), cancel=cancel
+    )
     diff = lat = None
     if x is not None and result.compressed.can_run:
         restored = load_packed(path, base=result.original)
         diff = _max_abs_diff(_forward(restored.module, x), _forward(result.compressed.module, x))
         lat = _torch_latency(restored.module, x)
     err = 100.0 * (info.bytes_on_disk - info.estimate_bytes) / max(info.estimate_bytes, 1)
-    note = (
-        f"estimate {info.estimate_bytes} B ({err:+.2f}%), entropy bound "
-        f"{info.entropy_bound_bytes} B{', zstd-coded codes' if info.entropy_coded else ''}"
-    )
+    if info.entropy_coded:
+        note = (
+            f"codes entropy-coded with zstd; entropy bound {info.entropy_bound_bytes} B; "
+            f"the uncoded archive would be {info.estimate_bytes} B (estimate)"
+        )
+    else:
+        note = (
+            f"estimate {info.estimate_bytes} B ({err:+.2f}%), entropy bound "
+            f"{info.entropy_bound_bytes} B"
+        )
     extra = {
         "estimate_bytes": info.estimate_bytes,
         "entropy_bound_bytes": info.entropy_bound_bytes,
@@ -268,7 +283,7 @@ def _scripted(result: Any, x: torch.Tensor | None) -> tuple[torch.jit.ScriptModu
         except Exception as exc:  # noqa: BLE001 - scripting fails on arbitrary Python in many ways
             script_error = f"{type(exc).__name__}"
     else:
-        script_error = "torch.export graph"
+        script_error = "a torch.export graph is not scriptable"
     if x is None:
         raise ExportError(
             f"the model cannot be scripted ({script_error}) and tracing needs an example input",
@@ -355,12 +370,12 @@ def _onnx_fp32(result: Any, x: torch.Tensor, target: Path) -> None:
         ) from None
 
 
-def _onnx_verify(path: Path, result: Any, x: torch.Tensor) -> tuple[float, float]:
+def _onnx_verify(path: Path, result: Any, x: torch.Tensor) -> tuple[float, float | None]:
     sess = ort_session(path)
     xn = x.detach().cpu().numpy()
     out = sess.run(None, {sess.get_inputs()[0].name: xn})[0]
     diff = _max_abs_diff(out, _forward(result.compressed.module, x))
-    return diff, ort_latency(sess, xn)
+    return diff, (ort_latency(sess, xn) if _MEASURE.get() else None)
 
 
 def _export_onnx(result, path, x, force, cancel):
@@ -380,10 +395,12 @@ class _Calibration:
         return next(self._batches, None)
 
 
-def _has_conv(result: Any) -> bool:
-    return any(
-        isinstance(m, torch.nn.modules.conv._ConvNd) for m in result.compressed.module.modules()
-    )
+def _has_conv(onnx_path: Path) -> bool:
+    """True when the graph convolves (decided on the ONNX graph: works for every source format)."""
+    import onnx
+
+    graph = onnx.load(str(onnx_path), load_external_data=False).graph
+    return any(node.op_type == "Conv" for node in graph.node)
 
 
 def _quantize_onnx(src: Path, dst: Path, x: np.ndarray, static: bool) -> None:
@@ -416,14 +433,23 @@ def _quantize_onnx(src: Path, dst: Path, x: np.ndarray, static: bool) -> None:
         quantize_dynamic(str(pre), str(dst), weight_type=QuantType.QInt8, per_channel=False)
 
 
+INT8_MODES = ("auto", "static", "dynamic")
+
+
 def _export_onnx_int8(result, path, x, force, cancel, int8_mode: str = "auto"):
+    if int8_mode not in INT8_MODES:
+        raise ExportError(
+            f"unknown int8 mode {int8_mode!r}", hint=f"choose from {', '.join(INT8_MODES)}"
+        )
     x = _example(result, x, "onnx-int8")
     xn = x.detach().cpu().numpy()
     floating = np.issubdtype(xn.dtype, np.floating)
-    static = int8_mode == "static" or (int8_mode == "auto" and _has_conv(result) and floating)
     with tempfile.TemporaryDirectory(prefix="workbench-onnx-") as tmpdir:
         fp32 = Path(tmpdir) / "model.fp32.onnx"
         _onnx_fp32(result, x, fp32)
+        # Static QDQ pays off where convolutions dominate (QLinearConv); dynamic quantization
+        # suits MatMul/LSTM graphs and needs no calibration.
+        static = int8_mode == "static" or (int8_mode == "auto" and floating and _has_conv(fp32))
         if cancel is not None:
             cancel.check()
         try:
@@ -470,6 +496,7 @@ def export(
     data: Any = None,
     entropy: bool = False,
     int8_mode: str = "auto",
+    latency: bool = True,
     progress: ProgressFn = no_progress,
     cancel: CancelToken | None = None,
 ) -> ExportRecord:
@@ -493,6 +520,8 @@ def export(
     int8_mode
         ``onnx-int8``: ``"dynamic"``, ``"static"`` (QDQ, calibrated on ``data``) or ``"auto"``
         (static for convolutional models with float inputs, else dynamic).
+    latency
+        Measure the latency of the written file (``latency_ms`` is None otherwise).
 
     Raises
     ------
@@ -514,9 +543,14 @@ def export(
     kwargs: dict[str, Any] = {}
     if fmt == "packed":
         kwargs["entropy"] = entropy
+        kwargs["progress"] = progress
     if fmt == "onnx-int8":
         kwargs["int8_mode"] = int8_mode
-    out = writer(result, target, x, force, cancel, **kwargs)
+    token = _MEASURE.set(latency)
+    try:
+        out = writer(result, target, x, force, cancel, **kwargs)
+    finally:
+        _MEASURE.reset(token)
     diff, lat, note = out[:3]
     extra = out[3] if len(out) > 3 else None
     progress(1.0, f"exported {fmt}")
@@ -540,6 +574,7 @@ def export_all(
     force: bool = False,
     data: Any = None,
     entropy: bool = False,
+    latency: bool = True,
     progress: ProgressFn = no_progress,
     cancel: CancelToken | None = None,
 ) -> list[ExportRecord]:
@@ -571,6 +606,7 @@ def export_all(
                 force=force,
                 data=data,
                 entropy=entropy,
+                latency=latency,
                 progress=sub,
                 cancel=cancel,
             )

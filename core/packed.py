@@ -9,7 +9,8 @@ The size model (`tensor_packed_bytes`, `archive_overhead_bytes`, `estimate_archi
 shared with the live preview (``core.estimate``) so the preview equals the file size on disk
 within 1%: every byte the writer spends is one of the terms below, and the only estimated term
 is the length of a relative-index stream (expected number of filler entries for uniformly random
-positions at the tensor's density).
+positions at the tensor's density). The index visits positions in a fixed pseudo-random order
+(`scramble_order`) so that real, structured masks behave like random ones.
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ import torch
 from core.errors import ExportError, ModelLoadError, WorkbenchError
 from core.model import LoadedModel
 from core.plan import RECIPE_VERSION, CompressionPlan, LayerConfig
-from core.progress import CancelToken
+from core.progress import CancelToken, ProgressFn, no_progress, scaled
 from core.quantization import QuantizedTensor, dequantize
 
 #: Value of ``__metadata__["format"]`` identifying our archives.
@@ -935,7 +936,11 @@ def _check_restores(name: str, value: torch.Tensor, qt: QuantizedTensor | None, 
 
 
 def pack_result(
-    result: Any, *, entropy: bool = False, cancel: CancelToken | None = None
+    result: Any,
+    *,
+    entropy: bool = False,
+    progress: ProgressFn = no_progress,
+    cancel: CancelToken | None = None,
 ) -> tuple[bytes, dict[str, str], tuple[TensorRecord, ...], ArchiveEstimate]:
     """Encode a compression result: ``(blob, metadata, records, estimate)``."""
     state = _state(result.compressed.module)
@@ -948,9 +953,10 @@ def pack_result(
             hint="the compression result is inconsistent; re-run the compression",
         )
     layout, parts, records, specs = [], [], [], []
-    for name, value in state.items():
+    for i, (name, value) in enumerate(state.items()):
         if cancel is not None:
             cancel.check()
+        progress(i / max(len(state), 1), f"packing {name}")
         qt, mask = quantized.get(name), masks.get(name)
         _check_restores(name, value, qt, mask)
         entry, p, rec, spec = _encode_tensor(name, value, qt, mask, entropy=entropy)
@@ -982,6 +988,7 @@ def write_packed(
     *,
     force: bool = False,
     entropy: bool = False,
+    progress: ProgressFn = no_progress,
     cancel: CancelToken | None = None,
 ) -> PackedInfo:
     """Write ``result`` (a `core.engine.CompressionResult`) as a packed archive, atomically.
@@ -1006,7 +1013,9 @@ def write_packed(
         Nothing partial is left behind.
     """
     target = Path(path)
-    blob, meta, records, estimate = pack_result(result, entropy=entropy, cancel=cancel)
+    blob, meta, records, estimate = pack_result(
+        result, entropy=entropy, progress=scaled(progress, 0.0, 0.95), cancel=cancel
+    )
     header = build_header(meta, len(blob))
     atomic_write(target, [header, blob], force=force, cancel=cancel)
     size = target.stat().st_size

@@ -124,9 +124,9 @@ class LayerConfig:
 class RecoveryConfig:
     """Fine-tuning / distillation after compression (``epochs == 0`` means none).
 
-    ``prune_steps > 1``: iterative pruning (Han et al. 2015): reach each layer's target
-    sparsity in that many steps (density shrinking geometrically), fine-tuning ``epochs``
-    epochs after every step; quantization is applied with the last step.
+    ``prune_steps > 1``: iterative compression (Han et al. 2015/2016): ``prune_steps - 1``
+    pruning steps reach each layer's target sparsity (density shrinking geometrically), then
+    a last step quantizes; ``epochs`` of fine-tuning follow every step.
     """
 
     epochs: int = 0

@@ -347,7 +347,7 @@ class TensorStats:
     ``sparsity`` is the fraction of exact zeros now; ``std`` is the population std.
     ``row_min``/``row_max`` are per output channel (rows of ``reshape(shape[0], -1)``);
     ``sumsq`` the sum of squares (the signal energy of SQNR estimates); ``neg_fraction`` the
-    fraction of negative values among the non-zero finite ones; ``mean_absmax_sq`` and
+    fraction of finite values with the sign bit set (the sign's share of the code entropy); ``mean_absmax_sq`` and
     ``mean_range_sq`` the channel means of ``max(|row_min|, |row_max|)**2`` and of
     ``(max(row_max, 0) - min(row_min, 0))**2`` (per-channel quantization noise estimates), and
     ``log_absmax``/``log_range`` the channel means of their natural logs over non-zero channels
@@ -438,11 +438,22 @@ def _rows(weight: torch.Tensor) -> torch.Tensor:
     return weight.reshape(weight.shape[0], math.prod(weight.shape[1:]))
 
 
-def _row_l1(rows: torch.Tensor) -> torch.Tensor:
-    """Row sums of ``|x|``, through a reused cache-sized buffer (``vector_norm(ord=1)`` and a
-    full-size ``abs()`` temporary are both several times slower on large tensors)."""
+def _block_rows(cols: int) -> int:
+    """Rows per block of the channel/radix passes: about `_CHUNK` values, so a block stays
+    in cache while several reductions read it."""
+    return max(1, _CHUNK // max(cols, 1))
+
+
+def _channel_norm(rows: torch.Tensor, order: int) -> torch.Tensor:
+    """Per-row L1 or L2 norm (the channel scores).
+
+    L1 goes block by block through a reused buffer: ``vector_norm(ord=1)`` and a full-size
+    ``abs()`` temporary are both several times slower on large tensors.
+    """
+    if order == 2:
+        return torch.linalg.vector_norm(rows, 2, dim=1)
     out = torch.empty(rows.shape[0], dtype=rows.dtype)
-    step = max(1, _CHUNK // max(rows.shape[1], 1))
+    step = _block_rows(rows.shape[1])
     buf = torch.empty((min(step, rows.shape[0]), rows.shape[1]), dtype=rows.dtype)
     for i in range(0, rows.shape[0], step):
         part = rows[i : i + step]
@@ -475,10 +486,8 @@ def score_tensor(method: str, weight: torch.Tensor, grad: GradientStats | None) 
         w = w.to(torch.float32)
     if method == "magnitude":
         return w.abs()
-    if method == "channel_l2":
-        return torch.linalg.vector_norm(_rows(w), ord=2, dim=1)
-    if method == "channel_l1":
-        return _row_l1(_rows(w))
+    if method in ("channel_l1", "channel_l2"):
+        return _channel_norm(_rows(w.contiguous()), 1 if method == "channel_l1" else 2)
     if method in GRADIENT_METHODS:
         if grad is None:
             raise CompressionError(
@@ -696,6 +705,7 @@ def _tensor_stats(
     # Bin 0 is the only one that can hold exact zeros; count them only when it is not empty.
     zeros = int(n - torch.count_nonzero(flat)) if mag[0] else 0
 
+    l1 = score_tensor("channel_l1", w, None)
     l2 = score_tensor("channel_l2", w, None)
     if nonfinite:
         finite_mask = torch.isfinite(flat)
@@ -706,9 +716,9 @@ def _tensor_stats(
         fmask2d = _rows(finite_mask.reshape(w.shape))
         row_min = torch.where(fmask2d, rows2d, torch.full_like(rows2d, big)).amin(dim=1)
         row_max = torch.where(fmask2d, rows2d, torch.full_like(rows2d, -big)).amax(dim=1)
-        empty = ~fmask2d.any(dim=1)
-        row_min = torch.where(empty, torch.zeros_like(row_min), row_min)
-        row_max = torch.where(empty, torch.zeros_like(row_max), row_max)
+        empty_rows = ~fmask2d.any(dim=1)
+        row_min = torch.where(empty_rows, torch.zeros_like(row_min), row_min)
+        row_max = torch.where(empty_rows, torch.zeros_like(row_max), row_max)
     else:
         fin = flat
         row_sq = l2.to(torch.float64).square()
@@ -718,10 +728,14 @@ def _tensor_stats(
         else:
             row_min = row_max = torch.zeros(rows2d.shape[0])
     nfin = fin.numel()
+    total = float(fin.sum())
     sumsq = float(row_sq.sum())
     if nfin:
-        lo, hi = float(row_min.min()), float(row_max.max())
-        mean = float(fin.sum()) / nfin
+        if nonfinite:
+            lo, hi = (float(v) for v in torch.aminmax(fin))
+        else:
+            lo, hi = float(row_min.min()), float(row_max.max())
+        mean = total / nfin
         var = sumsq / nfin - mean * mean
         if var <= 1e-6 * mean * mean:  # cancellation: recompute directly
             var = float(torch.var(fin.to(torch.float64), correction=0))
@@ -735,9 +749,7 @@ def _tensor_stats(
         hist_log = histogram(torch.log10(nonzero.abs()))
     else:
         hist, hist_log = _radix_histograms(signed, lo, hi, zeros)
-    neg = float(signed[:INF_EDGE].sum()) - _negative_zeros(flat, zeros)
-    nonzero_finite = nfin - zeros
-    neg_fraction = neg / nonzero_finite if nonzero_finite > 0 else 0.5
+    neg_fraction = float(signed[:INF_EDGE].sum()) / nfin if nfin else 0.5
 
     # Scores: magnitude via the radix counts already made (large) or sorted |w| (small).
     if n > SMALL_MAX:
@@ -748,7 +760,7 @@ def _tensor_stats(
     scores: dict[str, ScoreIndex] = {"magnitude": magnitude}
     unit = n // rows2d.shape[0] if rows2d.shape[0] else 1
     scores["channel_l2"] = build_index(l2, row_sq.sqrt(), unit)
-    scores["channel_l1"] = build_index(score_tensor("channel_l1", w, None), row_sq.sqrt(), unit)
+    scores["channel_l1"] = build_index(l1, row_sq.sqrt(), unit)
     if grad is not None:
         for method in GRADIENT_METHODS:
             scores[method] = build_index(score_tensor(method, w, grad), flat)
@@ -786,14 +798,6 @@ def _tensor_stats(
 def _mean_log(x: np.ndarray) -> float:
     pos = x[np.isfinite(x) & (x > 0)]
     return float(np.log(pos).mean()) if pos.size else 0.0
-
-
-def _negative_zeros(flat: torch.Tensor, zeros: int) -> int:
-    """How many of the ``zeros`` exact zeros are -0.0 (they sit in the negative radix bin 0)."""
-    if zeros == 0:
-        return 0
-    z = flat[flat == 0]
-    return int(torch.signbit(z).sum())
 
 
 # ---------------------------------------------------------------------------------------

@@ -310,17 +310,21 @@ def finetune(
 
 
 def _step_plan(plan: CompressionPlan, step: int, steps: int) -> CompressionPlan:
-    """The plan of pruning step ``step`` (1-based) of ``steps``.
+    """The plan of step ``step`` (1-based) of ``steps`` of iterative compression.
 
-    Sparsity-mode targets shrink the density geometrically, ``1 - (1 - s) ** (step / steps)``,
-    so every step removes the same fraction of the remaining weights; quantization only comes
-    with the last step (earlier steps train in float so the masks are chosen on real weights).
+    As in Deep Compression (prune, retrain, then quantize, retrain), the first ``steps - 1``
+    steps only prune, in float, and the last one quantizes at the final sparsity. Sparsity-mode
+    targets shrink the density geometrically over the pruning steps,
+    ``1 - (1 - s) ** (step / (steps - 1))``, so each removes the same fraction of what is left.
+    A single step prunes and quantizes at once.
     """
+    prune_steps = max(steps - 1, 1)
+    fraction = min(step / prune_steps, 1.0)
 
     def _cfg(cfg: LayerConfig) -> LayerConfig:
         prune, quant = cfg.prune, cfg.quant
         if prune.mode == "sparsity" and prune.method != "nm" and prune.active:
-            prune = replace(prune, sparsity=1.0 - (1.0 - prune.sparsity) ** (step / steps))
+            prune = replace(prune, sparsity=1.0 - (1.0 - prune.sparsity) ** fraction)
         if step < steps:
             quant = replace(quant, bits=None, bias_bits=None)
         return replace(cfg, prune=prune, quant=quant)

@@ -30,6 +30,8 @@ from superqt.utils import signals_blocked
 
 from app import style
 
+TITLE_SIZE = "10pt"
+
 #: Above this many levels inside the view the grid is a solid block, so it is not drawn.
 MAX_DRAWN_LEVELS = 512
 
@@ -114,7 +116,7 @@ class HistogramView(QWidget):
         self.plot.showGrid(x=True, y=True, alpha=0.15)
         self.plot.setLabel("bottom", "weight w")
         self.plot.setLabel("left", "log10(count + 1)")
-        self.plot.setTitle("Weights")
+        self.plot.setTitle("Weights", size=TITLE_SIZE)
         pi = self.plot.getPlotItem()
         self.legend = pi.addLegend(offset=(-10, 10))
         self.band = pg.LinearRegionItem(
@@ -135,7 +137,7 @@ class HistogramView(QWidget):
         self.after_curve = pg.PlotDataItem(
             stepMode="center", pen=pg.mkPen(style.AFTER_COLOR, width=2), name="after compression"
         )
-        level_pen = QPen(style.with_alpha(style.LEVEL_COLOR, 150))
+        level_pen = QPen(style.with_alpha(style.LEVEL_COLOR, 90))
         level_pen.setCosmetic(True)
         level_pen.setWidthF(1.0)
         self.levels = pg.PlotDataItem(connect="pairs", pen=level_pen)
@@ -161,8 +163,8 @@ class HistogramView(QWidget):
         self.grad_plot.setObjectName("gradientPlot")
         self.grad_plot.setMenuEnabled(False)
         self.grad_plot.showGrid(x=True, y=True, alpha=0.15)
-        self.grad_plot.setTitle("Gradients over the recorded batches")
-        self.grad_plot.setLabel("bottom", "per-weight gradient statistic")
+        self.grad_plot.setTitle("Gradients", size=TITLE_SIZE)
+        self.grad_plot.setLabel("bottom", "gradient per weight")
         self.grad_plot.setLabel("left", "log10(count + 1)")
         gpi = self.grad_plot.getPlotItem()
         gpi.addLegend(offset=(-10, 10))
@@ -248,8 +250,9 @@ class HistogramView(QWidget):
 
     @property
     def threshold_lines_active(self) -> bool:
-        """Lines show |w| thresholds, i.e. only for magnitude pruning."""
-        return self._stats is not None and self._method == "magnitude"
+        """Lines show |w| thresholds: for magnitude pruning, and at 0 before any pruning so
+        they can be grabbed to start (dragging one switches the plan to magnitude)."""
+        return self._stats is not None and self._method in ("none", "magnitude")
 
     # ------------------------------------------------------------------ drawing
     def _redraw_all(self) -> None:
@@ -267,12 +270,12 @@ class HistogramView(QWidget):
         if ts is None:
             self.curve.setData([], [])
             self.after_curve.setData([], [])
-            self.plot.setTitle("Weights — select a layer")
+            self.plot.setTitle("Weights — select a layer", size=TITLE_SIZE)
             return
         hist = ts.hist_log if abs_axis else ts.hist
         x, y = _step_xy(hist.edges, hist.counts, log_counts)
         self.curve.setData(x, y)
-        self.plot.setTitle(f"Weights of {ts.layer.name}")
+        self.plot.setTitle(f"Weights of {ts.layer.name}", size=TITLE_SIZE)
         after = self._after
         if after is not None:
             counts = after.log_abs if abs_axis else after.signed
@@ -298,7 +301,9 @@ class HistogramView(QWidget):
         self.grad_plot.setLabel("left", "log10(count + 1)" if log_counts else "count")
         self.grad_mean.setData(*_step_xy(grad.hist_mean.edges, grad.hist_mean.counts, log_counts))
         self.grad_std.setData(*_step_xy(grad.hist_std.edges, grad.hist_std.counts, log_counts))
-        self.grad_plot.setTitle(f"Gradients of {ts.layer.name} ({grad.batches} batches)")
+        self.grad_plot.setTitle(
+            f"Gradients of {ts.layer.name} ({grad.batches} batches)", size=TITLE_SIZE
+        )
         self.grad_plot.enableAutoRange()
 
     def _x_of(self, t: float) -> float | None:
@@ -311,6 +316,8 @@ class HistogramView(QWidget):
         ts = self._stats
         abs_axis = self.abs_axis.isChecked()
         t = self._threshold
+        if t is None and self._method == "none":
+            t = 0.0
         active = self.threshold_lines_active and t is not None
         pos = self._x_of(t) if active else None
         with signals_blocked(self.lines[0]), signals_blocked(self.lines[1]):

@@ -170,7 +170,12 @@ class ResultsPanel(QGroupBox):
         ("rel_l2", "Rel. L2 error", "||y - y_orig|| / ||y_orig|| over the outputs"),
         ("cosine", "Cosine", "Mean cosine similarity of outputs to the original's"),
         ("latency", "Latency", "Median CPU time of one forward pass on a batch"),
-        ("size", "Packed size", "Bytes of the packed archive (measured on the compressed model)"),
+        (
+            "size",
+            "Layer bytes",
+            "Compressed tensors only: dense fp32 vs their packed payload, measured on the result "
+            "(the file on disk adds biases and the header: see the exported files)",
+        ),
         ("sparsity", "Sparsity", "Measured fraction of zeros in the compressed weights"),
     )
 
@@ -184,6 +189,10 @@ class ResultsPanel(QGroupBox):
             self.table.verticalHeaderItem(row).setToolTip(tip)
         self.table.horizontalHeader().setSectionResizeMode(QHeaderView.ResizeMode.Stretch)
         self.table.verticalHeader().setDefaultSectionSize(20)
+        # Tall enough for every row: a scrollbar would hide latency and size.
+        self.table.setMinimumHeight(
+            20 * len(self.EVAL_ROWS) + self.table.horizontalHeader().sizeHint().height() + 4
+        )
         self.exports = QTableWidget(0, 5, self)
         self.exports.setObjectName("exportsTable")
         self.exports.setHorizontalHeaderLabels(
@@ -205,9 +214,10 @@ class ResultsPanel(QGroupBox):
         self.note.setWordWrap(True)
         layout = QVBoxLayout(self)
         layout.addWidget(self.note)
-        layout.addWidget(self.table, 3)
-        layout.addWidget(QLabel("Exported files", self))
-        layout.addWidget(self.exports, 2)
+        tables = QHBoxLayout()
+        tables.addWidget(self.table, 1)
+        tables.addWidget(self.exports, 1)
+        layout.addLayout(tables, 1)
         self._result_cells: dict[str, str] = {}
         self._clear_table()
 

@@ -28,19 +28,28 @@ from superqt.utils import signals_blocked
 
 from app.style import bits_text, decibels, human_bytes, human_count, percent
 
-COLUMNS = ("Layer", "Type", "Params", "Sparsity", "Bits", "Bytes", "SQNR")
+COLUMNS = ("Layer", "Type", "Params", "Sparsity", "Bits", "Packed", "SQNR")
 TOOLTIPS = (
     "Layer name (module path; LSTM/attention weights get one row per matrix)",
     "Module type",
     "Number of parameters of the layer (all its tensors)",
     "Fraction of the compressible weight that the current plan prunes (exact)",
     "Quantization width of the current plan (fp32 = not quantized)",
-    "Bytes of this tensor in the packed archive: before → after",
+    "Bytes of this tensor in the packed archive (hover a cell for the dense fp32 size)",
     "Estimated signal-to-quantization-and-pruning-noise ratio of this tensor (higher is better)",
 )
 #: Role under which each cell exposes a number for sorting.
 SORT_ROLE = Qt.ItemDataRole.UserRole + 1
 NAME_ROLE = Qt.ItemDataRole.UserRole + 2
+_ROLES = frozenset(
+    (
+        SORT_ROLE,
+        NAME_ROLE,
+        Qt.ItemDataRole.TextAlignmentRole,
+        Qt.ItemDataRole.ToolTipRole,
+        Qt.ItemDataRole.ForegroundRole,
+    )
+)
 
 
 class LayerTableModel(QAbstractTableModel):
@@ -50,15 +59,29 @@ class LayerTableModel(QAbstractTableModel):
         super().__init__(parent)
         self._layers: tuple = ()
         self._preview: dict[str, object] = {}
+        # Display strings per row, rebuilt once per preview: the view asks for every visible
+        # cell and role on each repaint, which during a slider drag is every step.
+        self._cells: list[tuple[str, ...]] = []
 
     def set_layers(self, layers: Sequence) -> None:
         self.beginResetModel()
         self._layers = tuple(layers)
         self._preview = {}
+        self._rebuild_cells()
         self.endResetModel()
+
+    def _rebuild_cells(self) -> None:
+        self._cells = [
+            tuple(
+                self._display(layer, self._preview.get(layer.name), col)
+                for col in range(len(COLUMNS))
+            )
+            for layer in self._layers
+        ]
 
     def set_preview(self, preview) -> None:
         self._preview = {} if preview is None else {lp.name: lp for lp in preview.layers}
+        self._rebuild_cells()
         if self._layers:
             self.dataChanged.emit(
                 self.index(0, 3), self.index(len(self._layers) - 1, len(COLUMNS) - 1)
@@ -88,19 +111,24 @@ class LayerTableModel(QAbstractTableModel):
         return None
 
     def data(self, index: QModelIndex | QPersistentModelIndex, role=Qt.ItemDataRole.DisplayRole):
-        if not index.isValid():
+        if role == Qt.ItemDataRole.DisplayRole:
+            return self._cells[index.row()][index.column()]
+        if role not in _ROLES or not index.isValid():
             return None
         layer = self._layers[index.row()]
         lp = self._preview.get(layer.name)
         col = index.column()
         if role == NAME_ROLE:
             return layer.name
-        if role == Qt.ItemDataRole.DisplayRole:
-            return self._display(layer, lp, col)
         if role == SORT_ROLE:
             return self._sort_key(layer, lp, col)
         if role == Qt.ItemDataRole.TextAlignmentRole and col >= 2:
             return int(Qt.AlignmentFlag.AlignRight | Qt.AlignmentFlag.AlignVCenter)
+        if role == Qt.ItemDataRole.ToolTipRole and col == 5 and lp is not None:
+            return (
+                f"dense fp32 {human_bytes(lp.dense_bytes)} → packed {human_bytes(lp.packed_bytes)}"
+                f" (entropy bound {human_bytes(lp.entropy_bytes)})"
+            )
         if role == Qt.ItemDataRole.ToolTipRole:
             shape = "×".join(str(s) for s in layer.shape)
             tip = f"{layer.name} ({layer.type}, weight {shape})"
@@ -135,7 +163,7 @@ class LayerTableModel(QAbstractTableModel):
         if col == 4:
             return bits_text(lp.bits)
         if col == 5:
-            return f"{human_bytes(lp.dense_bytes)} → {human_bytes(lp.packed_bytes)}"
+            return human_bytes(lp.packed_bytes)
         if col == 6:
             return decibels(lp.sqnr_db)
         return ""
@@ -188,6 +216,9 @@ class LayerTable(QWidget):
         self.proxy = _Proxy(self)
         self.proxy.setSourceModel(self.model)
         self.proxy.setSortRole(SORT_ROLE)
+        # Rows must not jump under the mouse while a slider is dragged (and re-sorting on every
+        # step costs more than the preview): the order is refreshed by `resort`.
+        self.proxy.setDynamicSortFilter(False)
         self.proxy.setFilterCaseSensitivity(Qt.CaseSensitivity.CaseInsensitive)
         self.filter_edit = QLineEdit(self)
         self.filter_edit.setPlaceholderText("Filter layers by name or type (e.g. conv, fc2)")
@@ -218,8 +249,18 @@ class LayerTable(QWidget):
             self.model.set_layers(layers)
         self.view.resizeColumnsToContents()
 
+    def resort(self) -> None:
+        """Re-apply the current sort to the latest numbers (after a drag ends)."""
+        column = self.proxy.sortColumn()
+        if column >= 0:
+            self.proxy.sort(column, self.proxy.sortOrder())
+
     def set_preview(self, preview) -> None:
+        first = preview is not None and not self.model._preview
         self.model.set_preview(preview)
+        if first:
+            # Once per model, not per slider step: sizing columns measures every cell.
+            self.view.resizeColumnsToContents()
 
     def selected_names(self) -> tuple[str, ...]:
         rows = self.view.selectionModel().selectedRows()

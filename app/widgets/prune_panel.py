@@ -160,11 +160,8 @@ class PrunePanel(QGroupBox):
         self._nm_row.setLayout(nm)
         form.addRow("N:M", self._nm_row)
         form.addRow(self.global_pool)
-        extra = QHBoxLayout()
-        extra.addWidget(self.skip)
-        extra.addStretch(1)
-        extra.addWidget(self.reset)
-        form.addRow(extra)
+        form.addRow(self.skip)
+        form.addRow(self.reset)
         form.addRow(self.hint)
         self._form = form
         self._gradients = False

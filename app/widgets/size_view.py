@@ -24,11 +24,15 @@ class SizeView(QWidget):
         self.plot = pg.PlotWidget(self)
         self.plot.setObjectName("sizePlot")
         self.plot.setMenuEnabled(False)
-        self.plot.setTitle("Size per layer: dense fp32 vs packed")
+        # Colour-coded title instead of a legend: a legend box would sit on the bars.
+        self.plot.setTitle(
+            f"Size per layer: <span style='color:{style.DENSE_COLOR.name()}'>■ dense fp32</span>"
+            f" vs <span style='color:{style.PACKED_COLOR.name()}'>■ packed (plan)</span>",
+            size="10pt",
+        )
         self.plot.setLabel("bottom", "KiB")
         self.plot.showGrid(x=True, y=False, alpha=0.15)
         self.plot.getPlotItem().invertY(True)
-        legend = self.plot.getPlotItem().addLegend(offset=(-10, 10))
         self.dense = pg.BarGraphItem(
             x0=[], y=[], width=[], height=0.38, brush=pg.mkBrush(style.DENSE_COLOR), pen=None
         )
@@ -37,8 +41,6 @@ class SizeView(QWidget):
         )
         self.plot.addItem(self.dense)
         self.plot.addItem(self.packed)
-        legend.addItem(self.dense, "dense fp32")
-        legend.addItem(self.packed, "packed (plan)")
         self.selected = pg.BarGraphItem(
             x0=[],
             y=[],

@@ -75,7 +75,9 @@ def _plans() -> dict[str, CompressionPlan]:
         "stability": simple_plan(0.5, None, "gradient_stability"),
         "threshold-global": CompressionPlan(
             default=LayerConfig(
-                prune=PruneConfig(method="magnitude", mode="threshold", threshold=0.02, scope="global")
+                prune=PruneConfig(
+                    method="magnitude", mode="threshold", threshold=0.02, scope="global"
+                )
             )
         ),
     }
@@ -232,8 +234,26 @@ def test_generated_models_preview_matches_masks(name):
     stats = analyze(loaded)
     params = dict(model.named_parameters())
     layers = {layer.name: layer for layer in stats.layers}
-    for plan in (simple_plan(0.6, 4), simple_plan(0.3, 8, "channel_l2"), simple_plan(0.0, None, "nm")):
+    for plan in (
+        simple_plan(0.6, 4),
+        simple_plan(0.3, 8, "channel_l2"),
+        simple_plan(0.0, None, "nm"),
+    ):
         pv = preview(stats, plan)
         for lp in pv.layers:
             mask = _mask(stats, layers[lp.name], lp, params[lp.tensor].detach())
             assert int(mask.sum()) == lp.nnz, (name, lp.name)
+
+
+def test_all_zero_layer_is_previewed():
+    model = nn.Sequential(nn.Linear(300, 300), nn.Linear(30, 10))
+    with torch.no_grad():
+        model[0].weight.zero_()
+        model[1].weight.zero_()
+    stats = analyze(LoadedModel(module=model, format="eager", source="z", name="z"))
+    ts = stats.tensors["0"]
+    assert ts.zeros == ts.numel and ts.sparsity == 1.0 and ts.hist_log.total == 0
+    pv = preview(stats, simple_plan(0.5, 4, scope="layer"))
+    for lp in pv.layers:
+        # every score ties at 0: the closest achievable count below the target is none
+        assert lp.nnz == lp.numel and lp.threshold == 0.0 and lp.sqnr_db == math.inf

@@ -62,7 +62,7 @@ def test_dense_pytorch_exports_hold_pruned_zeros_and_dequantized_values(tmp_path
     result = _result("resnet", sparsity=0.7, bits=4)
     x = _inputs("resnet")
     records = export_all(
-        result, ["state_dict", "safetensors", "torchscript", "pt2"], tmp_path, data=x
+        result, ["state_dict", "safetensors", "torchscript", "pt2"], tmp_path, data=x, latency=False
     )
     assert [r.path.name for r in records] == [
         "model.pt",
@@ -93,7 +93,7 @@ def test_dense_pytorch_exports_hold_pruned_zeros_and_dequantized_values(tmp_path
 def test_onnx_int8_is_smaller_and_close(tmp_path):
     result = _result("encoder", sparsity=0.5, bits=8)
     x = _inputs("encoder", n=64)
-    fp32, int8 = export_all(result, ["onnx", "onnx-int8"], tmp_path, data=x)
+    fp32, int8 = export_all(result, ["onnx", "onnx-int8"], tmp_path, data=x, latency=False)
     assert int8.path.name == "model.int8.onnx"
     assert int8.bytes_on_disk < 0.5 * fp32.bytes_on_disk
     assert "int8" in int8.note
@@ -103,7 +103,9 @@ def test_onnx_int8_is_smaller_and_close(tmp_path):
 
 def test_static_int8_for_convolutions(tmp_path):
     result = _result("resnet", sparsity=0.5, bits=8)
-    rec = export(result, "onnx-int8", tmp_path / "model.int8.onnx", data=_inputs("resnet", 64))
+    rec = export(
+        result, "onnx-int8", tmp_path / "model.int8.onnx", data=_inputs("resnet", 64), latency=False
+    )
     assert "static QDQ" in rec.note
     ref = np.abs(_torch_out(result, _inputs("resnet", 64))).max()
     assert rec.max_abs_diff < 0.1 * ref
@@ -120,7 +122,7 @@ def test_weights_only_and_torchscript_sources_refuse_what_they_cannot_do(tmp_pat
         export(wo, "torchscript", tmp_path / "a.pt")
     with pytest.raises(ExportError, match="weights-only"):
         export(wo, "onnx", tmp_path / "a.onnx")
-    rec = export(wo, "state_dict", tmp_path / "model.pt")
+    rec = export(wo, "state_dict", tmp_path / "model.pt", latency=False)
     assert rec.max_abs_diff is None and rec.bytes_on_disk > 0
 
     model, x = make("resnet")
@@ -134,7 +136,7 @@ def test_weights_only_and_torchscript_sources_refuse_what_they_cannot_do(tmp_pat
     ts_result = make_result(ts)
     with pytest.raises(ExportError, match="TorchScript model cannot be converted"):
         export(ts_result, "pt2", tmp_path / "model.pt2")
-    rec = export(ts_result, "torchscript", tmp_path / "model.torchscript.pt")
+    rec = export(ts_result, "torchscript", tmp_path / "model.torchscript.pt", latency=False)
     assert rec.note == "re-saved TorchScript" and rec.max_abs_diff == 0.0
     assert sorted(p.name for p in tmp_path.iterdir()) == ["model.pt", "model.torchscript.pt"]
 
@@ -145,7 +147,7 @@ def test_existing_files_block_the_whole_export_without_force(tmp_path):
     with pytest.raises(ExportError, match=r"model\.onnx.*--force"):
         export_all(result, ["state_dict", "onnx"], tmp_path)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["model.onnx"]
-    records = export_all(result, ["state_dict", "onnx"], tmp_path, force=True)
+    records = export_all(result, ["state_dict", "onnx"], tmp_path, force=True, latency=False)
     assert (tmp_path / "model.onnx").read_bytes() != b"old"
     assert {r.format for r in records} == {"state_dict", "onnx"}
 
@@ -249,7 +251,7 @@ def test_reexport_from_archive_restores_the_compressed_model(tmp_path):
         assert torch.equal(again.compressed.module.state_dict()[name], value)
     for a, b in zip(again.layers, result.layers, strict=True):
         assert (a.name, a.nnz, a.bits, a.method) == (b.name, b.nnz, b.bits, b.method)
-    rec = export(again, "onnx", tmp_path / "model.onnx", data=loaded.example_input)
+    rec = export(again, "onnx", tmp_path / "model.onnx", data=loaded.example_input, latency=False)
     assert rec.max_abs_diff < 1e-4
 
 
@@ -262,11 +264,11 @@ def test_report_json_and_self_contained_html(tmp_path):
 
     data = make_dataset(x, None, name="random")
     evals = {
-        "before": evaluate(result.original, data),
-        "after": evaluate(result.compressed, data, reference=result.original),
+        "before": evaluate(result.original, data, latency=False),
+        "after": evaluate(result.compressed, data, reference=result.original, latency=False),
         "data": "random",
     }
-    exports = export_all(result, ["packed", "onnx"], tmp_path, data=x)
+    exports = export_all(result, ["packed", "onnx"], tmp_path, data=x, latency=False)
     json_path, html_path = write_report(result, tmp_path, evals=evals, exports=exports)
     report = json.loads(json_path.read_text())
     assert report["compressed_bytes"] == (tmp_path / "model.packed.safetensors").stat().st_size
@@ -281,3 +283,35 @@ def test_report_json_and_self_contained_html(tmp_path):
     assert "<style>" in page and "src=" not in page and "<link" not in page
     for layer in result.layers:
         assert f"<td>{layer.name}</td>" in page
+
+
+def test_export_cli_needs_an_archive_and_known_formats(tmp_path, capsys):
+    from core.cli import main
+
+    assert main(["export", str(tmp_path), "--format", "onnx"]) == 2
+    err = capsys.readouterr().err
+    assert "model.packed.safetensors" in err and str(tmp_path) in err
+    assert main(["export", str(tmp_path), "--format", "onnx,tar"]) == 2
+    assert "unknown export format 'tar'" in capsys.readouterr().err
+
+
+def test_files_on_disk_round_trip_through_the_engine(tmp_path):
+    """TorchScript and .pt2 files: compress, pack, load back from the recorded source path."""
+    from core.engine import compress
+    from core.model_io import load_model
+    from core.packed import load_packed, write_packed
+    from core.plan import simple_plan
+    from core.stats import analyze
+
+    model, x = make("resnet")
+    torch.jit.save(torch.jit.script(model), str(tmp_path / "net.torchscript.pt"))
+    torch.export.save(torch.export.export(model, (x,)), str(tmp_path / "net.pt2"))
+    for name in ("net.torchscript.pt", "net.pt2"):
+        loaded = load_model(tmp_path / name)
+        result = compress(loaded, simple_plan(0.85, 6), analyze(loaded))
+        archive = tmp_path / f"{name}.packed.safetensors"
+        write_packed(result, archive)
+        restored = load_packed(archive)
+        assert restored.format == loaded.format
+        with torch.no_grad():
+            assert torch.equal(restored.module(x), result.compressed.module(x))

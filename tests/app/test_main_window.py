@@ -1,0 +1,332 @@
+"""The real main window, driven offscreen: open, drag, compress, cancel, fail, restore."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from PySide6.QtCore import QTimer
+from PySide6.QtGui import QImage
+from PySide6.QtWidgets import QMessageBox
+
+from app.main_window import MainWindow
+from app.style import percent
+from app.widgets.prune_panel import threshold_to_position
+from app.widgets.summary_panel import summary_texts
+from core.estimate import preview
+from core.inventory import inventory
+from core.model_io import load_model
+from core.plan import CompressionPlan, RecoveryConfig, simple_plan
+from tests.models import make
+
+TIMEOUT = 60_000
+
+
+@pytest.fixture(scope="module")
+def resnet_file(tmp_path_factory) -> Path:
+    """A generated (non-demo) model saved as TorchScript, as a user would bring it."""
+    model, _ = make("resnet")
+    path = tmp_path_factory.mktemp("models") / "resnet.ts.pt"
+    torch.jit.save(torch.jit.script(model), str(path))
+    return path
+
+
+@pytest.fixture
+def window(qtbot, settings):
+    w = MainWindow(settings)
+    qtbot.addWidget(w)
+    w.resize(1280, 800)
+    w.show()
+    yield w
+    w.controller.shutdown()
+
+
+def wait_ready(qtbot, w: MainWindow, timeout: int = TIMEOUT) -> None:
+    c = w.controller
+    qtbot.waitUntil(lambda: c.stats is not None and not c.busy(), timeout=timeout)
+
+
+def open_ready(qtbot, w: MainWindow, source) -> None:
+    w.open_model(str(source))
+    wait_ready(qtbot, w)
+
+
+def error_boxes(w: MainWindow) -> list[QMessageBox]:
+    return [
+        b for b in w.findChildren(QMessageBox) if b.objectName() == "errorDialog" and b.isVisible()
+    ]
+
+
+def assert_summary_matches_engine(w: MainWindow):
+    """The panel shows exactly the engine's numbers for the controller's current plan."""
+    c = w.controller
+    expected = preview(c.stats, c.plan)
+    assert w.summary.texts() == summary_texts(expected)
+    assert c.preview == expected
+    table = w.layer_table.model
+    for row in range(table.rowCount()):
+        layer = table.layer(row)
+        lp = next((p for p in expected.layers if p.name == layer.name), None)
+        if lp is not None:
+            assert table.index(row, 3).data() == percent(lp.sparsity)
+    return expected
+
+
+def test_opens_a_generated_torchscript_model(qtbot, window, resnet_file):
+    open_ready(qtbot, window, resnet_file)
+    layers = inventory(load_model(resnet_file))
+    table = window.layer_table.model
+    assert [table.layer(r).name for r in range(table.rowCount())] == [x.name for x in layers]
+    assert "resnet.ts.pt" in window.windowTitle()
+    shown = window.controller.selection[0]
+    assert window.histograms._stats.layer.name == shown
+    # No data for a user model: the gradient plot explains how to get one.
+    assert window.histograms.grad_stack.currentWidget() is window.histograms.grad_hint
+    window.layer_table.filter_edit.setText("bn")
+    visible = {
+        window.layer_table.proxy.index(r, 0).data()
+        for r in range(window.layer_table.proxy.rowCount())
+    }
+    assert visible and all("bn" in name for name in visible)
+
+
+def test_sparsity_slider_updates_summary_with_engine_numbers(qtbot, window, resnet_file):
+    open_ready(qtbot, window, resnet_file)
+    c = window.controller
+    assert c.scope == "model"
+    window.prune_panel.sparsity.setValue(600)
+    assert c.plan.default.prune.method == "magnitude"
+    assert c.plan.default.prune.sparsity == pytest.approx(0.6)
+    expected = assert_summary_matches_engine(window)
+    assert expected.sparsity == pytest.approx(0.6, abs=1e-3)
+    window.quant_panel.bits.setValue(5)
+    expected = assert_summary_matches_engine(window)
+    assert all(lp.bits == 5 for lp in expected.layers if not lp.skip)
+    assert expected.compression_ratio > 5
+
+
+def test_threshold_line_and_slider_stay_in_sync(qtbot, window, resnet_file):
+    open_ready(qtbot, window, resnet_file)
+    c = window.controller
+    c.set_selection(("block.conv1",))
+    view = window.histograms
+    assert view.lines[0].isVisible()
+    # What a mouse drag does: move the line, which emits sigPositionChanged.
+    view.lines[0].setValue(0.05)
+    prune = c.plan.default.prune
+    assert (prune.method, prune.mode, prune.threshold) == ("magnitude", "threshold", 0.05)
+    assert view.lines[1].value() == pytest.approx(-0.05)
+    tmax = window._threshold_max()
+    assert window.prune_panel.threshold.value() == threshold_to_position(0.05, tmax)
+    expected = assert_summary_matches_engine(window)
+    lp = expected.layer("block.conv1")
+    stats = c.stats.tensors["block.conv1"]
+    assert lp.nnz == lp.numel - stats.scores["magnitude"].count_below(0.05)
+    lo, hi = view.band.getRegion()
+    assert (lo, hi) == (pytest.approx(-lp.threshold), pytest.approx(lp.threshold))
+
+    # And the other way: the slider moves the lines to the threshold the engine applies.
+    window.prune_panel.threshold.setValue(400)
+    expected = assert_summary_matches_engine(window)
+    applied = expected.layer("block.conv1").threshold
+    assert view.lines[0].value() == pytest.approx(applied)
+    assert view.lines[1].value() == pytest.approx(-applied)
+
+
+def test_a_drag_is_one_undo_step(qtbot, window, resnet_file):
+    open_ready(qtbot, window, resnet_file)
+    c = window.controller
+    empty = c.plan
+    for value in (100, 200, 300):
+        window.prune_panel.sparsity.setValue(value)
+    window.prune_panel.editFinished.emit()
+    dragged = c.plan
+    window.quant_panel.bits.setValue(4)
+    assert c.plan.default.quant.bits == 4
+    window.act_undo.trigger()
+    assert c.plan == dragged
+    window.act_undo.trigger()
+    assert c.plan == empty
+    assert not window.act_undo.isEnabled()
+    window.act_redo.trigger()
+    assert c.plan.default.prune.sparsity == pytest.approx(0.3)
+    assert window.prune_panel.sparsity.value() == 300
+    assert_summary_matches_engine(window)
+
+
+def test_selected_layer_scope_makes_overrides(qtbot, window, resnet_file):
+    open_ready(qtbot, window, resnet_file)
+    c = window.controller
+    window.layer_table.select_names(("fc",))
+    window.layer_table._on_view_selectionChanged()
+    assert c.selection == ("fc",)
+    window.scope.setCurrentIndex(window.scope.findData("selection"))
+    window.prune_panel.sparsity.setValue(500)
+    assert c.plan.default.prune.method == "none"
+    assert c.plan.config_for("fc").prune.sparsity == pytest.approx(0.5)
+    expected = assert_summary_matches_engine(window)
+    assert expected.layer("fc").sparsity == pytest.approx(0.5, abs=0.02)
+    assert expected.layer("stem").sparsity == 0.0
+
+
+def test_compress_runs_in_a_worker_and_reports(qtbot, window):
+    open_ready(qtbot, window, "demo:mlp")
+    c = window.controller
+    c.set_plan(simple_plan(0.5, 8, "magnitude"))
+    with qtbot.waitSignal(
+        c.jobFinished, timeout=TIMEOUT, check_params_cb=lambda kind, outcome: kind == "compress"
+    ) as blocker:
+        window.act_compress.trigger()
+        assert c.busy("compress")
+    assert blocker.args == ["compress", "done"]
+    assert c.result is not None and c.result.sparsity == pytest.approx(0.5, abs=1e-3)
+    assert window.histograms._after is not None
+    # Demo data is loaded, so evaluation follows on its own.
+    qtbot.waitUntil(lambda: c.evaluation is not None, timeout=TIMEOUT)
+    after = c.evaluation.after
+    assert after.accuracy is not None and after.accuracy > 0.9
+    row = [k for k, _, _ in window.results.EVAL_ROWS].index("accuracy")
+    assert window.results.table.item(row, 1).text() == percent(after.accuracy, 2)
+    assert window.act_export.isEnabled()
+
+
+def _start_long_finetune(qtbot, window):
+    open_ready(qtbot, window, "demo:mlp")
+    c = window.controller
+    c.set_plan(simple_plan(0.8, 6).with_recovery(RecoveryConfig(epochs=500)))
+    window.act_compress.trigger()
+    qtbot.waitUntil(lambda: window.job_status.bar.value() > 0, timeout=TIMEOUT)
+    return c
+
+
+def test_event_loop_keeps_running_during_a_long_job(qtbot, window):
+    c = _start_long_finetune(qtbot, window)
+    ticks: list[float] = []
+    timer = QTimer()
+    timer.setInterval(10)
+    timer.timeout.connect(lambda: ticks.append(time.perf_counter()))
+    timer.start()
+    qtbot.wait(1000)
+    timer.stop()
+    assert c.busy("compress"), "the job should still be running"
+    assert len(ticks) >= 30
+    gaps = [b - a for a, b in zip(ticks, ticks[1:], strict=False)]
+    assert max(gaps) < 0.5
+    c.cancel_jobs()
+
+
+def test_cancel_a_running_job(qtbot, window):
+    c = _start_long_finetune(qtbot, window)
+    assert window.job_status.cancel.isEnabled()
+    with qtbot.waitSignal(c.jobFinished, timeout=TIMEOUT) as blocker:
+        window.job_status.cancel.click()
+    assert blocker.args == ["compress", "cancelled"]
+    assert c.result is None
+    assert not c.busy()
+    assert not window.job_status.cancel.isEnabled()
+    # Still usable: a new edit previews at once.
+    window.prune_panel.sparsity.setValue(300)
+    assert_summary_matches_engine(window)
+
+
+def test_a_new_compress_supersedes_the_running_one(qtbot, window):
+    c = _start_long_finetune(qtbot, window)
+    c.set_plan(simple_plan(0.3, None))
+    finished = []
+    c.jobFinished.connect(lambda kind, outcome: finished.append((kind, outcome)))
+    c.compress()
+    qtbot.waitUntil(lambda: ("compress", "done") in finished, timeout=TIMEOUT)
+    assert finished[0] == ("compress", "cancelled")
+    assert c.result.plan == c.plan
+
+
+def test_bad_file_shows_the_engines_message(qtbot, window, tmp_path):
+    bad = tmp_path / "broken.pt"
+    bad.write_bytes(b"\x00not a model" * 10)
+    window.open_model(str(bad))
+    qtbot.waitUntil(lambda: bool(error_boxes(window)), timeout=TIMEOUT)
+    box = error_boxes(window)[0]
+    assert "broken.pt" in box.text()
+    box.accept()
+    # The app stays usable.
+    open_ready(qtbot, window, "demo:cnn")
+    assert window.controller.model.source == "demo:cnn"
+
+
+def test_recipe_round_trip_and_bad_recipe(qtbot, window, tmp_path):
+    open_ready(qtbot, window, "demo:mlp")
+    c = window.controller
+    c.set_plan(simple_plan(0.75, 5, "magnitude"))
+    path = tmp_path / "r.json"
+    assert c.save_recipe(str(path))
+    c.set_plan(CompressionPlan())
+    c.load_recipe(str(path))
+    assert c.plan == CompressionPlan.load(path)
+    assert window.prune_panel.sparsity.value() == 750
+    bad = tmp_path / "bad.json"
+    bad.write_text('{"default": {"quant": {"bits": 40}}}')
+    c.load_recipe(str(bad))
+    qtbot.waitUntil(lambda: bool(error_boxes(window)), timeout=5000)
+    assert "default.quant.bits" in error_boxes(window)[0].text()
+
+
+def test_export_writes_files_and_refuses_silent_overwrite(qtbot, window, tmp_path):
+    open_ready(qtbot, window, "demo:mlp")
+    c = window.controller
+    c.set_plan(simple_plan(0.9, 4))
+    with qtbot.waitSignal(c.resultReady, timeout=TIMEOUT):
+        c.compress()
+    out = tmp_path / "out"
+    with qtbot.waitSignal(c.exported, timeout=TIMEOUT, check_params_cb=bool):
+        c.export(["packed"], str(out), report=False)
+    record = c.exports[0]
+    assert record.path.is_file() and record.bytes_on_disk == record.path.stat().st_size
+    assert window.results.exports.rowCount() == 1
+    c.export(["packed"], str(out), report=False)
+    qtbot.waitUntil(lambda: bool(error_boxes(window)), timeout=TIMEOUT)
+    assert "already exists" in error_boxes(window)[0].text()
+
+
+def test_layout_and_session_are_restored(qtbot, settings):
+    first = MainWindow(settings)
+    qtbot.addWidget(first)
+    first.show()
+    open_ready(qtbot, first, "demo:cnn")
+    first.controller.set_plan(simple_plan(0.5, 6))
+    first.histograms.log_counts.setChecked(False)
+    first.jobs_dock.hide()
+    first.close()
+    assert settings.value("session/model") == "demo:cnn"
+    assert CompressionPlan.from_json(settings.value("session/plan")) == simple_plan(0.5, 6)
+    second = MainWindow(settings)
+    qtbot.addWidget(second)
+    assert second.restored_geometry
+    assert second.jobs_dock.isHidden() and not second.layers_dock.isHidden()
+    assert not second.histograms.log_counts.isChecked()
+    second.controller.shutdown()
+
+
+def test_screenshot_command_writes_a_png(qtbot, tmp_path):
+    from app.__main__ import gui_main
+
+    recipe = tmp_path / "quick.json"
+    simple_plan(0.6, 6).save(recipe)
+    png = tmp_path / "shot.png"
+    code = gui_main(
+        [
+            "demo:cnn",
+            "--screenshot",
+            str(png),
+            "--recipe",
+            str(recipe),
+            "--select",
+            "conv2",
+            "--settings",
+            str(tmp_path / "s.ini"),
+        ]
+    )
+    assert code == 0
+    image = QImage(str(png))
+    assert image.width() >= 1280 and image.height() >= 800
