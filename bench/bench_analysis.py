@@ -119,11 +119,21 @@ def run(write: bool) -> str:
     weights = [p.detach() for n, p in model.named_parameters() if n.endswith("weight")]
     n_weights = sum(w.numel() for w in weights)
 
+    buf = torch.empty(1 << 20)
+
     def plain_pass() -> float:
-        return sum(float(torch.linalg.vector_norm(w, 1)) for w in weights)
+        """sum(|w|) over every weight, read once: abs into a cache-sized buffer, then sum."""
+        total = 0.0
+        for w in weights:
+            flat = w.reshape(-1)
+            for i in range(0, flat.numel(), buf.numel()):
+                part = flat[i : i + buf.numel()]
+                total += float(torch.abs(part, out=buf[: part.numel()]).sum())
+        return total
 
     plain, t_analyze = timed_pair(plain_pass, lambda: analyze(loaded, layers=layers), 15)
     plain_sum = timed(lambda: sum(float(w.sum()) for w in weights), 15)
+    plain_norm = timed(lambda: sum(float(torch.linalg.vector_norm(w, 1)) for w in weights), 15)
     stats = analyze(loaded, layers=layers)
 
     names = list(stats.tensors)
@@ -151,8 +161,13 @@ def run(write: bool) -> str:
     ms = 1e3
     rows = [
         ("weights (prunable tensors)", f"{n_weights:,} in {len(indices)} tensors", ""),
-        ("plain pass: sum of abs(w) (`vector_norm(w, 1)`)", f"{plain * ms:.2f} ms", "1.0x"),
-        ("plain pass: sum of w", f"{plain_sum * ms:.2f} ms", f"{plain_sum / plain:.2f}x"),
+        ("plain pass: sum of abs(w) (abs into a buffer, sum)", f"{plain * ms:.2f} ms", "1.0x"),
+        ("for reference: sum of w", f"{plain_sum * ms:.2f} ms", f"{plain_sum / plain:.2f}x"),
+        (
+            "for reference: `vector_norm(w, 1)`",
+            f"{plain_norm * ms:.2f} ms",
+            f"{plain_norm / plain:.2f}x",
+        ),
         (
             "`analyze` (no data: histograms, stats, 3 score indices)",
             f"{t_analyze * ms:.1f} ms",

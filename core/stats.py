@@ -112,8 +112,14 @@ class Histogram:
         return int(self.counts.sum())
 
 
+_F32_MAX = float(np.finfo(np.float32).max)
+
+
 def _f32(t: float) -> np.float32:
-    with np.errstate(over="ignore"):
+    """``t`` rounded to float32 (what a float32 score is compared with); huge values -> inf."""
+    if abs(t) <= _F32_MAX or not math.isfinite(t):
+        return np.float32(t)
+    with np.errstate(over="ignore"):  # the common path skips the (slow) errstate context
         return np.float32(t)
 
 

@@ -65,6 +65,7 @@ class PrunePanel(QGroupBox):
     def __init__(self, parent=None):
         super().__init__("Pruning", parent)
         self._tmax = 1.0
+        self._items_with_gradients: bool | None = None
         self.method = QComboBox(self)
         self.method.setObjectName("pruneMethod")
         for i, m in enumerate(PRUNE_METHODS):
@@ -198,16 +199,15 @@ class PrunePanel(QGroupBox):
             signals_blocked(self.skip),
         ):
             self.method.setCurrentIndex(max(0, self.method.findData(prune.method)))
-            for i, m in enumerate(PRUNE_METHODS):
-                item = self.method.model().item(i)
-                enabled = has_gradients or m not in GRADIENT_METHODS
-                item.setEnabled(enabled)
-                tip = (
-                    METHOD_HELP[m]
-                    if enabled
-                    else METHOD_HELP[m] + " (needs data: open data and Analyze)"
-                )
-                self.method.setItemData(i, tip, Qt.ItemDataRole.ToolTipRole)
+            if has_gradients != self._items_with_gradients:
+                # Only when it changes: touching the combo's items repaints it, and this
+                # runs on every slider step.
+                self._items_with_gradients = has_gradients
+                for i, m in enumerate(PRUNE_METHODS):
+                    enabled = has_gradients or m not in GRADIENT_METHODS
+                    self.method.model().item(i).setEnabled(enabled)
+                    needs = "" if enabled else " (needs data: open data and Analyze)"
+                    self.method.setItemData(i, METHOD_HELP[m] + needs, Qt.ItemDataRole.ToolTipRole)
             self.method.setToolTip(METHOD_HELP[prune.method])
             self.by_sparsity.setChecked(prune.mode == "sparsity")
             self.by_threshold.setChecked(prune.mode == "threshold")

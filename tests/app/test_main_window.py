@@ -330,3 +330,100 @@ def test_screenshot_command_writes_a_png(qtbot, tmp_path):
     assert code == 0
     image = QImage(str(png))
     assert image.width() >= 1280 and image.height() >= 800
+
+
+def test_open_data_records_gradients_and_shows_their_histogram(qtbot, window, tmp_path):
+    from core.data import digits_split
+
+    open_ready(qtbot, window, "demo:mlp")
+    c = window.controller
+    train, _ = digits_split("flat")
+    data = tmp_path / "unlabelled.npz"
+    import numpy as np
+
+    np.savez(data, x=train.x[:300].numpy())  # no y: the model's own predictions label it
+    window.open_path(str(data))
+    qtbot.waitUntil(
+        lambda: c.data_name == "unlabelled.npz" and c.stats is not None and not c.busy(),
+        timeout=TIMEOUT,
+    )
+    assert c.stats.has_gradients
+    assert len(c.train) + len(c.test) == 300
+    assert window.histograms.grad_stack.currentWidget() is window.histograms.grad_plot
+    assert "unlabelled.npz" in window.data_label.text()
+    idx = window.prune_panel.method.findData("taylor")
+    assert window.prune_panel.method.model().item(idx).isEnabled()
+
+
+def test_weights_only_checkpoint_compresses_but_cannot_run(qtbot, window, tmp_path):
+    from safetensors.torch import save_file
+
+    model, _ = make("encoder")
+    path = tmp_path / "encoder.safetensors"
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(path))
+    open_ready(qtbot, window, path)
+    c = window.controller
+    assert c.model.weights_only and c.train is None
+    assert "weights only" in window.windowTitle()
+    window.prune_panel.sparsity.setValue(500)
+    with qtbot.waitSignal(c.resultReady, timeout=TIMEOUT):
+        window.act_compress.trigger()
+    assert not window.act_evaluate.isEnabled() and not window.act_finetune.isEnabled()
+    assert window.act_export.isEnabled()
+
+
+def test_shortcuts_drive_the_plan(qtbot, window, resnet_file):
+    from PySide6.QtCore import Qt
+
+    open_ready(qtbot, window, resnet_file)
+    c = window.controller
+    window.quant_panel.bits.setValue(6)
+    window.activateWindow()
+    qtbot.keyClick(window, Qt.Key.Key_Z, Qt.KeyboardModifier.ControlModifier)
+    assert c.plan.default.quant.bits is None
+    qtbot.keyClick(
+        window,
+        Qt.Key.Key_Z,
+        Qt.KeyboardModifier.ControlModifier | Qt.KeyboardModifier.ShiftModifier,
+    )
+    assert c.plan.default.quant.bits == 6
+    assert window.act_compress.shortcut().toString() == "Ctrl+R"
+    assert window.act_export.shortcut().toString() == "Ctrl+E"
+
+
+def test_plots_follow_a_dark_palette(qtbot, window):
+    from PySide6.QtGui import QColor, QPalette
+    from PySide6.QtWidgets import QApplication
+
+    app = QApplication.instance()
+    old = app.palette()
+    dark = QPalette(old)
+    dark.setColor(QPalette.ColorRole.Base, QColor(30, 30, 30))
+    dark.setColor(QPalette.ColorRole.Text, QColor(230, 230, 230))
+    try:
+        app.setPalette(dark)
+        qtbot.waitUntil(
+            lambda: window.histograms.plot.backgroundBrush().color() == QColor(30, 30, 30),
+            timeout=5000,
+        )
+        assert window.size_view.plot.backgroundBrush().color() == QColor(30, 30, 30)
+    finally:
+        app.setPalette(old)
+
+
+def test_pickle_asks_for_trust_before_running_it(qtbot, window, tmp_path, monkeypatch):
+    model, _ = make("encoder")
+    path = tmp_path / "pickled.pt"
+    torch.save(model, str(path))
+    asked = []
+
+    def answer(parent, title, text, *args):
+        asked.append(text)
+        return QMessageBox.StandardButton.Open
+
+    monkeypatch.setattr(QMessageBox, "warning", answer)
+    window.open_model(str(path))
+    qtbot.waitUntil(lambda: bool(asked), timeout=TIMEOUT)
+    assert "pickled.pt" in asked[0] and "runs code" in asked[0]
+    wait_ready(qtbot, window)
+    assert window.controller.model.source == str(path)
