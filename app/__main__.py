@@ -79,6 +79,12 @@ def _parse_size(text: str) -> tuple[int, int]:
     return max(w, 1280), max(h, 800)
 
 
+def _quiet_offscreen(mode, context, message: str) -> None:
+    """Drop the offscreen platform's harmless "does not support propagateSizeHints" notes."""
+    if "propagateSizeHints" not in message:
+        print(message, file=sys.stderr)
+
+
 def gui_main(argv: list[str] | None = None) -> int:
     """Run the desktop workbench; returns the process exit code."""
     args = build_parser().parse_args(sys.argv[1:] if argv is None else argv)
@@ -86,10 +92,22 @@ def gui_main(argv: list[str] | None = None) -> int:
         # Rendering to a file needs no screen; this lets the screenshot script run headless.
         os.environ.setdefault("QT_QPA_PLATFORM", "offscreen")
 
-    from PySide6.QtWidgets import QApplication
-
     from core.errors import WorkbenchError
     from core.plan import CompressionPlan
+
+    plan = None
+    if args.recipe:
+        try:
+            plan = CompressionPlan.load(args.recipe)
+        except WorkbenchError as exc:
+            print(f"workbench: error: {exc}", file=sys.stderr)
+            return 2
+
+    from PySide6.QtCore import qInstallMessageHandler
+    from PySide6.QtWidgets import QApplication
+
+    offscreen = os.environ.get("QT_QPA_PLATFORM") == "offscreen"
+    previous_handler = qInstallMessageHandler(_quiet_offscreen) if offscreen else None
 
     app = QApplication.instance() or QApplication([sys.argv[0]])
     app.setApplicationName("Compression Workbench")
@@ -99,13 +117,6 @@ def gui_main(argv: list[str] | None = None) -> int:
     from app.main_window import MainWindow
 
     settings = make_settings(args.settings)
-    plan = None
-    if args.recipe:
-        try:
-            plan = CompressionPlan.load(args.recipe)
-        except WorkbenchError as exc:
-            print(f"workbench: error: {exc}", file=sys.stderr)
-            return 2
     source = args.model
     if source is None and not args.screenshot:
         last = settings.value("session/model", "")
@@ -161,6 +172,8 @@ def gui_main(argv: list[str] | None = None) -> int:
 
         window.controller.jobFinished.connect(select_once)
     code = app.exec()
+    if offscreen:
+        qInstallMessageHandler(previous_handler)
     if args.screenshot:
         window.controller.shutdown()
         return exit_code["code"]

@@ -6,7 +6,7 @@ import math
 
 import pyqtgraph as pg
 from PySide6.QtGui import QColor, QPalette
-from PySide6.QtWidgets import QApplication
+from PySide6.QtWidgets import QApplication, QGraphicsItem
 
 from app._compat import ensure_signal_refcounts
 
@@ -44,6 +44,10 @@ def apply_plot_theme(plot: pg.PlotWidget) -> None:
         axis = item.getAxis(name)
         axis.setPen(fg)
         axis.setTextPen(fg)
+        # An axis with a grid covers the whole plot, so every moving line or bar repainted
+        # it, tick labels included (~2 ms per axis per slider step). Cached as a pixmap it is
+        # re-rendered only when its range, size or pens change (those call update()).
+        axis.setCacheMode(QGraphicsItem.CacheMode.DeviceCoordinateCache)
     item.titleLabel.setAttr("color", fg.name())
     item.titleLabel.setText(item.titleLabel.text)
     legend = item.legend

@@ -17,7 +17,6 @@ Targets (issue 3): ``demo:mlp`` >= 40x smaller than fp32 with at most 0.5 point 
 from __future__ import annotations
 
 import argparse
-import json
 import platform
 import sys
 import tempfile
@@ -30,7 +29,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from core.data import demo_data_for, make_dataset, split_dataset  # noqa: E402
+from core.data import demo_data_for, make_dataset  # noqa: E402
 from core.evaluate import evaluate  # noqa: E402
 from core.export import export  # noqa: E402
 from core.model_io import load_model  # noqa: E402
@@ -42,7 +41,7 @@ from core.plan import (  # noqa: E402
     RecoveryConfig,
 )
 from core.report import fp32_bytes  # noqa: E402
-from core.training import compress_and_finetune  # noqa: E402
+from core.training import compress_and_finetune, recovery_split  # noqa: E402
 
 #: Han et al. 2016, Table 1 (MNIST, 784 inputs): the rows our table mirrors.
 PAPER = {
@@ -64,6 +63,7 @@ class Candidate:
     augment: bool = False
     batch_size: int = 32
     alpha: float = 0.7
+    seed: int = 0
 
 
 #: Hand-picked starting points, from the densest to the sparsest. The first layer of the MLP
@@ -161,16 +161,18 @@ def shifted(data, pixels: int = 1):
 
 
 def run_candidate(name: str, c: Candidate, loaded, train, test, workdir: Path) -> dict:
-    fit, val = split_dataset(train, holdout=0.15, seed=1)
+    fit, val = recovery_split(train)
     if c.augment:
         fit = shifted(fit)
     plan = plan_for(c)
     t0 = time.perf_counter()
-    torch.manual_seed(0)
+    torch.manual_seed(c.seed)
     result = compress_and_finetune(loaded, plan, fit, val)
     seconds = time.perf_counter() - t0
     path = workdir / f"{name}-{abs(hash(plan)) % 10**8}.packed.safetensors"
     record = export(result, "packed", path, force=True, data=test)
+    zpath = path.with_name(path.name.replace(".packed.", ".zstd.packed."))
+    zrecord = export(result, "packed", zpath, force=True, data=test, entropy=True)
     before = evaluate(loaded, test, latency=False)
     after = evaluate(result.compressed, test, reference=loaded, latency=False)
     val_before = evaluate(loaded, val, latency=False).accuracy
@@ -185,6 +187,10 @@ def run_candidate(name: str, c: Candidate, loaded, train, test, workdir: Path) -
         "max_abs_diff": record.max_abs_diff,
         "dense_bytes": dense,
         "ratio": dense / record.bytes_on_disk,
+        "zstd_bytes": zrecord.bytes_on_disk,
+        "zstd_ratio": dense / zrecord.bytes_on_disk,
+        "zstd_max_abs_diff": zrecord.max_abs_diff,
+        "entropy_bound_bytes": (record.extra or {}).get("entropy_bound_bytes"),
         "acc_before": before.accuracy,
         "acc_after": after.accuracy,
         "agreement": after.agreement,

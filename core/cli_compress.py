@@ -73,6 +73,11 @@ def register(subparsers) -> None:
         help="export formats: packed (default), onnx, onnx-int8, torchscript, state_dict, "
         "safetensors, pt2",
     )
+    p.add_argument(
+        "--entropy",
+        action="store_true",
+        help="entropy-code the packed archive's codes with zstd where smaller",
+    )
     p.add_argument("--force", action="store_true", help="overwrite existing files in --out")
     p.add_argument("--quiet", action="store_true", help="no progress messages on stderr")
     p.set_defaults(func=run)
@@ -171,13 +176,12 @@ def _say(quiet: bool) -> ProgressFn:
 
 def run(args: argparse.Namespace) -> int:
     """Run ``workbench compress``; returns the exit code (errors raise `WorkbenchError`)."""
-    from core.data import split_dataset
     from core.evaluate import evaluate
     from core.export import export_all, parse_formats
     from core.model_io import load_model
     from core.report import write_report
     from core.stats import analyze
-    from core.training import compress_and_finetune
+    from core.training import compress_and_finetune, recovery_split
 
     plan = _plan_from_args(args)
     formats = parse_formats(args.format)
@@ -202,7 +206,7 @@ def run(args: argparse.Namespace) -> int:
                 path=args.model,
                 hint="pass --data FILE (x and y arrays) or drop --finetune-epochs",
             )
-        fit, val = split_dataset(train, holdout=0.2, seed=1)
+        fit, val = recovery_split(train)
     progress(0.0, "compressing")
     result = compress_and_finetune(loaded, plan, fit, val, stats=stats, progress=progress)
 
@@ -216,7 +220,9 @@ def run(args: argparse.Namespace) -> int:
 
     out.mkdir(parents=True, exist_ok=True)
     progress(0.0, "exporting")
-    exports = export_all(result, formats, out, force=args.force, data=test)
+    exports = export_all(
+        result, formats, out, force=args.force, data=test, entropy=args.entropy
+    )
     plan.save(out / "recipe.json")
     json_path, _html = write_report(result, out, evals=evals, exports=exports)
     report = json.loads(Path(json_path).read_text(encoding="utf-8"))

@@ -14,7 +14,6 @@ ONNX graph with onnxruntime's quantization tools so it is smaller and faster in 
 from __future__ import annotations
 
 import contextvars
-import copy
 import math
 import statistics
 import tempfile
@@ -29,6 +28,7 @@ import numpy as np
 import torch
 
 from core.errors import ExportError, WorkbenchError
+from core.model_io import copy_module
 from core.packed import atomic_write, load_packed, write_packed
 from core.progress import CancelToken, ProgressFn, no_progress, scaled
 
@@ -104,15 +104,47 @@ def parse_formats(text: str) -> list[str]:
 # verification helpers
 # ---------------------------------------------------------------------------------------
 def _verify_input(result: Any, data: Any) -> torch.Tensor | None:
-    """A batch to run the exports on: the data's first samples, else the example input."""
+    """A batch to run the exports on: the data's first samples, else the example input.
+
+    A ``.pt2`` program exported with a static batch size only accepts exactly that many
+    samples (its guards raise otherwise), so the batch is cut, or padded by repeating its last
+    sample, to that size.
+    """
+    x: torch.Tensor | None = None
     if data is not None:
         x = data if isinstance(data, torch.Tensor) else getattr(data, "x", None)
-        if isinstance(x, torch.Tensor) and x.shape[0] > 0:
-            return x[:VERIFY_SAMPLES]
-    for loaded in (result.compressed, result.original):
-        if loaded.example_input is not None:
-            return loaded.example_input
-    return None
+        if not (isinstance(x, torch.Tensor) and x.shape[0] > 0):
+            x = None
+    if x is None:
+        x = next(
+            (
+                m.example_input
+                for m in (result.compressed, result.original)
+                if m.example_input is not None
+            ),
+            None,
+        )
+    if x is None:
+        return None
+    fixed = _fixed_batch(result)
+    if fixed:
+        x = x[:fixed]
+        if x.shape[0] < fixed:
+            x = torch.cat([x, x[-1:].expand(fixed - x.shape[0], *x.shape[1:])])
+        return x
+    return x[:VERIFY_SAMPLES]
+
+
+def _fixed_batch(result: Any) -> int | None:
+    """The only batch size the source program accepts (static-batch ``.pt2``), else None."""
+    return result.compressed.metadata.get("fixed_batch") or result.original.metadata.get(
+        "fixed_batch"
+    )
+
+
+def _batch_note(result: Any) -> str:
+    fixed = _fixed_batch(result)
+    return f"; batch size fixed at {fixed} like the source program" if fixed else ""
 
 
 def _forward(module: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
@@ -207,7 +239,7 @@ def _verify_state(result: Any, state: dict[str, torch.Tensor], x: torch.Tensor |
 
     if x is None or not result.compressed.can_run:
         return None, None
-    module = copy.deepcopy(result.compressed.module)
+    module = copy_module(result.compressed.module)
     _assign_state(module, state, Path(result.compressed.source))
     ref = _forward(result.compressed.module, x)
     return _max_abs_diff(_forward(module, x), ref), _torch_latency(module, x)
@@ -276,7 +308,7 @@ def _scripted(result: Any, x: torch.Tensor | None) -> tuple[torch.jit.ScriptModu
     if isinstance(module, torch.jit.ScriptModule):
         return module, "re-saved TorchScript"
     _require_runnable(result, "TorchScript")
-    copy_ = copy.deepcopy(module).eval()
+    copy_ = copy_module(module).eval()
     if fmt != "pt2":
         try:
             return torch.jit.script(copy_), "scripted (torch.jit.script)"
@@ -312,7 +344,7 @@ def _export_torchscript(result, path, x, force, cancel):
         reloaded = torch.jit.load(str(path), map_location="cpu")
         diff = _max_abs_diff(_forward(reloaded, x), _forward(result.compressed.module, x))
         lat = _torch_latency(reloaded, x)
-    return diff, lat, how
+    return diff, lat, how + _batch_note(result)
 
 
 def _export_pt2(result, path, x, force, cancel):
@@ -324,27 +356,52 @@ def _export_pt2(result, path, x, force, cancel):
             hint="export torchscript, onnx or packed instead",
         )
     x = _example(result, x, "pt2")
-    try:
-        with torch.no_grad():
-            ep = torch.export.export(copy.deepcopy(module).eval(), (x,))
-    except Exception as exc:  # noqa: BLE001 - export fails on arbitrary Python in many ways
-        raise ExportError(
-            f"torch.export could not capture the model ({type(exc).__name__}: "
-            f"{str(exc).splitlines()[0] if str(exc) else ''})",
-            hint="export torchscript, onnx or packed instead",
-        ) from None
+    # Keep the batch dimension dynamic, as users expect of a model file, unless the source
+    # program itself only takes one batch size or the model specialises on it.
+    attempts: list[Any] = [None] if _fixed_batch(result) else [({0: torch.export.Dim.AUTO},), None]
+    ep = None
+    for dynamic in attempts:
+        try:
+            with torch.no_grad(), warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                ep = torch.export.export(copy_module(module).eval(), (x,), dynamic_shapes=dynamic)
+            break
+        except Exception as exc:  # noqa: BLE001 - export fails on arbitrary Python in many ways
+            if dynamic is None:
+                raise ExportError(
+                    f"torch.export could not capture the model ({type(exc).__name__}: "
+                    f"{str(exc).splitlines()[0] if str(exc) else ''})",
+                    hint="export torchscript, onnx or packed instead",
+                ) from None
+    batch_dynamic = _accepts_batch(ep, int(x.shape[0]) + 1, x)
     atomic_write(
         path, force=force, cancel=cancel, writer=lambda tmp: torch.export.save(ep, str(tmp))
     )
     reloaded = torch.export.load(str(path)).module()
     diff = _max_abs_diff(_forward(reloaded, x), _forward(module, x))
-    return diff, _torch_latency(reloaded, x), "torch.export program (batch size fixed at export)"
+    note = (
+        "torch.export program (dynamic batch size)"
+        if batch_dynamic
+        else f"torch.export program (batch size fixed at {int(x.shape[0])})"
+    )
+    return diff, _torch_latency(reloaded, x), note
+
+
+def _accepts_batch(ep: Any, n: int, x: torch.Tensor) -> bool:
+    """Whether the exported program runs on a batch of ``n`` samples (not only ``len(x)``)."""
+    probe = torch.cat([x, x[-1:].expand(n - x.shape[0], *x.shape[1:])])
+    try:
+        with torch.no_grad():
+            ep.module()(probe)
+    except Exception:  # noqa: BLE001 - a shape guard raises AssertionError/RuntimeError
+        return False
+    return True
 
 
 def _onnx_fp32(result: Any, x: torch.Tensor, target: Path) -> None:
     """Write the fp32 ONNX graph of the compressed model to ``target`` (legacy exporter)."""
     module = result.compressed.module
-    model = module if isinstance(module, torch.jit.ScriptModule) else copy.deepcopy(module).eval()
+    model = module if isinstance(module, torch.jit.ScriptModule) else copy_module(module).eval()
     # Gradients stay enabled while tracing: under no_grad, nn.TransformerEncoderLayer takes
     # its fused fast path (aten::_transformer_encoder_layer_fwd), which ONNX cannot express.
     try:
@@ -358,7 +415,11 @@ def _onnx_fp32(result: Any, x: torch.Tensor, target: Path) -> None:
                 str(target),
                 input_names=["input"],
                 output_names=["output"],
-                dynamic_axes={"input": {0: "batch"}, "output": {0: "batch"}},
+                # A static-batch program bakes its batch size into reshapes: declaring the
+                # axis dynamic would promise what the graph cannot do.
+                dynamic_axes=None
+                if _fixed_batch(result)
+                else {"input": {0: "batch"}, "output": {0: "batch"}},
                 opset_version=ONNX_OPSET,
                 dynamo=False,
             )
@@ -382,7 +443,7 @@ def _export_onnx(result, path, x, force, cancel):
     x = _example(result, x, "onnx")
     atomic_write(path, force=force, cancel=cancel, writer=lambda tmp: _onnx_fp32(result, x, tmp))
     diff, lat = _onnx_verify(path, result, x)
-    return diff, lat, f"fp32 ONNX opset {ONNX_OPSET}, checked in onnxruntime"
+    return diff, lat, f"fp32 ONNX opset {ONNX_OPSET}, checked in onnxruntime" + _batch_note(result)
 
 
 class _Calibration:
@@ -473,7 +534,7 @@ def _export_onnx_int8(result, path, x, force, cancel, int8_mode: str = "auto"):
         if static
         else "dynamic int8 (int8 weights, activations quantized at run time)"
     )
-    return diff, lat, how
+    return diff, lat, how + _batch_note(result)
 
 
 _WRITERS = {
@@ -566,6 +627,54 @@ def export(
     )
 
 
+#: Formats that run or trace the model, so they need a forward pass.
+RUNNABLE_FORMATS = ("onnx", "onnx-int8", "torchscript", "pt2")
+
+
+def check_formats(loaded: Any, formats: Sequence[str], *, has_input: bool = True) -> None:
+    """Raise `ExportError` for the first format that cannot be written for ``loaded``.
+
+    Cheap (nothing runs): callers check before spending minutes on compression, and
+    `export_all` checks before writing anything, so an impossible format never leaves the
+    output directory half-written.
+
+    Parameters
+    ----------
+    loaded
+        The model to export (a `LoadedModel`: the original or the compressed one).
+    formats
+        Export formats (validated names).
+    has_input
+        Whether sample inputs (data or the model's example input) are available: ONNX and
+        ``.pt2`` exports trace the model on them.
+    """
+    for fmt in formats:
+        file_name(fmt)
+        if fmt in RUNNABLE_FORMATS and not loaded.can_run:
+            raise ExportError(
+                f"{fmt} export needs a model with a forward pass; this is a weights-only "
+                "checkpoint",
+                path=loaded.source,
+                hint="export packed/state_dict/safetensors only, or compress the model's "
+                "TorchScript or .pt2 file instead",
+            )
+        if fmt == "pt2" and isinstance(loaded.module, torch.jit.ScriptModule):
+            raise ExportError(
+                "a TorchScript model cannot be converted to a torch.export program",
+                path=loaded.source,
+                hint="export torchscript, onnx or packed instead",
+            )
+        needs_input = fmt in ("onnx", "onnx-int8", "pt2") or (
+            fmt == "torchscript" and not isinstance(loaded.module, torch.jit.ScriptModule)
+        )
+        if needs_input and not has_input and loaded.example_input is None:
+            raise ExportError(
+                f"{fmt} export traces the model and needs an example input",
+                path=loaded.source,
+                hint="give sample data (--data FILE)",
+            )
+
+
 def export_all(
     result: Any,
     formats: Sequence[str],
@@ -580,8 +689,10 @@ def export_all(
 ) -> list[ExportRecord]:
     """Write ``model.<ext>`` for every format into ``out_dir`` (created if missing).
 
-    All targets are checked before anything is written, so an existing file (without
-    ``force``) fails the whole call up front instead of leaving half the exports.
+    All targets and formats are checked before anything is written, so an existing file
+    (without ``force``) or a format the model cannot take fails the whole call up front. When
+    an export fails or is cancelled later on, the files this call created are removed again:
+    the directory holds either every requested export or none of the new ones.
     """
     out = Path(out_dir)
     fmts = list(dict.fromkeys(formats))
@@ -592,25 +703,35 @@ def export_all(
                 raise ExportError(
                     "file already exists", path=target, hint="pass --force to overwrite it"
                 )
+    check_formats(result.compressed, fmts, has_input=_verify_input(result, data) is not None)
     out.mkdir(parents=True, exist_ok=True)
     records = []
-    for i, fmt in enumerate(fmts):
-        if cancel is not None:
-            cancel.check()
-        sub = scaled(progress, i / max(len(fmts), 1), (i + 1) / max(len(fmts), 1))
-        records.append(
-            export(
-                result,
-                fmt,
-                targets[fmt],
-                force=force,
-                data=data,
-                entropy=entropy,
-                latency=latency,
-                progress=sub,
-                cancel=cancel,
+    created: list[Path] = []
+    try:
+        for i, fmt in enumerate(fmts):
+            if cancel is not None:
+                cancel.check()
+            sub = scaled(progress, i / max(len(fmts), 1), (i + 1) / max(len(fmts), 1))
+            existed = targets[fmt].exists()
+            records.append(
+                export(
+                    result,
+                    fmt,
+                    targets[fmt],
+                    force=force,
+                    data=data,
+                    entropy=entropy,
+                    latency=latency,
+                    progress=sub,
+                    cancel=cancel,
+                )
             )
-        )
+            if not existed:
+                created.append(targets[fmt])
+    except BaseException:
+        for path in created:
+            path.unlink(missing_ok=True)
+        raise
     return records
 
 
@@ -698,6 +819,7 @@ __all__ = [
     "EXPORT_FORMATS",
     "FILE_NAMES",
     "ExportRecord",
+    "check_formats",
     "export",
     "export_all",
     "file_name",

@@ -16,7 +16,8 @@ Safety: nothing from a file is unpickled with a general unpickler unless the cal
 checked before ``torch.export.load`` sees them, because that loader falls back to full
 unpickling for some members and evaluates symbolic-shape strings with sympy: members that would
 be unpickled must pass a ``weights_only`` load first, opaque/custom objects and compiled
-AOTInductor code need trust, and every symbolic expression must be plain arithmetic.
+AOTInductor code need trust, and every symbolic expression and guard (``guards_code``, which
+``ExportedProgram.module()`` compiles with ``exec``) must be plain arithmetic on input sizes.
 """
 
 from __future__ import annotations
@@ -395,11 +396,34 @@ _SYM_SAFE_NAMES = {
     "floor", "ceiling", "sqrt", "log", "exp",
 }  # fmt: skip
 _SYM_NAME = re.compile(r"^[a-z]\d+$")
+# torch writes a dynamic dimension's symbol as ``Symbol('s77', positive=True, integer=True)``:
+# a quoted shape-symbol name plus boolean assumptions, nothing else, is as harmless as ``s77``.
+_SYM_DECL = re.compile(
+    r"Symbol\(\s*'([a-z]\d+)'(?:\s*,\s*(?:positive|negative|nonnegative|nonpositive|integer|"
+    r"real|finite|nonzero|zero|even|odd)\s*=\s*(?:True|False))*\s*\)"
+)
+# Sources in a program's guards: ``L['x']`` / ``L['flat_args'][0]`` with a size/stride lookup.
+_GUARD_SOURCE = re.compile(
+    r"L\['[A-Za-z_][A-Za-z0-9_]*'\](?:\[\d+\])*"
+    r"(?:\.(?:size|stride)\(\)\[\d+\]|\.storage_offset\(\)|\.dim\(\)|\.numel\(\))?"
+)
+_GUARD_WORDS = re.compile(r"\b(?:and|or|not)\b")
+
+
+def _safe_guard(code: str) -> bool:
+    """True when a ``guards_code`` entry is a plain comparison of input sizes.
+
+    ``ExportedProgram.module()`` compiles these strings into Python with ``exec`` and runs
+    them on every call, so anything else (a call, an attribute, a string) would run code from
+    the file.
+    """
+    return _safe_sym_expr(_GUARD_WORDS.sub(" ", _GUARD_SOURCE.sub(" s0 ", code)))
 
 
 def _safe_sym_expr(expr: str) -> bool:
     """True when ``expr`` is plain symbolic-shape arithmetic (no strings, attributes, calls to
     anything but sympy shape functions) and therefore harmless for ``sympy.sympify``."""
+    expr = _SYM_DECL.sub(r" \1 ", expr)
     pos = 0
     while pos < len(expr):
         m = _SYM_TOKEN.match(expr, pos)
@@ -507,6 +531,14 @@ def _vet_pt2(path: Path, names: list[str]) -> None:
                 if not _safe_sym_expr(expr):
                     raise need_trust(
                         f"has a symbolic shape expression that is not arithmetic ({expr[:60]!r})"
+                    )
+            guards = program.get("guards_code") or []
+            if not isinstance(guards, list):
+                raise need_trust("has guard code that is not a list of expressions")
+            for code in guards:
+                if not (isinstance(code, str) and _safe_guard(code)):
+                    raise need_trust(
+                        f"has guard code that is not a plain shape check ({str(code)[:60]!r})"
                     )
 
 
@@ -921,6 +953,19 @@ def _first_tensor(out: Any) -> torch.Tensor:
 # --------------------------------------------------------------------------- copies and tensors
 
 
+def copy_module(module: nn.Module) -> nn.Module:
+    """``copy.deepcopy`` of an eager module or ``GraphModule`` without torch's internal warnings.
+
+    Deep-copying a ``torch.export`` ``GraphModule`` makes torch warn about its own deprecated
+    pytree internals (``FutureWarning: isinstance(treespec, LeafSpec)``); that is noise for the
+    user, who did nothing wrong.
+    """
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)
+        warnings.simplefilter("ignore", DeprecationWarning)
+        return copy.deepcopy(module)
+
+
 def clone_model(loaded: LoadedModel) -> LoadedModel:
     """A deep copy whose module shares no storage with the original (works for every format)."""
     module = loaded.module
@@ -932,7 +977,7 @@ def clone_model(loaded: LoadedModel) -> LoadedModel:
         if not module.training:
             new_module.eval()
     else:
-        new_module = copy.deepcopy(module)
+        new_module = copy_module(module)
     example = loaded.example_input.clone() if loaded.example_input is not None else None
     meta = dict(loaded.metadata)
     for key in ("example_args",):

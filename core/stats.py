@@ -36,7 +36,6 @@ Scores (`score_tensor`, the single definition the engine uses too):
 from __future__ import annotations
 
 import math
-import sys
 from collections.abc import Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -79,8 +78,6 @@ _BIN_HI[-1] = float(np.finfo(np.float32).max)
 _BIN_LO = EDGE_VALUES[:-1]
 #: Arithmetic centre of every finite bin.
 BIN_CENTERS = 0.5 * (_BIN_LO + _BIN_HI)
-
-_LITTLE_ENDIAN = sys.byteorder == "little"
 
 #: safetensors names of torch dtypes (the packed archive's size model keys on them).
 _ST_NAMES = {
@@ -444,10 +441,12 @@ def _rows(weight: torch.Tensor) -> torch.Tensor:
     return weight.reshape(weight.shape[0], math.prod(weight.shape[1:]))
 
 
+#: Values per block of the channel L1 pass (a reused 16 MiB buffer).
+_NORM_BLOCK = 1 << 22
+
+
 def _block_rows(cols: int) -> int:
-    """Rows per block of the channel/radix passes: about `_CHUNK` values, so a block stays
-    in cache while several reductions read it."""
-    return max(1, _CHUNK // max(cols, 1))
+    return max(1, _NORM_BLOCK // max(cols, 1))
 
 
 def _channel_norm(rows: torch.Tensor, order: int) -> torch.Tensor:
@@ -516,26 +515,28 @@ def score_tensor(method: str, weight: torch.Tensor, grad: GradientStats | None) 
 # radix pass
 # ---------------------------------------------------------------------------------------
 def _radix_range(
-    bits: torch.Tensor, energy_of: torch.Tensor | None, start: int, stop: int
-) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Signed radix counts (65536 bins) of ``bits[start:stop]``, chunk by chunk.
+    flat: torch.Tensor, energy_of: torch.Tensor | None, start: int, stop: int
+) -> tuple[np.ndarray, np.ndarray | None]:
+    """Signed radix counts (65536 bins) of ``flat[start:stop]``, chunk by chunk.
 
     ``(pattern >> 16) + 32768`` maps negative floats to ``0..32767`` (their magnitude bin)
     and non-negative ones to ``32768..65535``; the arithmetic shift does the sign handling.
+    Counts add up in numpy: small serial adds, no thread-pool round trip per chunk.
     """
-    counts = torch.zeros(2 * RADIX_BINS, dtype=torch.int64)
-    esum = torch.zeros(2 * RADIX_BINS, dtype=torch.float64) if energy_of is not None else None
+    bits = flat.view(torch.int32)
+    counts = np.zeros(2 * RADIX_BINS, dtype=np.int64)
+    esum = np.zeros(2 * RADIX_BINS, dtype=np.float64) if energy_of is not None else None
     buf = torch.empty(min(_CHUNK, max(stop - start, 1)), dtype=torch.int32)
     for s in range(start, stop, _CHUNK):
         e = min(s + _CHUNK, stop)
         b = buf[: e - s]
         torch.bitwise_right_shift(bits[s:e], 16, out=b)
         b.add_(RADIX_BINS)
-        counts += torch.bincount(b, minlength=2 * RADIX_BINS)
+        counts += torch.bincount(b, minlength=2 * RADIX_BINS).numpy()
         if esum is not None and energy_of is not None:
             w = energy_of[s:e].to(torch.float64).square_()
             w = torch.nan_to_num_(w, nan=0.0, posinf=0.0)
-            esum += torch.bincount(b, weights=w, minlength=2 * RADIX_BINS)
+            esum += torch.bincount(b, weights=w, minlength=2 * RADIX_BINS).numpy()
     return counts, esum
 
 
@@ -554,24 +555,23 @@ def radix_counts(
     if flat.dtype != torch.float32:
         flat = flat.to(torch.float32)
     flat = flat.contiguous()
-    bits = flat.view(torch.int32)
     src = energy_of.detach().reshape(-1) if energy_of is not None else None
-    n = bits.numel()
+    n = flat.numel()
     workers = max(1, min(torch.get_num_threads(), n // (4 * _CHUNK)))
     if workers == 1:
-        counts, esum = _radix_range(bits, src, 0, n)
+        counts, esum = _radix_range(flat, src, 0, n)
     else:
         step = -(-n // workers)
         with ThreadPoolExecutor(workers) as pool:
             parts = list(
                 pool.map(
-                    lambda i: _radix_range(bits, src, i * step, min((i + 1) * step, n)),
+                    lambda i: _radix_range(flat, src, i * step, min((i + 1) * step, n)),
                     range(workers),
                 )
             )
-        counts = torch.stack([p[0] for p in parts]).sum(0)
-        esum = torch.stack([p[1] for p in parts]).sum(0) if src is not None else None
-    return counts.numpy(), (esum.numpy() if esum is not None else None)
+        counts = sum(p[0] for p in parts)
+        esum = sum(p[1] for p in parts) if src is not None else None
+    return counts, esum
 
 
 def _fold(signed: np.ndarray) -> np.ndarray:

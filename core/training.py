@@ -309,6 +309,21 @@ def finetune(
     return measure_result(tuned)
 
 
+#: Share of the training data held out to pick the best fine-tuning checkpoint.
+VAL_HOLDOUT = 0.2
+
+
+def recovery_split(train):
+    """``(fit, val)``: the fixed seeded split of ``train`` that fine-tuning uses everywhere.
+
+    The CLI, the GUI and the benchmark all split the same way, so a recipe re-run from the
+    command line reproduces the benchmark's numbers exactly.
+    """
+    from core.data import split_dataset
+
+    return split_dataset(train, holdout=VAL_HOLDOUT, seed=1)
+
+
 def _step_plan(plan: CompressionPlan, step: int, steps: int) -> CompressionPlan:
     """The plan of step ``step`` (1-based) of ``steps`` of iterative compression.
 

@@ -21,6 +21,7 @@ from PySide6.QtWidgets import (
     QCheckBox,
     QHBoxLayout,
     QLabel,
+    QSizePolicy,
     QSplitter,
     QStackedWidget,
     QVBoxLayout,
@@ -108,6 +109,11 @@ class HistogramView(QWidget):
         self.abs_axis.toggled.connect(self._on_absAxis_toggled)
         self.caption = QLabel(self)
         self.caption.setWordWrap(True)
+        # Fixed height: the caption changes on every slider step, and a label whose size hint
+        # changes makes the whole window lay out and repaint.
+        self.caption.setSizePolicy(QSizePolicy.Policy.Ignored, QSizePolicy.Policy.Fixed)
+        self.caption.setFixedHeight(2 * self.caption.fontMetrics().lineSpacing() + 6)
+        self.caption.setAlignment(Qt.AlignmentFlag.AlignLeft | Qt.AlignmentFlag.AlignTop)
         self.caption.setTextInteractionFlags(Qt.TextInteractionFlag.TextSelectableByMouse)
 
         self.plot = pg.PlotWidget(self)

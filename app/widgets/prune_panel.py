@@ -89,7 +89,7 @@ class PrunePanel(QGroupBox):
         self.sparsity.setPageStep(50)
         self.sparsity.setToolTip("Target fraction of zeros (drag; the summary updates live)")
         self.sparsity_label = QLabel("0.0 %", self)
-        self.sparsity_label.setMinimumWidth(64)
+        self.sparsity_label.setFixedWidth(64)
         self.sparsity.valueChanged.connect(self._on_sparsity_valueChanged)
         self.sparsity.sliderReleased.connect(self.editFinished)
 
@@ -102,7 +102,7 @@ class PrunePanel(QGroupBox):
             "as the red line on the histogram."
         )
         self.threshold_label = QLabel("0", self)
-        self.threshold_label.setMinimumWidth(64)
+        self.threshold_label.setFixedWidth(64)
         self.threshold.valueChanged.connect(self._on_threshold_valueChanged)
         self.threshold.sliderReleased.connect(self.editFinished)
 

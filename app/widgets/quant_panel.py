@@ -35,7 +35,7 @@ class QuantPanel(QGroupBox):
             "4-5 with fine-tuning"
         )
         self.bits_label = QLabel("off", self)
-        self.bits_label.setMinimumWidth(64)
+        self.bits_label.setFixedWidth(72)
         self.bits.valueChanged.connect(self._on_bits_valueChanged)
         self.bits.sliderReleased.connect(self.editFinished)
         self.symmetric = QCheckBox("Symmetric (zero point fixed at 0)", self)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from PySide6.QtCore import Qt
 from PySide6.QtGui import QFont
-from PySide6.QtWidgets import QFormLayout, QGroupBox, QLabel
+from PySide6.QtWidgets import QFormLayout, QGroupBox, QLabel, QSizePolicy
 
 from app.style import decibels, human_bytes, human_count, percent, ratio
 
@@ -47,6 +47,9 @@ class SummaryPanel(QGroupBox):
             label.setObjectName(f"summary_{key}")
             label.setToolTip(tip)
             label.setTextInteractionFlags(Qt.TextInteractionFlag.TextSelectableByMouse)
+            # Numbers change on every slider step; a fixed-size label does not re-lay out
+            # (and repaint) the dock each time.
+            label.setSizePolicy(QSizePolicy.Policy.Ignored, QSizePolicy.Policy.Fixed)
             if key in ("ratio", "packed"):
                 label.setFont(big)
             name = QLabel(title, self)

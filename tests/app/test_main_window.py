@@ -427,3 +427,12 @@ def test_pickle_asks_for_trust_before_running_it(qtbot, window, tmp_path, monkey
     assert "pickled.pt" in asked[0] and "runs code" in asked[0]
     wait_ready(qtbot, window)
     assert window.controller.model.source == str(path)
+
+
+def test_bad_recipe_on_the_command_line_exits_2(tmp_path, capsys):
+    from app.__main__ import gui_main
+
+    recipe = tmp_path / "bad.json"
+    recipe.write_text('{"default": {"prune": {"sparsity": 1.5}}}')
+    assert gui_main(["demo:mlp", "--recipe", str(recipe)]) == 2
+    assert "default.prune.sparsity" in capsys.readouterr().err
