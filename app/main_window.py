@@ -54,7 +54,7 @@ MAX_RECENT = 8
 #: per-channel codes, 10 epochs of fine-tuning (recovers the demos' accuracy).
 SAMPLE_PLAN = simple_plan(0.7, 6, "magnitude").with_recovery(RecoveryConfig(epochs=10))
 #: Bump when the dock/toolbar layout changes so an old saved state is not restored onto it.
-STATE_VERSION = 2
+STATE_VERSION = 3
 
 
 class MainWindow(QMainWindow):
@@ -128,6 +128,12 @@ class MainWindow(QMainWindow):
         self.controls_scroll.setWidgetResizable(True)
         self.controls_scroll.setHorizontalScrollBarPolicy(Qt.ScrollBarPolicy.ScrollBarAlwaysOff)
         self.controls_scroll.setWidget(controls)
+        # Never narrower than the controls: with no horizontal scrollbar they would be clipped.
+        self.controls_scroll.setMinimumWidth(
+            controls.minimumSizeHint().width()
+            + self.controls_scroll.verticalScrollBar().sizeHint().width()
+            + 2 * self.controls_scroll.frameWidth()
+        )
 
         self.job_status = JobStatus(self)
         self.results = ResultsPanel(self)
@@ -291,8 +297,8 @@ class MainWindow(QMainWindow):
         left.addLayout(buttons)
         left.addWidget(self.data_label)
         left.addStretch(1)
-        h.addLayout(left, 3)
-        h.addWidget(self.results, 5)
+        h.addLayout(left, 2)
+        h.addWidget(self.results, 6)
         self.jobs_dock = QDockWidget("Jobs and results", self)
         self.jobs_dock.setObjectName("jobsDock")
         self.jobs_dock.setWidget(jobs)
@@ -590,6 +596,7 @@ class MainWindow(QMainWindow):
         if not c.dragging:
             self.layer_table.resort()
         self.size_view.set_preview(preview, c.selection)
+        self.results.set_stale(c.result is not None and c.result.plan != c.plan)
         self._refresh_controls()
 
     def _on_controller_selectionChanged(self, names: tuple) -> None:
@@ -608,6 +615,7 @@ class MainWindow(QMainWindow):
 
     def _on_controller_resultReady(self, result) -> None:
         self.results.set_result(result)
+        self.results.set_stale(result is not None and result.plan != self.controller.plan)
         name = self._shown_layer()
         self.histograms.set_after(self.controller.after_hists.get(name) if name else None)
         self._update_actions()

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
 import platform
 import re
 import sys
@@ -113,6 +114,7 @@ def make_plan() -> CompressionPlan:
 
 def run(write: bool) -> str:
     torch.set_num_threads(2)
+    load = os.getloadavg()[0]
     model = build_model()
     loaded = LoadedModel(module=model, format="eager", source="bench:mlp25m", name="mlp25m")
     layers = inventory(loaded)
@@ -191,7 +193,8 @@ def run(write: bool) -> str:
         f"Model: 4 Linear layers, {stats.total_params:,} parameters; torch "
         f"{torch.__version__}, {torch.get_num_threads()} threads, {platform.processor() or platform.machine()}.",
         "Times are the best of repeated calls in one run (the plain pass and `analyze` alternate, so "
-        "both see the same load); ratios are to the plain pass of the same run.",
+        "both see the same load); ratios are to the plain pass of the same run. Load average "
+        f"before the run: {load:.2f} (other processes share the cores).",
         "",
         "| step | time | ratio / aim |",
         "|---|---|---|",

@@ -1,17 +1,19 @@
 """Deep-Compression-style results for the digits demos (Han et al. 2016, Table 1).
 
-For ``demo:mlp`` (LeNet-300-100 on 8x8 digits) and ``demo:cnn`` (LeNet-5 style) this runs a few
+For ``demo:mlp`` (LeNet-300-100 on 8x8 digits) and ``demo:cnn`` (LeNet-5 style) this runs
 per-layer recipes (sparsity + code width per layer, biases at 8 bits, iterative magnitude
-pruning with distillation and quantization-aware fine-tuning), picks for each model the
-smallest archive whose *held-out validation* accuracy stays within the allowed drop, and
-writes ``docs/results.md`` with the per-layer table, error before/after on the test split and
-the sizes measured on disk (the packed archive). The winning recipes are saved to
-``resources/recipes/demo_<name>.json`` so ``workbench compress demo:mlp --recipe ...``
-reproduces them.
+pruning with distillation and quantization-aware fine-tuning), and writes ``docs/results.md``
+with the per-layer table, error before/after on the test split and the sizes measured on disk
+(the packed archive, plain and with its zstd-coded codes). The recipe is saved to
+``resources/recipes/demo_<name>.json``; fine-tuning is deterministic and uses the same
+held-out split as the CLI, so ``workbench compress demo:mlp --recipe
+resources/recipes/demo_mlp.json --out DIR`` reproduces the table's numbers.
 
 Targets (issue 3): ``demo:mlp`` >= 40x smaller than fp32 with at most 0.5 point accuracy drop;
-``demo:cnn`` >= 30x with at most 1 point drop. Run: ``.venv/bin/python bench/deep_compression.py``
-(a few minutes on 2 CPU cores; ``--quick`` tries only the first candidate per model).
+``demo:cnn`` >= 30x with at most 1 point drop; the exit status is 1 when one is missed.
+Run: ``.venv/bin/python bench/deep_compression.py`` (about a minute on 2 free CPU cores);
+``--search`` also runs the alternative candidates and keeps the smallest archive whose
+held-out validation accuracy stays within the allowed drop.
 """
 
 from __future__ import annotations
@@ -29,7 +31,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from core.data import demo_data_for, make_dataset  # noqa: E402
+from core.data import demo_data_for  # noqa: E402
 from core.evaluate import evaluate  # noqa: E402
 from core.export import export  # noqa: E402
 from core.model_io import load_model  # noqa: E402
@@ -54,48 +56,55 @@ BIAS_BITS = 8
 
 @dataclass(frozen=True)
 class Candidate:
-    """Per-layer ``(sparsity, bits)`` plus the recovery schedule."""
+    """Per-layer ``(sparsity, bits)`` plus the recovery schedule (see `plan_for`)."""
 
     layers: dict[str, tuple[float, int]]
-    steps: int
-    epochs: int
+    steps: int = 11
+    epochs: int = 20
     lr: float = 2e-3
-    augment: bool = False
     batch_size: int = 32
     alpha: float = 0.7
-    seed: int = 0
 
 
-#: Hand-picked starting points, from the densest to the sparsest. The first layer of the MLP
-#: sees 64 pixels of which about a fifth are always blank; the hidden layers carry most weights.
+#: The shipped recipe first, then the alternatives ``--search`` also runs. Found by hand on
+#: the held-out split: the hidden layers hold almost all weights and take ~95% sparsity; the
+#: first layer sees 64 pixels (a fifth always blank); the output layer is small and keeps
+#: more. 10 float pruning steps + 1 quantization step, 20 epochs each, beat 5 + 1 x 30 by
+#: about 0.4 points at the same size.
 CANDIDATES = {
     "mlp": [
-        Candidate({"fc1": (0.95, 4), "fc2": (0.965, 4), "fc3": (0.75, 5)}, steps=6, epochs=30),
-        Candidate({"fc1": (0.95, 4), "fc2": (0.97, 4), "fc3": (0.8, 4)}, steps=6, epochs=30),
-        Candidate({"fc1": (0.96, 4), "fc2": (0.975, 3), "fc3": (0.8, 4)}, steps=6, epochs=30),
+        Candidate({"fc1": (0.93, 4), "fc2": (0.955, 4), "fc3": (0.7, 5)}),
+        Candidate({"fc1": (0.93, 4), "fc2": (0.95, 4), "fc3": (0.7, 5)}),
+        Candidate({"fc1": (0.945, 4), "fc2": (0.945, 4), "fc3": (0.7, 4)}),
+        Candidate({"fc1": (0.93, 4), "fc2": (0.955, 4), "fc3": (0.7, 5)}, steps=6, epochs=30),
     ],
     "cnn": [
         Candidate(
             {
                 "conv1": (0.2, 6),
-                "conv2": (0.7, 4),
-                "fc1": (0.95, 4),
-                "fc2": (0.96, 4),
-                "fc3": (0.75, 4),
-            },
-            steps=6,
-            epochs=30,
+                "conv2": (0.78, 4),
+                "fc1": (0.965, 4),
+                "fc2": (0.965, 4),
+                "fc3": (0.82, 4),
+            }
         ),
         Candidate(
             {
                 "conv1": (0.2, 6),
                 "conv2": (0.75, 4),
-                "fc1": (0.96, 4),
+                "fc1": (0.965, 4),
+                "fc2": (0.965, 4),
+                "fc3": (0.8, 4),
+            }
+        ),
+        Candidate(
+            {
+                "conv1": (0.2, 6),
+                "conv2": (0.75, 4),
+                "fc1": (0.97, 4),
                 "fc2": (0.97, 4),
                 "fc3": (0.8, 4),
-            },
-            steps=6,
-            epochs=30,
+            }
         ),
     ],
 }
@@ -135,38 +144,11 @@ def plan_for(c: Candidate) -> CompressionPlan:
     return plan
 
 
-def shifted(data, pixels: int = 1):
-    """``data`` plus copies shifted by ``pixels`` up/down/left/right (zero fill).
-
-    The demos were trained with random 1-pixel shifts; fine-tuning on the same kind of data
-    keeps the compressed model from over-fitting the 1,070 unshifted training images.
-    """
-    x = data.x
-    img = x.reshape(-1, 8, 8)
-    copies = [img]
-    for dy, dx in ((pixels, 0), (-pixels, 0), (0, pixels), (0, -pixels)):
-        s = torch.roll(img, shifts=(dy, dx), dims=(1, 2))
-        if dy > 0:
-            s[:, :dy] = 0
-        elif dy < 0:
-            s[:, dy:] = 0
-        if dx > 0:
-            s[:, :, :dx] = 0
-        elif dx < 0:
-            s[:, :, dx:] = 0
-        copies.append(s)
-    xs = torch.cat(copies).reshape(-1, *x.shape[1:])
-    ys = data.y.repeat(len(copies)) if data.y is not None else None
-    return make_dataset(xs, ys, name=f"{data.name} + shifts")
-
-
 def run_candidate(name: str, c: Candidate, loaded, train, test, workdir: Path) -> dict:
     fit, val = recovery_split(train)
-    if c.augment:
-        fit = shifted(fit)
     plan = plan_for(c)
     t0 = time.perf_counter()
-    torch.manual_seed(c.seed)
+    torch.manual_seed(0)
     result = compress_and_finetune(loaded, plan, fit, val)
     seconds = time.perf_counter() - t0
     path = workdir / f"{name}-{abs(hash(plan)) % 10**8}.packed.safetensors"
@@ -204,12 +186,10 @@ def pick(name: str, runs: list[dict]) -> dict:
     """Smallest archive meeting the ratio target with the val drop within the limit."""
     ratio, drop = TARGETS[name]
     ok = [
-        r
-        for r in runs
-        if r["ratio"] >= ratio and 100 * (r["val_before"] - r["val_after"]) <= drop
+        r for r in runs if r["ratio"] >= ratio and 100 * (r["val_before"] - r["val_after"]) <= drop
     ]
     pool = ok or runs
-    return min(pool, key=lambda r: (r["packed_bytes"] if ok else -r["val_after"]))
+    return min(pool, key=lambda r: r["packed_bytes"] if ok else -r["val_after"])
 
 
 def table(name: str, best: dict, runs: list[dict]) -> list[str]:
@@ -240,36 +220,46 @@ def table(name: str, best: dict, runs: list[dict]) -> list[str]:
         f"| **total** | {res.total_numel:,} | {res.total_nnz:,} | {100 * res.sparsity:.1f}% "
         f"| | | | |",
         "",
-        "| | Top-1 error (test) | Size | Compression |",
+        "| | Top-1 error (test) | Size on disk | Compression |",
         "|---|---:|---:|---:|",
-        f"| fp32 reference | {err_b:.2f}% | {best['dense_bytes']:,} B | 1x |",
-        f"| compressed (packed, on disk) | {err_a:.2f}% | {best['packed_bytes']:,} B "
-        f"| **{best['ratio']:.1f}x** |",
+        f"| fp32 reference (all parameters) | {err_b:.2f}% | {best['dense_bytes']:,} B | 1x |",
+        f"| compressed, `model.packed.safetensors` | {err_a:.2f}% | "
+        f"{best['packed_bytes']:,} B | **{best['ratio']:.1f}x** |",
+        f"| same, codes zstd-coded (`--entropy`) | {err_a:.2f}% | {best['zstd_bytes']:,} B "
+        f"| {best['zstd_ratio']:.1f}x |",
         "",
         f"Top-1 agreement with the original: {100 * best['agreement']:.2f}%. Held-out "
         f"validation accuracy (used to choose the recipe): {100 * best['val_before']:.2f}% -> "
         f"{100 * best['val_after']:.2f}%. Packed archive restores the compressed model exactly "
         f"(max abs output difference {best['max_abs_diff']:.1e}); size estimate "
-        f"{best['estimate_bytes']:,} B. Recovery: {best['candidate'].steps} pruning steps x "
-        f"{best['candidate'].epochs} epochs, {best['seconds']:.1f} s.",
-        "",
-        "Candidates tried (sparsity/bits per layer -> size, ratio, val and test accuracy):",
+        f"{best['estimate_bytes']:,} B, entropy bound {best['entropy_bound_bytes']:,} B. "
+        f"Recovery: {best['candidate'].steps - 1} pruning steps + 1 quantization step, "
+        f"{best['candidate'].epochs} epochs each, {best['seconds']:.1f} s. Reproduce: "
+        f"`workbench compress demo:{name} --recipe resources/recipes/demo_{name}.json "
+        f"--out DIR`.",
         "",
     ]
-    for r in runs:
-        spec = ", ".join(f"{k} {s:.3g}/{b}" for k, (s, b) in r["candidate"].layers.items())
-        mark = " (chosen)" if r is best else ""
-        lines.append(
-            f"- {spec}: {r['packed_bytes']:,} B, {r['ratio']:.1f}x, val "
-            f"{100 * r['val_after']:.2f}%, test {100 * r['acc_after']:.2f}%{mark}"
-        )
-    lines.append("")
+    if len(runs) > 1:
+        lines += [
+            "Candidates tried (sparsity/bits per layer -> size, ratio, val and test accuracy):",
+            "",
+        ]
+        for r in runs:
+            c = r["candidate"]
+            spec = ", ".join(f"{k} {sp:.3g}/{b}" for k, (sp, b) in c.layers.items())
+            mark = " (chosen)" if r is best else ""
+            lines.append(
+                f"- {spec}, {c.steps} steps x {c.epochs} epochs: {r['packed_bytes']:,} B, "
+                f"{r['ratio']:.1f}x, val {100 * r['val_after']:.2f}%, test "
+                f"{100 * r['acc_after']:.2f}%{mark}"
+            )
+        lines.append("")
     return lines
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="first candidate per model only")
+    parser.add_argument("--search", action="store_true", help="also run the alternative candidates")
     parser.add_argument("--models", default="mlp,cnn")
     parser.add_argument("--no-write", action="store_true", help="print only")
     args = parser.parse_args(argv)
@@ -285,9 +275,10 @@ def main(argv: list[str] | None = None) -> int:
         "(straight-through) in the last step, symmetric per-tensor codes, biases at "
         f"{BIAS_BITS} bits. Sizes are bytes on disk of `model.packed.safetensors` (codes, "
         "sparsity pattern, scales, header with the recipe) against fp32 bytes of all "
-        "parameters. Errors are on the fixed 30% test split of scikit-learn's digits "
-        "(540 images, 1 image = 0.185 points); recipes are chosen on a held-out 15% of the "
-        "training split.",
+        "parameters; Deep Compression's 40x/39x include Huffman coding, comparable to our "
+        "zstd-coded row. Errors are on the fixed 30% test split of scikit-learn's digits "
+        "(540 images, 1 image = 0.185 points); the best fine-tuning checkpoint and the "
+        "recipe are chosen on a held-out 20% of the training split.",
         "",
     ]
     status = 0
@@ -295,7 +286,7 @@ def main(argv: list[str] | None = None) -> int:
         for name in args.models.split(","):
             loaded = load_model(f"demo:{name}")
             train, test = demo_data_for(loaded)
-            cands = CANDIDATES[name][:1] if args.quick else CANDIDATES[name]
+            cands = CANDIDATES[name] if args.search else CANDIDATES[name][:1]
             runs = []
             for c in cands:
                 r = run_candidate(name, c, loaded, train, test, Path(tmp))

@@ -176,7 +176,7 @@ def _say(quiet: bool) -> ProgressFn:
 
 def run(args: argparse.Namespace) -> int:
     """Run ``workbench compress``; returns the exit code (errors raise `WorkbenchError`)."""
-    from core.evaluate import evaluate
+    from core.evaluate import evaluate, require_forward
     from core.export import export_all, parse_formats
     from core.model_io import load_model
     from core.report import write_report
@@ -200,6 +200,7 @@ def run(args: argparse.Namespace) -> int:
     stats = analyze(loaded, train if needs_grads else None)
     fit = val = None
     if plan.recovery.epochs > 0:
+        require_forward(loaded, "fine-tuning")
         if train is None:
             raise CompressionError(
                 "fine-tuning needs training data",
@@ -220,9 +221,7 @@ def run(args: argparse.Namespace) -> int:
 
     out.mkdir(parents=True, exist_ok=True)
     progress(0.0, "exporting")
-    exports = export_all(
-        result, formats, out, force=args.force, data=test, entropy=args.entropy
-    )
+    exports = export_all(result, formats, out, force=args.force, data=test, entropy=args.entropy)
     plan.save(out / "recipe.json")
     json_path, _html = write_report(result, out, evals=evals, exports=exports)
     report = json.loads(Path(json_path).read_text(encoding="utf-8"))

@@ -76,6 +76,12 @@ def run(args: argparse.Namespace) -> int:
 
     formats = parse_formats(args.format)
     src = Path(args.compressed_dir)
+    if not src.exists():
+        raise ExportError(
+            "no such directory",
+            path=src,
+            hint="pass the --out directory of `workbench compress` (it writes the packed archive)",
+        )
     archive = src / ARCHIVE if src.is_dir() else src
     if not archive.is_file():
         raise ExportError(
@@ -88,12 +94,13 @@ def run(args: argparse.Namespace) -> int:
     data = _data(result, args.data)
     records = export_all(result, formats, out, force=args.force, data=data, entropy=args.entropy)
     if not args.quiet:
+        width = max((len(str(r.path)) for r in records), default=0)
         for r in records:
             diff = "n/a" if r.max_abs_diff is None else f"{r.max_abs_diff:.2e}"
             lat = "n/a" if r.latency_ms is None else f"{r.latency_ms:.3f} ms"
             print(
-                f"{r.format:<12} {r.path}  {r.bytes_on_disk:>12,} B  max|diff| {diff}  "
-                f"latency {lat}  {r.note}",
+                f"{r.format:<12} {str(r.path):<{width}}  {r.bytes_on_disk:>10,} B  "
+                f"max|diff| {diff}  latency {lat}  {r.note}",
                 file=sys.stdout,
             )
     return 0

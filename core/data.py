@@ -269,6 +269,7 @@ def load_data(path: str | Path) -> Dataset:
         raise DataError("the file is empty", path=path, hint=DATA_HINT)
 
     is_npz = False
+    names: list[str] = []
     if zipfile.is_zipfile(path):
         try:
             with zipfile.ZipFile(path) as zf:
@@ -279,14 +280,7 @@ def load_data(path: str | Path) -> Dataset:
     if is_npz:
         obj: Any = _read_npz(path)
     else:
-        with path.open("rb") as fh:
-            magic = fh.read(6)
-        if magic == b"\x93NUMPY":
-            raise DataError(
-                "this is a single .npy array; inputs and labels need names",
-                path=path,
-                hint=DATA_HINT,
-            )
+        _refuse_non_data(path, names)
         obj = _read_pt(path)
 
     if isinstance(obj, torch.Tensor):
@@ -305,10 +299,47 @@ def load_data(path: str | Path) -> Dataset:
             hint=DATA_HINT,
         )
     x = _clean_x(_as_tensor(obj["x"], "x", path), path)
+    if x.is_floating_point():
+        bad = int((~torch.isfinite(x)).sum())
+        if bad:
+            # One NaN input poisons every statistic computed from the model's outputs.
+            raise DataError(
+                f"'x' holds {bad} NaN/Inf value{'s' if bad > 1 else ''}",
+                path=path,
+                hint="drop or impute the samples with missing values",
+            )
     y = None
     if obj.get("y") is not None:
         y = _clean_y(_as_tensor(obj["y"], "y", path), x.shape[0], path)
     return Dataset(x, y, str(path))
+
+
+def _refuse_non_data(path: Path, names: list[str]) -> None:
+    """`DataError` for files that are clearly not ``.npz``/``.pt`` data: say what they are."""
+    with path.open("rb") as fh:
+        magic = fh.read(9)
+    if magic.startswith(b"\x93NUMPY"):
+        raise DataError(
+            "this is a single .npy array; inputs and labels need names",
+            path=path,
+            hint=DATA_HINT,
+        )
+    tails = {n.rsplit("/", 1)[-1] for n in names}
+    if "constants.pkl" in tails or any("/code/" in f"/{n}" for n in names):
+        raise DataError("this is a TorchScript model, not a data file", path=path, hint=DATA_HINT)
+    if "archive_format" in tails:
+        raise DataError(
+            "this is a torch.export program (.pt2), not a data file", path=path, hint=DATA_HINT
+        )
+    if not names and magic[:1] != b"\x80":
+        # Neither a zip container nor a pickle stream (protocol 2+ starts with 0x80); a
+        # safetensors file starts with its 8-byte header length, then the JSON header.
+        what = (
+            "this is a safetensors weights file, not a data file"
+            if magic[8:9] == b"{"
+            else "it is not a readable torch file or .npz archive (unknown content)"
+        )
+        raise DataError(what, path=path, hint=DATA_HINT)
 
 
 @dataclass(frozen=True)

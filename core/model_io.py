@@ -652,6 +652,42 @@ def _load_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, st
     return tensors, header_meta
 
 
+def _is_packed_archive(path: Path) -> bool:
+    """True for a `core.packed` archive (``model.packed.safetensors`` of `workbench compress`)."""
+    from safetensors import SafetensorError, safe_open
+
+    from core.packed import FORMAT_ID
+
+    try:
+        with safe_open(str(path), framework="np") as fh:
+            return (fh.metadata() or {}).get("format") == FORMAT_ID
+    except (SafetensorError, OSError, ValueError):
+        return False
+
+
+def _open_packed(path: Path, *, trust: bool) -> LoadedModel:
+    """A packed archive opened as the compressed model it holds.
+
+    The archive stores codes and masks, not an architecture: the original model recorded in it
+    gives the forward pass. When that file is gone, the dequantized weights open weights-only
+    (an unrecorded base is not guessed).
+    """
+    from core.packed import read_packed, resolve_base, restore_into
+
+    archive = read_packed(path)
+    meta: dict[str, Any] = {"detected": "packed", "packed": str(path)}
+    source = archive.metadata.get("source", "")
+    if source.startswith("demo:") or (source and Path(source).is_file()):
+        restored = restore_into(archive, resolve_base(archive, None, trust))
+        meta = {**restored.metadata, **meta, "packed_source": source}
+        return dataclasses.replace(restored, source=str(path), name=path.stem, metadata=meta)
+    meta["packed_source"] = source
+    module = WeightsOnlyModule(dict(archive.tensors), source=str(path))
+    return LoadedModel(
+        module, "safetensors", str(path), path.stem, weights_only=True, metadata=meta
+    )
+
+
 def _with_architecture(
     state: dict[str, torch.Tensor], architecture: str, path: Path
 ) -> tuple[nn.Module, str]:
@@ -842,6 +878,10 @@ def load_model(
         loaded = LoadedModel(module, "pt2", str(path), name, example_input=example, metadata=meta)
     else:
         header_meta: dict[str, str] = {}
+        if kind == "safetensors" and _is_packed_archive(path):
+            loaded = _open_packed(path, trust=trust)
+            progress(1.0, f"opened {loaded.name}")
+            return loaded
         if kind == "safetensors":
             state, header_meta = _load_safetensors(path)
             fmt = "safetensors"

@@ -452,6 +452,9 @@ def archive_metadata(
     ``architecture`` is the demo architecture a weights-only file was opened with
     (``LoadedModel.metadata["architecture"]``), so the loader can rebuild a runnable model.
     """
+    if source and not source.startswith("demo:"):
+        # Absolute, so `workbench export` finds the original from any working directory.
+        source = str(Path(source).absolute())
     meta = {"source": source, "source_format": source_format, "recipe": compact_recipe(plan)}
     if architecture:
         meta["architecture"] = architecture

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 from dataclasses import replace
+from pathlib import Path
 
-from PySide6.QtCore import Qt, Signal
+from PySide6.QtCore import Qt, QUrl, Signal
+from PySide6.QtGui import QDesktopServices
 from PySide6.QtWidgets import (
     QCheckBox,
     QDoubleSpinBox,
@@ -42,17 +44,19 @@ class JobStatus(QWidget):
         self.bar.setFormat("idle")
         self.message = QLabel("Ready.", self)
         self.message.setObjectName("jobMessage")
-        self.message.setMinimumWidth(200)
         self.cancel = QPushButton("Cancel", self)
         self.cancel.setObjectName("cancelJob")
         self.cancel.setToolTip("Stop the running job (Esc); nothing half-done is kept")
         self.cancel.setEnabled(False)
         self.cancel.clicked.connect(self.cancelRequested)
-        row = QHBoxLayout(self)
-        row.setContentsMargins(0, 0, 0, 0)
+        self.message.setWordWrap(True)
+        layout = QVBoxLayout(self)
+        layout.setContentsMargins(0, 0, 0, 0)
+        row = QHBoxLayout()
         row.addWidget(self.bar, 1)
         row.addWidget(self.cancel)
-        row.addWidget(self.message, 2)
+        layout.addLayout(row)
+        layout.addWidget(self.message)
 
     def started(self, title: str, description: str) -> None:
         self.bar.setValue(0)
@@ -207,6 +211,9 @@ class ResultsPanel(QGroupBox):
         )
         for col, tip in enumerate(tips):
             self.exports.horizontalHeaderItem(col).setToolTip(tip)
+        self.exports.setToolTip("Double-click a file to open its folder")
+        self.exports.cellDoubleClicked.connect(self._on_exports_cellDoubleClicked)
+        self._export_paths: list[str] = []
         self.exports.horizontalHeader().setStretchLastSection(True)
         self.exports.verticalHeader().setVisible(False)
         self.exports.verticalHeader().setDefaultSectionSize(20)
@@ -218,7 +225,13 @@ class ResultsPanel(QGroupBox):
         tables.addWidget(self.table, 1)
         tables.addWidget(self.exports, 1)
         layout.addLayout(tables, 1)
-        self._result_cells: dict[str, str] = {}
+        self.stale = QLabel(
+            "The plan has changed since this compression: press Compress to update.", self
+        )
+        self.stale.setObjectName("resultsStale")
+        self.stale.setStyleSheet("color: #c77c00;")
+        self.stale.setVisible(False)
+        layout.insertWidget(0, self.stale)
         self._clear_table()
 
     def _clear_table(self) -> None:
@@ -248,6 +261,10 @@ class ResultsPanel(QGroupBox):
             "Accuracy appears after Evaluate (automatic when data is loaded)."
         )
 
+    def set_stale(self, stale: bool) -> None:
+        """Say when the numbers shown belong to an older plan than the current one."""
+        self.stale.setVisible(stale)
+
     def set_evaluation(self, evaluation) -> None:
         if evaluation is None:
             for key in ("accuracy", "agreement", "rel_l2", "cosine", "latency"):
@@ -275,7 +292,13 @@ class ResultsPanel(QGroupBox):
             f"(latency per batch of {a.latency_batch})."
         )
 
+    def _on_exports_cellDoubleClicked(self, row: int, _column: int) -> None:
+        if 0 <= row < len(self._export_paths):
+            folder = Path(self._export_paths[row]).parent
+            QDesktopServices.openUrl(QUrl.fromLocalFile(str(folder)))
+
     def set_exports(self, records) -> None:
+        self._export_paths = [str(rec.path) for rec in records]
         self.exports.setRowCount(len(records))
         for row, rec in enumerate(records):
             diff = "n/a" if rec.max_abs_diff is None else f"{rec.max_abs_diff:.2e}"

@@ -221,8 +221,10 @@ class PrunePanel(QGroupBox):
         self._show_sparsity(prune.sparsity)
         shown = prune.threshold if prune.mode == "threshold" else shown_threshold
         self.threshold_label.setText("—" if shown is None else f"{shown:.4g}")
-        self.reset.setEnabled(has_override and not whole_model)
-        self.skip.setEnabled(not whole_model)
+        # Per-layer only: hidden (not just disabled) for the whole model to save room.
+        self.reset.setEnabled(has_override)
+        self.reset.setVisible(not whole_model)
+        self.skip.setVisible(not whole_model)
         self._update_visibility()
 
     def current_method(self) -> str:

@@ -4,18 +4,26 @@ from __future__ import annotations
 
 from PySide6.QtCore import Qt
 from PySide6.QtGui import QFont
-from PySide6.QtWidgets import QFormLayout, QGroupBox, QLabel, QSizePolicy
+from PySide6.QtWidgets import QGridLayout, QGroupBox, QLabel, QSizePolicy
 
 from app.style import decibels, human_bytes, human_count, percent, ratio
 
 ROWS = (
+    ("dense", "Before", "Size before: all floating-point parameters stored as dense fp32"),
+    (
+        "packed",
+        "After",
+        "Size after: the packed archive on disk: codes, sparsity pattern, scales, header",
+    ),
+    ("ratio", "Ratio", "Compression ratio: size before / size after"),
+    (
+        "sqnr",
+        "SQNR (est.)",
+        "Estimated signal-to-noise ratio of pruning + quantization, all layers",
+    ),
     ("sparsity", "Sparsity", "Fraction of zeros over all weights the plan compresses (exact)"),
-    ("nonzeros", "Kept weights", "Nonzero weights left / weights covered by the plan"),
-    ("dense", "Size before", "All floating-point parameters stored as dense fp32"),
-    ("packed", "Size after", "The packed archive on disk: codes, sparsity pattern, scales, header"),
-    ("entropy", "Entropy bound", "Lower bound if the codes were entropy-coded"),
-    ("ratio", "Compression", "Size before / size after"),
-    ("sqnr", "Est. SQNR", "Estimated signal-to-noise ratio of pruning + quantization, all layers"),
+    ("nonzeros", "Kept", "Nonzero weights left / weights covered by the plan"),
+    ("entropy", "Entropy", "Entropy-coded size: lower bound if the codes were entropy-coded"),
 )
 
 
@@ -38,11 +46,15 @@ class SummaryPanel(QGroupBox):
     def __init__(self, parent=None):
         super().__init__("Live estimate", parent)
         self.labels: dict[str, QLabel] = {}
-        form = QFormLayout(self)
+        # Two columns of (name, value) pairs: compact enough that the pruning and quantization
+        # controls below stay in view without scrolling.
+        grid = QGridLayout(self)
+        grid.setHorizontalSpacing(10)
+        grid.setVerticalSpacing(3)
         big = QFont(self.font())
         big.setPointSizeF(big.pointSizeF() * 1.25)
         big.setBold(True)
-        for key, title, tip in ROWS:
+        for i, (key, title, tip) in enumerate(ROWS):
             label = QLabel("—", self)
             label.setObjectName(f"summary_{key}")
             label.setToolTip(tip)
@@ -52,13 +64,19 @@ class SummaryPanel(QGroupBox):
             label.setSizePolicy(QSizePolicy.Policy.Ignored, QSizePolicy.Policy.Fixed)
             if key in ("ratio", "packed"):
                 label.setFont(big)
+            sample = "999.99 KiB" if key != "nonzeros" else "99.9 k / 99.9 k"
+            label.setMinimumWidth(label.fontMetrics().horizontalAdvance(sample) + 4)
             name = QLabel(title, self)
             name.setToolTip(tip)
-            form.addRow(name, label)
+            row, col = divmod(i, 2)
+            grid.addWidget(name, row, 2 * col)
+            grid.addWidget(label, row, 2 * col + 1)
             self.labels[key] = label
+        grid.setColumnStretch(1, 1)
+        grid.setColumnStretch(3, 1)
         self.note = QLabel(self)
         self.note.setWordWrap(True)
-        form.addRow(self.note)
+        grid.addWidget(self.note, (len(ROWS) + 1) // 2, 0, 1, 4)
         self.set_preview(None)
 
     def set_preview(self, preview, note: str = "") -> None:

@@ -80,6 +80,7 @@ def test_opens_a_generated_torchscript_model(qtbot, window, resnet_file):
     table = window.layer_table.model
     assert [table.layer(r).name for r in range(table.rowCount())] == [x.name for x in layers]
     assert "resnet.ts.pt" in window.windowTitle()
+    assert [a.toolTip() for a in window.recent_menu.actions()] == [str(resnet_file)]
     shown = window.controller.selection[0]
     assert window.histograms._stats.layer.name == shown
     # No data for a user model: the gradient plot explains how to get one.
@@ -169,6 +170,27 @@ def test_selected_layer_scope_makes_overrides(qtbot, window, resnet_file):
     expected = assert_summary_matches_engine(window)
     assert expected.layer("fc").sparsity == pytest.approx(0.5, abs=0.02)
     assert expected.layer("stem").sparsity == 0.0
+    window.prune_panel.skip.setChecked(True)
+    assert assert_summary_matches_engine(window).layer("fc").skip
+    window.prune_panel.reset.click()
+    assert "fc" not in c.plan.layer_overrides
+
+
+def test_log_axis_line_drag_sets_the_magnitude_threshold(qtbot, window, resnet_file):
+    import math
+
+    open_ready(qtbot, window, resnet_file)
+    c = window.controller
+    c.set_selection(("pw",))
+    view = window.histograms
+    window.prune_panel.sparsity.setValue(200)
+    view.abs_axis.setChecked(True)
+    assert view.lines[0].isVisible() and not view.lines[1].isVisible()
+    view.lines[0].setValue(math.log10(0.02))
+    prune = c.plan.default.prune
+    assert prune.mode == "threshold" and prune.threshold == pytest.approx(0.02)
+    lp = assert_summary_matches_engine(window).layer("pw")
+    assert view.band.getRegion()[1] == pytest.approx(math.log10(lp.threshold))
 
 
 def test_compress_runs_in_a_worker_and_reports(qtbot, window):
@@ -190,6 +212,9 @@ def test_compress_runs_in_a_worker_and_reports(qtbot, window):
     row = [k for k, _, _ in window.results.EVAL_ROWS].index("accuracy")
     assert window.results.table.item(row, 1).text() == percent(after.accuracy, 2)
     assert window.act_export.isEnabled()
+    assert window.results.stale.isHidden()
+    window.quant_panel.bits.setValue(4)
+    assert not window.results.stale.isHidden()
 
 
 def _start_long_finetune(qtbot, window):
@@ -342,7 +367,20 @@ def test_open_data_records_gradients_and_shows_their_histogram(qtbot, window, tm
     import numpy as np
 
     np.savez(data, x=train.x[:300].numpy())  # no y: the model's own predictions label it
-    window.open_path(str(data))
+    # Dropped on the window as a file manager would.
+    from PySide6.QtCore import QMimeData, QPointF, Qt, QUrl
+    from PySide6.QtGui import QDropEvent
+
+    mime = QMimeData()
+    mime.setUrls([QUrl.fromLocalFile(str(data))])
+    drop = QDropEvent(
+        QPointF(20, 20),
+        Qt.DropAction.CopyAction,
+        mime,
+        Qt.MouseButton.NoButton,
+        Qt.KeyboardModifier.NoModifier,
+    )
+    window.dropEvent(drop)
     qtbot.waitUntil(
         lambda: c.data_name == "unlabelled.npz" and c.stats is not None and not c.busy(),
         timeout=TIMEOUT,

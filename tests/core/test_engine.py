@@ -3,6 +3,7 @@ channel removal, cancel safety — on generated non-demo models (CNN with BatchN
 LSTM, a torch.export GraphModule, TorchScript) and the demo MLP."""
 
 import math
+from dataclasses import replace
 
 import pytest
 import torch
@@ -172,8 +173,6 @@ def test_remove_channels_resnet():
     plan = _plan("channel_l2", 0.25)
     plan = plan.with_layer("fc", LayerConfig()).with_layer("dw", LayerConfig())
     masked = compress(loaded, plan, stats)
-    from dataclasses import replace
-
     removed = compress(loaded, replace(plan, remove_channels=True), stats)
     m = removed.compressed.module
     assert m.stem.out_channels == 12 and m.block.conv1.out_channels == 12
@@ -198,8 +197,6 @@ def test_remove_channels_resnet():
 def test_remove_channels_refused_for_graph_models():
     loaded = _loaded("resnet", "torchscript")
     stats = analyze(loaded)
-    from dataclasses import replace
-
     with pytest.raises(CompressionError, match="eager"):
         compress(loaded, replace(_plan("channel_l1", 0.5), remove_channels=True), stats)
 
@@ -235,3 +232,36 @@ def test_cancel_at_every_progress_point_leaves_original_intact():
         after = _state(loaded.module)
         assert all(torch.equal(before[n], after[n]) for n in before), f"cancel at {k}"
     assert math.isclose(compress(loaded, plan, stats).sparsity, 0.9, abs_tol=1e-4)
+
+
+def test_bias_bits_quantize_biases_exactly():
+    loaded = load_model("demo:mlp")
+    stats = analyze(loaded)
+    base = simple_plan(0.9, 4, per_channel=False)
+    quant = replace(base.default.quant, bias_bits=8)
+    plan = base.with_default(replace(base.default, quant=quant))
+    result = compress(loaded, plan, stats)
+    params = dict(result.compressed.module.named_parameters())
+    originals = dict(loaded.module.named_parameters())
+    for layer in ("fc1", "fc2", "fc3"):
+        qt = result.quantized[f"{layer}.bias"]
+        assert qt.bits == 8 and qt.scale.numel() == 1 and qt.mask is None
+        bias = params[f"{layer}.bias"].detach()
+        assert torch.equal(dequantize(qt), bias)
+        assert sqnr_db(originals[f"{layer}.bias"], bias) > 38.0
+    # without bias_bits the biases stay untouched float32
+    plain = compress(loaded, base, stats)
+    assert not any(name.endswith("bias") for name in plain.quantized)
+    assert torch.equal(
+        dict(plain.compressed.module.named_parameters())["fc1.bias"], originals["fc1.bias"]
+    )
+
+
+def test_bias_bits_recipe_validation():
+    from core.errors import RecipeError
+
+    plan = CompressionPlan.from_dict({"default": {"quant": {"bits": 4, "bias_bits": 8}}})
+    assert plan.default.quant.bias_bits == 8
+    assert CompressionPlan.from_json(plan.to_json()) == plan
+    with pytest.raises(RecipeError, match="default.quant.bias_bits"):
+        CompressionPlan.from_dict({"default": {"quant": {"bias_bits": 1}}})

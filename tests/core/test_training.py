@@ -1,6 +1,8 @@
 """Fine-tuning with fixed masks and simulated quantization, distillation, best checkpoint, cancel —
 on the demo MLP and on generated eager, TorchScript and torch.export models."""
 
+from dataclasses import replace
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -11,11 +13,17 @@ from core.errors import Cancelled, CompressionError
 from core.evaluate import evaluate
 from core.model import LoadedModel
 from core.model_io import load_model
-from core.plan import RecoveryConfig, simple_plan
+from core.plan import LayerConfig, PruneConfig, QuantConfig, RecoveryConfig, simple_plan
 from core.progress import CancelToken
 from core.quantization import dequantize
 from core.stats import analyze
-from core.training import distillation_loss, finetune
+from core.training import (
+    _step_plan,
+    compress_and_finetune,
+    distillation_loss,
+    finetune,
+    recovery_split,
+)
 from tests.models import make
 
 
@@ -173,3 +181,51 @@ def test_finetune_cancel_keeps_everything():
     with pytest.raises(Cancelled):
         finetune(result, fit, val, RecoveryConfig(epochs=3), progress=progress, cancel=token)
     assert all(torch.equal(v, before[k]) for k, v in _params(result.compressed.module).items())
+
+
+def test_step_plan_schedule():
+    plan = simple_plan(0.9, 4).with_layer(
+        "fc3",
+        LayerConfig(prune=PruneConfig(method="nm"), quant=QuantConfig(bits=6, bias_bits=8)),
+    )
+    steps = [_step_plan(plan, k, 3) for k in (1, 2, 3)]
+    assert steps[0].default.prune.sparsity == pytest.approx(1 - 0.1**0.5)
+    assert steps[1].default.prune.sparsity == pytest.approx(0.9)
+    assert steps[2].default.prune.sparsity == pytest.approx(0.9)
+    assert [s.default.quant.bits for s in steps] == [None, None, 4]
+    assert [s.config_for("fc3").quant.bias_bits for s in steps] == [None, None, 8]
+    assert all(s.config_for("fc3").prune.method == "nm" for s in steps)
+    assert _step_plan(plan, 1, 1) == plan
+
+
+def test_iterative_compress_and_finetune():
+    loaded = load_model("demo:mlp")
+    train, test = digits_split("flat")
+    fit, val = recovery_split(train)
+    plan = simple_plan(0.95, 4, per_channel=False).with_recovery(
+        RecoveryConfig(epochs=1, lr=2e-3, batch_size=64, distill=True, prune_steps=3)
+    )
+    seen = []
+    result = compress_and_finetune(loaded, plan, fit, val, progress=lambda f, m: seen.append(m))
+    assert result.original is loaded and result.plan == plan
+    assert sum(int(m.sum()) for m in result.masks.values()) == round(0.05 * 50200)
+    params = dict(result.compressed.module.named_parameters())
+    for name, qt in result.quantized.items():
+        assert torch.equal(dequantize(qt), params[name].detach())
+        assert torch.all(params[name].detach()[~result.masks[name]] == 0)
+    assert any(m.startswith("step 3/3") for m in seen)
+    one_shot = compress_and_finetune(
+        loaded, plan.with_recovery(replace(plan.recovery, prune_steps=1, epochs=3)), fit, val
+    )
+    acc = evaluate(result.compressed, test, latency=False).accuracy
+    assert acc > evaluate(one_shot.compressed, test, latency=False).accuracy
+
+
+def test_iterative_refuses_gradient_stability():
+    loaded = load_model("demo:mlp")
+    train, _ = digits_split("flat")
+    plan = simple_plan(0.5, None, "gradient_stability").with_recovery(
+        RecoveryConfig(epochs=1, prune_steps=2)
+    )
+    with pytest.raises(CompressionError, match="gradient stability"):
+        compress_and_finetune(loaded, plan, *recovery_split(train))

@@ -113,12 +113,14 @@ def test_torchscript_lstm_with_data_and_finetuning(tmp_path):
         "--distill",
         "--format",
         "packed,state_dict",
+        "--entropy",
     )
     assert proc.returncode == 0, proc.stderr
     report = json.loads((out / "report.json").read_text())
     assert report["accuracy_after"] is not None
     assert 0.0 < report["fidelity"]["rel_l2"] < 1.0
     assert (out / "model.pt").is_file()
+    assert report["compressed_bytes"] == (out / "model.packed.safetensors").stat().st_size
     plan = CompressionPlan.load(out / "recipe.json")
     assert plan.recovery.epochs == 1 and plan.recovery.distill
     assert plan.default.prune.method == "taylor"
