@@ -133,9 +133,9 @@ def run(write: bool) -> str:
                 total += float(torch.abs(part, out=buf[: part.numel()]).sum())
         return total
 
-    plain, t_analyze = timed_pair(plain_pass, lambda: analyze(loaded, layers=layers), 15)
-    plain_sum = timed(lambda: sum(float(w.sum()) for w in weights), 15)
-    plain_norm = timed(lambda: sum(float(torch.linalg.vector_norm(w, 1)) for w in weights), 15)
+    plain, t_analyze = timed_pair(plain_pass, lambda: analyze(loaded, layers=layers), 40)
+    plain_sum = timed(lambda: sum(float(w.sum()) for w in weights), 40)
+    plain_norm = timed(lambda: sum(float(torch.linalg.vector_norm(w, 1)) for w in weights), 40)
     stats = analyze(loaded, layers=layers)
 
     names = list(stats.tensors)

@@ -207,7 +207,7 @@ def table(name: str, best: dict, runs: list[dict]) -> list[str]:
         f"-> **{'met' if met else 'NOT met'}**. Deep Compression Table 1, {paper[0]} on MNIST: "
         f"{paper[1]:.2f}% -> {paper[2]:.2f}% error at {paper[3]}x.",
         "",
-        "| Layer | Weights | Kept (nnz) | Sparsity | Bits | Bias bits | SQNR dB | Packed B |",
+        "| Layer | Weights | Kept (nnz) | Sparsity | Bits | Bias bits | SQNR vs fp32 dB | Packed B |",
         "|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in res.layers:
@@ -229,7 +229,8 @@ def table(name: str, best: dict, runs: list[dict]) -> list[str]:
         f"| {best['zstd_ratio']:.1f}x |",
         "",
         f"Top-1 agreement with the original: {100 * best['agreement']:.2f}%. Held-out "
-        f"validation accuracy (used to choose the recipe): {100 * best['val_before']:.2f}% -> "
+        f"validation accuracy (picks the best fine-tuning checkpoint; with `--search` also the "
+        f"recipe): {100 * best['val_before']:.2f}% -> "
         f"{100 * best['val_after']:.2f}%. Packed archive restores the compressed model exactly "
         f"(max abs output difference {best['max_abs_diff']:.1e}); size estimate "
         f"{best['estimate_bytes']:,} B, entropy bound {best['entropy_bound_bytes']:,} B. "

@@ -97,6 +97,11 @@ def _plan_from_args(args: argparse.Namespace) -> CompressionPlan:
         method = args.method or "magnitude"
         if method not in PRUNE_METHODS:
             raise RecipeError(f"--method: {method!r} is not one of {', '.join(PRUNE_METHODS)}")
+        if method == "none" and args.sparsity:
+            raise RecipeError(
+                "--sparsity has no effect with --method none",
+                hint="choose a pruning method or drop --sparsity",
+            )
         sparsity = args.sparsity if args.sparsity is not None else 0.0
         if not (math.isfinite(sparsity) and 0.0 <= sparsity < 1.0):
             raise RecipeError(f"--sparsity: {sparsity} is out of range [0, 1)")
@@ -152,10 +157,11 @@ def _random_inputs(loaded, n: int = 64):
 
 def _data_for(loaded, path: str | None):
     """(train, test) datasets: the user's file split 80/20, the demo's digits split, or None."""
-    from core.data import demo_data_for, load_data, split_dataset
+    from core.data import check_data, demo_data_for, load_data, split_dataset
 
     if path:
         data = load_data(path)
+        check_data(loaded, data)
         return split_dataset(data, holdout=0.2, seed=0)
     return demo_data_for(loaded)
 
@@ -177,7 +183,7 @@ def _say(quiet: bool) -> ProgressFn:
 def run(args: argparse.Namespace) -> int:
     """Run ``workbench compress``; returns the exit code (errors raise `WorkbenchError`)."""
     from core.evaluate import evaluate, require_forward
-    from core.export import export_all, parse_formats
+    from core.export import check_formats, export_all, parse_formats
     from core.model_io import load_model
     from core.report import write_report
     from core.stats import analyze
@@ -191,16 +197,36 @@ def run(args: argparse.Namespace) -> int:
 
     progress(0.0, f"loading {args.model}")
     loaded = load_model(args.model, trust=args.trust, architecture=args.architecture)
-    split = _data_for(loaded, args.data) if loaded.can_run else None
-    train, test = split if split is not None else (None, None)
-    progress(0.0, "analyzing")
-    # Gradient statistics cost a few forward/backward passes; only the gradient criteria use them.
     configs = [plan.default, *(cfg for _, cfg in plan.overrides)]
     needs_grads = any(c.prune.active and c.prune.method in GRADIENT_METHODS for c in configs)
-    stats = analyze(loaded, train if needs_grads else None)
-    fit = val = None
+    if needs_grads and not loaded.can_run:
+        raise CompressionError(
+            "gradient criteria (taylor, gradient_stability) need a forward pass; this is a "
+            "weights-only checkpoint",
+            path=args.model,
+            hint="use magnitude/channel/nm pruning, or give a TorchScript/.pt2 file",
+        )
     if plan.recovery.epochs > 0:
         require_forward(loaded, "fine-tuning")
+    # Fail before minutes of work when a requested format cannot be written for this model.
+    check_formats(loaded, formats, has_input=bool(args.data) or loaded.example_input is not None)
+    split = _data_for(loaded, args.data) if loaded.can_run else None
+    train, test = split if split is not None else (None, None)
+    if loaded.example_input is None and train is not None:
+        # Tracing (channel removal, exports) needs an input; the data provides one.
+        loaded = replace(loaded, example_input=train.x[:4].clone())
+    progress(0.0, "analyzing")
+    # Gradient statistics cost a few forward/backward passes; only the gradient criteria use them.
+    stats = analyze(loaded, train if needs_grads else None)
+    unknown = sorted(set(plan.layer_overrides) - {layer.name for layer in stats.layers})
+    if unknown:
+        raise RecipeError(
+            f"layers.{unknown[0]}: the model has no layer of that name",
+            path=args.recipe,
+            hint="run `workbench inspect MODEL` for the layer names",
+        )
+    fit = val = None
+    if plan.recovery.epochs > 0:
         if train is None:
             raise CompressionError(
                 "fine-tuning needs training data",
@@ -222,11 +248,26 @@ def run(args: argparse.Namespace) -> int:
     out.mkdir(parents=True, exist_ok=True)
     progress(0.0, "exporting")
     exports = export_all(result, formats, out, force=args.force, data=test, entropy=args.entropy)
+    if args.force:
+        _remove_stale_exports(out, formats)
     plan.save(out / "recipe.json")
     json_path, _html = write_report(result, out, evals=evals, exports=exports)
     report = json.loads(Path(json_path).read_text(encoding="utf-8"))
     print(_summary_line(args.model, report, out))
     return 0
+
+
+def _remove_stale_exports(out: Path, formats: list[str]) -> None:
+    """Delete ``model.*`` exports of an earlier run that this run did not rewrite.
+
+    Only called with ``--force``: the directory then describes this run alone, so a stale
+    ONNX file can never be mistaken for the new model.
+    """
+    from core.export import FILE_NAMES
+
+    keep = {FILE_NAMES[f] for f in formats}
+    for name in set(FILE_NAMES.values()) - keep:
+        (out / name).unlink(missing_ok=True)
 
 
 def _summary_line(model: str, report: dict[str, Any], out: Path) -> str:
@@ -243,7 +284,8 @@ def _summary_line(model: str, report: dict[str, Any], out: Path) -> str:
     fid = report.get("fidelity") or {}
     rel = fid.get("rel_l2")
     rel_txt = f", rel. L2 error {rel:.3g}" if rel is not None else ""
+    on = f" (evaluated on {fid['data']})" if fid.get("data") else ""
     return (
         f"{model}: {report['original_bytes']:,} B fp32 -> {packed}, sparsity "
-        f"{100 * report['sparsity']:.1f}%{acc}{rel_txt}; wrote {out}"
+        f"{100 * report['sparsity']:.1f}%{acc}{rel_txt}{on}; wrote {out}"
     )

@@ -22,7 +22,13 @@ from core.model import LayerInfo, LoadedModel
 from core.packed import tensor_packed_bytes
 from core.plan import GRADIENT_METHODS, STRUCTURED_METHODS, CompressionPlan, LayerConfig
 from core.progress import CancelToken, ProgressFn, no_progress
-from core.pruning import channel_mask, nm_mask, remove_channels_, threshold_mask
+from core.pruning import (
+    channel_mask,
+    nm_mask,
+    output_modules,
+    remove_channels_,
+    threshold_mask,
+)
 from core.quantization import QuantizedTensor, dequantize, quantize
 
 #: Formats whose module is a plain eager ``nn.Module`` (channels can be removed physically).
@@ -459,6 +465,9 @@ def _remove(
     """
     module = work.module
     modules = dict(module.named_modules())
+    # Removing the output layer's channels would change what the model returns: its pruned
+    # rows stay masked (zero) instead.
+    outputs = output_modules(module, work.example_input)
     pruned: dict[str, list[int]] = {}
     for layer in layers:
         cfg = plan.config_for(layer.name)
@@ -466,6 +475,8 @@ def _remove(
         if cfg.skip or mask is None or cfg.prune.method not in STRUCTURED_METHODS:
             continue
         owner = layer.tensor.rsplit(".", 1)[0] if "." in layer.tensor else ""
+        if owner in outputs:
+            continue
         if owner not in modules:
             raise CompressionError(f"layer {layer.name!r}: cannot find its module {owner!r}")
         rows = mask.reshape(mask.shape[0], -1).any(dim=1)

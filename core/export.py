@@ -706,13 +706,16 @@ def export_all(
     check_formats(result.compressed, fmts, has_input=_verify_input(result, data) is not None)
     out.mkdir(parents=True, exist_ok=True)
     records = []
+    # Files this call brings into existence; the current one is listed before it is written,
+    # because an interrupt can land after its rename, while it is being verified.
     created: list[Path] = []
     try:
         for i, fmt in enumerate(fmts):
             if cancel is not None:
                 cancel.check()
             sub = scaled(progress, i / max(len(fmts), 1), (i + 1) / max(len(fmts), 1))
-            existed = targets[fmt].exists()
+            if not targets[fmt].exists():
+                created.append(targets[fmt])
             records.append(
                 export(
                     result,
@@ -726,8 +729,6 @@ def export_all(
                     cancel=cancel,
                 )
             )
-            if not existed:
-                created.append(targets[fmt])
     except BaseException:
         for path in created:
             path.unlink(missing_ok=True)

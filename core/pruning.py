@@ -140,7 +140,7 @@ class ChannelRemoval:
     covered: Mapping[str, str]
 
 
-def _output_modules(model: nn.Module, example_input: torch.Tensor) -> set[str]:
+def output_modules(model: nn.Module, example_input: torch.Tensor) -> set[str]:
     """Names of modules whose output tensor is (part of) the model's output.
 
     Their output channels cannot be removed without changing what the model returns.
@@ -250,8 +250,8 @@ def remove_channels_(
     example_input
         A batch the model accepts (used to trace channel dependencies).
     pruned
-        Layer (module name) -> output channel indices to remove. Only ``nn.Linear`` and
-        ``nn.ConvNd`` layers can be roots. A layer coupled to an earlier one (for example both
+        Layer (module name) -> output channel indices to remove. Only ``nn.Linear``,
+        ``nn.ConvNd`` and depthwise convolutions can be roots. A layer coupled to an earlier one (for example both
         sides of a residual addition) follows that earlier root's choice.
     companions
         Models with the same architecture (deep copies) pruned identically; the engine passes
@@ -274,15 +274,15 @@ def remove_channels_(
         mod = modules.get(layer)
         if mod is None:
             raise CompressionError(f"layer {layer!r} is not a module of this model")
-        if not isinstance(mod, _REMOVABLE) or (
-            getattr(mod, "groups", 1) != 1 and len(pruned[layer])
-        ):
+        groups = getattr(mod, "groups", 1)
+        depthwise = groups > 1 and groups == mod.in_channels == mod.out_channels
+        if not isinstance(mod, _REMOVABLE) or (groups != 1 and not depthwise and pruned[layer]):
             raise CompressionError(
-                f"layer {layer!r} ({type(mod).__name__}): only Linear and (non-grouped) Conv "
+                f"layer {layer!r} ({type(mod).__name__}): only Linear, Conv and depthwise Conv "
                 "layers can have channels removed",
                 hint="use channel masking for this layer (switch off 'remove channels')",
             )
-    outputs = _output_modules(model, example_input)
+    outputs = output_modules(model, example_input)
     blocked = sorted(set(pruned) & outputs)
     if blocked and any(len(pruned[b]) for b in blocked):
         raise CompressionError(

@@ -515,63 +515,67 @@ def score_tensor(method: str, weight: torch.Tensor, grad: GradientStats | None) 
 # radix pass
 # ---------------------------------------------------------------------------------------
 def _radix_range(
-    flat: torch.Tensor, energy_of: torch.Tensor | None, start: int, stop: int
-) -> tuple[np.ndarray, np.ndarray | None]:
-    """Signed radix counts (65536 bins) of ``flat[start:stop]``, chunk by chunk.
+    flat: np.ndarray, energy_of: torch.Tensor | None, start: int, stop: int
+) -> tuple[np.ndarray, np.ndarray | None, int]:
+    """Signed radix counts (65536 bins) and exact zeros of ``flat[start:stop]``, by chunks.
 
     ``(pattern >> 16) + 32768`` maps negative floats to ``0..32767`` (their magnitude bin)
     and non-negative ones to ``32768..65535``; the arithmetic shift does the sign handling.
-    Counts add up in numpy: small serial adds, no thread-pool round trip per chunk.
+    Everything here runs on one core without the GIL (numpy for the shift, ``bincount``), so
+    ranges can run in parallel threads without fighting over torch's thread pool.
     """
-    bits = flat.view(torch.int32)
+    bits = flat.view(np.int32)
     counts = np.zeros(2 * RADIX_BINS, dtype=np.int64)
     esum = np.zeros(2 * RADIX_BINS, dtype=np.float64) if energy_of is not None else None
-    buf = torch.empty(min(_CHUNK, max(stop - start, 1)), dtype=torch.int32)
+    zeros = 0
+    buf = np.empty(min(_CHUNK, max(stop - start, 1)), dtype=np.int32)
+    tbuf = torch.from_numpy(buf)
     for s in range(start, stop, _CHUNK):
         e = min(s + _CHUNK, stop)
-        b = buf[: e - s]
-        torch.bitwise_right_shift(bits[s:e], 16, out=b)
-        b.add_(RADIX_BINS)
-        counts += torch.bincount(b, minlength=2 * RADIX_BINS).numpy()
+        k = e - s
+        np.right_shift(bits[s:e], 16, out=buf[:k])
+        buf[:k] += RADIX_BINS
+        chunk = torch.bincount(tbuf[:k], minlength=2 * RADIX_BINS).numpy()
+        counts += chunk
+        # Exact zeros live in the two magnitude-0 bins (with denormals below 2**-133);
+        # count them only in the chunks where those bins are not empty.
+        if chunk[0] or chunk[RADIX_BINS]:
+            zeros += k - int(np.count_nonzero(flat[s:e]))
         if esum is not None and energy_of is not None:
             w = energy_of[s:e].to(torch.float64).square_()
             w = torch.nan_to_num_(w, nan=0.0, posinf=0.0)
-            esum += torch.bincount(b, weights=w, minlength=2 * RADIX_BINS).numpy()
-    return counts, esum
+            esum += torch.bincount(tbuf[:k], weights=w, minlength=2 * RADIX_BINS).numpy()
+    return counts, esum, zeros
 
 
 def radix_counts(
     values: torch.Tensor, energy_of: torch.Tensor | None = None
-) -> tuple[np.ndarray, np.ndarray | None]:
+) -> tuple[np.ndarray, np.ndarray | None, int]:
     """Signed 65536-bin radix histogram of a float32 tensor's top 16 bits (one pass).
 
-    Returns ``(counts, energy)``: ``counts[i]`` for ``i < 32768`` counts negative values of
-    magnitude bin ``i``, ``counts[32768 + i]`` non-negative ones; ``energy`` (when
+    Returns ``(counts, energy, zeros)``: ``counts[i]`` for ``i < 32768`` counts negative
+    values of magnitude bin ``i``, ``counts[32768 + i]`` non-negative ones; ``energy`` (when
     ``energy_of`` is given, one entry per value) sums ``energy_of**2`` over the same bins
-    (non-finite squares count 0). The work is split over ``torch.get_num_threads()`` threads
-    because ``bincount`` itself runs on one.
+    (non-finite squares count 0); ``zeros`` is the exact number of zeros (+0.0 and -0.0).
+    Large tensors are split over ``torch.get_num_threads()`` threads: ``bincount`` is serial.
     """
-    flat = values.detach().reshape(-1)
-    if flat.dtype != torch.float32:
-        flat = flat.to(torch.float32)
-    flat = flat.contiguous()
+    flat_t = values.detach().reshape(-1)
+    if flat_t.dtype != torch.float32:
+        flat_t = flat_t.to(torch.float32)
+    flat = flat_t.contiguous().numpy()
     src = energy_of.detach().reshape(-1) if energy_of is not None else None
-    n = flat.numel()
-    workers = max(1, min(torch.get_num_threads(), n // (4 * _CHUNK)))
+    n = flat.size
+    workers = max(1, min(torch.get_num_threads(), n // (2 * _CHUNK)))
     if workers == 1:
-        counts, esum = _radix_range(flat, src, 0, n)
-    else:
-        step = -(-n // workers)
-        with ThreadPoolExecutor(workers) as pool:
-            parts = list(
-                pool.map(
-                    lambda i: _radix_range(flat, src, i * step, min((i + 1) * step, n)),
-                    range(workers),
-                )
-            )
-        counts = sum(p[0] for p in parts)
-        esum = sum(p[1] for p in parts) if src is not None else None
-    return counts, esum
+        return _radix_range(flat, src, 0, n)
+    # chunk-aligned ranges, one per thread
+    step = -(-(n // _CHUNK) // workers) * _CHUNK
+    bounds = [(i * step, min((i + 1) * step, n)) for i in range(workers)]
+    bounds[-1] = (bounds[-1][0], n)
+    with ThreadPoolExecutor(workers) as pool:
+        parts = list(pool.map(lambda r: _radix_range(flat, src, r[0], r[1]), bounds))
+    esum = sum(p[1] for p in parts) if src is not None else None
+    return sum(p[0] for p in parts), esum, sum(p[2] for p in parts)
 
 
 def _fold(signed: np.ndarray) -> np.ndarray:
@@ -611,7 +615,7 @@ def build_index(scores: torch.Tensor, energy_of: torch.Tensor, unit: int = 1) ->
     s = scores.detach().reshape(-1).to(torch.float32)
     n = s.numel()
     if n > SMALL_MAX:
-        counts, esum = radix_counts(s, energy_of)
+        counts, esum, _ = radix_counts(s, energy_of)
         assert esum is not None
         return _index_from_radix(n, unit, _fold(counts), _fold(esum))
     en = energy_of.detach().reshape(-1).to(torch.float64).square()
@@ -705,11 +709,9 @@ def _tensor_stats(
     flat = w.reshape(-1)
     n = flat.numel()
     rows2d = _rows(w)
-    signed, _ = radix_counts(flat)
+    signed, _, zeros = radix_counts(flat)
     mag = _fold(signed)
     nonfinite = int(mag[INF_EDGE:].sum())
-    # Bin 0 is the only one that can hold exact zeros; count them only when it is not empty.
-    zeros = int(n - torch.count_nonzero(flat)) if mag[0] else 0
 
     l1 = score_tensor("channel_l1", w, None)
     l2 = score_tensor("channel_l2", w, None)

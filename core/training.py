@@ -108,7 +108,8 @@ def finetune(
     result
         A `core.engine.CompressionResult`; neither it nor its models are modified.
     train
-        Training data (`core.data.Dataset`). Labels are required unless ``cfg.distill``.
+        Training data (`core.data.Dataset`). Without labels the original model's outputs
+        are the targets (its argmax for classifiers).
     val
         Held-out data: the checkpoint with the best score on it is kept (accuracy when
         labelled, else the negative loss). The compressed starting point counts as a
@@ -125,7 +126,7 @@ def finetune(
     Raises
     ------
     CompressionError
-        No forward pass, no labels without distillation, or parameters that are not trainable.
+        No forward pass, or parameters that are not trainable.
     Cancelled
         When ``cancel`` fires; nothing is modified.
     """
@@ -133,17 +134,14 @@ def finetune(
     from core.model_io import clone_model
 
     require_forward(result.compressed, "fine-tuning")
-    if train.y is None and not cfg.distill:
-        raise CompressionError(
-            "fine-tuning needs labelled data or distillation from the original",
-            path=getattr(train, "name", None),
-            hint="provide labels (a 'y' array) or switch on distillation",
-        )
+    if train.y is None:
+        require_forward(result.original, "fine-tuning without labels (the original gives targets)")
     if len(train) == 0:
         raise CompressionError("the training data set is empty", path=getattr(train, "name", None))
     teacher: LoadedModel = result.original
     if cfg.distill:
         require_forward(teacher, "distillation")
+    teacher_needed = cfg.distill or train.y is None or (val is not None and val.y is None)
     student = clone_model(result.compressed)
     module = student.module
     params = dict(module.named_parameters())
@@ -174,7 +172,7 @@ def finetune(
     for t in master_list:
         t.requires_grad_(True)
     fixed = fixed_batch(student)
-    if cfg.distill and fixed is None:
+    if teacher_needed and fixed is None:
         fixed = fixed_batch(teacher)
     opt = torch.optim.Adam(plain + master_list, lr=cfg.lr)
     n_batches = len(train) // fixed if fixed else math.ceil(len(train) / cfg.batch_size)
@@ -204,9 +202,10 @@ def finetune(
 
     def batch_loss(x: torch.Tensor, y: torch.Tensor | None, real: int) -> torch.Tensor:
         out = forward(x)[:real]
-        if cfg.distill:
+        if cfg.distill or y is None:
             with torch.no_grad():
                 t_out = first_tensor(teacher.module(x)).detach()[:real]
+        if cfg.distill:
             return distillation_loss(
                 out,
                 t_out,
@@ -215,6 +214,9 @@ def finetune(
                 alpha=cfg.alpha,
                 classifier=classifier,
             )
+        if y is None:
+            # No labels: the original model's predictions are the targets.
+            y = t_out.argmax(dim=1) if classifier else t_out
         return task_loss(out, y, classifier=classifier)
 
     def val_score() -> tuple[float, float]:
@@ -229,8 +231,7 @@ def finetune(
                 out = forward(x)[:real]
                 if y is not None and classifier:
                     correct += int((out.argmax(dim=1) == y.reshape(-1)).sum())
-                if y is not None or cfg.distill:
-                    total_loss += float(batch_loss(x, y, real)) * real
+                total_loss += float(batch_loss(x, y, real)) * real
                 n += real
         acc = correct / n if (val.y is not None and classifier and n) else -math.inf
         return acc, -total_loss / max(n, 1)
@@ -245,9 +246,9 @@ def finetune(
             for n, t in state.items():
                 (masters[n] if n in masters else params[n]).copy_(t)
 
-    has_val = val is not None and len(val) > 0 and (val.y is not None or cfg.distill)
+    has_val = val is not None and len(val) > 0
     step = 0
-    teacher_ctx = eval_mode(teacher.module) if cfg.distill else nullcontext()
+    teacher_ctx = eval_mode(teacher.module) if teacher_needed else nullcontext()
     with eval_mode(module), teacher_ctx, torch.set_grad_enabled(True):
         load_weights()
         best_score = val_score() if has_val else None

@@ -96,6 +96,14 @@ def _bad_files(tmp_path):
     out["junk"] = tmp_path / "junk.pt"
     out["missing"] = tmp_path / "nope.npz"
     out["directory"] = tmp_path
+    npz("nan_x", x=np.array([[0.0, np.nan], [1.0, np.inf]], dtype=np.float32))
+    model, ex = make("encoder")
+    torch.jit.save(torch.jit.trace(model, ex), str(tmp_path / "model.pt"))
+    out["torchscript"] = tmp_path / "model.pt"
+    from safetensors.torch import save_file
+
+    save_file({"w": torch.zeros(2, 2)}, str(tmp_path / "weights.npz"))
+    out["safetensors"] = tmp_path / "weights.npz"
     return out
 
 
@@ -116,6 +124,9 @@ def _bad_files(tmp_path):
         ("junk", "not a readable torch file"),
         ("missing", "no such file"),
         ("directory", "directory"),
+        ("nan_x", "2 NaN/Inf values"),
+        ("torchscript", "TorchScript model, not a data file"),
+        ("safetensors", "safetensors weights file, not a data file"),
     ],
 )
 def test_bad_data_files_raise_data_error(tmp_path, kind, words):

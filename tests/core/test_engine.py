@@ -170,8 +170,8 @@ def test_graph_formats_compress(fmt):
 def test_remove_channels_resnet():
     loaded = _loaded("resnet")
     stats = analyze(loaded)
+    # fc produces the output: its pruned rows stay masked; dw and conv2 follow the stem
     plan = _plan("channel_l2", 0.25)
-    plan = plan.with_layer("fc", LayerConfig()).with_layer("dw", LayerConfig())
     masked = compress(loaded, plan, stats)
     removed = compress(loaded, replace(plan, remove_channels=True), stats)
     m = removed.compressed.module
@@ -265,3 +265,16 @@ def test_bias_bits_recipe_validation():
     assert CompressionPlan.from_json(plan.to_json()) == plan
     with pytest.raises(RecipeError, match="default.quant.bias_bits"):
         CompressionPlan.from_dict({"default": {"quant": {"bias_bits": 1}}})
+
+
+def test_remove_channels_keeps_the_output_layer_masked():
+    loaded = load_model("demo:cnn")
+    stats = analyze(loaded)
+    plan = replace(_plan("channel_l2", 0.3), remove_channels=True)
+    result = compress(loaded, plan, stats)
+    m = result.compressed.module
+    assert m.fc3.out_features == 10 and "fc3" not in result.removed_channels
+    assert m.conv1.out_channels == 4 and m.fc2.out_features == 59
+    rows = result.masks["fc3.weight"].reshape(10, -1)
+    assert int((~rows.any(dim=1)).sum()) == 3
+    assert m(loaded.example_input).shape == (loaded.example_input.shape[0], 10)

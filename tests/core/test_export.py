@@ -315,3 +315,74 @@ def test_files_on_disk_round_trip_through_the_engine(tmp_path):
         assert restored.format == loaded.format
         with torch.no_grad():
             assert torch.equal(restored.module(x), result.compressed.module(x))
+
+
+def test_impossible_formats_fail_before_anything_is_written(tmp_path):
+    from core.export import check_formats
+
+    result = _result("lstm")
+    wo = replace(
+        result,
+        compressed=replace(result.compressed, weights_only=True, example_input=None),
+        original=replace(result.original, weights_only=True, example_input=None),
+    )
+    with pytest.raises(ExportError, match="onnx export needs a model with a forward pass"):
+        export_all(wo, ["packed", "state_dict", "onnx"], tmp_path)
+    assert list(tmp_path.iterdir()) == []
+    check_formats(wo.compressed, ["packed", "state_dict", "safetensors"])
+    no_input = replace(result.compressed, example_input=None)
+    with pytest.raises(ExportError, match="needs an example input"):
+        check_formats(no_input, ["onnx"], has_input=False)
+    check_formats(no_input, ["onnx"], has_input=True)
+
+
+def test_a_failing_export_removes_the_files_the_call_created(tmp_path, monkeypatch):
+    import core.export as export_mod
+
+    result = _result("lstm")
+    (tmp_path / "model.pt").write_bytes(b"kept: it existed before")
+
+    def _broken(*args, **kwargs):
+        raise ExportError("exporter crashed")
+
+    monkeypatch.setitem(export_mod._WRITERS, "onnx", _broken)
+    with pytest.raises(ExportError, match="exporter crashed"):
+        export_all(
+            result, ["safetensors", "state_dict", "onnx"], tmp_path, force=True, latency=False
+        )
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model.pt"]
+
+
+def test_static_batch_pt2_exports_verify_on_its_batch_size(tmp_path):
+    """A .pt2 exported with a fixed batch only runs on that batch; exports must respect it."""
+    model, x = make("gru")
+    ep = torch.export.export(model, (x,))
+    loaded = LoadedModel(
+        module=ep.module(),
+        format="pt2",
+        source="gru.pt2",
+        name="gru",
+        example_input=x,
+        metadata={"fixed_batch": int(x.shape[0])},
+    )
+    result = make_result(loaded, sparsity=0.5, bits=8)
+    data = torch.randn(40, *x.shape[1:])
+    records = export_all(
+        result, ["packed", "onnx", "torchscript", "pt2"], tmp_path, data=data, latency=False
+    )
+    for rec in records:
+        assert rec.max_abs_diff is not None and rec.max_abs_diff < 1e-4, rec.format
+    notes = {r.format: r.note for r in records}
+    assert "batch size fixed at 4" in notes["onnx"] and "fixed at 4" in notes["pt2"]
+    sess = ort.InferenceSession(str(tmp_path / "model.onnx"), providers=["CPUExecutionProvider"])
+    assert sess.get_inputs()[0].shape[0] == 4
+
+
+def test_pt2_export_keeps_the_batch_dimension_dynamic(tmp_path):
+    result = _result("resnet", sparsity=0.5, bits=6)
+    rec = export(result, "pt2", tmp_path / "model.pt2", data=_inputs("resnet", n=8), latency=False)
+    assert "dynamic batch" in rec.note
+    program = torch.export.load(str(tmp_path / "model.pt2")).module()
+    x = _inputs("resnet", n=3, seed=2)
+    with torch.no_grad():
+        np.testing.assert_allclose(program(x).numpy(), _torch_out(result, x), atol=1e-5)

@@ -433,3 +433,90 @@ def test_forward_runs_any_batch_size_on_a_static_batch_program(files):
     assert "fixed_batch" not in eager.metadata
     with torch.no_grad():
         assert torch.allclose(forward(eager, big), model(big), atol=1e-5)
+
+
+def test_dynamic_batch_pt2_opens(tmp_path):
+    """torch writes a dynamic dimension as ``Symbol('s77', positive=True, integer=True)``."""
+    model, x = make("resnet")
+    ep = torch.export.export(model, (x,), dynamic_shapes=({0: torch.export.Dim.AUTO},))
+    path = tmp_path / "dyn.pt2"
+    torch.export.save(ep, str(path))
+    loaded = load_model(path)
+    assert loaded.format == "pt2" and not loaded.metadata.get("fixed_batch")
+    x7 = torch.randn(7, 1, 8, 8)
+    with torch.no_grad():
+        assert torch.allclose(loaded.module(x7), model(x7), atol=1e-6)
+
+
+@pytest.mark.parametrize(
+    "expr, ok",
+    [
+        ("Symbol('s77', positive=True, integer=True)", True),
+        ("2*Symbol('s0', integer=True) + 1", True),
+        ("Symbol('__import__')", False),
+        ("Symbol('s0', evaluate=__import__('os'))", False),
+    ],
+)
+def test_pt2_symbol_declarations(expr, ok):
+    assert _safe_sym_expr(expr) is ok
+
+
+@pytest.mark.parametrize(
+    "guard, ok",
+    [
+        ("L['x'].size()[0] > 2", True),
+        ("L['flat_args'][0].size()[1] == 2*L['y'].size()[0] and not L['x'].dim() < 2", True),
+        ("__import__('os').system('id') == 0", False),
+        ("L['x'].size()[0] > 2 or open('f')", False),
+        ("L['x'].__class__ == 1", False),
+    ],
+)
+def test_pt2_guard_code_must_be_plain_size_checks(guard, ok):
+    from core.model_io import _safe_guard
+
+    assert _safe_guard(guard) is ok
+
+
+def test_pt2_guard_code_that_runs_code_is_refused(files, tmp_path):
+    """``ExportedProgram.module()`` compiles guards_code with exec and runs it on every call."""
+    import json
+    import re
+
+    src = files[("lstm", "pt2")][0]
+    bad = tmp_path / "bad.pt2"
+    marker = tmp_path / SIDE_EFFECT_NAME
+    with zipfile.ZipFile(src) as zin, zipfile.ZipFile(bad, "w") as zout:
+        for info in zin.infolist():
+            raw = zin.read(info.filename)
+            if re.search(r"models/[^/]+\.json$", info.filename):
+                program = json.loads(raw)
+                program["guards_code"] = [f"__import__('os').mkdir({str(marker)!r}) is None"]
+                raw = json.dumps(program).encode()
+            zout.writestr(info, raw)
+    with pytest.raises(UntrustedPickleError, match="guard code"):
+        load_model(bad)
+    assert not marker.exists()
+    loaded = load_model(bad, trust=True)  # the user vouches for it: then it is theirs to run
+    assert loaded.format == "pt2"
+
+
+def test_packed_archive_opens_as_the_compressed_model(tmp_path):
+    from core.export import export
+    from tests.core._fixtures import make_result
+
+    model, x = make("resnet")
+    src = tmp_path / "resnet.pt2"
+    torch.export.save(torch.export.export(model, (x,)), str(src))
+    result = make_result(load_model(src), sparsity=0.7, bits=6)
+    export(result, "packed", tmp_path / "model.packed.safetensors", latency=False)
+    opened = load_model(tmp_path / "model.packed.safetensors")
+    assert opened.can_run and opened.format == "pt2"
+    for name, value in result.compressed.module.state_dict().items():
+        assert torch.equal(opened.module.state_dict()[name], value), name
+    src.unlink()  # the original is gone: the dequantized weights still open, weights-only
+    fallback = load_model(tmp_path / "model.packed.safetensors")
+    assert fallback.weights_only
+    assert torch.equal(
+        get_tensor(fallback.module, "stem.weight"),
+        result.compressed.module.state_dict()["stem.weight"],
+    )

@@ -140,3 +140,13 @@ def test_remove_channels_refuses_non_linear_conv():
     model, x = make("resnet")
     with pytest.raises(CompressionError, match="only Linear"):
         remove_channels_(copy.deepcopy(model), x, {"bn": [0]})
+
+
+def test_remove_channels_depthwise_root_follows_its_producers():
+    model, x = make("resnet")
+    removed = copy.deepcopy(model)
+    info = remove_channels_(removed, x, {"dw": [3, 4]})
+    assert removed.dw.out_channels == 14 and removed.dw.groups == 14
+    assert removed.stem.out_channels == 14
+    assert info.kept["stem"] == [i for i in range(16) if i not in (3, 4)]
+    assert removed(x).shape == (4, 10)

@@ -156,12 +156,15 @@ def test_distillation_without_labels_for_an_encoder():
     assert err1 < err0
 
 
-def test_finetune_needs_labels_or_distillation():
-    loaded = _loaded("encoder")
-    result = compress(loaded, simple_plan(0.5, 8), analyze(loaded))
-    unlabeled = make_dataset(torch.randn(8, 64), None, "x")
-    with pytest.raises(CompressionError, match="labelled data or distillation"):
-        finetune(result, unlabeled, unlabeled, RecoveryConfig(epochs=1))
+def test_finetune_without_labels_uses_the_originals_predictions():
+    loaded = load_model("demo:mlp")
+    result = compress(loaded, simple_plan(0.85, 4, per_channel=False), analyze(loaded))
+    train, test = digits_split("flat")
+    unlabelled = make_dataset(train.x, None, "digits without labels")
+    fit, val = recovery_split(unlabelled)
+    acc0 = evaluate(result.compressed, test, latency=False).accuracy
+    tuned = finetune(result, fit, val, RecoveryConfig(epochs=3, lr=2e-3))
+    assert evaluate(tuned.compressed, test, latency=False).accuracy > acc0 + 0.05
 
 
 def test_finetune_cancel_keeps_everything():

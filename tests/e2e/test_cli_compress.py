@@ -2,6 +2,7 @@
 one-line errors, a non-demo TorchScript model with user data and fine-tuning."""
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -17,19 +18,32 @@ ROOT = Path(__file__).resolve().parents[2]
 
 
 def _run(*args: str) -> subprocess.CompletedProcess:
+    # One intra-op thread: tiny models run faster than with threads spinning on a busy box.
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
     return subprocess.run(
         [sys.executable, "-m", "core.cli", "compress", *args, "--quiet"],
         cwd=ROOT,
         capture_output=True,
         text=True,
         timeout=300,
+        env=env,
     )
 
 
 @pytest.fixture(scope="module")
 def mlp_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("mlp")
-    proc = _run("demo:mlp", "--out", str(out), "--sparsity", "0.9", "--bits", "4")
+    proc = _run(
+        "demo:mlp",
+        "--out",
+        str(out),
+        "--sparsity",
+        "0.9",
+        "--bits",
+        "4",
+        "--format",
+        "packed,state_dict",
+    )
     return out, proc
 
 
@@ -65,8 +79,11 @@ def test_refuses_to_overwrite_without_force(mlp_run):
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and "--force" in lines[0] and "Traceback" not in proc.stderr
     assert (out / "model.packed.safetensors").read_bytes() == before
+    assert (out / "model.pt").is_file()
     proc = _run("demo:mlp", "--out", str(out), "--sparsity", "0.5", "--force")
     assert proc.returncode == 0, proc.stderr
+    # the state_dict of the earlier run is not left next to the new packed model
+    assert not (out / "model.pt").exists()
     assert json.loads((out / "report.json").read_text())["sparsity"] == pytest.approx(0.5, abs=1e-4)
 
 
@@ -125,3 +142,48 @@ def test_torchscript_lstm_with_data_and_finetuning(tmp_path):
     assert plan.recovery.epochs == 1 and plan.recovery.distill
     assert plan.default.prune.method == "taylor"
     assert {layer["method"] for layer in report["layers"]} == {"taylor"}
+
+
+def test_data_and_recipe_mistakes_are_one_line_errors(tmp_path):
+    bad = tmp_path / "bad.npz"
+    np.savez(bad, x=np.zeros((10, 3), dtype=np.float32), y=np.zeros(10, dtype=np.int64))
+    proc = _run("demo:mlp", "--out", str(tmp_path / "a"), "--sparsity", "0.5", "--data", str(bad))
+    lines = proc.stderr.strip().splitlines()
+    assert proc.returncode == 2 and len(lines) == 1 and "cannot run on x" in lines[0]
+    recipe = tmp_path / "r.json"
+    recipe.write_text(json.dumps({"layers": {"nonexistent": {"skip": True}}}))
+    proc = _run("demo:mlp", "--out", str(tmp_path / "b"), "--recipe", str(recipe))
+    lines = proc.stderr.strip().splitlines()
+    assert proc.returncode == 2 and len(lines) == 1
+    assert "r.json" in lines[0] and "layers.nonexistent" in lines[0]
+    proc = _run("demo:mlp", "--out", str(tmp_path / "c"), "--method", "none", "--sparsity", "0.5")
+    assert proc.returncode == 2 and "no effect with --method none" in proc.stderr
+
+
+def test_pickled_eager_model_channel_removal_uses_data_as_example(tmp_path):
+    model, _ = make("resnet")
+    path = tmp_path / "resnet.pt"
+    torch.save(model, path)
+    rng = np.random.default_rng(1)
+    data = tmp_path / "xy.npz"
+    np.savez(
+        data, x=rng.standard_normal((40, 1, 8, 8)).astype(np.float32), y=rng.integers(0, 10, 40)
+    )
+    recipe = tmp_path / "rm.json"
+    recipe.write_text(
+        json.dumps(
+            {
+                "default": {"prune": {"method": "channel_l2", "sparsity": 0.25}},
+                "layers": {"dw": {"skip": True}},
+                "remove_channels": True,
+            }
+        )
+    )
+    out = tmp_path / "out"
+    proc = _run(
+        str(path), "--trust", "--out", str(out), "--recipe", str(recipe), "--data", str(data)
+    )
+    assert proc.returncode == 0, proc.stderr
+    report = json.loads((out / "report.json").read_text())
+    assert set(report["removed_channels"]) == {"stem", "block.conv1", "pw"}
+    assert report["compressed_bytes"] == (out / "model.packed.safetensors").stat().st_size
