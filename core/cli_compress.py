@@ -182,6 +182,7 @@ def _say(quiet: bool) -> ProgressFn:
 
 def run(args: argparse.Namespace) -> int:
     """Run ``workbench compress``; returns the exit code (errors raise `WorkbenchError`)."""
+    from core.engine import protect_output_layer
     from core.evaluate import evaluate, require_forward
     from core.export import check_formats, export_all, parse_formats
     from core.model_io import load_model
@@ -225,6 +226,7 @@ def run(args: argparse.Namespace) -> int:
             path=args.recipe,
             hint="run `workbench inspect MODEL` for the layer names",
         )
+    plan = protect_output_layer(plan, loaded, stats.layers)
     fit = val = None
     if plan.recovery.epochs > 0:
         if train is None:

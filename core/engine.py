@@ -20,7 +20,13 @@ from torch import nn
 from core.errors import CompressionError
 from core.model import LayerInfo, LoadedModel
 from core.packed import tensor_packed_bytes
-from core.plan import GRADIENT_METHODS, STRUCTURED_METHODS, CompressionPlan, LayerConfig
+from core.plan import (
+    GRADIENT_METHODS,
+    STRUCTURED_METHODS,
+    CompressionPlan,
+    LayerConfig,
+    PruneConfig,
+)
 from core.progress import CancelToken, ProgressFn, no_progress
 from core.pruning import (
     channel_mask,
@@ -193,6 +199,52 @@ def _uses_channels(plan: CompressionPlan, layers) -> bool:
         and plan.config_for(layer.name).prune.method in STRUCTURED_METHODS
         for layer in layers
     )
+
+
+def output_layer(loaded: LoadedModel, layers) -> str | None:
+    """The prunable layer whose output is the model's output (the class logits), if known.
+
+    Eager modules are traced with forward hooks; TorchScript and ``torch.export`` graphs hide
+    their submodules' calls, so there it is the last prunable layer (inventory order) with as
+    many output rows as the model has outputs. Without an input to run (weights-only files,
+    TorchScript without data) it is the last prunable Linear/Conv layer in inventory order,
+    where models register their head.
+    """
+    from core.evaluate import eval_mode, first_tensor
+
+    prunable = [layer for layer in layers if layer.prunable and layer.tensor]
+    if not loaded.can_run or loaded.example_input is None:
+        heads = [layer for layer in prunable if layer.type.startswith(("Linear", "Conv"))]
+        return heads[-1].name if heads else None
+    owners = {layer.tensor.rsplit(".", 1)[0]: layer.name for layer in prunable}
+    module = loaded.module
+    with torch.no_grad(), eval_mode(module):
+        if not isinstance(module, torch.jit.ScriptModule | torch.fx.GraphModule):
+            for owner in output_modules(module, loaded.example_input):
+                if owner in owners:
+                    return owners[owner]
+        out = first_tensor(module(loaded.example_input))
+    for layer in reversed(prunable):
+        if out.ndim >= 1 and layer.shape and layer.shape[0] == out.shape[-1]:
+            return layer.name
+    return None
+
+
+def protect_output_layer(plan: CompressionPlan, loaded: LoadedModel, layers) -> CompressionPlan:
+    """``plan`` with the output layer exempt from the default's channel pruning.
+
+    Pruning whole rows of the layer that produces the logits deletes classes (a zero row can
+    never win), which nobody asks for with a model-wide channel setting. The exemption is an
+    explicit override (quantization kept), so the preview, the recipe and the result agree.
+    A layer the plan already configures is left as it is.
+    """
+    default = plan.default
+    if default.skip or default.prune.method not in STRUCTURED_METHODS or not default.prune.active:
+        return plan
+    name = output_layer(loaded, layers)
+    if name is None or name in plan.layer_overrides:
+        return plan
+    return plan.with_layer(name, replace(default, prune=PruneConfig()))
 
 
 # ---------------------------------------------------------------------------------------

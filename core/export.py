@@ -664,9 +664,9 @@ def check_formats(loaded: Any, formats: Sequence[str], *, has_input: bool = True
                 path=loaded.source,
                 hint="export torchscript, onnx or packed instead",
             )
-        needs_input = fmt in ("onnx", "onnx-int8", "pt2") or (
-            fmt == "torchscript" and not isinstance(loaded.module, torch.jit.ScriptModule)
-        )
+        # TorchScript is not listed: an eager model may script without any input, and the
+        # writer says so clearly when it would have to trace instead.
+        needs_input = fmt in ("onnx", "onnx-int8", "pt2")
         if needs_input and not has_input and loaded.example_input is None:
             raise ExportError(
                 f"{fmt} export traces the model and needs an example input",

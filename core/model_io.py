@@ -452,6 +452,20 @@ def _iter_sym_strings(obj: Any) -> Any:
             yield from _iter_sym_strings(v)
 
 
+def _constant_strings(obj: Any) -> Any:
+    """Every ``as_string`` value of a program's constant user inputs."""
+    if isinstance(obj, dict):
+        for k, v in obj.items():
+            if k == "constant_input" and isinstance(v, dict):
+                value = v.get("value")
+                if isinstance(value, dict) and isinstance(value.get("as_string"), str):
+                    yield value["as_string"]
+            yield from _constant_strings(v)
+    elif isinstance(obj, list):
+        for v in obj:
+            yield from _constant_strings(v)
+
+
 def _vet_pt2(path: Path, names: list[str]) -> None:
     """Refuse a .pt2 archive whose loading would run code from the file (see module docstring)."""
     root = _archive_root(names, "archive_format") or ""
@@ -531,6 +545,12 @@ def _vet_pt2(path: Path, names: list[str]) -> None:
                 if not _safe_sym_expr(expr):
                     raise need_trust(
                         f"has a symbolic shape expression that is not arithmetic ({expr[:60]!r})"
+                    )
+            for text in _constant_strings(program):
+                # Constant string inputs are spliced into the generated guard code in quotes.
+                if not re.fullmatch(r"[\w .,:/+-]*", text):
+                    raise need_trust(
+                        f"has a constant string input that could escape its quotes ({text[:60]!r})"
                     )
             guards = program.get("guards_code") or []
             if not isinstance(guards, list):

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from core.data import make_dataset
-from core.engine import compress
+from core.engine import compress, output_layer, protect_output_layer
 from core.errors import Cancelled, CompressionError
 from core.estimate import preview
 from core.model import LoadedModel
@@ -278,3 +278,24 @@ def test_remove_channels_keeps_the_output_layer_masked():
     rows = result.masks["fc3.weight"].reshape(10, -1)
     assert int((~rows.any(dim=1)).sum()) == 3
     assert m(loaded.example_input).shape == (loaded.example_input.shape[0], 10)
+
+
+@pytest.mark.parametrize("fmt", ["eager", "torchscript", "pt2"])
+def test_output_layer_is_exempt_from_default_channel_pruning(fmt):
+    loaded = _loaded("resnet", fmt)
+    stats = analyze(loaded)
+    assert output_layer(loaded, stats.layers) == "fc"
+    assert output_layer(replace(loaded, example_input=None), stats.layers) == "fc"
+    plan = protect_output_layer(_plan("channel_l1", 0.5, bits=8), loaded, stats.layers)
+    assert plan.config_for("fc").prune.method == "none"
+    assert plan.config_for("fc").quant.bits == 8
+    result = compress(loaded, plan, stats)
+    head = dict(result.compressed.module.named_parameters())["fc.weight"]
+    assert bool((head.abs().sum(dim=1) > 0).all())
+    assert preview(stats, plan).layers[-1].nnz == head.numel()
+    # magnitude pruning and explicit overrides are left alone
+    assert protect_output_layer(_plan("magnitude", 0.5), loaded, stats.layers) == _plan(
+        "magnitude", 0.5
+    )
+    own = _plan("channel_l1", 0.5).with_layer("fc", LayerConfig())
+    assert protect_output_layer(own, loaded, stats.layers) == own

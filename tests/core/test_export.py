@@ -386,3 +386,18 @@ def test_pt2_export_keeps_the_batch_dimension_dynamic(tmp_path):
     x = _inputs("resnet", n=3, seed=2)
     with torch.no_grad():
         np.testing.assert_allclose(program(x).numpy(), _torch_out(result, x), atol=1e-5)
+
+
+def test_an_interrupt_while_verifying_removes_the_renamed_file_too(tmp_path, monkeypatch):
+    """Ctrl-C can land after a file's atomic rename, while it is being checked in onnxruntime."""
+    import core.export as export_mod
+
+    result = _result("lstm")
+
+    def _interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(export_mod, "_onnx_verify", _interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        export_all(result, ["packed", "onnx"], tmp_path, latency=False)
+    assert list(tmp_path.iterdir()) == []

@@ -520,3 +520,34 @@ def test_packed_archive_opens_as_the_compressed_model(tmp_path):
         get_tensor(fallback.module, "stem.weight"),
         result.compressed.module.state_dict()["stem.weight"],
     )
+
+
+class _ModeModel(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = torch.nn.Linear(4, 2)
+
+    def forward(self, x: torch.Tensor, mode: str) -> torch.Tensor:
+        return self.fc(x)
+
+
+def test_pt2_constant_string_inputs_cannot_escape_into_guard_code(tmp_path):
+    """``module()`` writes ``mode == '<constant>'`` into exec()'d guard code: a quote escapes."""
+    import json
+    import re
+
+    good = tmp_path / "mode.pt2"
+    torch.export.save(torch.export.export(_ModeModel(), (torch.randn(3, 4), "fast")), str(good))
+    assert load_model(good).format == "pt2"
+    marker = tmp_path / SIDE_EFFECT_NAME
+    payload = f"x' == '' or __import__('os').mkdir({str(marker)!r}) or '"
+    bad = tmp_path / "bad.pt2"
+    with zipfile.ZipFile(good) as zin, zipfile.ZipFile(bad, "w") as zout:
+        for info in zin.infolist():
+            raw = zin.read(info.filename)
+            if re.search(r"models/[^/]+\.json$", info.filename):
+                raw = raw.replace(b'"fast"', json.dumps(payload).encode())
+            zout.writestr(info, raw)
+    with pytest.raises(UntrustedPickleError, match="constant string input"):
+        load_model(bad)
+    assert not marker.exists()

@@ -595,11 +595,6 @@ def test_packed_archive_opens_as_the_compressed_model(files, resnet_run):
     )
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="engine bug E13 in /work/notes/bugs.md: channel pruning zeroes whole rows of the "
-    "output layer, i.e. deletes class logits",
-)
 def test_channel_pruning_keeps_every_output_logit(files, tmp_path):
     out = tmp_path / "out"
     compress(
