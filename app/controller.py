@@ -289,7 +289,7 @@ class Controller(QObject):
     def open_data(self, path: str) -> int | None:
         """Load a ``.npz``/``.pt`` data file, label it with the model if it has no labels,
         split off a held-out part, then re-analyze with gradients."""
-        from core.data import load_data, split_dataset, with_model_labels
+        from core.data import check_data, load_data, split_dataset, with_model_labels
 
         model = self.model
         if model is None:
@@ -300,8 +300,14 @@ class Controller(QObject):
             progress(0.0, "reading data")
             data = load_data(path)
             cancel.check()
-            if data.y is None and model.can_run:
-                progress(0.3, "labelling with the model's own predictions")
+            progress(0.2, "checking the data against the model")
+            checked = check_data(model, data)
+            cancel.check()
+            # Only class scores can label data; other models (taggers, encoders) keep
+            # unlabelled data and are judged by fidelity to the original.
+            out_shape = checked.output_shape
+            if data.y is None and model.can_run and out_shape is not None and len(out_shape) == 2:
+                progress(0.4, "labelling with the model's own predictions")
                 data = with_model_labels(model, data)
             cancel.check()
             train, test = split_dataset(data, holdout=0.2, seed=0)

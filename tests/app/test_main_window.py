@@ -474,3 +474,42 @@ def test_bad_recipe_on_the_command_line_exits_2(tmp_path, capsys):
     recipe.write_text('{"default": {"prune": {"sparsity": 1.5}}}')
     assert gui_main(["demo:mlp", "--recipe", str(recipe)]) == 2
     assert "default.prune.sparsity" in capsys.readouterr().err
+
+
+def test_data_that_does_not_fit_the_model_is_refused_in_a_dialog(qtbot, window, tmp_path):
+    import numpy as np
+
+    open_ready(qtbot, window, "demo:mlp")
+    c = window.controller
+    bad = tmp_path / "wrong_shape.npz"
+    np.savez(bad, x=np.zeros((20, 1, 8, 8), dtype=np.float32))
+    window.controller.open_data(str(bad))
+    qtbot.waitUntil(lambda: bool(error_boxes(window)), timeout=TIMEOUT)
+    box = error_boxes(window)[0]
+    assert "wrong_shape.npz" in box.text() and "cannot run" in box.text()
+    box.accept()
+    assert c.train is None or c.data_name != "wrong_shape.npz"
+    labels = tmp_path / "labels_high.npz"
+    np.savez(labels, x=np.zeros((20, 64), dtype=np.float32), y=np.full(20, 12))
+    window.controller.open_data(str(labels))
+    qtbot.waitUntil(lambda: bool(error_boxes(window)), timeout=TIMEOUT)
+    box = error_boxes(window)[0]
+    assert "12" in box.text() and "labels_high.npz" in box.text()
+    box.accept()
+    assert c.data_name != "labels_high.npz"
+
+
+def test_unlabelled_data_for_a_non_classifier_is_accepted(qtbot, window, tmp_path):
+    import numpy as np
+
+    model, x = make("gru")
+    path = tmp_path / "tagger.ts.pt"
+    torch.jit.save(torch.jit.trace(model, x), str(path))
+    open_ready(qtbot, window, path)
+    data = tmp_path / "tagger_x.npz"
+    np.savez(data, x=torch.randn(40, 12, 6).numpy())
+    c = window.controller
+    c.open_data(str(data))
+    qtbot.waitUntil(lambda: c.data_name == "tagger_x.npz" and not c.busy(), timeout=TIMEOUT)
+    assert c.train is not None and c.train.y is None
+    assert not error_boxes(window) or all("label" not in b.text() for b in error_boxes(window))
