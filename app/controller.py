@@ -331,6 +331,13 @@ class Controller(QObject):
         if model is None:
             return None
         data = self.train if (self.train is not None and model.can_run) else None
+        if data is not None and data.y is None:
+            # Unlabelled data is only kept unlabelled for non-classifiers (see open_data):
+            # gradient criteria need class scores, so analyse the weights alone.
+            data = None
+            self.statusMessaged.emit(
+                "Gradient criteria need labels or a classifier: analysing weights only."
+            )
         layers = self.layers
 
         def job(progress: ProgressFn, cancel: CancelToken):

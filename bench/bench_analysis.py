@@ -38,7 +38,7 @@ from core.plan import (  # noqa: E402
     PruneConfig,
     QuantConfig,
 )
-from core.stats import analyze  # noqa: E402
+from core.stats import analyze, radix_counts  # noqa: E402
 
 DOC = ROOT / "docs" / "benchmarks.md"
 BEGIN, END = "<!-- bench:analysis -->", "<!-- /bench:analysis -->"
@@ -135,6 +135,7 @@ def run(write: bool) -> str:
 
     plain, t_analyze = timed_pair(plain_pass, lambda: analyze(loaded, layers=layers), 40)
     plain_sum = timed(lambda: sum(float(w.sum()) for w in weights), 40)
+    t_radix = timed(lambda: [radix_counts(w) for w in weights], 20)
     plain_norm = timed(lambda: sum(float(torch.linalg.vector_norm(w, 1)) for w in weights), 40)
     stats = analyze(loaded, layers=layers)
 
@@ -174,6 +175,11 @@ def run(write: bool) -> str:
             "`analyze` (no data: histograms, stats, 3 score indices)",
             f"{t_analyze * ms:.1f} ms",
             f"{t_analyze / plain:.1f}x (aim <= 10x)",
+        ),
+        (
+            "of which: the radix pass alone (`radix_counts`: shift + `bincount`)",
+            f"{t_radix * ms:.1f} ms",
+            f"{t_radix / plain:.1f}x",
         ),
         (
             "whole-model threshold -> sparsity (sum over layers)",

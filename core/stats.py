@@ -37,7 +37,6 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -514,40 +513,6 @@ def score_tensor(method: str, weight: torch.Tensor, grad: GradientStats | None) 
 # ---------------------------------------------------------------------------------------
 # radix pass
 # ---------------------------------------------------------------------------------------
-def _radix_range(
-    flat: np.ndarray, energy_of: torch.Tensor | None, start: int, stop: int
-) -> tuple[np.ndarray, np.ndarray | None, int]:
-    """Signed radix counts (65536 bins) and exact zeros of ``flat[start:stop]``, by chunks.
-
-    ``(pattern >> 16) + 32768`` maps negative floats to ``0..32767`` (their magnitude bin)
-    and non-negative ones to ``32768..65535``; the arithmetic shift does the sign handling.
-    Everything here runs on one core without the GIL (numpy for the shift, ``bincount``), so
-    ranges can run in parallel threads without fighting over torch's thread pool.
-    """
-    bits = flat.view(np.int32)
-    counts = np.zeros(2 * RADIX_BINS, dtype=np.int64)
-    esum = np.zeros(2 * RADIX_BINS, dtype=np.float64) if energy_of is not None else None
-    zeros = 0
-    buf = np.empty(min(_CHUNK, max(stop - start, 1)), dtype=np.int32)
-    tbuf = torch.from_numpy(buf)
-    for s in range(start, stop, _CHUNK):
-        e = min(s + _CHUNK, stop)
-        k = e - s
-        np.right_shift(bits[s:e], 16, out=buf[:k])
-        buf[:k] += RADIX_BINS
-        chunk = torch.bincount(tbuf[:k], minlength=2 * RADIX_BINS).numpy()
-        counts += chunk
-        # Exact zeros live in the two magnitude-0 bins (with denormals below 2**-133);
-        # count them only in the chunks where those bins are not empty.
-        if chunk[0] or chunk[RADIX_BINS]:
-            zeros += k - int(np.count_nonzero(flat[s:e]))
-        if esum is not None and energy_of is not None:
-            w = energy_of[s:e].to(torch.float64).square_()
-            w = torch.nan_to_num_(w, nan=0.0, posinf=0.0)
-            esum += torch.bincount(tbuf[:k], weights=w, minlength=2 * RADIX_BINS).numpy()
-    return counts, esum, zeros
-
-
 def radix_counts(
     values: torch.Tensor, energy_of: torch.Tensor | None = None
 ) -> tuple[np.ndarray, np.ndarray | None, int]:
@@ -557,25 +522,39 @@ def radix_counts(
     values of magnitude bin ``i``, ``counts[32768 + i]`` non-negative ones; ``energy`` (when
     ``energy_of`` is given, one entry per value) sums ``energy_of**2`` over the same bins
     (non-finite squares count 0); ``zeros`` is the exact number of zeros (+0.0 and -0.0).
-    Large tensors are split over ``torch.get_num_threads()`` threads: ``bincount`` is serial.
+
+    ``(pattern >> 16) + 32768`` maps negative floats to ``0..32767`` (their magnitude bin)
+    and non-negative ones to ``32768..65535``: the arithmetic shift does the sign handling.
+    The work goes chunk by chunk through a cache-sized buffer. (Splitting the serial
+    ``bincount`` over Python threads was measured slower inside `analyze`: the threads compete
+    with torch's spinning pool threads.)
     """
-    flat_t = values.detach().reshape(-1)
-    if flat_t.dtype != torch.float32:
-        flat_t = flat_t.to(torch.float32)
-    flat = flat_t.contiguous().numpy()
+    flat = values.detach().reshape(-1)
+    if flat.dtype != torch.float32:
+        flat = flat.to(torch.float32)
+    flat = flat.contiguous()
+    bits = flat.view(torch.int32)
     src = energy_of.detach().reshape(-1) if energy_of is not None else None
-    n = flat.size
-    workers = max(1, min(torch.get_num_threads(), n // (2 * _CHUNK)))
-    if workers == 1:
-        return _radix_range(flat, src, 0, n)
-    # chunk-aligned ranges, one per thread
-    step = -(-(n // _CHUNK) // workers) * _CHUNK
-    bounds = [(i * step, min((i + 1) * step, n)) for i in range(workers)]
-    bounds[-1] = (bounds[-1][0], n)
-    with ThreadPoolExecutor(workers) as pool:
-        parts = list(pool.map(lambda r: _radix_range(flat, src, r[0], r[1]), bounds))
-    esum = sum(p[1] for p in parts) if src is not None else None
-    return sum(p[0] for p in parts), esum, sum(p[2] for p in parts)
+    n = flat.numel()
+    counts = np.zeros(2 * RADIX_BINS, dtype=np.int64)
+    esum = np.zeros(2 * RADIX_BINS, dtype=np.float64) if src is not None else None
+    zeros = 0
+    buf = torch.empty(min(_CHUNK, max(n, 1)), dtype=torch.int32)
+    for s in range(0, n, _CHUNK):
+        e = min(s + _CHUNK, n)
+        b = buf[: e - s]
+        torch.bitwise_right_shift(bits[s:e], 16, out=b)
+        b.add_(RADIX_BINS)
+        chunk = torch.bincount(b, minlength=2 * RADIX_BINS).numpy()
+        counts += chunk
+        # Exact zeros live in the two magnitude-0 bins (with denormals below 2**-133);
+        # count them only in the chunks where those bins are not empty.
+        if chunk[0] or chunk[RADIX_BINS]:
+            zeros += (e - s) - int(torch.count_nonzero(flat[s:e]))
+        if esum is not None and src is not None:
+            w = torch.nan_to_num_(src[s:e].to(torch.float64).square_(), nan=0.0, posinf=0.0)
+            esum += torch.bincount(b, weights=w, minlength=2 * RADIX_BINS).numpy()
+    return counts, esum, zeros
 
 
 def _fold(signed: np.ndarray) -> np.ndarray:
