@@ -23,7 +23,13 @@ from PySide6.QtCore import QObject, Signal
 
 from app.workers import JobRunner
 from core.errors import Cancelled, UntrustedPickleError, WorkbenchError
-from core.plan import STRUCTURED_METHODS, CompressionPlan, LayerConfig, RecoveryConfig
+from core.plan import (
+    STRUCTURED_METHODS,
+    CompressionPlan,
+    LayerConfig,
+    PruneConfig,
+    RecoveryConfig,
+)
 from core.progress import CancelToken, ProgressFn, scaled
 
 #: Job kinds, in pipeline order.
@@ -106,6 +112,9 @@ class Controller(QObject):
 
         self.model = None
         self.layers: tuple = ()
+        #: The layer producing the model's output (logits), kept out of model-wide channel
+        #: pruning; found once per model in the load job.
+        self.output_layer: str | None = None
         self.train = None
         self.test = None
         self.data_name = ""
@@ -214,6 +223,7 @@ class Controller(QObject):
         the plan once the model is in; otherwise the plan starts empty.
         """
         from core.data import demo_data_for
+        from core.engine import output_layer
         from core.inventory import inventory
         from core.model_io import load_model
 
@@ -227,16 +237,19 @@ class Controller(QObject):
             layers = inventory(loaded)
             cancel.check()
             data = demo_data_for(loaded)
+            cancel.check()
+            head = output_layer(loaded, layers)
             progress(1.0, "model opened")
-            return loaded, layers, data
+            return loaded, layers, data, head
 
         name = Path(source).name if not source.startswith("demo:") else source
         return self._start("load", f"Opening {name}", job, self._on_load_done)
 
     def _on_load_done(self, payload: Any) -> None:
-        loaded, layers, data = payload
+        loaded, layers, data, head = payload
         self.model = loaded
         self.layers = tuple(layers)
+        self.output_layer = head
         self.stats = None
         self.preview = None
         self.result = None
@@ -263,6 +276,7 @@ class Controller(QObject):
                 f"Recipe settings for layers this model lacks were dropped: {', '.join(unknown)}"
             )
         self.pending_plan = None
+        plan = self.protect_output(plan)
         self.plan = plan
         self._history, self._index, self._merge_key = [plan], 0, None
         prunable = [layer.name for layer in self.layers if layer.prunable]
@@ -460,13 +474,36 @@ class Controller(QObject):
                 cfg = _layer_scoped(change(plan.config_for(name)))
                 plan = plan.with_layer(name, cfg)
         else:
+            head = self.output_layer
+            # The output layer's override is the automatic protection (not the user's own
+            # setting) when it is exactly what `protect_output_layer` would have made.
+            auto = (
+                head is not None
+                and plan.layer_overrides.get(head) == _protected(plan.default)
+                and _channel_pruning(plan.default)
+            )
             default = change(plan.default)
             if default.prune.method in STRUCTURED_METHODS + ("nm",):
                 default = replace(default, prune=replace(default.prune, scope="layer"))
             plan = plan.with_default(default)
+            if auto:
+                plan = plan.without_layer(head)
             for name, cfg in plan.overrides:
                 plan = plan.with_layer(name, _layer_scoped(change(cfg)))
+            plan = self.protect_output(plan)
         self.set_plan(plan, merge_key=merge_key)
+
+    def protect_output(self, plan: CompressionPlan) -> CompressionPlan:
+        """``plan`` with the logits layer exempt from a model-wide channel method.
+
+        The same rule as `core.engine.protect_output_layer` (which ``workbench compress``
+        applies), on the output layer found once when the model was opened: that search runs
+        the model, too slow to repeat on every slider step of a large one.
+        """
+        head = self.output_layer
+        if head is None or not _channel_pruning(plan.default) or head in plan.layer_overrides:
+            return plan
+        return plan.with_layer(head, _protected(plan.default))
 
     def reset_selection_to_default(self) -> None:
         """Drop the selected layers' overrides so they follow the model-wide default again."""
@@ -495,7 +532,7 @@ class Controller(QObject):
                 "",
             )
             return
-        self.set_plan(plan)
+        self.set_plan(self.protect_output(plan))
         self.statusMessaged.emit(f"Recipe loaded from {path}")
 
     def save_recipe(self, path: str) -> bool:
@@ -509,29 +546,49 @@ class Controller(QObject):
 
     # ------------------------------------------------------------------ compress & after
     def compress(self) -> int | None:
-        """Apply the plan (and fine-tune when the plan's recovery asks for epochs) in a worker."""
-        from core.engine import compress
+        """Apply the plan in a worker, with the recovery the plan asks for.
+
+        Runs `core.training.compress_and_finetune` on the `recovery_split` of the training data,
+        exactly as ``workbench compress`` and the benchmark do, so a recipe gives the same
+        packed size and accuracy here as on the command line (iterative pruning included).
+        """
+        from core.training import compress_and_finetune, recovery_split
 
         if self.model is None or self.stats is None:
             self.errorRaised.emit("Compress", "Wait until the model is analysed.", "")
             return None
         model, plan, stats = self.model, self.plan, self.stats
         train = self.train if model.can_run else None
-        recovery = plan.recovery if train is not None else None
-        do_finetune = recovery is not None and recovery.epochs > 0
+        if train is None and plan.recovery.epochs > 0:
+            # Weights-only model or no data: compress without recovery rather than fail.
+            plan = plan.with_recovery(replace(plan.recovery, epochs=0))
+            self.statusMessaged.emit(
+                "Fine-tuning skipped: it needs data and a model with a forward pass."
+            )
+        recovery = plan.recovery
+        do_finetune = recovery.epochs > 0
 
         def job(progress: ProgressFn, cancel: CancelToken):
-            split = 0.5 if do_finetune else 0.95
-            result = compress(
-                model, plan, stats, progress=scaled(progress, 0, split), cancel=cancel
+            fit, val = recovery_split(train) if do_finetune else (None, None)
+            result = compress_and_finetune(
+                model,
+                plan,
+                fit,
+                val,
+                stats=stats,
+                progress=scaled(progress, 0, 0.95),
+                cancel=cancel,
             )
-            if do_finetune:
-                result = _finetune(result, train, recovery, scaled(progress, split, 0.95), cancel)
             hists = after_histograms(result, stats, cancel)
             progress(1.0, "compressed")
             return result, hists
 
-        what = "Compressing and fine-tuning" if do_finetune else "Compressing"
+        if not do_finetune:
+            what = "Compressing"
+        elif recovery.prune_steps > 1:
+            what = f"Compressing and fine-tuning in {recovery.prune_steps} steps"
+        else:
+            what = "Compressing and fine-tuning"
         return self._start("compress", what, job, self._on_compress_done)
 
     def _on_compress_done(self, payload: Any) -> None:
@@ -655,6 +712,15 @@ class Controller(QObject):
         self.runner.wait(10_000)
 
 
+def _channel_pruning(cfg: LayerConfig) -> bool:
+    return not cfg.skip and cfg.prune.method in STRUCTURED_METHODS and cfg.prune.active
+
+
+def _protected(default: LayerConfig) -> LayerConfig:
+    """The output layer's exemption: the default's settings without pruning."""
+    return replace(default, prune=PruneConfig())
+
+
 def _layer_scoped(cfg: LayerConfig) -> LayerConfig:
     """Per-layer overrides cannot use the global pool: they prune within their own layer."""
     if cfg.prune.scope == "global":
@@ -663,11 +729,11 @@ def _layer_scoped(cfg: LayerConfig) -> LayerConfig:
 
 
 def _finetune(result, train, recovery: RecoveryConfig, progress: ProgressFn, cancel: CancelToken):
-    from core.data import split_dataset
-    from core.training import finetune
+    from core.training import finetune, recovery_split
 
-    # Best-checkpoint selection must not see the test split the results panel reports on.
-    fit, val = split_dataset(train, holdout=0.2, seed=0)
+    # Best-checkpoint selection must not see the test split the results panel reports on;
+    # the same split as Compress's recovery (and the CLI's).
+    fit, val = recovery_split(train)
     return finetune(result, fit, val, recovery, progress=progress, cancel=cancel)
 
 

@@ -130,8 +130,10 @@ class RecoveryConfig:
     """
 
     epochs: int = 0
-    lr: float = 1e-3
-    batch_size: int = 64
+    # Measured on the digits demos: after one-shot 90% pruning, 10 epochs at 1e-3 (batch 64)
+    # recover only to ~75-90% accuracy; 5e-3 with batch 32 (cosine decay) recovers to ~97%.
+    lr: float = 5e-3
+    batch_size: int = 32
     distill: bool = False
     temperature: float = 4.0
     alpha: float = 0.5

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from contextlib import ExitStack
 from dataclasses import replace
 from pathlib import Path
 
@@ -95,6 +96,14 @@ class RecoveryPanel(QGroupBox):
         self.epochs = QSpinBox(self)
         self.epochs.setRange(0, 1000)
         self.epochs.setToolTip("Epochs of fine-tuning after Compress (0 = none); masks stay fixed")
+        self.prune_steps = QSpinBox(self)
+        self.prune_steps.setObjectName("pruneStepsSpin")
+        self.prune_steps.setRange(1, 100)
+        self.prune_steps.setToolTip(
+            "Iterative pruning (Deep Compression): 1 = prune and quantize at once; N > 1 = "
+            "prune in N-1 growing steps, then quantize, with the epochs above after every step "
+            "(slower, recovers more accuracy at high sparsity)"
+        )
         self.lr = QDoubleSpinBox(self)
         self.lr.setDecimals(5)
         self.lr.setRange(1e-5, 1.0)
@@ -112,12 +121,13 @@ class RecoveryPanel(QGroupBox):
         self.alpha.setRange(0.0, 1.0)
         self.alpha.setSingleStep(0.05)
         self.alpha.setToolTip("Weight of the distillation loss (1 - alpha for the labels)")
-        for w in (self.epochs, self.lr, self.temperature, self.alpha):
+        for w in (self.epochs, self.prune_steps, self.lr, self.temperature, self.alpha):
             w.valueChanged.connect(self._on_field_edited)
             w.setKeyboardTracking(False)
         self.distill.toggled.connect(self._on_field_edited)
         form = QFormLayout(self)
         form.addRow("Epochs", self.epochs)
+        form.addRow("Prune steps", self.prune_steps)
         form.addRow("Learning rate", self.lr)
         form.addRow(self.distill)
         form.addRow("Temperature", self.temperature)
@@ -125,26 +135,33 @@ class RecoveryPanel(QGroupBox):
 
     def set_config(self, cfg: RecoveryConfig) -> None:
         self._cfg = cfg
-        widgets = (self.epochs, self.lr, self.distill, self.temperature, self.alpha)
-        with (
-            signals_blocked(widgets[0]),
-            signals_blocked(widgets[1]),
-            signals_blocked(widgets[2]),
-            signals_blocked(widgets[3]),
-            signals_blocked(widgets[4]),
-        ):
+        widgets = (
+            self.epochs,
+            self.prune_steps,
+            self.lr,
+            self.distill,
+            self.temperature,
+            self.alpha,
+        )
+        with ExitStack() as stack:
+            for w in widgets:
+                stack.enter_context(signals_blocked(w))
             self.epochs.setValue(cfg.epochs)
+            self.prune_steps.setValue(cfg.prune_steps)
             self.lr.setValue(cfg.lr)
             self.distill.setChecked(cfg.distill)
             self.temperature.setValue(cfg.temperature)
             self.alpha.setValue(cfg.alpha)
         self.temperature.setEnabled(cfg.distill)
         self.alpha.setEnabled(cfg.distill)
+        # Steps only mean something when there is fine-tuning between them.
+        self.prune_steps.setEnabled(cfg.epochs > 0)
 
     def _on_field_edited(self, *_):
         cfg = replace(
             self._cfg,
             epochs=self.epochs.value(),
+            prune_steps=self.prune_steps.value(),
             lr=self.lr.value(),
             distill=self.distill.isChecked(),
             temperature=self.temperature.value(),
