@@ -39,9 +39,25 @@ from app.widgets.quant_panel import QuantPanel
 from app.widgets.size_view import SizeView
 from app.widgets.summary_panel import SummaryPanel
 from app.workers import warm_up_engine
+from core import RESOURCES
+from core.errors import WorkbenchError
 from core.plan import CompressionPlan, RecoveryConfig, simple_plan
 
 DEMOS = (("demo:mlp", "Digits MLP (LeNet-300-100)"), ("demo:cnn", "Digits CNN (LeNet-5)"))
+
+
+def demo_recipes() -> list[tuple[Path, str]]:
+    """``(path, demo source)`` of the shipped ``resources/recipes/demo_NAME.json`` files."""
+    folder = RESOURCES / "recipes"
+    demos = {source for source, _ in DEMOS}
+    out = []
+    for path in sorted(folder.glob("demo_*.json")):
+        source = "demo:" + path.stem.removeprefix("demo_")
+        if source in demos:
+            out.append((path, source))
+    return out
+
+
 MODEL_FILTER = (
     "PyTorch models (*.pt *.pth *.pt2 *.ts *.jit *.safetensors *.bin *.ckpt);;All files (*)"
 )
@@ -235,6 +251,16 @@ class MainWindow(QMainWindow):
         file_menu.addAction(self.act_open_data)
         file_menu.addSeparator()
         file_menu.addAction(self.act_load_recipe)
+        self.demo_recipes_menu = file_menu.addMenu("Demo &recipes")
+        self.demo_recipes_menu.setToolTipsVisible(True)
+        for path, source in demo_recipes():
+            act = self.demo_recipes_menu.addAction(f"{source}: Deep Compression ({path.name})")
+            act.setToolTip(
+                f"Open {source} with the shipped recipe {path.name} (the one the benchmark "
+                "table uses); Compress reproduces its numbers"
+            )
+            act.triggered.connect(lambda _=False, p=path, s=source: self.open_demo_recipe(p, s))
+        self.demo_recipes_menu.setEnabled(bool(self.demo_recipes_menu.actions()))
         file_menu.addAction(self.act_save_recipe)
         file_menu.addSeparator()
         file_menu.addAction(self.act_export)
@@ -347,6 +373,7 @@ class MainWindow(QMainWindow):
         q.bitsMoved.connect(self._on_quant_bitsMoved)
         q.symmetricToggled.connect(self._on_quant_symmetricToggled)
         q.perChannelToggled.connect(self._on_quant_perChannelToggled)
+        q.biasBitsChosen.connect(self._on_quant_biasBitsChosen)
         q.editFinished.connect(c.end_merge)
         self.recovery.recoveryEdited.connect(c.set_recovery)
         self.histograms.thresholdDragged.connect(self._on_histograms_thresholdDragged)
@@ -429,6 +456,19 @@ class MainWindow(QMainWindow):
     # ------------------------------------------------------------------ public
     def open_model(self, source: str, *, trust: bool | None = None, plan=None) -> None:
         self.controller.open_model(source, trust=self.trust if trust is None else trust, plan=plan)
+
+    def open_demo_recipe(self, path: Path, source: str) -> None:
+        """Load a shipped recipe, opening its demo model first unless it is already open."""
+        model = self.controller.model
+        if model is not None and model.source == source:
+            self.controller.load_recipe(str(path))
+            return
+        try:
+            plan = CompressionPlan.load(path)
+        except WorkbenchError as exc:
+            self.show_error("Load recipe", str(exc))
+            return
+        self.open_model(source, plan=plan)
 
     def show_error(self, title: str, message: str, details: str = "") -> QMessageBox:
         """Non-blocking error dialog with the engine's message; the app stays usable."""
@@ -727,6 +767,9 @@ class MainWindow(QMainWindow):
 
     def _on_quant_perChannelToggled(self, on: bool) -> None:
         self._edit(lambda cfg: replace(cfg, quant=replace(cfg.quant, per_channel=on)))
+
+    def _on_quant_biasBitsChosen(self, bits) -> None:
+        self._edit(lambda cfg: replace(cfg, quant=replace(cfg.quant, bias_bits=bits)))
 
     # ------------------------------------------------------------------ actions
     def _last_dir(self, key: str) -> str:

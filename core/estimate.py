@@ -210,6 +210,20 @@ def _gradient_error(name: str, method: str) -> CompressionError:
     )
 
 
+def _bias_spec(
+    layer, state_shapes: dict[str, tuple[tuple[int, ...], str]], bits: int, symmetric: bool
+) -> TensorSpec | None:
+    """Spec of the layer's bias coded at ``bits`` (same rule as `core.engine.bias_name`)."""
+    for name in layer.param_names:
+        entry = state_shapes.get(name)
+        if name == layer.tensor or entry is None:
+            continue
+        shape, dtype = entry
+        if len(shape) == 1 and dtype in ("F32", "F64", "F16", "BF16"):
+            return TensorSpec(name, shape, math.prod(shape), bits=bits, symmetric=symmetric)
+    return None
+
+
 def preview(stats: ModelStats, plan: CompressionPlan) -> PlanPreview:
     """Estimate what ``plan`` does to the analysed model, without touching any weight.
 
@@ -264,6 +278,7 @@ def preview(stats: ModelStats, plan: CompressionPlan) -> PlanPreview:
 
     partial = []
     coded: dict[str, TensorSpec] = {}
+    state_shapes = {st.name: (tuple(st.shape), st.dtype) for st in stats.state}
     for layer in prunable:
         ts = stats.tensors[layer.name]
         cfg = plan.config_for(layer.name)
@@ -312,6 +327,10 @@ def preview(stats: ModelStats, plan: CompressionPlan) -> PlanPreview:
                 structured=structured and nnz < numel,
                 dtype=ts.dtype,
             )
+        if not cfg.skip and quant.bias_bits is not None:
+            bias = _bias_spec(layer, state_shapes, quant.bias_bits, bool(quant.symmetric))
+            if bias is not None:
+                coded[bias.name] = bias
         # entropy bound of this tensor's payload
         itemsize = ST_DTYPES.get(ts.dtype, 4)
         if bits:

@@ -104,7 +104,6 @@ class QuantPanel(QGroupBox):
         self.bits_label.setText("off (fp32)" if bits is None else f"{bits} bit")
         self.symmetric.setEnabled(bits is not None)
         self.per_channel.setEnabled(bits is not None)
-        self.bias_bits.setEnabled(bits is not None)
 
     def _on_bits_valueChanged(self, pos: int) -> None:
         bits = bits_from_position(pos)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import replace
+from pathlib import Path
 
 import numpy as np
 import onnxruntime as ort
@@ -20,6 +21,7 @@ from core.export import (
     result_from_packed,
 )
 from core.model import LoadedModel
+from core.plan import CompressionPlan
 from core.progress import CancelToken
 from core.report import write_report
 from tests.core._fixtures import eager, make_result
@@ -232,6 +234,11 @@ def test_preview_equals_file_size_within_one_percent(tmp_path, source):
         simple_plan(0.0, 4, "nm"),
         simple_plan(0.5, 8, "channel_l2"),
     ]
+    # The shipped Deep-Compression recipes also code the biases (bias_bits).
+    name = source.split(":")[1]
+    plans.append(
+        CompressionPlan.load(Path(__file__).parents[2] / f"resources/recipes/demo_{name}.json")
+    )
     for i, plan in enumerate(plans):
         loaded, stats, result = _engine_result(source, plan)
         expected = preview(stats, plan).packed_bytes
