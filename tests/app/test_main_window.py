@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -12,9 +14,11 @@ from PySide6.QtGui import QImage
 from PySide6.QtWidgets import QMessageBox
 
 from app.main_window import MainWindow
+from app.widgets.layer_table import COLUMNS
 from app.style import percent
 from app.widgets.prune_panel import threshold_to_position
 from app.widgets.summary_panel import summary_texts
+from core import RESOURCES
 from core.estimate import preview
 from core.inventory import inventory
 from core.model_io import load_model
@@ -515,3 +519,85 @@ def test_unlabelled_data_for_a_non_classifier_is_accepted(qtbot, window, tmp_pat
     qtbot.waitUntil(lambda: c.stats is not None and not c.busy(), timeout=TIMEOUT)
     assert not error_boxes(window)
     assert not c.stats.has_gradients
+
+
+def test_compress_reproduces_the_cli_for_the_same_recipe(qtbot, window, tmp_path):
+    """Iterative compression + distillation from a recipe: same packed bytes and accuracy
+    as ``workbench compress`` (the shipped demo recipe, shortened to stay fast)."""
+    from core.cli import main as cli_main
+
+    shipped = CompressionPlan.load(RESOURCES / "recipes" / "demo_mlp.json")
+    plan = shipped.with_recovery(replace(shipped.recovery, epochs=1, prune_steps=3))
+    recipe = tmp_path / "short.json"
+    plan.save(recipe)
+    cli_out = tmp_path / "cli"
+    args = ["compress", "demo:mlp", "--recipe", str(recipe), "--out", str(cli_out), "--quiet"]
+    assert cli_main(args) == 0
+    report = json.loads((cli_out / "report.json").read_text())
+
+    open_ready(qtbot, window, "demo:mlp")
+    c = window.controller
+    c.load_recipe(str(recipe))
+    assert window.recovery.prune_steps.value() == 3
+    assert window.quant_panel.bias_bits.currentData() == 8
+    with qtbot.waitSignal(c.resultReady, timeout=TIMEOUT, check_params_cb=bool):
+        c.compress()
+    qtbot.waitUntil(lambda: c.evaluation is not None, timeout=TIMEOUT)
+    assert c.evaluation.after.accuracy == pytest.approx(report["accuracy_after"], abs=1e-9)
+    gui_out = tmp_path / "gui"
+    with qtbot.waitSignal(c.exported, timeout=TIMEOUT, check_params_cb=bool):
+        c.export(["packed"], str(gui_out), report=False)
+    assert c.exports[0].bytes_on_disk == report["compressed_bytes"]
+    assert c.result.sparsity == pytest.approx(report["sparsity"], abs=1e-12)
+
+
+def test_prune_steps_and_bias_bits_controls_edit_the_plan(qtbot, window):
+    open_ready(qtbot, window, "demo:mlp")
+    c = window.controller
+    window.recovery.epochs.setValue(2)
+    assert window.recovery.prune_steps.isEnabled()
+    window.recovery.prune_steps.setValue(4)
+    assert c.plan.recovery == RecoveryConfig(epochs=2, prune_steps=4)
+    combo = window.quant_panel.bias_bits
+    combo.setCurrentIndex(combo.findData(8))
+    assert c.plan.default.quant.bias_bits == 8
+    assert c.preview is not None
+    c.undo()
+    assert c.plan.default.quant.bias_bits is None
+    assert combo.currentData() is None
+
+
+def test_model_wide_channel_pruning_keeps_the_logits_layer(qtbot, window):
+    from core.engine import protect_output_layer
+
+    open_ready(qtbot, window, "demo:mlp")
+    c = window.controller
+    assert c.output_layer == "fc3"
+    method = window.prune_panel.method
+    method.setCurrentIndex(method.findData("channel_l2"))
+    window.prune_panel.sparsity.setValue(500)
+    window.prune_panel.editFinished.emit()
+    plan = c.plan
+    # The same plan the CLI compresses (it applies the engine's rule to the recipe).
+    bare = CompressionPlan(default=plan.default, recovery=plan.recovery)
+    assert plan == protect_output_layer(bare, c.model, c.layers)
+    assert plan.config_for("fc3").prune.method == "none"
+    by_name = {lp.name: lp for lp in c.preview.layers}
+    assert by_name["fc3"].sparsity == 0.0 and by_name["fc1"].sparsity > 0.4
+    table = window.layer_table.model
+    col = COLUMNS.index("Sparsity")
+    shown = {n: table.index(table.row_of(n), col).data() for n in ("fc1", "fc3")}
+    assert shown["fc3"] == percent(0.0) != shown["fc1"]
+    # Back to unstructured: the exemption goes, the output layer follows the default again.
+    method.setCurrentIndex(method.findData("magnitude"))
+    assert "fc3" not in c.plan.layer_overrides
+
+
+def test_demo_recipes_menu_opens_the_demo_with_its_recipe(qtbot, window):
+    titles = [a.text() for a in window.demo_recipes_menu.actions()]
+    assert any("demo:cnn" in t for t in titles) and any("demo:mlp" in t for t in titles)
+    act = next(a for a in window.demo_recipes_menu.actions() if "demo:cnn" in a.text())
+    act.trigger()
+    wait_ready(qtbot, window)
+    assert window.controller.model.source == "demo:cnn"
+    assert window.controller.plan == CompressionPlan.load(RESOURCES / "recipes" / "demo_cnn.json")
