@@ -61,17 +61,10 @@ BATCH = {"demo:mlp": 256, "demo:cnn": 256, "linear-25M": 64, "conv-1.2M": 32}
 
 
 def linear_25m(seed: int = 0) -> nn.Module:
-    """About 25.2M parameters: three big Linear layers and a small head."""
-    torch.manual_seed(seed)
-    return nn.Sequential(
-        nn.Linear(1024, 4096),
-        nn.ReLU(),
-        nn.Linear(4096, 4096),
-        nn.ReLU(),
-        nn.Linear(4096, 1024),
-        nn.ReLU(),
-        nn.Linear(1024, 10),
-    ).eval()
+    """The same 25.2M-parameter model as the analysis benchmark."""
+    from bench.bench_analysis import build_model
+
+    return build_model(seed)
 
 
 def conv_net(seed: int = 0) -> nn.Module:

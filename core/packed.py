@@ -657,8 +657,8 @@ def decode_pattern(kind: object, shape: Sequence[int], buf: bytes) -> np.ndarray
 # ---------------------------------------------------------------------------------------
 # writer
 # ---------------------------------------------------------------------------------------
-#: torch dtype <-> safetensors dtype name.
-_TORCH_DTYPES = {
+#: torch dtype <-> safetensors dtype name (the size model and the statistics key on these).
+SAFETENSORS_DTYPES = {
     torch.float64: "F64",
     torch.float32: "F32",
     torch.float16: "F16",
@@ -670,12 +670,12 @@ _TORCH_DTYPES = {
     torch.uint8: "U8",
     torch.bool: "BOOL",
 }
-_ST_TO_TORCH = {v: k for k, v in _TORCH_DTYPES.items()}
+_ST_TO_TORCH = {v: k for k, v in SAFETENSORS_DTYPES.items()}
 
 
 def _st_dtype(t: torch.Tensor, name: str) -> str:
     try:
-        return _TORCH_DTYPES[t.dtype]
+        return SAFETENSORS_DTYPES[t.dtype]
     except KeyError:
         raise ExportError(
             f"tensor {name!r} has dtype {t.dtype}, which the packed format cannot store",

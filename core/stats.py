@@ -46,6 +46,7 @@ from torch import nn
 
 from core.errors import CompressionError, DataError, WorkbenchError
 from core.model import LayerInfo, LoadedModel
+from core.packed import SAFETENSORS_DTYPES
 from core.plan import GRADIENT_METHODS
 from core.progress import CancelToken, ProgressFn, no_progress, scaled
 
@@ -78,19 +79,6 @@ _BIN_LO = EDGE_VALUES[:-1]
 #: Arithmetic centre of every finite bin.
 BIN_CENTERS = 0.5 * (_BIN_LO + _BIN_HI)
 
-#: safetensors names of torch dtypes (the packed archive's size model keys on them).
-_ST_NAMES = {
-    torch.float64: "F64",
-    torch.float32: "F32",
-    torch.float16: "F16",
-    torch.bfloat16: "BF16",
-    torch.int64: "I64",
-    torch.int32: "I32",
-    torch.int16: "I16",
-    torch.int8: "I8",
-    torch.uint8: "U8",
-    torch.bool: "BOOL",
-}
 
 
 # ---------------------------------------------------------------------------------------
@@ -935,7 +923,7 @@ def _state_entries(module: nn.Module) -> tuple[StateTensor, ...]:
     out = []
     for name, t in module.state_dict().items():
         if isinstance(t, torch.Tensor):
-            dtype = _ST_NAMES.get(t.dtype, str(t.dtype).removeprefix("torch."))
+            dtype = SAFETENSORS_DTYPES.get(t.dtype, str(t.dtype).removeprefix("torch."))
             out.append(StateTensor(name, tuple(int(s) for s in t.shape), dtype))
     return tuple(out)
 

@@ -14,8 +14,8 @@ from PySide6.QtGui import QImage
 from PySide6.QtWidgets import QMessageBox
 
 from app.main_window import MainWindow
-from app.widgets.layer_table import COLUMNS
 from app.style import percent
+from app.widgets.layer_table import COLUMNS
 from app.widgets.prune_panel import threshold_to_position
 from app.widgets.summary_panel import summary_texts
 from core import RESOURCES
