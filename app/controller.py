@@ -123,6 +123,9 @@ class Controller(QObject):
         self.preview = None
         self.preview_error = ""
         self.result = None
+        #: The plan the user had when the current result was requested; the result's own
+        #: ``plan`` can differ (recovery dropped for a model that cannot be fine-tuned).
+        self.result_plan: CompressionPlan | None = None
         self.after_hists: dict[str, AfterHistograms] = {}
         self.evaluation: Evaluation | None = None
         self.exports: list = []
@@ -558,6 +561,7 @@ class Controller(QObject):
             self.errorRaised.emit("Compress", "Wait until the model is analysed.", "")
             return None
         model, plan, stats = self.model, self.plan, self.stats
+        requested = plan
         train = self.train if model.can_run else None
         if train is None and plan.recovery.epochs > 0:
             # Weights-only model or no data: compress without recovery rather than fail.
@@ -581,7 +585,7 @@ class Controller(QObject):
             )
             hists = after_histograms(result, stats, cancel)
             progress(1.0, "compressed")
-            return result, hists
+            return result, hists, requested
 
         if not do_finetune:
             what = "Compressing"
@@ -591,8 +595,13 @@ class Controller(QObject):
             what = "Compressing and fine-tuning"
         return self._start("compress", what, job, self._on_compress_done)
 
+    @property
+    def result_stale(self) -> bool:
+        """Whether the plan changed since the current result was requested."""
+        return self.result is not None and self.result_plan != self.plan
+
     def _on_compress_done(self, payload: Any) -> None:
-        self.result, self.after_hists = payload
+        self.result, self.after_hists, self.result_plan = payload
         self.exports = []
         self.resultReady.emit(self.result)
         self.exported.emit([])
@@ -616,11 +625,12 @@ class Controller(QObject):
         if recovery.epochs == 0:
             recovery = replace(recovery, epochs=1)
         stats = self.stats
+        requested = self.plan
 
         def job(progress: ProgressFn, cancel: CancelToken):
             tuned = _finetune(result, train, recovery, scaled(progress, 0, 0.95), cancel)
             hists = after_histograms(tuned, stats, cancel)
-            return tuned, hists
+            return tuned, hists, requested
 
         what = "Distilling" if recovery.distill else "Fine-tuning"
         return self._start("finetune", what, job, self._on_compress_done)

@@ -384,7 +384,7 @@ class MainWindow(QMainWindow):
     def _default_layout(self) -> None:
         self.resize(1440, 900)
         self.resizeDocks(
-            [self.layers_dock, self.controls_dock], [400, 380], Qt.Orientation.Horizontal
+            [self.layers_dock, self.controls_dock], [440, 380], Qt.Orientation.Horizontal
         )
         self.resizeDocks([self.jobs_dock], [215], Qt.Orientation.Vertical)
         self.center.setSizes([450, 250])
@@ -636,7 +636,7 @@ class MainWindow(QMainWindow):
         if not c.dragging:
             self.layer_table.resort()
         self.size_view.set_preview(preview, c.selection)
-        self.results.set_stale(c.result is not None and c.result.plan != c.plan)
+        self.results.set_stale(c.result_stale)
         self._refresh_controls()
 
     def _on_controller_selectionChanged(self, names: tuple) -> None:
@@ -655,7 +655,7 @@ class MainWindow(QMainWindow):
 
     def _on_controller_resultReady(self, result) -> None:
         self.results.set_result(result)
-        self.results.set_stale(result is not None and result.plan != self.controller.plan)
+        self.results.set_stale(self.controller.result_stale)
         name = self._shown_layer()
         self.histograms.set_after(self.controller.after_hists.get(name) if name else None)
         self._update_actions()
@@ -937,8 +937,9 @@ class MainWindow(QMainWindow):
                 fail(kind, outcome)
                 return
             if kind == "analyze" and state["phase"] == "analyze":
-                if plan is not None and plan != c.plan:
-                    c.set_plan(plan)
+                wanted = None if plan is None else c.protect_output(plan)
+                if wanted is not None and wanted != c.plan:
+                    c.set_plan(wanted)
                 elif not any(cfg.prune.active or cfg.quant.active for cfg in _configs(c.plan)):
                     c.set_plan(SAMPLE_PLAN)
                 name = select or _largest_layer(c)
@@ -996,6 +997,8 @@ def _plan_note(plan) -> str:
         parts.append(f"default: {d.prune.method} ({where})")
     if d.quant.bits is not None:
         parts.append(f"{d.quant.bits}-bit {'sym' if d.quant.symmetric else 'asym'}")
+    if d.quant.bias_bits is not None:
+        parts.append(f"{d.quant.bias_bits}-bit biases")
     if plan.overrides:
         parts.append(f"{len(plan.overrides)} layer override(s)")
     return "; ".join(parts)

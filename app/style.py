@@ -98,11 +98,13 @@ def ratio(x: float | None) -> str:
     return f"{x:.1f}×" if x < 100 else f"{x:.0f}×"
 
 
-def decibels(x: float | None) -> str:
+def decibels(x: float | None, *, short: bool = False) -> str:
     if x is None:
         return "—"
     if math.isinf(x):
-        return "∞ dB (lossless)" if x > 0 else "-∞ dB"
+        if x < 0:
+            return "-∞ dB"
+        return "∞ dB" if short else "∞ dB (lossless)"
     return f"{x:.1f} dB"
 
 

@@ -37,9 +37,8 @@ TITLE_SIZE = "10pt"
 MAX_DRAWN_LEVELS = 512
 
 GRADIENT_HINT = (
-    "No gradient statistics yet.\n\nLoad data (File ▸ Open data…, or a built-in demo) and run "
-    "Analyze to see gradients: the per-weight mean and spread over the recorded batches that "
-    "the gradient-stability and Taylor criteria use."
+    "No gradients yet.\n\nOpen data (File ▸ Open data…) to see each weight's gradient mean "
+    "and spread, which the gradient criteria use."
 )
 WEIGHTS_ONLY_HINT = (
     "This model is weights-only (no forward pass), so there are no gradients.\n\n"
@@ -170,7 +169,7 @@ class HistogramView(QWidget):
         self.grad_plot.setMenuEnabled(False)
         self.grad_plot.showGrid(x=True, y=True, alpha=0.15)
         self.grad_plot.setTitle("Gradients", size=TITLE_SIZE)
-        self.grad_plot.setLabel("bottom", "gradient per weight")
+        self.grad_plot.setLabel("bottom", "gradient")
         self.grad_plot.setLabel("left", "log10(count + 1)")
         gpi = self.grad_plot.getPlotItem()
         gpi.addLegend(offset=(-10, 10))
@@ -307,8 +306,10 @@ class HistogramView(QWidget):
         self.grad_plot.setLabel("left", "log10(count + 1)" if log_counts else "count")
         self.grad_mean.setData(*_step_xy(grad.hist_mean.edges, grad.hist_mean.counts, log_counts))
         self.grad_std.setData(*_step_xy(grad.hist_std.edges, grad.hist_std.counts, log_counts))
-        self.grad_plot.setTitle(
-            f"Gradients of {ts.layer.name} ({grad.batches} batches)", size=TITLE_SIZE
+        self.grad_plot.setTitle(f"Gradients of {ts.layer.name}", size=TITLE_SIZE)
+        self.grad_plot.setToolTip(
+            f"Per-weight gradient mean and standard deviation of {ts.layer.name} over "
+            f"{grad.batches} recorded batches"
         )
         self.grad_plot.enableAutoRange()
 
@@ -376,8 +377,8 @@ class HistogramView(QWidget):
             self.caption.setText("Select a layer in the table to see its weights.")
             return
         parts = [
-            f"<b>{ts.layer.name}</b> · {ts.numel:,} weights · min {ts.min:.4g} · max {ts.max:.4g}"
-            f" · mean {ts.mean:.3g} · std {ts.std:.3g}"
+            f"<b>{ts.layer.name}</b> · {ts.numel:,} weights in [{ts.min:.4g}, {ts.max:.4g}]"
+            f" · std {ts.std:.3g}"
         ]
         if ts.nonfinite:
             parts.append(f"<span style='color:#d33'>{ts.nonfinite} non-finite values</span>")
@@ -395,17 +396,17 @@ class HistogramView(QWidget):
                 parts.append(f"pruned {100 * lp.sparsity:.1f}% by {score} score (not |w|)")
             if self._bits is not None:
                 n = 2**self._bits - (1 if self._symmetric else 0)
-                grid = f"{self._bits}-bit grid ({n} levels, green)"
-                if n > MAX_DRAWN_LEVELS:
-                    grid = f"{self._bits}-bit grid ({n} levels, too dense to draw)"
-                if self._per_channel:
-                    grid += "; per-channel: each row has its own grid, the widest is shown"
+                drawn = "too dense to draw" if n > MAX_DRAWN_LEVELS else "green"
+                if self._per_channel and n <= MAX_DRAWN_LEVELS:
+                    drawn = "green; widest row"
+                grid = f"{self._bits}-bit grid, {n} levels ({drawn})"
                 parts.append(grid)
-        if self._after is not None:
-            parts.append(
-                f"<span style='color:{style.AFTER_COLOR.name()}'>orange: after compression</span>"
-            )
+        # (The "after compression" overlay is named in the plot's legend.)
         self.caption.setText(" · ".join(parts))
+        self.caption.setToolTip(
+            f"{ts.layer.name}: mean {ts.mean:.4g}, std {ts.std:.4g}, min {ts.min:.4g}, "
+            f"max {ts.max:.4g}"
+        )
 
     # ------------------------------------------------------------------ slots
     def _on_line_sigPositionChanged(self, line: pg.InfiniteLine, sign: float) -> None:

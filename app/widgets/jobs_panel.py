@@ -104,6 +104,9 @@ class RecoveryPanel(QGroupBox):
             "prune in N-1 growing steps, then quantize, with the epochs above after every step "
             "(slower, recovers more accuracy at high sparsity)"
         )
+        self.batch_size = QSpinBox(self)
+        self.batch_size.setRange(1, 4096)
+        self.batch_size.setToolTip("Samples per optimizer step while fine-tuning")
         self.lr = QDoubleSpinBox(self)
         self.lr.setDecimals(5)
         self.lr.setRange(1e-5, 1.0)
@@ -121,7 +124,14 @@ class RecoveryPanel(QGroupBox):
         self.alpha.setRange(0.0, 1.0)
         self.alpha.setSingleStep(0.05)
         self.alpha.setToolTip("Weight of the distillation loss (1 - alpha for the labels)")
-        for w in (self.epochs, self.prune_steps, self.lr, self.temperature, self.alpha):
+        for w in (
+            self.epochs,
+            self.prune_steps,
+            self.lr,
+            self.batch_size,
+            self.temperature,
+            self.alpha,
+        ):
             w.valueChanged.connect(self._on_field_edited)
             w.setKeyboardTracking(False)
         self.distill.toggled.connect(self._on_field_edited)
@@ -129,6 +139,7 @@ class RecoveryPanel(QGroupBox):
         form.addRow("Epochs", self.epochs)
         form.addRow("Prune steps", self.prune_steps)
         form.addRow("Learning rate", self.lr)
+        form.addRow("Batch size", self.batch_size)
         form.addRow(self.distill)
         form.addRow("Temperature", self.temperature)
         form.addRow("Alpha", self.alpha)
@@ -139,6 +150,7 @@ class RecoveryPanel(QGroupBox):
             self.epochs,
             self.prune_steps,
             self.lr,
+            self.batch_size,
             self.distill,
             self.temperature,
             self.alpha,
@@ -149,6 +161,7 @@ class RecoveryPanel(QGroupBox):
             self.epochs.setValue(cfg.epochs)
             self.prune_steps.setValue(cfg.prune_steps)
             self.lr.setValue(cfg.lr)
+            self.batch_size.setValue(cfg.batch_size)
             self.distill.setChecked(cfg.distill)
             self.temperature.setValue(cfg.temperature)
             self.alpha.setValue(cfg.alpha)
@@ -163,6 +176,7 @@ class RecoveryPanel(QGroupBox):
             epochs=self.epochs.value(),
             prune_steps=self.prune_steps.value(),
             lr=self.lr.value(),
+            batch_size=self.batch_size.value(),
             distill=self.distill.isChecked(),
             temperature=self.temperature.value(),
             alpha=self.alpha.value(),

@@ -7,6 +7,7 @@ from collections.abc import Sequence
 
 from PySide6.QtCore import (
     QAbstractTableModel,
+    QEvent,
     QItemSelection,
     QItemSelectionModel,
     QModelIndex,
@@ -36,8 +37,17 @@ TOOLTIPS = (
     "Fraction of the compressible weight that the current plan prunes (exact)",
     "Quantization width of the current plan (fp32 = not quantized)",
     "Bytes of this tensor in the packed archive (hover a cell for the dense fp32 size)",
-    "Estimated signal-to-quantization-and-pruning-noise ratio of this tensor (higher is better)",
+    "Estimated signal-to-quantization-and-pruning-noise ratio of this tensor (higher is "
+    "better; ∞ dB = untouched, lossless)",
 )
+#: Widest the Type column is sized to (pixels); longer type names are elided.
+TYPE_MAX_WIDTH = 110
+#: The Type column gives up width down to this before layer names are elided.
+TYPE_MIN_WIDTH = 56
+#: The widest text each number column shows (sizes the column once per model).
+WIDEST_VALUES = {3: "100.0 %", 4: "16 bit", 5: "999.9 KiB", 6: "-99.9 dB"}
+#: Pixels beside a column title (the header's padding and a little air).
+HEADER_MARGIN = 12
 #: Role under which each cell exposes a number for sorting.
 SORT_ROLE = Qt.ItemDataRole.UserRole + 1
 NAME_ROLE = Qt.ItemDataRole.UserRole + 2
@@ -165,7 +175,8 @@ class LayerTableModel(QAbstractTableModel):
         if col == 5:
             return human_bytes(lp.packed_bytes)
         if col == 6:
-            return decibels(lp.sqnr_db)
+            # The table is narrow: "∞ dB" there, the summary spells out "lossless".
+            return decibels(lp.sqnr_db, short=True)
         return ""
 
     @staticmethod
@@ -235,9 +246,16 @@ class LayerTable(QWidget):
         self.view.setAlternatingRowColors(True)
         self.view.verticalHeader().setVisible(False)
         self.view.verticalHeader().setDefaultSectionSize(22)
+        # Long module paths are shortened in the middle (the tooltip has the full name) so the
+        # numbers (sparsity, bits, bytes, SQNR) stay visible in a narrow dock.
+        self.view.setTextElideMode(Qt.TextElideMode.ElideMiddle)
+        self._type_width: int | None = None  # the Type column's width before balancing
+        self.view.installEventFilter(self)
         header = self.view.horizontalHeader()
         header.setSectionResizeMode(QHeaderView.ResizeMode.Interactive)
-        header.setStretchLastSection(True)
+        header.setSectionResizeMode(0, QHeaderView.ResizeMode.Stretch)
+        header.setStretchLastSection(False)
+        header.setMinimumSectionSize(36)
         self.view.selectionModel().selectionChanged.connect(self._on_view_selectionChanged)
         layout = QVBoxLayout(self)
         layout.setContentsMargins(0, 0, 0, 0)
@@ -247,7 +265,62 @@ class LayerTable(QWidget):
     def set_layers(self, layers: Sequence) -> None:
         with signals_blocked(self.view.selectionModel()):
             self.model.set_layers(layers)
-        self.view.resizeColumnsToContents()
+        self._fit_columns()
+
+    def _fit_columns(self) -> None:
+        """Size the columns to their contents, the layer name taking what is left."""
+        header = self.view.horizontalHeader()
+        metrics = header.fontMetrics()
+        for col in range(1, len(COLUMNS)):
+            # Qt's own header hint reserves room for a sort arrow on every column, which
+            # pushes SQNR out of a 400 px dock; the title plus a margin is enough.
+            title = metrics.horizontalAdvance(COLUMNS[col]) + HEADER_MARGIN
+            # Room for the widest value the column takes while sliders move, not just the
+            # values shown now (before any plan SQNR reads "∞ dB", later "19.7 dB").
+            widest = self.view.fontMetrics().horizontalAdvance(WIDEST_VALUES.get(col, ""))
+            width = max(self.view.sizeHintForColumn(col), title, widest + HEADER_MARGIN)
+            if col == 1:
+                # Type names can be long (e.g. MultiheadAttention): the tooltip has them.
+                width = min(width, TYPE_MAX_WIDTH)
+                self._type_width = width
+            header.resizeSection(col, width)
+        self._balance_type_column()
+
+    def _balance_type_column(self) -> None:
+        """Narrow the Type column (down to `TYPE_MIN_WIDTH`) before layer names get elided."""
+        if self._type_width is None:
+            return
+        header = self.view.horizontalHeader()
+        names = max(
+            self.view.sizeHintForColumn(0),
+            header.fontMetrics().horizontalAdvance(COLUMNS[0]) + HEADER_MARGIN,
+        )
+        others = sum(header.sectionSize(c) for c in range(2, header.count()))
+        spare = self.view.viewport().width() - names - others
+        width = max(TYPE_MIN_WIDTH, min(self._type_width, spare))
+        if width != header.sectionSize(1):
+            header.resizeSection(1, width)
+
+    def eventFilter(self, watched, event) -> bool:
+        if watched is self.view and event.type() == QEvent.Type.Resize:
+            self._balance_type_column()
+        return super().eventFilter(watched, event)
+
+    def preferred_width(self) -> int:
+        """Width that shows every column with the layer names unelided (for the dock)."""
+        header = self.view.horizontalHeader()
+        names = max(
+            self.view.sizeHintForColumn(0),
+            header.fontMetrics().horizontalAdvance(COLUMNS[0]) + HEADER_MARGIN,
+        )
+        rest = sum(header.sectionSize(c) for c in range(1, header.count()))
+        return (
+            names
+            + rest
+            + self.view.verticalScrollBar().sizeHint().width()
+            + 2 * self.view.frameWidth()
+            + 4
+        )
 
     def resort(self) -> None:
         """Re-apply the current sort to the latest numbers (after a drag ends)."""
@@ -260,7 +333,7 @@ class LayerTable(QWidget):
         self.model.set_preview(preview)
         if first:
             # Once per model, not per slider step: sizing columns measures every cell.
-            self.view.resizeColumnsToContents()
+            self._fit_columns()
 
     def selected_names(self) -> tuple[str, ...]:
         rows = self.view.selectionModel().selectedRows()

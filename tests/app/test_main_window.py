@@ -539,6 +539,7 @@ def test_compress_reproduces_the_cli_for_the_same_recipe(qtbot, window, tmp_path
     c = window.controller
     c.load_recipe(str(recipe))
     assert window.recovery.prune_steps.value() == 3
+    assert window.recovery.batch_size.value() == plan.recovery.batch_size
     assert window.quant_panel.bias_bits.currentData() == 8
     with qtbot.waitSignal(c.resultReady, timeout=TIMEOUT, check_params_cb=bool):
         c.compress()
@@ -601,3 +602,14 @@ def test_demo_recipes_menu_opens_the_demo_with_its_recipe(qtbot, window):
     wait_ready(qtbot, window)
     assert window.controller.model.source == "demo:cnn"
     assert window.controller.plan == CompressionPlan.load(RESOURCES / "recipes" / "demo_cnn.json")
+
+
+def test_compress_without_data_skips_recovery_and_is_not_stale(qtbot, window, resnet_file):
+    open_ready(qtbot, window, resnet_file)
+    c = window.controller
+    c.set_plan(simple_plan(0.5, 8).with_recovery(RecoveryConfig(epochs=3, prune_steps=2)))
+    with qtbot.waitSignal(c.resultReady, timeout=TIMEOUT, check_params_cb=bool):
+        c.compress()
+    assert c.result.plan.recovery.epochs == 0
+    assert not c.result_stale and window.results.stale.isHidden()
+    assert "Fine-tuning skipped" in window.statusBar().currentMessage()

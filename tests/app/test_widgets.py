@@ -83,7 +83,7 @@ def test_histogram_without_gradients_shows_the_hint(qtbot):
     qtbot.addWidget(view)
     view.set_layer(None)
     assert view.grad_stack.currentWidget() is view.grad_hint
-    assert "Load data" in view.grad_hint.text()
+    assert "Open data" in view.grad_hint.text()
 
 
 def test_export_dialog_asks_before_overwriting(qtbot, tmp_path, monkeypatch):
