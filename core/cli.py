@@ -49,7 +49,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"workbench {args.command}: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("workbench: interrupted (files already completed stay; no partial file is left)", file=sys.stderr)
+        print(
+            "workbench: interrupted (files already completed stay; no partial file is left)",
+            file=sys.stderr,
+        )
         return 130
     except BrokenPipeError:
         # The reader (e.g. `| head`) went away: stop quietly, like other Unix tools.

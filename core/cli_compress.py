@@ -64,7 +64,11 @@ def register(subparsers) -> None:
         "--trust", action="store_true", help="allow unpickling a full model (runs its code)"
     )
     p.add_argument(
-        "--architecture", metavar="A", help="demo:mlp/demo:cnn architecture for a weights file"
+        "--arch",
+        "--architecture",
+        dest="architecture",
+        metavar="DEMO",
+        help="give a state_dict/safetensors file a demo architecture (demo:mlp or demo:cnn)",
     )
     p.add_argument(
         "--format",

@@ -214,6 +214,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     p.add_argument(
         "--arch",
+        "--architecture",
         dest="architecture",
         metavar="DEMO",
         help="give a state_dict/safetensors file a demo architecture (demo:mlp or demo:cnn)",

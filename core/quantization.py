@@ -132,7 +132,9 @@ def dequantize(qt: QuantizedTensor) -> torch.Tensor:
     return w
 
 
-def fake_quantize(w: torch.Tensor, cfg: QuantConfig, mask: torch.Tensor | None = None) -> torch.Tensor:
+def fake_quantize(
+    w: torch.Tensor, cfg: QuantConfig, mask: torch.Tensor | None = None
+) -> torch.Tensor:
     """Quantize-dequantize ``w`` with a straight-through gradient (for quantization-aware tuning)."""
     if cfg.bits is None:
         return w if mask is None else w * mask
