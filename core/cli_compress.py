@@ -17,7 +17,14 @@ from typing import Any
 import torch
 
 from core.errors import CompressionError, ExportError, RecipeError
-from core.plan import GRADIENT_METHODS, METHOD_HELP, PRUNE_METHODS, CompressionPlan, simple_plan
+from core.plan import (
+    GRADIENT_METHODS,
+    METHOD_HELP,
+    PRUNE_METHODS,
+    CompressionPlan,
+    PruneConfig,
+    simple_plan,
+)
 from core.progress import ProgressFn
 
 #: Files in the output directory that are never overwritten without ``--force``.
@@ -27,7 +34,7 @@ DEFAULT_FORMATS = ("packed",)
 
 def register(subparsers) -> None:
     """Add the ``compress`` subcommand to the ``workbench`` parser."""
-    methods = "; ".join(f"{m}: {METHOD_HELP[m]}" for m in PRUNE_METHODS if m != "none")
+    methods = "; ".join(f"{m}: {METHOD_HELP[m].rstrip('.')}" for m in PRUNE_METHODS if m != "none")
     p = subparsers.add_parser(
         "compress",
         help="prune + quantize a model (and optionally fine-tune), export it and write a report",
@@ -109,6 +116,16 @@ def _plan_from_args(args: argparse.Namespace) -> CompressionPlan:
         sparsity = args.sparsity if args.sparsity is not None else 0.0
         if not (math.isfinite(sparsity) and 0.0 <= sparsity < 1.0):
             raise RecipeError(f"--sparsity: {sparsity} is out of range [0, 1)")
+        if method == "nm" and args.sparsity is not None:
+            # N:M fixes the sparsity at N/M; silently ignoring another target would write a
+            # report whose sparsity differs from what the user asked for.
+            nm = PruneConfig()
+            if not math.isclose(sparsity, nm.n / nm.m, abs_tol=1e-9):
+                raise RecipeError(
+                    f"--sparsity: {sparsity} is not possible with --method nm, which prunes "
+                    f"{nm.n} of every {nm.m} weights (sparsity {nm.n / nm.m:g})",
+                    hint="drop --sparsity, or give other n and m in a recipe's default.prune",
+                )
         if args.bits is not None and not 2 <= args.bits <= 16:
             raise RecipeError(f"--bits: {args.bits} is out of range 2..16")
         plan = simple_plan(sparsity, args.bits, method)

@@ -12,7 +12,10 @@ The human output is a table; ``--json`` prints one object::
 
 ``total_params`` counts floating-point parameter values (for weights-only files: every floating
 tensor of the checkpoint). Statistics skip non-finite values and report how many there were;
-``min``/``max``/``mean``/``std`` are ``null`` when a tensor has no finite value.
+``min``/``max``/``mean``/``std`` are ``null`` when a tensor has no finite value. A packed
+archive (``model.packed.safetensors``) opens as the compressed model: ``format`` is ``packed``,
+``base_format``/``base_source`` name the model it runs as, and the base's recorded
+``test_accuracy`` is left out.
 """
 
 from __future__ import annotations
@@ -72,6 +75,13 @@ def describe(loaded: LoadedModel) -> dict[str, Any]:
     }
     if loaded.example_input is not None:
         out["input_shape"] = list(loaded.example_input.shape[1:])
+    if loaded.metadata.get("detected") == "packed":
+        # A packed archive runs as its base model, so `format` is the base's; say what the file
+        # is, and leave out the base's recorded accuracy, which is not the compressed model's.
+        out["format"] = "packed"
+        out["base_format"] = loaded.format
+        out["base_source"] = loaded.metadata.get("packed_source", "")
+        return out
     info = loaded.metadata.get("info")
     if isinstance(info, dict) and "test_accuracy" in info:
         out["test_accuracy"] = info["test_accuracy"]
@@ -102,6 +112,11 @@ def _table(desc: dict[str, Any]) -> str:
     head = [
         f"model   {desc['source']}",
         f"format  {desc['format']}"
+        + (
+            f"  (compressed {desc['base_format']} model from {desc['base_source'] or '?'})"
+            if "base_format" in desc
+            else ""
+        )
         + ("  (weights only: no forward pass)" if desc["weights_only"] else ""),
         f"params  {desc['total_params']:,} floating-point values, {desc['total_bytes']:,} bytes",
     ]

@@ -234,6 +234,32 @@ def test_cancel_at_every_progress_point_leaves_original_intact():
     assert math.isclose(compress(loaded, plan, stats).sparsity, 0.9, abs_tol=1e-4)
 
 
+@pytest.mark.parametrize(
+    "name, fmt", [("resnet", "eager"), ("transformer", "pt2"), ("lstm", "torchscript")]
+)
+def test_cancel_on_generated_models_leaves_the_original_intact(name, fmt):
+    loaded = _loaded(name, fmt)
+    stats = analyze(loaded)
+    plan = simple_plan(0.8, 4)
+    before = _state(loaded.module)
+    calls = []
+    compress(loaded, plan, stats, progress=lambda f, m: calls.append(m))
+    assert len(calls) >= 3
+    for k in range(len(calls)):
+        token = CancelToken()
+        seen = []
+
+        def progress(fraction, message, token=token, seen=seen, k=k):
+            seen.append(message)
+            if len(seen) == k + 1:
+                token.cancel()
+
+        with pytest.raises(Cancelled):
+            compress(loaded, plan, stats, progress=progress, cancel=token)
+        after = _state(loaded.module)
+        assert all(torch.equal(before[n], after[n]) for n in before), f"cancel at {k}"
+
+
 def test_bias_bits_quantize_biases_exactly():
     loaded = load_model("demo:mlp")
     stats = analyze(loaded)

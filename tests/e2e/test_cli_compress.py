@@ -158,6 +158,11 @@ def test_data_and_recipe_mistakes_are_one_line_errors(tmp_path):
     assert "r.json" in lines[0] and "layers.nonexistent" in lines[0]
     proc = _run("demo:mlp", "--out", str(tmp_path / "c"), "--method", "none", "--sparsity", "0.5")
     assert proc.returncode == 2 and "no effect with --method none" in proc.stderr
+    # N:M fixes the sparsity at N/M: another target is refused, not silently ignored
+    proc = _run("demo:mlp", "--out", str(tmp_path / "d"), "--method", "nm", "--sparsity", "0.9")
+    lines = proc.stderr.strip().splitlines()
+    assert proc.returncode == 2 and len(lines) == 1 and "--method nm" in lines[0]
+    assert not (tmp_path / "d").exists()
 
 
 def test_pickled_eager_model_channel_removal_uses_data_as_example(tmp_path):

@@ -88,3 +88,25 @@ def test_inspect_data_that_does_not_fit(tmp_path):
     assert proc.returncode == 2
     assert len(proc.stderr.strip().splitlines()) == 1 and "Traceback" not in proc.stderr
     assert "wrong.npz" in proc.stderr
+
+
+def test_inspect_packed_archive_says_what_the_file_is(tmp_path):
+    """A packed archive is reported as `packed` with its base, without the base's accuracy."""
+    from core.export import export
+    from core.model_io import load_model
+    from tests.core._fixtures import make_result
+
+    result = make_result(load_model("demo:mlp"), sparsity=0.8, bits=4)
+    path = tmp_path / "model.packed.safetensors"
+    export(result, "packed", path, latency=False)
+    proc = _run(str(path), "--json")
+    assert proc.returncode == 0, proc.stderr
+    desc = json.loads(proc.stdout)
+    assert desc["format"] == "packed"
+    assert desc["base_format"] == "demo" and desc["base_source"] == "demo:mlp"
+    assert "test_accuracy" not in desc
+    sparsity = {row["name"]: row["sparsity"] for row in desc["layers"]}
+    assert sparsity["fc2"] >= 0.75
+    table = _run(str(path)).stdout
+    assert "packed  (compressed demo model from demo:mlp)" in table
+    assert "test accuracy" not in table
