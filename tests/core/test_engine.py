@@ -210,14 +210,13 @@ def test_unknown_layer_and_missing_gradients_are_errors():
         compress(loaded, _plan("taylor", 0.5), stats)
 
 
-def test_cancel_at_every_progress_point_leaves_original_intact():
-    loaded = load_model("demo:mlp")
+def _cancel_at_every_progress_point(loaded, plan, min_calls: int) -> None:
+    """Cancel ``compress`` at each of its progress points in turn; the original never changes."""
     stats = analyze(loaded)
-    plan = simple_plan(0.9, 4)
     before = _state(loaded.module)
     calls = []
     compress(loaded, plan, stats, progress=lambda f, m: calls.append(m))
-    assert len(calls) >= 5
+    assert len(calls) >= min_calls
     for k in range(len(calls)):
         token = CancelToken()
         seen = []
@@ -231,33 +230,20 @@ def test_cancel_at_every_progress_point_leaves_original_intact():
             compress(loaded, plan, stats, progress=progress, cancel=token)
         after = _state(loaded.module)
         assert all(torch.equal(before[n], after[n]) for n in before), f"cancel at {k}"
-    assert math.isclose(compress(loaded, plan, stats).sparsity, 0.9, abs_tol=1e-4)
+
+
+def test_cancel_at_every_progress_point_leaves_original_intact():
+    loaded = load_model("demo:mlp")
+    plan = simple_plan(0.9, 4)
+    _cancel_at_every_progress_point(loaded, plan, min_calls=5)
+    assert math.isclose(compress(loaded, plan, analyze(loaded)).sparsity, 0.9, abs_tol=1e-4)
 
 
 @pytest.mark.parametrize(
     "name, fmt", [("resnet", "eager"), ("transformer", "pt2"), ("lstm", "torchscript")]
 )
 def test_cancel_on_generated_models_leaves_the_original_intact(name, fmt):
-    loaded = _loaded(name, fmt)
-    stats = analyze(loaded)
-    plan = simple_plan(0.8, 4)
-    before = _state(loaded.module)
-    calls = []
-    compress(loaded, plan, stats, progress=lambda f, m: calls.append(m))
-    assert len(calls) >= 3
-    for k in range(len(calls)):
-        token = CancelToken()
-        seen = []
-
-        def progress(fraction, message, token=token, seen=seen, k=k):
-            seen.append(message)
-            if len(seen) == k + 1:
-                token.cancel()
-
-        with pytest.raises(Cancelled):
-            compress(loaded, plan, stats, progress=progress, cancel=token)
-        after = _state(loaded.module)
-        assert all(torch.equal(before[n], after[n]) for n in before), f"cancel at {k}"
+    _cancel_at_every_progress_point(_loaded(name, fmt), simple_plan(0.8, 4), min_calls=3)
 
 
 def test_bias_bits_quantize_biases_exactly():
