@@ -73,6 +73,7 @@ def _data(result, path: str | None):
 def run(args: argparse.Namespace) -> int:
     """Run ``workbench export``; returns the exit code (errors raise `WorkbenchError`)."""
     from core.export import export_all, parse_formats, result_from_packed
+    from core.report import update_report
 
     formats = parse_formats(args.format)
     src = Path(args.compressed_dir)
@@ -93,6 +94,8 @@ def run(args: argparse.Namespace) -> int:
     result = result_from_packed(archive, args.base, trust=args.trust)
     data = _data(result, args.data)
     records = export_all(result, formats, out, force=args.force, data=data, entropy=args.entropy)
+    # Keep the report that `compress` wrote beside the files in step with them.
+    update_report(result, out, records)
     if not args.quiet:
         width = max((len(str(r.path)) for r in records), default=0)
         for r in records:

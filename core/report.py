@@ -352,3 +352,38 @@ def write_report(
     atomic_write(json_path, [text.encode("utf-8")], force=force)
     atomic_write(html_path, [render_html(result, data).encode("utf-8")], force=force)
     return json_path, html_path
+
+
+def update_report(result: Any, out_dir: str | Path, exports: Sequence[Any]) -> Path | None:
+    """Merge re-exports into an existing ``report.json``/``report.html`` (``workbench export``).
+
+    Entries of the same format are replaced, others kept; the evaluation and the per-layer
+    table stay as `write_report` measured them. When the packed archive is re-written the
+    compressed size and ratio follow it. Returns the JSON path, or ``None`` when ``out_dir``
+    has no report to update (a re-export into another folder).
+    """
+    json_path = Path(out_dir) / "report.json"
+    if not json_path.is_file():
+        return None
+    try:
+        data = json.loads(json_path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return None
+    if not isinstance(data, dict):
+        return None
+    new = {e.format: e.to_dict() for e in exports}
+    kept = [e for e in data.get("exports", []) if e.get("format") not in new]
+    data["exports"] = kept + list(new.values())
+    packed = new.get("packed")
+    if packed is not None and data.get("original_bytes"):
+        data["compressed_bytes"] = packed["bytes_on_disk"]
+        data["compression_ratio"] = data["original_bytes"] / packed["bytes_on_disk"]
+    data = _finite(data)
+    text = json.dumps(data, indent=2, allow_nan=False) + "\n"
+    atomic_write(json_path, [text.encode("utf-8")], force=True)
+    atomic_write(
+        json_path.with_name("report.html"),
+        [render_html(result, data).encode("utf-8")],
+        force=True,
+    )
+    return json_path

@@ -48,6 +48,13 @@ def test_compress_then_reexport(tmp_path):
     assert r.returncode == 0, r.stderr
     assert (out / "model.onnx").is_file() and (out / "model.safetensors").is_file()
     assert "max|diff|" in r.stdout
+    # report.json/html now list the re-exports next to the original ones
+    report = json.loads((out / "report.json").read_text())
+    by_format = {e["format"]: e for e in report["exports"]}
+    assert set(by_format) == {"packed", "state_dict", "onnx", "safetensors"}
+    assert by_format["onnx"]["bytes_on_disk"] == (out / "model.onnx").stat().st_size
+    assert report["compressed_bytes"] == packed.stat().st_size
+    assert "model.onnx" in (out / "report.html").read_text()
     # the re-exported dense weights are the compressed model's
     from safetensors.torch import load_file
 
