@@ -724,23 +724,20 @@ class MainWindow(QMainWindow):
 
         self._edit(change)
 
-    def _on_prune_sparsityMoved(self, sparsity: float) -> None:
+    def _edit_prune_target(self, mode: str, **value: float) -> None:
+        """Set the sparsity or threshold (``mode``), starting magnitude pruning if none is set."""
+
         def change(cfg):
             method = cfg.prune.method if cfg.prune.method != "none" else "magnitude"
-            return replace(
-                cfg, prune=replace(cfg.prune, method=method, mode="sparsity", sparsity=sparsity)
-            )
+            return replace(cfg, prune=replace(cfg.prune, method=method, mode=mode, **value))
 
-        self._edit(change, merge_key="sparsity")
+        self._edit(change, merge_key=mode)
+
+    def _on_prune_sparsityMoved(self, sparsity: float) -> None:
+        self._edit_prune_target("sparsity", sparsity=sparsity)
 
     def _set_threshold(self, t: float) -> None:
-        def change(cfg):
-            method = cfg.prune.method if cfg.prune.method != "none" else "magnitude"
-            return replace(
-                cfg, prune=replace(cfg.prune, method=method, mode="threshold", threshold=t)
-            )
-
-        self._edit(change, merge_key="threshold")
+        self._edit_prune_target("threshold", threshold=t)
 
     def _on_prune_thresholdMoved(self, t: float) -> None:
         self._set_threshold(t)

@@ -329,30 +329,29 @@ def _prune_from(data: Any, where: str, *, is_default: bool) -> PruneConfig:
     return cfg
 
 
+def _bits_or_off(value: Any, where: str, off_means: str) -> int | None:
+    """A bit width in ``MIN_BITS..MAX_BITS`` or ``None`` (JSON null) for off."""
+    if value is None:
+        return None
+    bits = _typed(value, int, where)
+    if not MIN_BITS <= bits <= MAX_BITS:
+        raise RecipeError(
+            f"{where}: {bits} is out of range {MIN_BITS}..{MAX_BITS}",
+            hint=f"use null to {off_means}",
+        )
+    return bits
+
+
 def _quant_from(data: Any, where: str) -> QuantConfig:
     data = _require_mapping(data, where)
     _check_keys(data, {f.name for f in fields(QuantConfig)}, where)
     kw: dict[str, Any] = {}
     if "bits" in data:
-        b = data["bits"]
-        if b is not None:
-            b = _typed(b, int, f"{where}.bits")
-            if not MIN_BITS <= b <= MAX_BITS:
-                raise RecipeError(
-                    f"{where}.bits: {b} is out of range {MIN_BITS}..{MAX_BITS}",
-                    hint="use null to switch quantization off",
-                )
-        kw["bits"] = b
+        kw["bits"] = _bits_or_off(data["bits"], f"{where}.bits", "switch quantization off")
     if "bias_bits" in data:
-        b = data["bias_bits"]
-        if b is not None:
-            b = _typed(b, int, f"{where}.bias_bits")
-            if not MIN_BITS <= b <= MAX_BITS:
-                raise RecipeError(
-                    f"{where}.bias_bits: {b} is out of range {MIN_BITS}..{MAX_BITS}",
-                    hint="use null to keep biases in float32",
-                )
-        kw["bias_bits"] = b
+        kw["bias_bits"] = _bits_or_off(
+            data["bias_bits"], f"{where}.bias_bits", "keep biases in float32"
+        )
     if "symmetric" in data:
         kw["symmetric"] = _typed(data["symmetric"], bool, f"{where}.symmetric")
     if "per_channel" in data:
