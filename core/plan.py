@@ -24,42 +24,47 @@ from pathlib import Path
 from typing import Any
 
 from core.errors import RecipeError
+from core.methods import prune_method, prune_method_names, prune_methods
 
 RECIPE_VERSION = 1
 
-#: Pruning criteria. ``gradient_stability`` and ``taylor`` need gradient statistics from data.
-PRUNE_METHODS = (
-    "none",
-    "magnitude",
-    "gradient_stability",
-    "taylor",
-    "channel_l1",
-    "channel_l2",
-    "nm",
-)
-STRUCTURED_METHODS = ("channel_l1", "channel_l2")
-GRADIENT_METHODS = ("gradient_stability", "taylor")
+#: Pruning criteria, from the method registry (`core.methods`): the recipe spellings.
+PRUNE_METHODS = tuple(m.name for m in prune_methods())
+STRUCTURED_METHODS = prune_method_names(structured=True)
+GRADIENT_METHODS = prune_method_names(needs_gradients=True)
 PRUNE_MODES = ("sparsity", "threshold")
+#: How a model-wide default's sparsity target is met: per layer, or one threshold pooled over
+#: every layer that follows the default ("global"). Not to be confused with the *edit target*
+#: of a session (selected layers vs whole model, `core.session`).
 SCOPES = ("layer", "global")
 MIN_BITS, MAX_BITS = 2, 16
 
 #: One sentence per method, shown as tooltips and in `workbench compress --help`.
-METHOD_HELP = {
-    "none": "Keep every weight.",
-    "magnitude": "Prune weights whose absolute value |w| is below the threshold.",
-    "gradient_stability": (
-        "Prune weights whose gradient is consistently near zero: score = max(|mean g|, std g) "
-        "over the recorded batches; a weight is pruned when both its gradient mean and its "
-        "gradient spread are below the threshold."
-    ),
-    "taylor": (
-        "First-order Taylor: prune weights whose estimated loss change "
-        "|w| * sqrt(mean(g^2)) is below the threshold."
-    ),
-    "channel_l1": "Prune whole output channels/rows whose L1 norm is smallest.",
-    "channel_l2": "Prune whole output channels/rows whose L2 norm is smallest.",
-    "nm": "N:M semi-structured: in every group of M consecutive input weights keep the M-N largest (2:4 keeps 2 of 4).",
-}
+METHOD_HELP = {m.name: m.help for m in prune_methods()}
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_real(value: Any) -> bool:
+    return (
+        isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    )
+
+
+def _require(ok: bool, field_name: str, message: str, *, hint: str | None = None) -> None:
+    """Raise `RecipeError` as ``"<field>: <message>"``; parsers prefix the rest of the path."""
+    if not ok:
+        raise RecipeError(f"{field_name}: {message}", hint=hint)
+
+
+def _built(cls: type, where: str, **kw: Any) -> Any:
+    """``cls(**kw)`` with a validation error re-raised under the field path ``where``."""
+    try:
+        return cls(**kw)
+    except RecipeError as exc:
+        raise RecipeError(f"{where}.{exc.reason}", hint=exc.hint) from None
 
 
 @dataclass(frozen=True)
@@ -80,6 +85,31 @@ class PruneConfig:
     scope: str = "layer"
     n: int = 2
     m: int = 4
+
+    def __post_init__(self) -> None:
+        method = prune_method(self.method)
+        _require(self.mode in PRUNE_MODES, "mode", f"{self.mode!r} is not one of {PRUNE_MODES}")
+        _require(self.scope in SCOPES, "scope", f"{self.scope!r} is not one of {SCOPES}")
+        _require(
+            _is_real(self.sparsity) and 0.0 <= self.sparsity < 1.0,
+            "sparsity",
+            f"{self.sparsity!r} is out of range [0, 1)",
+        )
+        _require(
+            _is_real(self.threshold) and 0.0 <= self.threshold,
+            "threshold",
+            f"{self.threshold!r} must be a finite number >= 0 (scores are non-negative)",
+        )
+        _require(
+            _is_int(self.n) and _is_int(self.m) and 1 <= self.n < self.m <= 16,
+            "n/m",
+            f"need 1 <= n < m <= 16, got n={self.n!r}, m={self.m!r}",
+        )
+        _require(
+            not (self.scope == "global" and method.layer_scope_only),
+            "scope",
+            f"'global' is not supported for method {self.method!r}",
+        )
 
     @property
     def active(self) -> bool:
@@ -105,6 +135,20 @@ class QuantConfig:
     symmetric: bool = True
     per_channel: bool = False
     bias_bits: int | None = None
+
+    def __post_init__(self) -> None:
+        for name in ("bits", "bias_bits"):
+            value = getattr(self, name)
+            _require(
+                value is None or (_is_int(value) and MIN_BITS <= value <= MAX_BITS),
+                name,
+                f"{value!r} is out of range {MIN_BITS}..{MAX_BITS}",
+                hint="use null to switch it off",
+            )
+        for name in ("symmetric", "per_channel"):
+            _require(
+                isinstance(getattr(self, name), bool), name, "expected true or false"
+            )
 
     @property
     def active(self) -> bool:
@@ -138,6 +182,27 @@ class RecoveryConfig:
     temperature: float = 4.0
     alpha: float = 0.5
     prune_steps: int = 1
+
+    def __post_init__(self) -> None:
+        checks = (
+            ("epochs", _is_int(self.epochs) and 0 <= self.epochs <= 10_000, "0..10000"),
+            (
+                "batch_size",
+                _is_int(self.batch_size) and 1 <= self.batch_size <= 1_000_000,
+                "1..1000000",
+            ),
+            ("lr", _is_real(self.lr) and 0.0 < self.lr <= 10.0, "(0, 10]"),
+            (
+                "temperature",
+                _is_real(self.temperature) and 0.0 < self.temperature <= 100.0,
+                "(0, 100]",
+            ),
+            ("alpha", _is_real(self.alpha) and 0.0 <= self.alpha <= 1.0, "[0, 1]"),
+            ("prune_steps", _is_int(self.prune_steps) and 1 <= self.prune_steps <= 100, "1..100"),
+        )
+        for name, ok, allowed in checks:
+            _require(ok, name, f"{getattr(self, name)!r} is out of range {allowed}")
+        _require(isinstance(self.distill, bool), "distill", "expected true or false")
 
 
 @dataclass(frozen=True)
@@ -226,11 +291,13 @@ class CompressionPlan:
             raise RecipeError(exc.reason, path=path, hint=exc.hint) from None
 
     def save(self, path: str | Path) -> None:
-        """Write the recipe atomically (temporary file, then rename)."""
-        target = Path(path)
-        tmp = target.with_name(f".{target.name}.tmp")
-        tmp.write_text(self.to_json() + "\n", encoding="utf-8")
-        tmp.replace(target)
+        """Write the recipe atomically (a uniquely named temporary file, then rename).
+
+        Raises `core.errors.ExportError` when the file cannot be written.
+        """
+        from core.outdir import atomic_write
+
+        atomic_write(Path(path), [(self.to_json() + "\n").encode("utf-8")], force=True)
 
     @classmethod
     def load(cls, path: str | Path) -> CompressionPlan:
@@ -295,68 +362,38 @@ def _choice(value: Any, choices: tuple[str, ...], where: str) -> str:
 def _prune_from(data: Any, where: str, *, is_default: bool) -> PruneConfig:
     data = _require_mapping(data, where)
     _check_keys(data, {f.name for f in fields(PruneConfig)}, where)
-    base = PruneConfig()
     kw: dict[str, Any] = {}
-    if "method" in data:
-        kw["method"] = _choice(data["method"], PRUNE_METHODS, f"{where}.method")
-    if "mode" in data:
-        kw["mode"] = _choice(data["mode"], PRUNE_MODES, f"{where}.mode")
-    if "scope" in data:
-        kw["scope"] = _choice(data["scope"], SCOPES, f"{where}.scope")
-    if "sparsity" in data:
-        s = _typed(data["sparsity"], float, f"{where}.sparsity")
-        if not 0.0 <= s < 1.0:
-            raise RecipeError(f"{where}.sparsity: {s} is out of range [0, 1)")
-        kw["sparsity"] = s
-    if "threshold" in data:
-        t = _typed(data["threshold"], float, f"{where}.threshold")
-        if t < 0.0:
-            raise RecipeError(f"{where}.threshold: {t} must be >= 0 (scores are non-negative)")
-        kw["threshold"] = t
+    for key in ("method", "mode", "scope"):
+        if key in data:
+            kw[key] = _typed(data[key], str, f"{where}.{key}")
+    if "method" in kw and kw["method"] not in PRUNE_METHODS:
+        raise RecipeError(f"{where}.method: {kw['method']!r} is not one of {', '.join(PRUNE_METHODS)}")
+    for key in ("sparsity", "threshold"):
+        if key in data:
+            kw[key] = _typed(data[key], float, f"{where}.{key}")
     for key in ("n", "m"):
         if key in data:
             kw[key] = _typed(data[key], int, f"{where}.{key}")
-    cfg = replace(base, **kw)
-    if not (1 <= cfg.n < cfg.m <= 16):
-        raise RecipeError(f"{where}.n/m: need 1 <= n < m <= 16, got n={cfg.n}, m={cfg.m}")
+    cfg = _built(PruneConfig, where, **kw)
     if cfg.scope == "global" and not is_default:
         raise RecipeError(
             f"{where}.scope: 'global' is only valid in the default config",
             hint="per-layer overrides always prune within their own layer",
         )
-    if cfg.scope == "global" and cfg.method in ("nm",) + STRUCTURED_METHODS:
-        raise RecipeError(f"{where}.scope: 'global' is not supported for method {cfg.method!r}")
     return cfg
-
-
-def _bits_or_off(value: Any, where: str, off_means: str) -> int | None:
-    """A bit width in ``MIN_BITS..MAX_BITS`` or ``None`` (JSON null) for off."""
-    if value is None:
-        return None
-    bits = _typed(value, int, where)
-    if not MIN_BITS <= bits <= MAX_BITS:
-        raise RecipeError(
-            f"{where}: {bits} is out of range {MIN_BITS}..{MAX_BITS}",
-            hint=f"use null to {off_means}",
-        )
-    return bits
 
 
 def _quant_from(data: Any, where: str) -> QuantConfig:
     data = _require_mapping(data, where)
     _check_keys(data, {f.name for f in fields(QuantConfig)}, where)
     kw: dict[str, Any] = {}
-    if "bits" in data:
-        kw["bits"] = _bits_or_off(data["bits"], f"{where}.bits", "switch quantization off")
-    if "bias_bits" in data:
-        kw["bias_bits"] = _bits_or_off(
-            data["bias_bits"], f"{where}.bias_bits", "keep biases in float32"
-        )
-    if "symmetric" in data:
-        kw["symmetric"] = _typed(data["symmetric"], bool, f"{where}.symmetric")
-    if "per_channel" in data:
-        kw["per_channel"] = _typed(data["per_channel"], bool, f"{where}.per_channel")
-    return QuantConfig(**kw)
+    for key in ("bits", "bias_bits"):
+        if key in data:
+            kw[key] = None if data[key] is None else _typed(data[key], int, f"{where}.{key}")
+    for key in ("symmetric", "per_channel"):
+        if key in data:
+            kw[key] = _typed(data[key], bool, f"{where}.{key}")
+    return _built(QuantConfig, where, **kw)
 
 
 def _layer_from(data: Any, where: str, *, is_default: bool) -> LayerConfig:
@@ -371,40 +408,13 @@ def _layer_from(data: Any, where: str, *, is_default: bool) -> LayerConfig:
 def _recovery_from(data: Any, where: str) -> RecoveryConfig:
     data = _require_mapping(data, where)
     _check_keys(data, {f.name for f in fields(RecoveryConfig)}, where)
-    kw: dict[str, Any] = {}
-    if "epochs" in data:
-        e = _typed(data["epochs"], int, f"{where}.epochs")
-        if not 0 <= e <= 10_000:
-            raise RecipeError(f"{where}.epochs: {e} is out of range 0..10000")
-        kw["epochs"] = e
-    if "batch_size" in data:
-        b = _typed(data["batch_size"], int, f"{where}.batch_size")
-        if not 1 <= b <= 1_000_000:
-            raise RecipeError(f"{where}.batch_size: {b} is out of range 1..1000000")
-        kw["batch_size"] = b
-    if "lr" in data:
-        lr = _typed(data["lr"], float, f"{where}.lr")
-        if not 0.0 < lr <= 10.0:
-            raise RecipeError(f"{where}.lr: {lr} is out of range (0, 10]")
-        kw["lr"] = lr
-    if "distill" in data:
-        kw["distill"] = _typed(data["distill"], bool, f"{where}.distill")
-    if "temperature" in data:
-        t = _typed(data["temperature"], float, f"{where}.temperature")
-        if not 0.0 < t <= 100.0:
-            raise RecipeError(f"{where}.temperature: {t} is out of range (0, 100]")
-        kw["temperature"] = t
-    if "alpha" in data:
-        a = _typed(data["alpha"], float, f"{where}.alpha")
-        if not 0.0 <= a <= 1.0:
-            raise RecipeError(f"{where}.alpha: {a} is out of range [0, 1]")
-        kw["alpha"] = a
-    if "prune_steps" in data:
-        k = _typed(data["prune_steps"], int, f"{where}.prune_steps")
-        if not 1 <= k <= 100:
-            raise RecipeError(f"{where}.prune_steps: {k} is out of range 1..100")
-        kw["prune_steps"] = k
-    return RecoveryConfig(**kw)
+    kinds = {"epochs": int, "batch_size": int, "prune_steps": int, "distill": bool}
+    kw = {
+        f.name: _typed(data[f.name], kinds.get(f.name, float), f"{where}.{f.name}")
+        for f in fields(RecoveryConfig)
+        if f.name in data
+    }
+    return _built(RecoveryConfig, where, **kw)
 
 
 def _plan_from_dict(data: Any) -> CompressionPlan:
