@@ -14,6 +14,9 @@ from pathlib import Path
 
 SETTINGS_ENV = "WORKBENCH_SETTINGS"
 DEFAULT_MODEL = "demo:mlp"
+#: After the event loop ends, how long to wait for jobs the closing window cancelled before
+#: ending the process anyway (the window has already waited; this covers the screenshot mode).
+EXIT_WAIT_MS = 1_000
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -102,6 +105,15 @@ def gui_main(argv: list[str] | None = None) -> int:
         except WorkbenchError as exc:
             print(f"workbench: error: {exc}", file=sys.stderr)
             return 2
+        except Exception as exc:  # noqa: BLE001 - an input the loader did not foresee
+            from app.failures import log_unexpected, unexpected_message
+
+            log_unexpected("Load recipe", exc)
+            print(
+                f"workbench: error: {unexpected_message('recipe', args.recipe, exc)}",
+                file=sys.stderr,
+            )
+            return 2
 
     from PySide6.QtCore import qInstallMessageHandler
     from PySide6.QtWidgets import QApplication
@@ -125,7 +137,7 @@ def gui_main(argv: list[str] | None = None) -> int:
             if plan is None:
                 try:
                     plan = CompressionPlan.from_json(str(settings.value("session/plan", "")))
-                except WorkbenchError:
+                except Exception:  # noqa: BLE001 - a damaged saved plan must not stop start-up
                     plan = None
     source = source or DEFAULT_MODEL
 
@@ -174,10 +186,32 @@ def gui_main(argv: list[str] | None = None) -> int:
     code = app.exec()
     if offscreen:
         qInstallMessageHandler(previous_handler)
-    if args.screenshot:
-        window.controller.shutdown()
-        return exit_code["code"]
-    return int(code)
+    result = exit_code["code"] if args.screenshot else int(code)
+    # A closed window has saved the session and already waited (bounded) for its cancelled
+    # jobs; otherwise (screenshot mode) cancel them and wait a little here.
+    wait_ms = 0 if window.controller.closing else EXIT_WAIT_MS
+    if not window.controller.shutdown(wait_ms):
+        _exit_now(result)
+    return result
+
+
+def _exit_now(code: int) -> None:
+    """End the process although a worker thread is still inside a non-cancellable call.
+
+    Python cannot interrupt a thread in a long torch call, and Qt's thread pool would wait
+    for it forever when it is destroyed on the way out; the session is already saved, so
+    leave without the usual clean-up.
+    """
+    print(
+        "workbench: a background job did not stop when cancelled; exiting without waiting",
+        file=sys.stderr,
+    )
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):
+            pass
+    os._exit(code)
 
 
 if __name__ == "__main__":

@@ -13,6 +13,7 @@ remembers the id of its newest job, starting a job cancels the jobs it makes sta
 
 from __future__ import annotations
 
+import traceback
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -21,6 +22,7 @@ from typing import Any
 import numpy as np
 from PySide6.QtCore import QObject, Signal
 
+from app.failures import log_unexpected, unexpected_message
 from app.workers import JobRunner
 from core.errors import Cancelled, UntrustedPickleError, WorkbenchError
 from core.plan import (
@@ -109,6 +111,9 @@ class Controller(QObject):
         self.runner.jobFailed.connect(self._on_runner_jobFailed)
         self._current: dict[str, int] = {}
         self._callbacks: dict[int, Callable[[Any], None]] = {}
+        self._subjects: dict[int, str] = {}
+        #: Set by `shutdown`: results that arrive afterwards are dropped.
+        self._closing = False
 
         self.model = None
         self.layers: tuple = ()
@@ -148,6 +153,8 @@ class Controller(QObject):
         description: str,
         fn: Callable[[ProgressFn, CancelToken], Any],
         on_done: Callable[[Any], None],
+        *,
+        subject: str | None = None,
     ) -> int:
         for handle in self.runner.running():
             if handle.kind in SUPERSEDES[kind]:
@@ -158,6 +165,9 @@ class Controller(QObject):
         handle = self.runner.submit(kind, description, fn)
         self._current[kind] = handle.job_id
         self._callbacks[handle.job_id] = on_done
+        # What an unexpected failure's dialog names: the job's file, else the open model.
+        model = self.model
+        self._subjects[handle.job_id] = subject or (model.source if model is not None else "")
         self.jobStarted.emit(kind, description)
         return handle.job_id
 
@@ -171,7 +181,7 @@ class Controller(QObject):
 
     def _accept(self, job_id: int) -> str | None:
         handle = self.runner.handle(job_id)
-        if handle is None or self._current.get(handle.kind) != job_id:
+        if handle is None or self._current.get(handle.kind) != job_id or self._closing:
             self._callbacks.pop(job_id, None)
             return None
         del self._current[handle.kind]
@@ -185,6 +195,7 @@ class Controller(QObject):
     def _on_runner_jobSucceeded(self, job_id: int, result: Any) -> None:
         kind = self._accept(job_id)
         callback = self._callbacks.pop(job_id, None)
+        subject = self._subjects.pop(job_id, "")
         if kind is None or callback is None:
             return
         try:
@@ -193,11 +204,22 @@ class Controller(QObject):
             self.errorRaised.emit(JOB_TITLES[kind], str(exc), "")
             self.jobFinished.emit(kind, "failed")
             return
+        except Exception as exc:  # noqa: BLE001 - a bug in a callback: report, keep the app alive
+            self.jobFinished.emit(kind, "failed")
+            self._report_unexpected(kind, subject, exc, traceback.format_exc())
+            return
         self.jobFinished.emit(kind, "done")
+
+    def _report_unexpected(self, kind: str, subject: str, exc: BaseException, tb: str) -> None:
+        """Dialog (file, what failed, what to do) plus the traceback on stderr and in details."""
+        title = JOB_TITLES.get(kind, kind.capitalize())
+        log_unexpected(f"{title} failed", tb)
+        self.errorRaised.emit(f"{title} failed", unexpected_message(kind, subject, exc, title), tb)
 
     def _on_runner_jobFailed(self, job_id: int, exc: BaseException, tb: str) -> None:
         kind = self._accept(job_id)
         self._callbacks.pop(job_id, None)
+        subject = self._subjects.pop(job_id, "")
         if kind is None:
             return
         if isinstance(exc, Cancelled):
@@ -210,11 +232,7 @@ class Controller(QObject):
         elif isinstance(exc, WorkbenchError):
             self.errorRaised.emit(f"{JOB_TITLES[kind]} failed", str(exc), "")
         else:
-            self.errorRaised.emit(
-                f"{JOB_TITLES[kind]} failed",
-                f"Unexpected error: {type(exc).__name__}: {exc}",
-                tb,
-            )
+            self._report_unexpected(kind, subject, exc, tb)
 
     # ------------------------------------------------------------------ model & data
     def open_model(
@@ -225,15 +243,17 @@ class Controller(QObject):
         ``plan`` (e.g. the recipe given on the command line or the last session's plan) becomes
         the plan once the model is in; otherwise the plan starts empty.
         """
-        from core.data import demo_data_for
-        from core.engine import output_layer
-        from core.inventory import inventory
-        from core.model_io import load_model
-
         self.pending_plan = plan
         source = str(source)
 
         def job(progress: ProgressFn, cancel: CancelToken):
+            # Imported here, on the worker (after the start-up warm-up's imports): importing
+            # the engine on the UI thread while the warm-up imports it could race.
+            from core.data import demo_data_for
+            from core.engine import output_layer
+            from core.inventory import inventory
+            from core.model_io import load_model
+
             loaded = load_model(
                 source, trust=trust, progress=scaled(progress, 0, 0.9), cancel=cancel
             )
@@ -246,7 +266,7 @@ class Controller(QObject):
             return loaded, layers, data, head
 
         name = Path(source).name if not source.startswith("demo:") else source
-        return self._start("load", f"Opening {name}", job, self._on_load_done)
+        return self._start("load", f"Opening {name}", job, self._on_load_done, subject=source)
 
     def _on_load_done(self, payload: Any) -> None:
         loaded, layers, data, head = payload
@@ -331,7 +351,9 @@ class Controller(QObject):
             progress(1.0, "data ready")
             return train, test, Path(path).name
 
-        return self._start("data", f"Opening {Path(path).name}", job, self._on_data_done)
+        return self._start(
+            "data", f"Opening {Path(path).name}", job, self._on_data_done, subject=str(path)
+        )
 
     def _on_data_done(self, payload: Any) -> None:
         self.train, self.test, self.data_name = payload
@@ -525,6 +547,10 @@ class Controller(QObject):
         except WorkbenchError as exc:
             self.errorRaised.emit("Load recipe", str(exc), "")
             return
+        except Exception as exc:  # noqa: BLE001 - an input the loader did not foresee
+            tb = log_unexpected("Load recipe", exc)
+            self.errorRaised.emit("Load recipe", unexpected_message("recipe", path, exc), tb)
+            return
         names = {layer.name for layer in self.layers}
         unknown = [n for n, _ in plan.overrides if names and n not in names]
         if unknown:
@@ -541,7 +567,7 @@ class Controller(QObject):
     def save_recipe(self, path: str) -> bool:
         try:
             self.plan.save(path)
-        except OSError as exc:
+        except (OSError, WorkbenchError) as exc:
             self.errorRaised.emit("Save recipe", f"{path}: could not write the recipe ({exc})", "")
             return False
         self.statusMessaged.emit(f"Recipe saved to {path}")
@@ -674,6 +700,7 @@ class Controller(QObject):
     ) -> int | None:
         """Write the compressed model in ``formats`` (plus recipe and report) under ``out_dir``."""
         from core.export import export_all
+        from core.outdir import output_dir
         from core.report import write_report
 
         result = self.result
@@ -685,41 +712,57 @@ class Controller(QObject):
 
         def job(progress: ProgressFn, cancel: CancelToken):
             out = Path(out_dir)
-            out.mkdir(parents=True, exist_ok=True)
-            records = export_all(
-                result,
-                list(formats),
-                out,
-                force=force,
-                data=data,
-                progress=scaled(progress, 0, 0.9),
-                cancel=cancel,
-            )
-            result.plan.save(out / "recipe.json")
-            if report:
-                evals = (
-                    {}
-                    if evaluation is None
-                    else {
-                        "before": evaluation.before,
-                        "after": evaluation.after,
-                    }
+            # The folder's other files are kept; the new ones appear together or not at all.
+            with output_dir(out, force=force, merge_existing=True) as stage:
+                records = export_all(
+                    result,
+                    list(formats),
+                    stage,
+                    force=force,
+                    data=data,
+                    progress=scaled(progress, 0, 0.9),
+                    cancel=cancel,
                 )
-                write_report(result, out, evals=evals, exports=records)
+                records = [replace(r, path=out / r.path.name) for r in records]
+                result.plan.save(stage / "recipe.json")
+                if report:
+                    evals = (
+                        {}
+                        if evaluation is None
+                        else {
+                            "before": evaluation.before,
+                            "after": evaluation.after,
+                        }
+                    )
+                    write_report(result, stage, evals=evals, exports=records)
             progress(1.0, "exported")
             return records
 
-        return self._start("export", f"Exporting to {out_dir}", job, self._on_export_done)
+        return self._start(
+            "export", f"Exporting to {out_dir}", job, self._on_export_done, subject=str(out_dir)
+        )
 
     def _on_export_done(self, records: list) -> None:
         self.exports = list(records)
         self.exported.emit(self.exports)
         self.statusMessaged.emit(f"Exported {len(self.exports)} file(s).")
 
-    def shutdown(self) -> None:
-        """Cancel everything and wait for the workers (window closing)."""
+    @property
+    def closing(self) -> bool:
+        """Whether `shutdown` was called (the session is ending)."""
+        return self._closing
+
+    def shutdown(self, msecs: int = 10_000) -> bool:
+        """Cancel everything and wait up to ``msecs`` for the workers (window closing).
+
+        Returns whether every worker has returned. A job stuck in a call that never looks at
+        its cancel token (a long torch call) can outlive the wait; the caller decides what then.
+        """
+        # Results still on their way describe a session that is ending: drop them, so no
+        # callback starts a follow-up job (or opens a dialog) while the window closes.
+        self._closing = True
         self.cancel_jobs()
-        self.runner.wait(10_000)
+        return self.runner.wait(msecs)
 
 
 def _channel_pruning(cfg: LayerConfig) -> bool:

@@ -12,7 +12,7 @@ from dataclasses import replace
 from pathlib import Path
 
 from PySide6.QtCore import QByteArray, QEvent, QSettings, Qt, QTimer, Signal
-from PySide6.QtGui import QAction, QKeySequence
+from PySide6.QtGui import QAction, QGuiApplication, QKeySequence
 from PySide6.QtWidgets import (
     QComboBox,
     QDockWidget,
@@ -30,6 +30,7 @@ from PySide6.QtWidgets import (
 )
 
 from app.controller import JOB_TITLES, Controller
+from app.failures import log_unexpected, unexpected_message
 from app.widgets.export_dialog import ExportDialog
 from app.widgets.histogram_view import HistogramView
 from app.widgets.jobs_panel import JobStatus, RecoveryPanel, ResultsPanel, action_button
@@ -69,6 +70,8 @@ MAX_RECENT = 8
 #: What `--screenshot` applies when no recipe is given: 70% global magnitude pruning, 6-bit
 #: per-channel codes, 10 epochs of fine-tuning (recovers the demos' accuracy).
 SAMPLE_PLAN = simple_plan(0.7, 6, "magnitude").with_recovery(RecoveryConfig(epochs=10))
+#: How long closing the window waits for cancelled jobs to return (the window is hidden by then).
+CLOSE_WAIT_MS = 2_000
 #: Bump when the dock/toolbar layout changes so an old saved state is not restored onto it.
 STATE_VERSION = 3
 
@@ -467,6 +470,10 @@ class MainWindow(QMainWindow):
             plan = CompressionPlan.load(path)
         except WorkbenchError as exc:
             self.show_error("Load recipe", str(exc))
+            return
+        except Exception as exc:  # noqa: BLE001 - an input the loader did not foresee
+            details = log_unexpected("Load recipe", exc)
+            self.show_error("Load recipe", unexpected_message("recipe", str(path), exc), details)
             return
         self.open_model(source, plan=plan)
 
@@ -900,7 +907,18 @@ class MainWindow(QMainWindow):
 
     def closeEvent(self, event) -> None:
         self.save_session()
-        self.controller.shutdown()
+        # Vanish at once: waiting for the workers below must not look like a frozen window.
+        self.hide()
+        for box in list(self._error_boxes):
+            box.close()
+        # Cancel and stop taking results (no wait yet), then let the window system see the
+        # hide before waiting: sync() runs the event loop once, and a result delivered then
+        # must not start a follow-up job or open a dialog.
+        self.controller.shutdown(0)
+        QGuiApplication.sync()
+        # Bounded: a job stuck in a call that ignores cancellation must not hold the close up;
+        # the launcher ends the process if a worker is still running once the loop is over.
+        self.controller.shutdown(CLOSE_WAIT_MS)
         super().closeEvent(event)
 
     # ------------------------------------------------------------------ screenshot mode

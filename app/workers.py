@@ -10,6 +10,7 @@ that arrives after it was superseded is simply dropped.
 from __future__ import annotations
 
 import importlib
+import sys
 import threading
 import time
 import traceback
@@ -38,6 +39,9 @@ PROGRESS_INTERVAL_S = 0.05
 #: pulls in torch._dynamo, sympy and torch.onnx on the first optimizer step / export), so the
 #: window imports them once, in the background, at start-up.
 WARM_MODULES = (
+    "core.model_io",
+    "core.inventory",
+    "core.data",
     "core.stats",
     "core.estimate",
     "core.engine",
@@ -48,28 +52,101 @@ WARM_MODULES = (
     "torch.optim",
     "torch._dynamo",
     "torch.onnx",
+    # What torch.export.load imports on first use (it reaches into torch._dynamo).
+    "torch.export.pt2_archive",
 )
 
+#: Serialises the imports of `WARM_MODULES`. torch._dynamo, torch._export and torch.onnx import
+#: each other in cycles: when two threads import into such a cycle at once, Python's deadlock
+#: avoidance hands one of them a partially initialised module, the import fails, and the
+#: half-built modules left in ``sys.modules`` make every later ``torch.export.load`` fail too
+#: (a ``.pt2`` opened at start-up raced the warm-up that way). So the warm-up holds this lock
+#: while importing, and every job takes it (a no-op once done) before its body runs.
+_IMPORT_LOCK = threading.Lock()
+#: How often a job waiting for the imports looks at its cancel token.
+_IMPORT_POLL_S = 0.05
+
 _warm_started = False
+_imported = False
+
+
+def _import_fresh(name: str, attempts: int = 2) -> bool:
+    """Import ``name``; after a failure, drop the half-built modules it left and try again.
+
+    Returns whether the module is importable. A module that is simply absent (optional parts
+    of slim torch builds) is not an error: the job that needs it reports the problem itself.
+    """
+    for attempt in range(attempts):
+        before = set(sys.modules)
+        try:
+            importlib.import_module(name)
+            return True
+        except ModuleNotFoundError as exc:
+            if exc.name is not None and (name == exc.name or name.startswith(exc.name + ".")):
+                return False
+            error: Exception = exc
+        except Exception as exc:  # noqa: BLE001 - a broken import must not kill the warm-up
+            error = exc
+        _drop_half_imported(name, before)
+        if attempt == attempts - 1:
+            print(
+                f"workbench: warning: importing {name} failed "
+                f"({type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}); "
+                "the features that need it will report the problem",
+                file=sys.stderr,
+            )
+    return False
+
+
+def _drop_half_imported(name: str, before: set[str]) -> None:
+    """Forget the modules a failed import of ``name`` added under its package tree.
+
+    Python removes the module whose code raised, but keeps the submodules that finished before
+    the failure; a later import then re-runs the package's ``__init__`` without setting those
+    submodules as attributes again (``torch._dynamo.utils`` went missing that way), so they
+    must be re-imported too. Only modules this attempt added are dropped.
+    """
+    for mod in set(sys.modules) - before:
+        if mod == name or mod.startswith(name + "."):
+            sys.modules.pop(mod, None)
+
+
+def import_engine_modules(cancel: CancelToken | None = None) -> None:
+    """Import `WARM_MODULES` once per process, never two threads at a time.
+
+    Waits while another thread (the start-up warm-up) is importing them; ``cancel`` is checked
+    while waiting, so a cancelled job stops without waiting for the imports to finish.
+
+    Raises
+    ------
+    Cancelled
+        ``cancel`` was set while waiting.
+    """
+    global _imported
+    if _imported:
+        return
+    while not _IMPORT_LOCK.acquire(timeout=_IMPORT_POLL_S):
+        if cancel is not None:
+            cancel.check()
+    try:
+        if not _imported:
+            for name in WARM_MODULES:
+                _import_fresh(name)
+            _imported = True
+    finally:
+        _IMPORT_LOCK.release()
 
 
 def warm_up_engine() -> threading.Thread | None:
-    """Import `WARM_MODULES` on a daemon thread (once per process); returns that thread."""
+    """Run `import_engine_modules` on a daemon thread (once per process); returns that thread.
+
+    Jobs submitted meanwhile wait for it before their body runs (see `_IMPORT_LOCK`).
+    """
     global _warm_started
-    if _warm_started:
+    if _warm_started or _imported:
         return None
     _warm_started = True
-
-    def _run() -> None:
-        for name in WARM_MODULES:
-            try:
-                importlib.import_module(name)
-            except ImportError:
-                # Optional parts of torch may be missing in slim builds; the job that needs
-                # them reports the problem itself.
-                continue
-
-    thread = threading.Thread(target=_run, name="workbench-warm-up", daemon=True)
+    thread = threading.Thread(target=import_engine_modules, name="workbench-warm-up", daemon=True)
     thread.start()
     return thread
 
@@ -120,6 +197,9 @@ class _Job(QRunnable):
 
     def run(self) -> None:
         try:
+            self._token.check()
+            # Never run engine code while another thread imports torch's lazy modules.
+            import_engine_modules(self._token)
             self._token.check()
             result = self._fn(self._progress, self._token)
         except BaseException as exc:  # noqa: BLE001 - every failure must reach the UI, never kill the thread

@@ -13,12 +13,15 @@ import os
 import sys
 
 from core.errors import Cancelled, WorkbenchError
+from core.outdir import interrupt_exit, interrupts_raise
 
 #: subcommand -> module defining ``register(subparsers)``
 SUBCOMMANDS = {
     "inspect": "core.cli_inspect",
     "compress": "core.cli_compress",
     "export": "core.cli_export",
+    "scan": "core.cli_scan",
+    "plan": "core.cli_plan",
 }
 
 
@@ -41,19 +44,19 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
-        return int(args.func(args) or 0)
+        # SIGTERM must unwind like Ctrl-C so a half-written output directory is removed.
+        with interrupts_raise():
+            return int(args.func(args) or 0)
     except Cancelled as exc:
         print(f"workbench: {exc}", file=sys.stderr)
         return 130
     except WorkbenchError as exc:
         print(f"workbench {args.command}: error: {exc}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print(
-            "workbench: interrupted (files already completed stay; no partial file is left)",
-            file=sys.stderr,
-        )
-        return 130
+    except KeyboardInterrupt as exc:
+        code, line = interrupt_exit(exc)
+        print(f"workbench: {line}", file=sys.stderr)
+        return code
     except BrokenPipeError:
         # The reader (e.g. `| head`) went away: stop quietly, like other Unix tools.
         devnull = os.open(os.devnull, os.O_WRONLY)

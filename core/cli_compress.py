@@ -16,7 +16,8 @@ from typing import Any
 
 import torch
 
-from core.errors import CompressionError, ExportError, RecipeError
+from core.cli_plan import add_target_options, planned_plan, record_planning
+from core.errors import CompressionError, RecipeError
 from core.plan import (
     GRADIENT_METHODS,
     METHOD_HELP,
@@ -91,6 +92,7 @@ def register(subparsers) -> None:
     )
     p.add_argument("--force", action="store_true", help="overwrite existing files in --out")
     p.add_argument("--quiet", action="store_true", help="no progress messages on stderr")
+    add_target_options(p, compress=True)
     p.set_defaults(func=run)
 
 
@@ -139,20 +141,11 @@ def _plan_from_args(args: argparse.Namespace) -> CompressionPlan:
     return plan.with_recovery(recovery)
 
 
-def _check_out_dir(out: Path, force: bool) -> None:
-    if out.exists() and not out.is_dir():
-        raise ExportError("--out exists and is not a directory", path=out)
-    if not out.is_dir() or force:
-        return
-    existing = sorted(
-        p.name for p in out.iterdir() if p.name.startswith("model.") or p.name in PROTECTED
-    )
-    if existing:
-        raise ExportError(
-            f"{existing[0]} already exists in the output directory",
-            path=out,
-            hint="pass --force to overwrite, or choose another --out",
-        )
+def _owned() -> tuple[str, ...]:
+    """Names a compress run writes or makes stale (refused without ``--force``, else replaced)."""
+    from core.export import FILE_NAMES
+
+    return (*FILE_NAMES.values(), *PROTECTED)
 
 
 def _random_inputs(loaded, n: int = 64):
@@ -202,23 +195,47 @@ def _say(quiet: bool) -> ProgressFn:
 
 
 def run(args: argparse.Namespace) -> int:
-    """Run ``workbench compress``; returns the exit code (errors raise `WorkbenchError`)."""
-    from core.engine import protect_output_layer
-    from core.evaluate import evaluate, require_forward
-    from core.export import check_formats, export_all, parse_formats
-    from core.model_io import load_model
-    from core.report import write_report
-    from core.stats import analyze
-    from core.training import compress_and_finetune, recovery_split
+    """Run ``workbench compress``; returns the exit code (errors raise `WorkbenchError`).
+
+    The output location, the lock on it and existing files (without ``--force``) are checked
+    before any work; everything is written into a staging folder that replaces ``--out`` only
+    once complete (`core.outdir.OutputTransaction`).
+    """
+    from core.export import parse_formats
+    from core.outdir import output_dir
 
     plan = _plan_from_args(args)
     formats = parse_formats(args.format)
     out = Path(args.out)
-    _check_out_dir(out, args.force)
     progress = _say(args.quiet)
+    with output_dir(out, force=args.force, owned=_owned()) as stage:
+        report = _pipeline(args, plan, formats, stage, out, progress)
+    print(_summary_line(args.model, report, out))
+    return 0
+
+
+def _pipeline(
+    args: argparse.Namespace,
+    plan: CompressionPlan,
+    formats: list[str],
+    stage: Path,
+    out: Path,
+    progress: ProgressFn,
+) -> dict[str, Any]:
+    """Load, compress, evaluate and write every file into ``stage``; returns the report."""
+    from core.engine import protect_output_layer
+    from core.evaluate import evaluate, require_forward
+    from core.export import check_formats, export_all
+    from core.model_io import load_model
+    from core.outdir import pause_point
+    from core.report import write_report
+    from core.stats import analyze
+    from core.training import compress_and_finetune, recovery_split
 
     progress(0.0, f"loading {args.model}")
     loaded = load_model(args.model, trust=args.trust, architecture=args.architecture)
+    for note in loaded.metadata.get("notes", ()):
+        print(f"workbench compress: warning: {note}", file=sys.stderr, flush=True)
     configs = [plan.default, *(cfg for _, cfg in plan.overrides)]
     needs_grads = any(c.prune.active and c.prune.method in GRADIENT_METHODS for c in configs)
     if needs_grads and not loaded.can_run:
@@ -248,6 +265,7 @@ def run(args: argparse.Namespace) -> int:
             hint="run `workbench inspect MODEL` for the layer names",
         )
     plan = protect_output_layer(plan, loaded, stats.layers)
+    plan = planned_plan(args, loaded, stats, train, plan, progress)
     fit = val = None
     if plan.recovery.epochs > 0:
         if train is None:
@@ -268,29 +286,14 @@ def run(args: argparse.Namespace) -> int:
         evals["after"] = evaluate(result.compressed, eval_data, reference=loaded)
         evals["data"] = eval_data.name
 
-    out.mkdir(parents=True, exist_ok=True)
     progress(0.0, "exporting")
-    exports = export_all(result, formats, out, force=args.force, data=test, entropy=args.entropy)
-    if args.force:
-        _remove_stale_exports(out, formats)
-    plan.save(out / "recipe.json")
-    json_path, _html = write_report(result, out, evals=evals, exports=exports)
-    report = json.loads(Path(json_path).read_text(encoding="utf-8"))
-    print(_summary_line(args.model, report, out))
-    return 0
-
-
-def _remove_stale_exports(out: Path, formats: list[str]) -> None:
-    """Delete ``model.*`` exports of an earlier run that this run did not rewrite.
-
-    Only called with ``--force``: the directory then describes this run alone, so a stale
-    ONNX file can never be mistaken for the new model.
-    """
-    from core.export import FILE_NAMES
-
-    keep = {FILE_NAMES[f] for f in formats}
-    for name in set(FILE_NAMES.values()) - keep:
-        (out / name).unlink(missing_ok=True)
+    exports = export_all(result, formats, stage, force=args.force, data=test, entropy=args.entropy)
+    # The report names each file where it will be once the staging folder is committed.
+    exports = [replace(e, path=out / e.path.name) for e in exports]
+    pause_point("exported")
+    plan.save(stage / "recipe.json")
+    json_path, _html = write_report(result, stage, evals=evals, exports=exports)
+    return record_planning(json_path, args)
 
 
 def _summary_line(model: str, report: dict[str, Any], out: Path) -> str:

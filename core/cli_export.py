@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 from core.errors import ExportError
@@ -71,12 +72,20 @@ def _data(result, path: str | None):
 
 
 def run(args: argparse.Namespace) -> int:
-    """Run ``workbench export``; returns the exit code (errors raise `WorkbenchError`)."""
+    """Run ``workbench export``; returns the exit code (errors raise `WorkbenchError`).
+
+    The new files and the updated report are written into a staging copy of the output
+    directory (its existing files hard-linked in), which replaces it only once complete.
+    """
     from core.export import export_all, parse_formats, result_from_packed
+    from core.outdir import output_dir, recover
     from core.report import update_report
 
     formats = parse_formats(args.format)
     src = Path(args.compressed_dir)
+    if not src.exists():
+        # A run killed while swapping the directory in leaves it renamed aside: put it back.
+        recover(src)
     if not src.exists():
         raise ExportError(
             "no such directory",
@@ -91,11 +100,19 @@ def run(args: argparse.Namespace) -> int:
             hint="pass the --out directory of `workbench compress` (it writes the packed archive)",
         )
     out = Path(args.out) if args.out else archive.parent
-    result = result_from_packed(archive, args.base, trust=args.trust)
-    data = _data(result, args.data)
-    records = export_all(result, formats, out, force=args.force, data=data, entropy=args.entropy)
-    # Keep the report that `compress` wrote beside the files in step with them.
-    update_report(result, out, records)
+    with output_dir(out, force=args.force, merge_existing=True) as stage:
+        # Into its own directory: read the staged snapshot, taken under the lock.
+        same = out.resolve() == archive.parent.resolve()
+        result = result_from_packed(
+            stage / archive.name if same else archive, args.base, trust=args.trust
+        )
+        data = _data(result, args.data)
+        records = export_all(
+            result, formats, stage, force=args.force, data=data, entropy=args.entropy
+        )
+        records = [replace(r, path=out / r.path.name) for r in records]
+        # Keep the report that `compress` wrote beside the files in step with them.
+        update_report(result, stage, records)
     if not args.quiet:
         width = max((len(str(r.path)) for r in records), default=0)
         for r in records:

@@ -30,6 +30,7 @@ import torch
 
 from core.data import check_data, load_data
 from core.inventory import float_param_count, inventory
+from core.limits import escape_name
 from core.model import LayerInfo, LoadedModel
 from core.model_io import get_tensor, load_model
 
@@ -73,6 +74,11 @@ def describe(loaded: LoadedModel) -> dict[str, Any]:
         "total_bytes": sum(p.numel() * p.element_size() for p in loaded.module.parameters()),
         "layers": layers,
     }
+    if loaded.metadata.get("notes"):
+        out["notes"] = list(loaded.metadata["notes"])
+    if loaded.metadata.get("opened_weights_only_reason"):
+        # Why a file that can carry code (TorchScript, packed + base) opened without it.
+        out["opened_weights_only_reason"] = str(loaded.metadata["opened_weights_only_reason"])
     if loaded.example_input is not None:
         out["input_shape"] = list(loaded.example_input.shape[1:])
     if loaded.metadata.get("detected") == "packed":
@@ -110,7 +116,7 @@ def _num(v: float | None, fmt: str = "{:+.4f}") -> str:
 
 def _table(desc: dict[str, Any]) -> str:
     head = [
-        f"model   {desc['source']}",
+        f"model   {escape_name(desc['source'])}",
         f"format  {desc['format']}"
         + (
             f"  (compressed {desc['base_format']} model from {desc['base_source'] or '?'})"
@@ -120,6 +126,8 @@ def _table(desc: dict[str, Any]) -> str:
         + ("  (weights only: no forward pass)" if desc["weights_only"] else ""),
         f"params  {desc['total_params']:,} floating-point values, {desc['total_bytes']:,} bytes",
     ]
+    if "opened_weights_only_reason" in desc:
+        head.append(f"note    {escape_name(desc['opened_weights_only_reason'])}")
     if "test_accuracy" in desc:
         head.append(f"test accuracy (recorded)  {desc['test_accuracy']:.4f}")
     cols = (
@@ -139,8 +147,9 @@ def _table(desc: dict[str, Any]) -> str:
         s = layer["weight_stats"]
         rows.append(
             (
-                layer["name"],
-                layer["type"] + (f" g={layer['groups']}" if layer["groups"] != 1 else ""),
+                # Names come from the file: a newline in one must not forge table rows.
+                escape_name(layer["name"]),
+                escape_name(layer["type"]) + (f" g={layer['groups']}" if layer["groups"] != 1 else ""),
                 "x".join(map(str, layer["shape"])) or "scalar",
                 f"{layer['params']:,}",
                 "yes" if layer["prunable"] else "no",
@@ -180,7 +189,12 @@ def _json_safe(obj: Any) -> Any:
 
 
 def run(args: argparse.Namespace) -> int:
-    loaded = load_model(args.model, trust=args.trust, architecture=args.architecture)
+    loaded = load_model(
+        args.model, trust=args.trust, architecture=args.architecture, base=args.base
+    )
+    for note in loaded.metadata.get("notes", ()):
+        # stderr: --json output on stdout stays one valid JSON object.
+        print(f"workbench inspect: warning: {note}", file=sys.stderr)
     desc = describe(loaded)
     if args.data is not None:
         data = load_data(args.data)
@@ -233,6 +247,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         dest="architecture",
         metavar="DEMO",
         help="give a state_dict/safetensors file a demo architecture (demo:mlp or demo:cnn)",
+    )
+    p.add_argument(
+        "--base",
+        metavar="MODEL",
+        help="packed archives only: the original model that was compressed (gives the "
+        "architecture; opened with the same --trust). Without it a packed archive opens "
+        "weights-only unless it records a built-in demo",
     )
     p.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
     p.set_defaults(func=run)

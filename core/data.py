@@ -29,6 +29,7 @@ import numpy as np
 import torch
 
 from core.errors import DataError
+from core.limits import check_npz, check_torch_zip
 from core.model import LoadedModel
 
 #: Fraction of the digits held out for testing and the seed of the stratified split.
@@ -129,6 +130,8 @@ def digits_split(kind: str = "flat") -> tuple[Dataset, Dataset]:
 
 
 def _read_npz(path: Path) -> dict[str, Any]:
+    # Declared member and array sizes first: np.load allocates them before reading any data.
+    check_npz(path, what="the .npz archive", error=DataError)
     try:
         with np.load(path, allow_pickle=False) as npz:
             return {k: npz[k] for k in npz.files}
@@ -146,6 +149,8 @@ def _read_npz(path: Path) -> dict[str, Any]:
 def _read_pt(path: Path) -> Any:
     from core.model_io import pickle_globals
 
+    if zipfile.is_zipfile(path):
+        check_torch_zip(path, what="the torch data file", error=DataError)
     try:
         with warnings.catch_warnings(), path.open("rb") as fh:
             warnings.simplefilter("ignore")

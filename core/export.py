@@ -29,7 +29,8 @@ import torch
 
 from core.errors import ExportError, WorkbenchError
 from core.model_io import copy_module
-from core.packed import atomic_write, load_packed, write_packed
+from core.outdir import atomic_write
+from core.packed import load_packed, write_packed
 from core.progress import CancelToken, ProgressFn, no_progress, scaled
 
 EXPORT_FORMATS = ("packed", "onnx", "onnx-int8", "torchscript", "state_dict", "safetensors", "pt2")

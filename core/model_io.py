@@ -17,7 +17,11 @@ checked before ``torch.export.load`` sees them, because that loader falls back t
 unpickling for some members and evaluates symbolic-shape strings with sympy: members that would
 be unpickled must pass a ``weights_only`` load first, opaque/custom objects and compiled
 AOTInductor code need trust, and every symbolic expression and guard (``guards_code``, which
-``ExportedProgram.module()`` compiles with ``exec``) must be plain arithmetic on input sizes.
+``ExportedProgram.module()`` compiles with ``exec``) must be plain arithmetic on input sizes;
+the archive must match an allow-list of the members ``torch.export.save`` writes. TorchScript
+code is vetted before ``torch.jit.load`` (which runs ``__setstate__``); code that is not
+vetted-safe opens weights-only. A packed archive never opens the file it records as its source.
+All of these checks live in `core.vetting` (threat model: docs/formats.md).
 """
 
 from __future__ import annotations
@@ -25,10 +29,8 @@ from __future__ import annotations
 import copy
 import dataclasses
 import io
-import json
 import os
 import pickle
-import re
 import struct
 import tempfile
 import warnings
@@ -41,15 +43,19 @@ import torch
 from torch import nn
 
 from core.errors import ExportError, ModelLoadError, UntrustedPickleError
+from core.limits import check_torch_zip, escape_name, safetensors_header
 from core.model import LoadedModel
 from core.progress import CancelToken, ProgressFn, no_progress
+from core.vetting import (
+    TRUST_HINT,
+    read_torchscript_tensors,
+    safe_guard,
+    safe_sym_expr,
+    vet_pt2,
+    vet_torchscript,
+)
 from core.zoo import DEMOS, demo_info, demo_name, demo_spec, load_demo
 
-TRUST_HINT = (
-    "unpickling runs code stored in the file; pass --trust (trust=True) only for files you "
-    "made yourself or fully trust, or save the weights instead: "
-    "torch.save(model.state_dict(), path)"
-)
 SUPPORTED = (
     "TorchScript (torch.jit.save), torch.export programs (.pt2), state_dict files "
     "(torch.save of a dict of tensors), .safetensors, or a pickled nn.Module with --trust"
@@ -333,6 +339,9 @@ def _strip_wrapper_prefix(state: dict[str, torch.Tensor]) -> tuple[dict[str, tor
 
 def _torch_load_weights_only(path: Path, *, trust: bool, kind: str, sniffed: str) -> Any:
     """``torch.load(weights_only=True)``; a file with pickled objects needs ``trust``."""
+    if sniffed == "torch_zip":
+        # torch inflates every member to its declared size: refuse zip bombs before it does.
+        check_torch_zip(path, what=f"the {kind}")
     try:
         with warnings.catch_warnings(), path.open("rb") as fh:
             # torch warns about unusual pickle protocols; the outcome is reported below instead.
@@ -385,181 +394,9 @@ def _trusted_load(path: Path, kind: str) -> Any:
 
 # --------------------------------------------------------------------------- .pt2 safety
 
-_SYM_TOKEN = re.compile(r"\s*(\d+\.\d+|\d+|[A-Za-z_][A-Za-z0-9_]*|[-+*/%(),<>=!^&|~]+)")
-_SYM_SAFE_NAMES = {
-    "FloorDiv", "ModularIndexing", "Where", "PythonMod", "Mod", "CleanDiv", "CeilToInt",
-    "FloorToInt", "CeilDiv", "LShift", "RShift", "PowByNatural", "FloatPow", "FloatTrueDiv",
-    "IntTrueDiv", "IsNonOverlappingAndDenseIndicator", "Max", "Min", "TruncToFloat",
-    "TruncToInt", "RoundToInt", "RoundDecimal", "ToFloat", "Identity", "BitwiseFn_bitwise_and",
-    "BitwiseFn_bitwise_or", "OpaqueUnaryFn_sqrt", "oo", "zoo", "nan", "True", "False", "Abs",
-    "Eq", "Ne", "Lt", "Le", "Gt", "Ge", "And", "Or", "Not", "Integer", "Rational", "Float",
-    "floor", "ceiling", "sqrt", "log", "exp",
-}  # fmt: skip
-_SYM_NAME = re.compile(r"^[a-z]\d+$")
-# torch writes a dynamic dimension's symbol as ``Symbol('s77', positive=True, integer=True)``:
-# a quoted shape-symbol name plus boolean assumptions, nothing else, is as harmless as ``s77``.
-_SYM_DECL = re.compile(
-    r"Symbol\(\s*'([a-z]\d+)'(?:\s*,\s*(?:positive|negative|nonnegative|nonpositive|integer|"
-    r"real|finite|nonzero|zero|even|odd)\s*=\s*(?:True|False))*\s*\)"
-)
-# Sources in a program's guards: ``L['x']`` / ``L['flat_args'][0]`` with a size/stride lookup.
-_GUARD_SOURCE = re.compile(
-    r"L\['[A-Za-z_][A-Za-z0-9_]*'\](?:\[\d+\])*"
-    r"(?:\.(?:size|stride)\(\)\[\d+\]|\.storage_offset\(\)|\.dim\(\)|\.numel\(\))?"
-)
-_GUARD_WORDS = re.compile(r"\b(?:and|or|not)\b")
-
-
-def _safe_guard(code: str) -> bool:
-    """True when a ``guards_code`` entry is a plain comparison of input sizes.
-
-    ``ExportedProgram.module()`` compiles these strings into Python with ``exec`` and runs
-    them on every call, so anything else (a call, an attribute, a string) would run code from
-    the file.
-    """
-    return _safe_sym_expr(_GUARD_WORDS.sub(" ", _GUARD_SOURCE.sub(" s0 ", code)))
-
-
-def _safe_sym_expr(expr: str) -> bool:
-    """True when ``expr`` is plain symbolic-shape arithmetic (no strings, attributes, calls to
-    anything but sympy shape functions) and therefore harmless for ``sympy.sympify``."""
-    expr = _SYM_DECL.sub(r" \1 ", expr)
-    pos = 0
-    while pos < len(expr):
-        m = _SYM_TOKEN.match(expr, pos)
-        if m is None:
-            return expr[pos:].strip() == ""
-        tok = m.group(1)
-        if tok[0].isalpha() or tok[0] == "_":
-            if tok not in _SYM_SAFE_NAMES and not _SYM_NAME.match(tok):
-                return False
-        pos = m.end()
-    return True
-
-
-def _iter_sym_strings(obj: Any) -> Any:
-    if isinstance(obj, dict):
-        for k, v in obj.items():
-            if k == "expr_str" and isinstance(v, str):
-                yield v
-            elif k == "range_constraints" and isinstance(v, dict):
-                yield from (key for key in v if isinstance(key, str))
-                yield from _iter_sym_strings(v)
-            else:
-                yield from _iter_sym_strings(v)
-    elif isinstance(obj, list):
-        for v in obj:
-            yield from _iter_sym_strings(v)
-
-
-def _constant_strings(obj: Any) -> Any:
-    """Every ``as_string`` value of a program's constant user inputs."""
-    if isinstance(obj, dict):
-        for k, v in obj.items():
-            if k == "constant_input" and isinstance(v, dict):
-                value = v.get("value")
-                if isinstance(value, dict) and isinstance(value.get("as_string"), str):
-                    yield value["as_string"]
-            yield from _constant_strings(v)
-    elif isinstance(obj, list):
-        for v in obj:
-            yield from _constant_strings(v)
-
-
-def _vet_pt2(path: Path, names: list[str]) -> None:
-    """Refuse a .pt2 archive whose loading would run code from the file (see module docstring)."""
-    root = _archive_root(names, "archive_format") or ""
-
-    def need_trust(what: str) -> UntrustedPickleError:
-        return UntrustedPickleError(
-            f"the torch.export archive {what}, which would run code from the file when loaded",
-            path=path,
-            hint=TRUST_HINT,
-        )
-
-    rel = [n[len(root) :] for n in names if n.startswith(root)]
-    if any(n.startswith(("data/aotinductor/", "data/executorch/", "data/mtia")) for n in rel):
-        raise need_trust("contains compiled native code (AOTInductor/ExecuTorch)")
-    with zipfile.ZipFile(path) as zf:
-
-        def read(member: str) -> bytes:
-            return zf.read(root + member)
-
-        def weights_only_ok(member: str) -> bool:
-            data = read(member)
-            if not data:
-                return True
-            try:
-                with warnings.catch_warnings():
-                    warnings.simplefilter("ignore")
-                    torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
-            except Exception:  # any refusal or error: the real loader would unpickle fully
-                return False
-            return True
-
-        models = [
-            n[len("models/") : -len(".json")] for n in rel if re.match(r"models/[^/]+\.json$", n)
-        ]
-        if not models:
-            raise ModelLoadError(
-                "the torch.export archive holds no program (no models/*.json)",
-                path=path,
-                hint="save it with torch.export.save(exported_program, path)",
-            )
-        for model in models:
-            for legacy in (f"data/weights/{model}.pt", f"data/constants/{model}.pt"):
-                if legacy in rel and not weights_only_ok(legacy):
-                    raise need_trust("stores pickled objects in the legacy layout")
-            sample = f"data/sample_inputs/{model}.pt"
-            if sample in rel and not weights_only_ok(sample):
-                raise need_trust("stores example inputs as pickled Python objects")
-            for cfg_name, base in (
-                (f"data/weights/{model}_weights_config.json", "data/weights/"),
-                (f"data/constants/{model}_constants_config.json", "data/constants/"),
-            ):
-                if cfg_name not in rel:
-                    continue
-                try:
-                    cfg = json.loads(read(cfg_name))
-                except ValueError:
-                    raise ModelLoadError(
-                        f"the torch.export archive's {cfg_name} is not valid JSON",
-                        path=path,
-                        hint="export and save the program again",
-                    ) from None
-                for entry in (cfg.get("config") or {}).values():
-                    member = str(entry.get("path_name", ""))
-                    if member.startswith(("opaque_obj_", "custom_obj_")):
-                        raise need_trust("holds opaque/custom Python objects")
-                    if entry.get("use_pickle") and not weights_only_ok(base + member):
-                        raise need_trust("stores pickled Python objects")
-            try:
-                program = json.loads(read(f"models/{model}.json"))
-            except ValueError:
-                raise ModelLoadError(
-                    "the torch.export archive's program description is not valid JSON",
-                    path=path,
-                    hint="export and save the program again",
-                ) from None
-            for expr in _iter_sym_strings(program):
-                if not _safe_sym_expr(expr):
-                    raise need_trust(
-                        f"has a symbolic shape expression that is not arithmetic ({expr[:60]!r})"
-                    )
-            for text in _constant_strings(program):
-                # Constant string inputs are spliced into the generated guard code in quotes.
-                if not re.fullmatch(r"[\w .,:/+-]*", text):
-                    raise need_trust(
-                        f"has a constant string input that could escape its quotes ({text[:60]!r})"
-                    )
-            guards = program.get("guards_code") or []
-            if not isinstance(guards, list):
-                raise need_trust("has guard code that is not a list of expressions")
-            for code in guards:
-                if not (isinstance(code, str) and _safe_guard(code)):
-                    raise need_trust(
-                        f"has guard code that is not a plain shape check ({str(code)[:60]!r})"
-                    )
+# The checks live in core.vetting; these names stay importable from here.
+_safe_guard = safe_guard
+_safe_sym_expr = safe_sym_expr
 
 
 def _pt2_example(ep: Any) -> tuple[tuple[Any, ...] | None, dict[str, Any]]:
@@ -599,7 +436,23 @@ def _pt2_example(ep: Any) -> tuple[tuple[Any, ...] | None, dict[str, Any]]:
 # --------------------------------------------------------------------------- loaders
 
 
-def _load_torchscript(path: Path) -> nn.Module:
+def _load_torchscript(path: Path, trust: bool) -> tuple[nn.Module, str | None]:
+    """(module, why it opened weights-only or None). Without trust the archive's code is vetted
+    first (`core.vetting.vet_torchscript`): code that is not vetted-safe never reaches
+    ``torch.jit.load``; its tensors are read with a tensor-only unpickler instead."""
+    if not trust:
+        try:
+            problem = vet_torchscript(path)
+        except (zipfile.BadZipFile, OSError) as exc:
+            raise ModelLoadError(
+                f"the TorchScript archive cannot be read ({_first_line(exc)})",
+                path=path,
+                hint="copy or download the file again",
+            ) from None
+        if problem is not None:
+            tensors = read_torchscript_tensors(path)
+            reason = f"opened weights-only: this TorchScript file {problem}"
+            return WeightsOnlyModule(tensors, source=str(path)), reason
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # deprecation notices would break one-line CLI errors
@@ -610,12 +463,12 @@ def _load_torchscript(path: Path) -> nn.Module:
             path=path,
             hint="save it again with torch.jit.save(torch.jit.script(model), path)",
         ) from None
-    return module.eval()
+    return module.eval(), None
 
 
 def _load_pt2(path: Path, names: list[str], trust: bool) -> tuple[nn.Module, dict[str, Any]]:
     if not trust:
-        _vet_pt2(path, names)
+        vet_pt2(path)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
@@ -647,15 +500,33 @@ def _static_batch(ep: Any) -> int | None:
     return None
 
 
-def _load_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    from safetensors import SafetensorError, safe_open
+#: safetensors dtypes a model file may use; float8 ones are widened to float32 for analysis.
+SAFETENSORS_OPEN = (
+    "F64", "F32", "F16", "BF16", "I64", "I32", "I16", "I8", "U8", "BOOL", "F8_E4M3", "F8_E5M2",
+)  # fmt: skip
+_FLOAT8 = ("F8_E4M3", "F8_E5M2")
+
+
+def _load_safetensors(
+    path: Path,
+) -> tuple[dict[str, torch.Tensor], dict[str, str], dict[str, str]]:
+    """(tensors, ``__metadata__``, float8 tensor name -> its dtype) of a safetensors file.
+
+    The header is checked first (`core.limits.safetensors_header`: sizes, dtypes, offsets), so
+    nothing the file merely declares is allocated. float8 weights become float32: histograms,
+    pruning and quantization all compute in float32 anyway, and the values are exact.
+    """
+    from safetensors import SafetensorError
     from safetensors.torch import load_file
 
+    entries, header_meta = safetensors_header(path, supported=SAFETENSORS_OPEN)
+    widened = {n: e["dtype"] for n, e in entries.items() if e["dtype"] in _FLOAT8}
     try:
-        with safe_open(str(path), framework="pt") as fh:
-            header_meta = dict(fh.metadata() or {})
+        # One call: the header was checked, so every tensor is exactly the bytes it spans.
         tensors = load_file(str(path), device="cpu")
-    except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
+        for name in widened:
+            tensors[name] = tensors[name].to(torch.float32)
+    except (SafetensorError, OSError, ValueError, RuntimeError, TypeError) as exc:
         reason = _first_line(exc)
         what = (
             "truncated or corrupt"
@@ -669,7 +540,7 @@ def _load_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, st
             path=path,
             hint="copy or download the file again",
         ) from None
-    return tensors, header_meta
+    return tensors, header_meta, widened
 
 
 def _is_packed_archive(path: Path) -> bool:
@@ -685,23 +556,31 @@ def _is_packed_archive(path: Path) -> bool:
         return False
 
 
-def _open_packed(path: Path, *, trust: bool) -> LoadedModel:
+def _open_packed(path: Path, *, trust: bool, base: Any = None) -> LoadedModel:
     """A packed archive opened as the compressed model it holds.
 
-    The archive stores codes and masks, not an architecture: the original model recorded in it
-    gives the forward pass. When that file is gone, the dequantized weights open weights-only
-    (an unrecorded base is not guessed).
+    The archive stores codes and masks, not an architecture. A forward pass needs the original
+    model, which is only opened when the caller names it (``base``: a path, demo name or
+    `LoadedModel`, opened with the same ``trust``) or when the archive records a built-in demo.
+    A file path recorded in the archive is never followed: the dequantized weights open
+    weights-only with a note saying how to get a runnable model.
     """
     from core.packed import read_packed, resolve_base, restore_into
 
     archive = read_packed(path)
     meta: dict[str, Any] = {"detected": "packed", "packed": str(path)}
     source = archive.metadata.get("source", "")
-    if source.startswith("demo:") or (source and Path(source).is_file()):
-        restored = restore_into(archive, resolve_base(archive, None, trust))
+    if base is not None or source.startswith("demo:"):
+        restored = restore_into(archive, resolve_base(archive, base, trust))
         meta = {**restored.metadata, **meta, "packed_source": source}
         return dataclasses.replace(restored, source=str(path), name=path.stem, metadata=meta)
     meta["packed_source"] = source
+    recorded = f" (recorded as {source})" if source else ""
+    meta["opened_weights_only_reason"] = (
+        "opened weights-only: a packed archive holds no architecture and the original model it "
+        f"names{recorded} is never opened unasked; pass --base ORIGINAL (load_model(..., "
+        "base=ORIGINAL)) for a runnable model"
+    )
     module = WeightsOnlyModule(dict(archive.tensors), source=str(path))
     return LoadedModel(
         module, "safetensors", str(path), path.stem, weights_only=True, metadata=meta
@@ -742,6 +621,62 @@ def _with_architecture(
     return module.eval(), spec.name
 
 
+#: Tensors below this many elements are checked for NaN/Inf in batches of `_BATCH_TENSORS`.
+_BATCH_NUMEL = 4096
+_BATCH_TENSORS = 4096
+
+
+def note_nonfinite(loaded: LoadedModel) -> dict[str, int]:
+    """Record every floating parameter holding NaN/Inf values in ``loaded.metadata``.
+
+    Compression treats such values as 0 (pruning drops them, quantization codes them as zero),
+    which silently inflates a layer's sparsity; the counts go to ``metadata["nonfinite"]``
+    (tensor -> count) and one line per tensor to ``metadata["notes"]``, which the command line
+    prints as warnings.
+
+    Returns
+    -------
+    dict
+        ``metadata["nonfinite"]`` (empty when every value is finite).
+    """
+    counts: dict[str, int] = {}
+    # Small tensors are checked together: one isfinite per tiny tensor is all call overhead
+    # for checkpoints with 100k of them.
+    small: list[tuple[str, torch.Tensor]] = []
+    with torch.no_grad():
+        for pname, param in loaded.module.named_parameters():
+            if not (param.is_floating_point() and param.numel()):
+                continue
+            if param.numel() < _BATCH_NUMEL:
+                small.append((pname, param.detach().reshape(-1)))
+                continue
+            bad = param.numel() - int(torch.isfinite(param).sum())
+            if bad:
+                counts[pname] = bad
+        for start in range(0, len(small), _BATCH_TENSORS):
+            group = small[start : start + _BATCH_TENSORS]
+            flat = torch.cat([t.to(torch.float32) for _, t in group])
+            bad_mask = ~torch.isfinite(flat)
+            if not bool(bad_mask.any()):
+                continue
+            for (pname, _), n in zip(
+                group, bad_mask.split([t.numel() for _, t in group]), strict=True
+            ):
+                bad = int(n.sum())
+                if bad:
+                    counts[pname] = bad
+    if counts:
+        loaded.metadata["nonfinite"] = counts
+        notes = loaded.metadata.setdefault("notes", [])
+        for pname, bad in counts.items():
+            notes.append(
+                f"{escape_name(pname)} has {bad:,} NaN/Inf weight{'s' if bad > 1 else ''}; "
+                "compression treats them as 0 (pruned or quantized to zero), which counts "
+                "towards the layer's sparsity"
+            )
+    return counts
+
+
 def _demo(name: str) -> LoadedModel:
     spec = demo_spec(name)
     module = load_demo(spec.name)
@@ -766,6 +701,7 @@ def load_model(
     *,
     trust: bool = False,
     architecture: str | None = None,
+    base: Any = None,
     progress: ProgressFn = no_progress,
     cancel: CancelToken | None = None,
 ) -> LoadedModel:
@@ -781,6 +717,11 @@ def load_model(
     architecture
         ``"demo:mlp"``/``"demo:cnn"``: load a ``state_dict``/safetensors file into that
         architecture (strict key and shape check) so it has a forward pass.
+    base
+        Packed archives only: the original model (path, demo name or `LoadedModel`) that gives
+        the architecture; it is opened with the same ``trust``. Without it a packed archive
+        opens weights-only unless it records a built-in demo: a file path recorded in the
+        archive is never opened.
 
     Returns
     -------
@@ -789,7 +730,11 @@ def load_model(
         ``example_args``, ``example_kwargs``, ``fixed_batch`` (``.pt2`` with a static batch size: use
         `forward` to run other batch sizes); ``checkpoint_keys`` (other entries of a
         checkpoint dict), ``stripped_prefix``, ``safetensors_metadata``, ``architecture``;
-        ``detected`` (the content class) and ``extension_mismatch`` (bool).
+        ``detected`` (the content class) and ``extension_mismatch`` (bool);
+        ``opened_weights_only_reason`` (why a TorchScript file or packed archive opened
+        weights-only); ``notes`` (lines to show the user as warnings), ``nonfinite`` (tensor ->
+        NaN/Inf count, see `note_nonfinite`), ``float8_converted`` (safetensors float8
+        tensors widened to float32).
 
     Raises
     ------
@@ -802,6 +747,12 @@ def load_model(
     progress(0.0, f"opening {source}")
     demo = demo_name(source)
     if demo is not None:
+        if base is not None:
+            raise ModelLoadError(
+                "a base model only applies to packed archives",
+                path=str(source),
+                hint="drop the base option",
+            )
         if architecture is not None:
             raise ModelLoadError(
                 "an architecture only applies to weights-only files",
@@ -885,9 +836,24 @@ def load_model(
             hint="drop the architecture option",
         )
 
+    if base is not None and not (kind == "safetensors" and _is_packed_archive(path)):
+        raise ModelLoadError(
+            "a base model only applies to packed archives (model.packed.safetensors)",
+            path=path,
+            hint="drop the base option",
+        )
+    if kind in ("torchscript", "pt2"):
+        # torch.jit and torch.export inflate members to their declared sizes: no zip bombs.
+        check_torch_zip(
+            path, what="the TorchScript archive" if kind == "torchscript" else "the .pt2 archive"
+        )
     if kind == "torchscript":
-        module = _load_torchscript(path)
-        loaded = LoadedModel(module, "torchscript", str(path), name, metadata=meta)
+        module, why = _load_torchscript(path, trust)
+        if why is not None:
+            meta["opened_weights_only_reason"] = why
+        loaded = LoadedModel(
+            module, "torchscript", str(path), name, weights_only=why is not None, metadata=meta
+        )
     elif kind == "pt2":
         names = _zip_names(path) or []
         module, extra = _load_pt2(path, names, trust)
@@ -899,13 +865,21 @@ def load_model(
     else:
         header_meta: dict[str, str] = {}
         if kind == "safetensors" and _is_packed_archive(path):
-            loaded = _open_packed(path, trust=trust)
+            loaded = _open_packed(path, trust=trust, base=base)
+            note_nonfinite(loaded)
             progress(1.0, f"opened {loaded.name}")
             return loaded
         if kind == "safetensors":
-            state, header_meta = _load_safetensors(path)
+            state, header_meta, widened = _load_safetensors(path)
             fmt = "safetensors"
             meta["safetensors_metadata"] = header_meta
+            if widened:
+                meta["float8_converted"] = widened
+                meta.setdefault("notes", []).append(
+                    f"{len(widened)} float8 tensor{'s' if len(widened) > 1 else ''} "
+                    f"({escape_name(next(iter(widened)))}"
+                    f"{', ...' if len(widened) > 1 else ''}) converted to float32 for analysis"
+                )
         else:
             obj = _torch_load_weights_only(
                 path,
@@ -931,6 +905,7 @@ def load_model(
                     )
                 else:
                     loaded = LoadedModel(module.eval(), "eager", str(path), name, metadata=meta)
+                note_nonfinite(loaded)
                 progress(1.0, f"opened {name}")
                 return loaded
             found = _tensor_mapping(obj)
@@ -971,6 +946,7 @@ def load_model(
         else:
             module = WeightsOnlyModule(state, source=str(path))
             loaded = LoadedModel(module, fmt, str(path), name, weights_only=True, metadata=meta)
+    note_nonfinite(loaded)
     progress(1.0, f"opened {name}")
     return loaded
 

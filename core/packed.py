@@ -18,8 +18,6 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import os
-import tempfile
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
@@ -29,8 +27,21 @@ import numpy as np
 import torch
 
 from core.errors import ExportError, ModelLoadError, WorkbenchError
+from core.limits import (
+    MAX_EXAMPLE_BYTES,
+    MAX_METADATA_JSON_BYTES,
+    PACKED_RATIO,
+    SAFETENSORS_ITEMSIZE,
+    check_alloc,
+    check_decoded,
+    check_shape,
+    escape_name,
+    load_json,
+    safetensors_header,
+)
 from core.model import LoadedModel
-from core.plan import RECIPE_VERSION, CompressionPlan, LayerConfig
+from core.outdir import atomic_write
+from core.plan import MAX_BITS, MIN_BITS, RECIPE_VERSION, CompressionPlan, LayerConfig
 from core.progress import CancelToken, ProgressFn, no_progress, scaled
 from core.quantization import QuantizedTensor, dequantize
 
@@ -640,6 +651,12 @@ def decode_pattern(kind: object, shape: Sequence[int], buf: bytes) -> np.ndarray
     if kind == 0:
         return None
     raw = np.frombuffer(buf, dtype=np.uint8)
+    # np.unpackbits pads a short buffer with zeros: insist that every bit is really there.
+    needed = numel if kind == 1 else (shape[0] if kind == 2 and len(shape) else None)
+    if kind == 2 and needed is None:
+        raise ValueError("a row mask needs a tensor with at least one dimension")
+    if needed is not None and raw.size * 8 < needed:
+        raise ValueError(f"the pattern holds {raw.size * 8} bits, {needed} needed")
     if kind == 1:
         return np.unpackbits(raw, bitorder="little", count=numel).astype(bool).reshape(shape)
     if kind == 2:
@@ -704,13 +721,38 @@ def _zstd_codes(codes: np.ndarray, bits: int) -> bytes:
 
 
 def _unzstd_codes(buf: bytes, count: int, bits: int) -> np.ndarray:
+    """Inverse of `_zstd_codes`; never produces more than the ``count`` codes expected.
+
+    ``ZstdDecompressor.decompress`` allocates whatever a frame declares (``max_output_size``
+    only applies to frames without a declared size), so a frame declaring another size is
+    refused from its header and the rest is streamed with a cap of one byte past the end.
+    """
+    import io
+
     import zstandard
 
     width = np.uint8 if bits <= 8 else np.dtype("<u2")
     size = count * np.dtype(width).itemsize
-    raw = zstandard.ZstdDecompressor().decompress(buf, max_output_size=size)
-    if len(raw) != size:
+    try:
+        declared = zstandard.get_frame_parameters(buf).content_size
+        if declared not in (size, zstandard.CONTENTSIZE_UNKNOWN):
+            raise ValueError(
+                f"entropy-coded codes declare {declared} bytes, {size} expected"
+            )
+        parts = []
+        got = 0
+        with zstandard.ZstdDecompressor().stream_reader(io.BytesIO(buf)) as reader:
+            while got <= size:
+                chunk = reader.read(min(size + 1 - got, 1 << 24))
+                if not chunk:
+                    break
+                parts.append(chunk)
+                got += len(chunk)
+    except zstandard.ZstdError as exc:
+        raise ValueError(f"entropy-coded codes are corrupt ({exc})") from None
+    if got != size:
         raise ValueError("entropy-coded codes have the wrong length")
+    raw = b"".join(parts)
     return np.frombuffer(raw, dtype=width).astype(np.int64)
 
 
@@ -1034,65 +1076,6 @@ def write_packed(
     )
 
 
-def _umask() -> int:
-    """The process umask, read without changing it (os.umask would race other threads)."""
-    try:
-        with open("/proc/self/status", encoding="ascii") as fh:
-            for line in fh:
-                if line.startswith("Umask:"):
-                    return int(line.split()[1], 8)
-    except OSError:
-        pass
-    return 0o022
-
-
-def atomic_write(
-    target: Path,
-    chunks: Sequence[bytes] | None = None,
-    *,
-    force: bool = False,
-    writer: Any = None,
-    cancel: CancelToken | None = None,
-) -> None:
-    """Write ``chunks`` (or call ``writer(tmp_path)``) to a temporary file, then rename.
-
-    The temporary file lives in the target's directory (so the rename is atomic) and is removed
-    on any exception, cancel included; an existing target is only replaced with ``force``.
-    """
-    target = Path(target)
-    if target.exists() and not force:
-        raise ExportError("file already exists", path=target, hint="pass --force to overwrite it")
-    if not target.parent.is_dir():
-        raise ExportError(
-            "output directory does not exist", path=target.parent, hint="create it first"
-        )
-    # The temporary name keeps the extension: some writers (torch.export.save) check it.
-    fd, tmp_name = tempfile.mkstemp(
-        prefix=f".{target.name}.", suffix=f".tmp{target.suffix}", dir=target.parent
-    )
-    tmp = Path(tmp_name)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            for chunk in chunks or ():
-                if cancel is not None:
-                    cancel.check()
-                fh.write(chunk)
-        if writer is not None:
-            writer(tmp)
-        if cancel is not None:
-            cancel.check()
-        # mkstemp creates 0600 files; give the export the permissions a plain open() would.
-        os.chmod(tmp, 0o666 & ~_umask())
-        os.replace(tmp, target)
-    except BaseException as exc:
-        tmp.unlink(missing_ok=True)
-        if isinstance(exc, OSError):
-            raise ExportError(
-                f"could not write the file ({exc.strerror or exc})", path=target
-            ) from exc
-        raise
-
-
 # ---------------------------------------------------------------------------------------
 # reader / loader
 # ---------------------------------------------------------------------------------------
@@ -1112,13 +1095,16 @@ class PackedArchive:
 
     @property
     def removed_channels(self) -> dict[str, list[int]]:
-        raw = self.metadata.get("removed_channels")
-        return {k: [int(i) for i in v] for k, v in json.loads(raw).items()} if raw else {}
+        return _removed_channels(self.metadata, self.path)
 
 
 class _Cursor:
     def __init__(self, blob: np.ndarray, path: Path):
         self.blob, self.pos, self.path = blob, 0, path
+
+    @property
+    def left(self) -> int:
+        return int(self.blob.size) - self.pos
 
     def take(self, n: int) -> bytes:
         if n < 0 or self.pos + n > self.blob.size:
@@ -1132,10 +1118,96 @@ class _Cursor:
         return out
 
 
+def _int_field(value: object, lo: int, hi: int, what: str) -> int:
+    """``value`` when it is an int (not a bool) in ``lo..hi``, else ``ValueError``."""
+    if isinstance(value, bool) or not isinstance(value, int) or not lo <= value <= hi:
+        raise ValueError(f"{what} must be an integer in {lo}..{hi}, got {str(value)[:40]}")
+    return value
+
+
+def _check_layout(layout: object, blob_size: int, file_bytes: int, path: Path) -> None:
+    """Validate every layout entry before anything is decoded.
+
+    Refuses malformed entries (types, ranges, unknown pattern codes), duplicate tensor names,
+    layouts whose fixed-size parts alone need more bytes than the blob holds, and layouts whose
+    decoded tensors (values, codes and masks) would exceed `core.limits.PACKED_RATIO` times the
+    file or the available memory. Raises ``ValueError`` (turned into `ModelLoadError`) or
+    `ModelLoadError`.
+    """
+    if not isinstance(layout, list):
+        raise ValueError("the layout is not a list")
+    seen: set[str] = set()
+    fixed = 0  # bytes every entry needs whatever its mask holds
+    decoded = 0  # bytes of the decoded tensors, codes and masks
+    for i, entry in enumerate(layout):
+        if not isinstance(entry, list) or len(entry) not in (2, 3, 5, 6):
+            raise ValueError(f"layout entry {i} is not a list of 2, 3, 5 or 6 fields")
+        name = entry[0]
+        if not isinstance(name, str) or not name:
+            raise ValueError(f"layout entry {i} has no tensor name")
+        shown = escape_name(name)[:80]
+        if name in seen:
+            raise ModelLoadError(
+                f"tensor {shown!r} appears twice in the layout",
+                path=path,
+                hint="the archive is corrupt or was tampered with; re-export the model",
+            )
+        seen.add(name)
+        shape = check_shape(entry[1], f"tensor {shown!r}", path)
+        numel = math.prod(shape)
+        if len(entry) <= 3:
+            dtype = entry[2] if len(entry) == 3 else "F32"
+            if not isinstance(dtype, str) or dtype not in _ST_TO_TORCH:
+                raise ValueError(f"tensor {shown!r} has unknown dtype {str(dtype)[:20]!r}")
+            fixed += numel * ST_DTYPES[dtype]
+            decoded += numel * ST_DTYPES[dtype]
+            continue
+        bits = entry[2]
+        if bits != 0:
+            bits = _int_field(bits, MIN_BITS, MAX_BITS, f"tensor {shown!r}: bits")
+        flags = _int_field(entry[3], 0, 4 * len(CODED_DTYPES) - 1, f"tensor {shown!r}: flags")
+        pat = entry[4]
+        if isinstance(pat, list):
+            if len(pat) != 2:
+                raise ValueError(f"tensor {shown!r}: a relative index is [index_bits, entries]")
+            _int_field(pat[0], INDEX_BITS[0], INDEX_BITS[-1], f"tensor {shown!r}: index bits")
+            _int_field(pat[1], 0, 8 * blob_size, f"tensor {shown!r}: index entries")
+        elif isinstance(pat, bool) or pat not in PATTERN_CODES.values():
+            raise ValueError(f"tensor {shown!r} has unknown pattern code {str(pat)[:20]!r}")
+        if pat == PATTERN_CODES["c"] and not shape:
+            raise ValueError(f"tensor {shown!r}: a row mask needs at least one dimension")
+        itemsize = ST_DTYPES[CODED_DTYPES[flags >> 2]]
+        fixed += pattern_nbytes(pat, shape)
+        decoded += numel * itemsize + (0 if pat == 0 else numel)
+        if len(entry) == 6:
+            if bits == 0:
+                raise ValueError(f"tensor {shown!r}: only codes can be entropy coded")
+            fixed += _int_field(entry[5], 0, blob_size, f"tensor {shown!r}: zstd bytes")
+        if bits:
+            n_params = shape[0] if (flags & 2 and shape) else 1
+            fixed += 4 * n_params + (0 if flags & 1 else _ceil_bytes(n_params * bits))
+            decoded += 4 * numel  # int32 codes kept beside the dequantized values
+            if pat == 0 and len(entry) == 5:
+                fixed += _ceil_bytes(numel * bits)
+        elif pat == 0:
+            fixed += numel * itemsize
+    if fixed > blob_size:
+        raise ModelLoadError(
+            f"the layout needs at least {fixed:,} bytes but the blob holds {blob_size:,}",
+            path=path,
+            hint="the archive is truncated or corrupt; re-export the model",
+        )
+    check_decoded(
+        decoded, file_bytes, ratio=PACKED_RATIO, what="the archive's tensors", path=path
+    )
+
+
 def _decode_entry(
     entry: list, cur: _Cursor
 ) -> tuple[str, torch.Tensor, QuantizedTensor | None, torch.Tensor | None]:
+    """One tensor of a layout already checked by `_check_layout`."""
     name, shape = str(entry[0]), tuple(int(s) for s in entry[1])
+    shown = f"tensor {escape_name(name)[:80]!r}"
     numel = math.prod(shape)
     if len(entry) <= 3:
         dtype = _ST_TO_TORCH[entry[2] if len(entry) == 3 else "F32"]
@@ -1150,6 +1222,7 @@ def _decode_entry(
     mask = None if mask_np is None else torch.from_numpy(mask_np.copy())
     if bits == 0:
         itemsize = torch.empty(0, dtype=dtype).element_size()
+        check_alloc(count, itemsize, cur.left, shown, cur.path)
         kept = _from_raw(cur.take(count * itemsize), dtype, (count,))
         if mask is None:
             return name, kept.reshape(shape), None, None
@@ -1158,9 +1231,14 @@ def _decode_entry(
         return name, value, None, mask
     if zlen is not None:
         values = _unzstd_codes(cur.take(zlen), count, bits)
+        if values.size and int(values.max()) >> bits:
+            raise ValueError(f"{shown}: an entropy-coded code does not fit in {bits} bits")
     else:
+        # Packed codes: the bits must be in the blob before the int64 array is allocated.
+        if _ceil_bytes(count * bits) > cur.left:
+            check_alloc(count, 1, cur.left * 8 // bits, shown, cur.path)
         values = unpack_bits(cur.take(_ceil_bytes(count * bits)), count, bits)
-    n_params = shape[0] if per_channel else 1
+    n_params = shape[0] if (per_channel and shape) else 1
     scale = torch.from_numpy(np.frombuffer(cur.take(4 * n_params), dtype="<f4").astype(np.float32))
     if symmetric:
         zp = np.full(n_params, 2 ** (bits - 1), dtype=np.int64)
@@ -1184,19 +1262,67 @@ def _decode_entry(
     return name, dequantize(qt).to(dtype), qt, mask
 
 
+def _removed_channels(meta: Mapping[str, str], path: Path) -> dict[str, list[int]]:
+    """The archive's ``removed_channels`` map (layer -> kept output channels), validated."""
+    raw = meta.get("removed_channels")
+    if not raw:
+        return {}
+    data = load_json(
+        raw,
+        what="the archive's removed_channels",
+        path=path,
+        max_bytes=MAX_METADATA_JSON_BYTES,
+        unique_keys=True,
+        hint="the archive is corrupt; re-export the model",
+    )
+
+    def bad(why: str) -> ModelLoadError:
+        return ModelLoadError(
+            f"the archive's removed_channels {why}",
+            path=path,
+            hint="the archive is corrupt; re-export the model",
+        )
+
+    if not isinstance(data, dict):
+        raise bad("is not a map of layer names to channel lists")
+    out: dict[str, list[int]] = {}
+    for layer, keep in data.items():
+        shown = escape_name(layer)[:80]
+        if not isinstance(keep, list):
+            raise bad(f"entry {shown!r} is not a list of channel indices")
+        if any(isinstance(i, bool) or not isinstance(i, int) or i < 0 for i in keep):
+            raise bad(f"entry {shown!r} holds something other than channel indices >= 0")
+        if len(set(keep)) != len(keep):
+            raise bad(f"entry {shown!r} lists a channel twice")
+        out[layer] = [int(i) for i in keep]
+    return out
+
+
 def read_packed(path: str | Path) -> PackedArchive:
     """Decode a packed archive with safetensors (no pickle): tensors, codes, masks, metadata.
+
+    Every size the archive declares is checked before it is used (`_check_layout`,
+    `core.limits`): a corrupt or hostile archive fails with one `ModelLoadError` line, within
+    bounded time and memory.
 
     Raises
     ------
     ModelLoadError
-        Missing file, not a safetensors file, not our format, checksum mismatch or corrupt layout.
+        Missing file, not a safetensors file, not our format, checksum mismatch, corrupt
+        layout, or declared sizes beyond the limits of `core.limits`.
     """
     from safetensors import SafetensorError, safe_open
 
     p = Path(path)
     if not p.is_file():
         raise ModelLoadError("packed archive not found", path=p, hint="check the path")
+    entries, _ = safetensors_header(p, supported=SAFETENSORS_ITEMSIZE)
+    if set(entries) - {BLOB_NAME} or entries.get(BLOB_NAME, {}).get("dtype", "U8") != "U8":
+        raise ModelLoadError(
+            f"not a workbench packed archive (it holds tensors other than {BLOB_NAME!r})",
+            path=p,
+            hint="open it as a model instead, or export it again with --format packed",
+        )
     try:
         with safe_open(str(p), framework="np") as fh:
             meta = dict(fh.metadata() or {})
@@ -1223,8 +1349,16 @@ def read_packed(path: str | Path) -> PackedArchive:
         raise ModelLoadError(
             "checksum mismatch: the archive is corrupt", path=p, hint="re-export the model"
         )
+    layout = load_json(
+        meta.get("layout", ""),
+        what="the archive's layout",
+        path=p,
+        max_bytes=MAX_METADATA_JSON_BYTES,
+        hint="the archive is corrupt; re-export the model",
+    )
+    _removed_channels(meta, p)
     try:
-        layout = json.loads(meta["layout"])
+        _check_layout(layout, int(blob.size), p.stat().st_size, p)
         cur = _Cursor(blob, p)
         tensors, quantized, masks = {}, {}, {}
         for entry in layout:
@@ -1237,7 +1371,11 @@ def read_packed(path: str | Path) -> PackedArchive:
     except ModelLoadError:
         raise
     except (KeyError, ValueError, TypeError, IndexError) as exc:
-        raise ModelLoadError(f"corrupt layout ({type(exc).__name__}: {exc})", path=p) from None
+        raise ModelLoadError(
+            f"corrupt layout ({type(exc).__name__}: {str(exc)[:160]})",
+            path=p,
+            hint="re-export the model",
+        ) from None
     if cur.pos != blob.size:
         raise ModelLoadError(
             f"{blob.size - cur.pos} bytes of the blob are not described by the layout", path=p
@@ -1255,9 +1393,12 @@ def resolve_base(
         return model_io.clone_model(base)
     if base is None:
         source = archive.metadata.get("source", "")
-        if not source or not (source.startswith("demo:") or Path(source).exists()):
+        if not source.startswith("demo:"):
+            # A file named inside the archive is never opened unasked: whoever wrote the archive
+            # chose that path. Built-in demos are no file, so they are safe to follow.
+            recorded = f"records its original model as {source!r}" if source else "names no model"
             raise ModelLoadError(
-                f"the original model {source!r} recorded in the archive is not available",
+                f"the archive {recorded}; a model file is only opened when you name it",
                 path=archive.path,
                 hint="pass --base MODEL: the model file that was compressed (it gives the architecture)",
             )
@@ -1268,6 +1409,28 @@ def resolve_base(
         # A weights-only original was compressed with a demo architecture: rebuild it runnable.
         loaded = model_io.load_model(base, trust=trust, architecture=architecture)
     return loaded
+
+
+def _recorded_input(archive: PackedArchive) -> torch.Tensor:
+    """The zero example input ``[shape, dtype]`` recorded in the archive, validated."""
+    hint = "the archive is corrupt; pass --base with the original model instead"
+    spec = load_json(
+        archive.metadata["input"],
+        what="the archive's example input",
+        path=archive.path,
+        max_bytes=MAX_METADATA_JSON_BYTES,
+        hint=hint,
+    )
+    ok = isinstance(spec, list) and len(spec) == 2 and isinstance(spec[1], str)
+    dtype = getattr(torch, spec[1], None) if ok else None
+    if not isinstance(dtype, torch.dtype):
+        raise ModelLoadError(
+            "the archive's example input is not [shape, dtype name]", path=archive.path, hint=hint
+        )
+    shape = check_shape(spec[0], "the archive's example input", archive.path)
+    itemsize = torch.empty(0, dtype=dtype).element_size()
+    check_alloc(math.prod(shape), itemsize, MAX_EXAMPLE_BYTES, "the example input", archive.path)
+    return torch.zeros(shape, dtype=dtype)
 
 
 def reapply_removal(loaded: LoadedModel, archive: PackedArchive) -> None:
@@ -1284,8 +1447,7 @@ def reapply_removal(loaded: LoadedModel, archive: PackedArchive) -> None:
         )
     example = loaded.example_input
     if example is None and "input" in archive.metadata:
-        shape, dtype = json.loads(archive.metadata["input"])
-        example = torch.zeros(shape, dtype=getattr(torch, dtype))
+        example = _recorded_input(archive)
     if example is None:
         raise ModelLoadError("no example input to trace the channel removal", path=archive.path)
     modules = dict(loaded.module.named_modules())
@@ -1303,7 +1465,15 @@ def reapply_removal(loaded: LoadedModel, archive: PackedArchive) -> None:
         if getattr(mod, "groups", 1) != 1:
             continue
         n = int(mod.weight.shape[0])
-        pruned[layer] = sorted(set(range(n)) - {int(i) for i in keep})
+        outside = [i for i in keep if i >= n]
+        if outside:
+            raise ModelLoadError(
+                f"the archive keeps channel {outside[0]} of layer {escape_name(layer)!r}, "
+                f"which has only {n}",
+                path=archive.path,
+                hint="pass --base with the model that was compressed",
+            )
+        pruned[layer] = sorted(set(range(n)) - set(keep))
     try:
         remove_channels_(loaded.module, example, pruned)
     except WorkbenchError as exc:

@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from core.errors import RecipeError
+from core.limits import MAX_RECIPE_BYTES, load_json
 from core.methods import prune_method, prune_method_names, prune_methods
 
 RECIPE_VERSION = 1
@@ -275,14 +276,15 @@ class CompressionPlan:
 
     @classmethod
     def from_json(cls, text: str, *, path: str | Path | None = None) -> CompressionPlan:
-        try:
-            data = json.loads(text)
-        except json.JSONDecodeError as exc:
-            raise RecipeError(
-                f"not valid JSON (line {exc.lineno}, column {exc.colno}: {exc.msg})",
-                path=path,
-                hint="fix the syntax or re-save the recipe from the workbench",
-            ) from None
+        # Size, nesting and integer limits first: a recipe is small, anything huge is an error.
+        data = load_json(
+            text,
+            what="the recipe",
+            path=path,
+            max_bytes=MAX_RECIPE_BYTES,
+            error=RecipeError,
+            hint="fix the syntax or re-save the recipe from the workbench",
+        )
         try:
             return _plan_from_dict(data)
         except RecipeError as exc:
@@ -304,6 +306,13 @@ class CompressionPlan:
         p = Path(path)
         if not p.is_file():
             raise RecipeError("recipe file not found", path=p, hint="check the path")
+        size = p.stat().st_size
+        if size > MAX_RECIPE_BYTES:
+            raise RecipeError(
+                f"the file is {size:,} bytes; a recipe is at most {MAX_RECIPE_BYTES:,}",
+                path=p,
+                hint="pass the recipe JSON written by the workbench, not a model or data file",
+            )
         try:
             text = p.read_text(encoding="utf-8")
         except UnicodeDecodeError:

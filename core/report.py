@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from core.packed import atomic_write
+from core.outdir import atomic_write
 
 #: Histogram bins per layer in the HTML report.
 HIST_BINS = 48

@@ -600,7 +600,13 @@ class Session:
             start = time.perf_counter()
             fit, val = recovery_split(train) if tune else (None, None)
             result = compress_and_finetune(
-                model, plan, fit, val, stats=stats, progress=scaled(progress, 0, 0.95), cancel=cancel
+                model,
+                plan,
+                fit,
+                val,
+                stats=stats,
+                progress=scaled(progress, 0, 0.95),
+                cancel=cancel,
             )
             hists = _after_histograms(result, stats, cancel) if after_histograms else {}
             progress(1.0, "compressed")
@@ -716,6 +722,7 @@ class Session:
         out_dir: str | Path,
         *,
         force: bool = False,
+        merge_existing: bool = True,
         report: bool = True,
         entropy: bool = False,
     ) -> Job:
@@ -727,17 +734,27 @@ class Session:
         if result is None:
             raise WorkbenchError("compress the model first")
         data, evaluation, plan = self.test, self.evaluation, self.result_plan or result.plan
+        evals = (
+            {}
+            if evaluation is None
+            else {
+                "before": evaluation.before,
+                "after": evaluation.after,
+                "data": evaluation.data_name,
+            }
+        )
         formats = list(formats)
 
         def fn(progress: ProgressFn, cancel: CancelToken):
-            records = write_outputs(
+            records, _ = write_outputs(
                 result,
                 formats,
                 Path(out_dir),
                 plan=plan,
-                evaluation=evaluation,
+                evals=evals,
                 data=data,
                 force=force,
+                merge_existing=merge_existing,
                 report=report,
                 entropy=entropy,
                 progress=progress,

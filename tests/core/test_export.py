@@ -11,7 +11,7 @@ import onnxruntime as ort
 import pytest
 import torch
 
-from core.errors import Cancelled, ExportError
+from core.errors import Cancelled, ExportError, ModelLoadError
 from core.export import (
     EXPORT_FORMATS,
     FILE_NAMES,
@@ -303,7 +303,8 @@ def test_export_cli_needs_an_archive_and_known_formats(tmp_path, capsys):
 
 
 def test_files_on_disk_round_trip_through_the_engine(tmp_path):
-    """TorchScript and .pt2 files: compress, pack, load back from the recorded source path."""
+    """TorchScript and .pt2 files: compress, pack, load back with the original named as base
+    (the recorded source path alone is never opened: the user did not name it)."""
     from core.engine import compress
     from core.model_io import load_model
     from core.packed import load_packed, write_packed
@@ -318,7 +319,9 @@ def test_files_on_disk_round_trip_through_the_engine(tmp_path):
         result = compress(loaded, simple_plan(0.85, 6), analyze(loaded))
         archive = tmp_path / f"{name}.packed.safetensors"
         write_packed(result, archive)
-        restored = load_packed(archive)
+        with pytest.raises(ModelLoadError, match="--base"):
+            load_packed(archive)
+        restored = load_packed(archive, tmp_path / name)
         assert restored.format == loaded.format
         with torch.no_grad():
             assert torch.equal(restored.module(x), result.compressed.module(x))

@@ -509,13 +509,15 @@ def test_packed_archive_opens_as_the_compressed_model(tmp_path):
     torch.export.save(torch.export.export(model, (x,)), str(src))
     result = make_result(load_model(src), sparsity=0.7, bits=6)
     export(result, "packed", tmp_path / "model.packed.safetensors", latency=False)
-    opened = load_model(tmp_path / "model.packed.safetensors")
+    # The recorded source is only opened when named (base=...); then the archive runs as it.
+    opened = load_model(tmp_path / "model.packed.safetensors", base=src)
     assert opened.can_run and opened.format == "pt2"
     for name, value in result.compressed.module.state_dict().items():
         assert torch.equal(opened.module.state_dict()[name], value), name
-    src.unlink()  # the original is gone: the dequantized weights still open, weights-only
+    # Without a base the dequantized weights open weights-only, saying how to get a runnable one.
     fallback = load_model(tmp_path / "model.packed.safetensors")
     assert fallback.weights_only
+    assert "--base" in fallback.metadata["opened_weights_only_reason"]
     assert torch.equal(
         get_tensor(fallback.module, "stem.weight"),
         result.compressed.module.state_dict()["stem.weight"],

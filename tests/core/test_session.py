@@ -343,3 +343,22 @@ def test_data_step_labels_splits_and_supersedes(mlp_session, tmp_path):
 def test_plan_with_recovery_is_layer_config_compatible():
     plan = replace(CompressionPlan(), recovery=RecoveryConfig(epochs=1))
     assert apply_edit(plan, SetQuant(bits=4)).recovery.epochs == 1
+
+
+def test_export_step_writes_one_consistent_directory(mlp_session, tmp_path):
+    s = fresh(mlp_session)
+    s.edit(SetPruneTarget(mode="sparsity", value=0.8))
+    s.edit(SetQuant(bits=5))
+    s.run(s.compress())
+    s.run(s.evaluate())
+    out = tmp_path / "out"
+    records = s.run(s.export(["packed", "state_dict"], out))
+    assert {r.path.name for r in records} == {"model.packed.safetensors", "model.pt"}
+    report = json.loads((out / "report.json").read_text())
+    assert report["compressed_bytes"] == (out / "model.packed.safetensors").stat().st_size
+    assert CompressionPlan.load(out / "recipe.json") == s.plan
+    assert not list(tmp_path.glob("*.partial"))
+    # A user's own file in the folder survives a re-export.
+    (out / "notes.txt").write_text("mine")
+    s.run(s.export(["packed"], out, force=True))
+    assert (out / "notes.txt").read_text() == "mine"

@@ -476,7 +476,9 @@ def test_reexport_and_overwrite_refusal(files, resnet_run, tmp_path):
     assert (out / "model.packed.safetensors").read_bytes() == before
 
     again = tmp_path / "again"
-    # The archive records the source's absolute path: re-export works from any directory.
+    # The archive records the source's path but never opens it unasked: --base names it.
+    proc = cli("export", str(out), "--format", "onnx", "--out", str(again), cwd=tmp_path)
+    assert_one_line_error(proc, "--base")
     proc = cli(
         "export",
         str(out),
@@ -486,6 +488,8 @@ def test_reexport_and_overwrite_refusal(files, resnet_run, tmp_path):
         str(again),
         "--data",
         str(files["resnet_xy"]),
+        "--base",
+        str(files["resnet.ts"]),
         cwd=tmp_path,
     )
     assert proc.returncode == 0, proc.stderr
@@ -509,6 +513,8 @@ def test_reexport_and_overwrite_refusal(files, resnet_run, tmp_path):
         str(again),
         "--data",
         str(files["resnet_xy"]),
+        "--base",
+        str(files["resnet.ts"]),
     )
     assert_one_line_error(proc, "model.onnx", "--force")
     assert (again / "model.onnx").read_bytes() == stamp
@@ -583,7 +589,8 @@ def test_pickled_module_compresses_only_with_trust(files, tmp_path):
 def test_packed_archive_opens_as_the_compressed_model(files, resnet_run):
     """`workbench inspect model.packed.safetensors` shows the compressed weights, not codes."""
     out, report = resnet_run
-    proc = cli("inspect", str(out / "model.packed.safetensors"), "--json")
+    packed = str(out / "model.packed.safetensors")
+    proc = cli("inspect", packed, "--base", str(files["resnet.ts"]), "--json")
     assert proc.returncode == 0, proc.stderr
     desc = json.loads(proc.stdout)
     rows = {row["name"]: row for row in desc["layers"]}
@@ -593,6 +600,10 @@ def test_packed_archive_opens_as_the_compressed_model(files, resnet_run):
         desc["total_params"]
         == json.loads(cli("inspect", str(files["resnet.ts"]), "--json").stdout)["total_params"]
     )
+    # Without --base the recorded source is not opened: weights only, and the table says why.
+    proc = cli("inspect", packed)
+    assert proc.returncode == 0, proc.stderr
+    assert "weights only" in proc.stdout and "pass --base ORIGINAL" in proc.stdout
 
 
 def test_channel_pruning_keeps_every_output_logit(files, tmp_path):
