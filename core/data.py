@@ -29,7 +29,7 @@ import numpy as np
 import torch
 
 from core.errors import DataError
-from core.limits import check_npz, check_torch_zip
+from core.limits import CORRUPT_CONTAINER_ERRORS, check_npz, check_torch_zip, corrupt_reason
 from core.model import LoadedModel
 
 #: Fraction of the digits held out for testing and the seed of the stratified split.
@@ -265,6 +265,17 @@ def load_data(path: str | Path) -> Dataset:
     torch file is read with ``weights_only=True``). Raises `DataError` naming the file, what
     is wrong and what to do.
     """
+    try:
+        return _load_data(path)
+    except CORRUPT_CONTAINER_ERRORS as exc:
+        raise DataError(
+            f"the data file is damaged or not a valid .npz/.pt container ({corrupt_reason(exc)})",
+            path=str(path),
+            hint="write it again with numpy.savez(path, x=..., y=...) or torch.save",
+        ) from None
+
+
+def _load_data(path: str | Path) -> Dataset:
     path = Path(path)
     if not path.exists():
         raise DataError("no such file", path=path, hint="check the path to the data file")

@@ -46,7 +46,9 @@ import json
 import math
 import os
 import re
+import struct
 import zipfile
+import zlib
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any
@@ -627,3 +629,26 @@ def check_npz(path: str | Path, *, what: str, error: ErrorType = ModelLoadError)
                 path,
                 error=error,
             )
+
+
+#: What Python's and torch's container readers raise on damaged bytes (bad CRC, truncated
+#: deflate stream, undecodable member name, unsupported zip feature, short struct read...).
+CORRUPT_CONTAINER_ERRORS: tuple[type[BaseException], ...] = (
+    zlib.error,
+    zipfile.BadZipFile,
+    zipfile.LargeZipFile,
+    UnicodeDecodeError,
+    NotImplementedError,
+    EOFError,
+    struct.error,
+    ValueError,
+    OSError,
+)
+
+
+def corrupt_reason(exc: BaseException) -> str:
+    """A short reason for a `CORRUPT_CONTAINER_ERRORS` exception (one line, <= 160 chars)."""
+    if isinstance(exc, PermissionError):
+        return "permission denied: check the file's permissions"
+    text = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {text[0][:140]}" if text else type(exc).__name__

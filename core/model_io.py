@@ -26,24 +26,32 @@ All of these checks live in `core.vetting` (threat model: docs/formats.md).
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import io
 import os
 import pickle
+import shutil
 import struct
 import tempfile
 import warnings
 import zipfile
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
-from core.errors import ExportError, ModelLoadError, UntrustedPickleError
-from core.limits import check_torch_zip, escape_name, safetensors_header
+from core.errors import ExportError, ModelLoadError, UntrustedPickleError, WorkbenchError
+from core.limits import (
+    CORRUPT_CONTAINER_ERRORS,
+    check_torch_zip,
+    corrupt_reason,
+    escape_name,
+    safetensors_header,
+)
 from core.model import LoadedModel
 from core.progress import CancelToken, ProgressFn, no_progress
 from core.vetting import (
@@ -436,13 +444,47 @@ def _pt2_example(ep: Any) -> tuple[tuple[Any, ...] | None, dict[str, Any]]:
 # --------------------------------------------------------------------------- loaders
 
 
+@contextlib.contextmanager
+def _vetting_copy(path: Path, trust: bool) -> Iterator[Path]:
+    """The file to vet and then load: a private copy unless the user trusts the file.
+
+    Vetting reads the archive, then torch reads it again to load it; on the user's path a
+    file swapped in between (by anyone who can write there) would be loaded unvetted. The
+    copy lives in a fresh 0700 temporary folder only this process writes to, and errors
+    raised while vetting name the user's file, not the copy.
+    """
+    if trust:
+        yield path
+        return
+    folder = tempfile.mkdtemp(prefix="workbench-vet-")
+    copy = Path(folder) / (path.name or "model")
+    try:
+        shutil.copyfile(path, copy)
+        try:
+            yield copy
+        except WorkbenchError as exc:
+            exc.args = tuple(
+                a.replace(str(copy), str(path)) if isinstance(a, str) else a for a in exc.args
+            )
+            if exc.path is not None:
+                exc.path = exc.path.replace(str(copy), str(path))
+            raise
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+
+
 def _load_torchscript(path: Path, trust: bool) -> tuple[nn.Module, str | None]:
     """(module, why it opened weights-only or None). Without trust the archive's code is vetted
     first (`core.vetting.vet_torchscript`): code that is not vetted-safe never reaches
     ``torch.jit.load``; its tensors are read with a tensor-only unpickler instead."""
+    with _vetting_copy(path, trust) as src:
+        return _load_torchscript_from(src, path, trust)
+
+
+def _load_torchscript_from(src: Path, path: Path, trust: bool) -> tuple[nn.Module, str | None]:
     if not trust:
         try:
-            problem = vet_torchscript(path)
+            problem = vet_torchscript(src)
         except (zipfile.BadZipFile, OSError) as exc:
             raise ModelLoadError(
                 f"the TorchScript archive cannot be read ({_first_line(exc)})",
@@ -450,13 +492,13 @@ def _load_torchscript(path: Path, trust: bool) -> tuple[nn.Module, str | None]:
                 hint="copy or download the file again",
             ) from None
         if problem is not None:
-            tensors = read_torchscript_tensors(path)
+            tensors = read_torchscript_tensors(src)
             reason = f"opened weights-only: this TorchScript file {problem}"
             return WeightsOnlyModule(tensors, source=str(path)), reason
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # deprecation notices would break one-line CLI errors
-            module = torch.jit.load(str(path), map_location="cpu")
+            module = torch.jit.load(str(src), map_location="cpu")
     except Exception as exc:  # torch.jit raises RuntimeError subclasses with long messages
         raise ModelLoadError(
             f"the TorchScript archive cannot be loaded ({_first_line(exc)})",
@@ -467,18 +509,26 @@ def _load_torchscript(path: Path, trust: bool) -> tuple[nn.Module, str | None]:
 
 
 def _load_pt2(path: Path, names: list[str], trust: bool) -> tuple[nn.Module, dict[str, Any]]:
-    if not trust:
-        vet_pt2(path)
+    with _vetting_copy(path, trust) as src:
+        if not trust:
+            vet_pt2(src)
+        return _load_pt2_from(src, path)
+
+
+def _load_pt2_from(src: Path, path: Path) -> tuple[nn.Module, dict[str, Any]]:
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            ep = torch.export.load(str(path))
+            ep = torch.export.load(str(src))
             module = ep.module()
     except Exception as exc:  # the deserializer raises many types on version/format mismatch
         raise ModelLoadError(
             f"the torch.export program cannot be loaded ({_first_line(exc)})",
             path=path,
-            hint=f"save it with torch.export.save() from torch {torch.__version__.split('+')[0]}",
+            hint=(
+                "it may have been saved by another torch version; this workbench runs torch "
+                f"{torch.__version__.split('+')[0]}: save it again with torch.export.save()"
+            ),
         ) from None
     args, kwargs = _pt2_example(ep)
     meta: dict[str, Any] = {"exported_program": ep, "example_args": args, "example_kwargs": kwargs}
@@ -697,6 +747,38 @@ def _demo(name: str) -> LoadedModel:
 
 
 def load_model(
+    source: str | Path,
+    *,
+    trust: bool = False,
+    architecture: str | None = None,
+    base: Any = None,
+    progress: ProgressFn = no_progress,
+    cancel: CancelToken | None = None,
+) -> LoadedModel:
+    """Open a model file or a built-in demo (see `_load_model` for the parameters).
+
+    Any damage a container reader trips over (bad CRC, broken deflate stream, undecodable
+    member, short read) becomes a `ModelLoadError` naming the file: a hostile or damaged file
+    is an expected input, never a traceback.
+    """
+    try:
+        return _load_model(
+            source,
+            trust=trust,
+            architecture=architecture,
+            base=base,
+            progress=progress,
+            cancel=cancel,
+        )
+    except CORRUPT_CONTAINER_ERRORS as exc:
+        raise ModelLoadError(
+            f"the file is damaged or not a valid model container ({corrupt_reason(exc)})",
+            path=str(source),
+            hint="copy or save the model again; the workbench opens " + SUPPORTED,
+        ) from None
+
+
+def _load_model(
     source: str | Path,
     *,
     trust: bool = False,

@@ -304,6 +304,10 @@ class CompressionPlan:
     @classmethod
     def load(cls, path: str | Path) -> CompressionPlan:
         p = Path(path)
+        if p.is_dir():
+            raise RecipeError(
+                "is a directory, not a recipe file", path=p, hint="pick the recipe's .json file"
+            )
         if not p.is_file():
             raise RecipeError("recipe file not found", path=p, hint="check the path")
         size = p.stat().st_size

@@ -194,11 +194,7 @@ def _write(tmp_path: Path, name: str, data: bytes) -> Path:
 # ---------------------------------------------------------------------- bad files
 #: Bad inputs a core loader still lets through as a non-WorkbenchError (reported to the owners of
 #: those modules); the GUI shows its bug-path dialog for them meanwhile.
-KNOWN_CORE_GAPS = {
-    "crc_state_dict.pt": "core/model_io.py: pickle_globals raises ValueError on a bad CRC",
-    "inflate.npz": "core/limits.py: check_npz lets zlib.error escape for a damaged member",
-    "inflate_code.ts": "core/vetting.py: vet_torchscript lets zlib.error escape",
-}
+KNOWN_CORE_GAPS: dict[str, str] = {}
 
 
 def _cases(names):
