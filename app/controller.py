@@ -1,53 +1,32 @@
-"""The window's brain: owns the session state, edits the plan, runs engine jobs in workers.
+"""The window's Qt adapter over `core.session.Session`: signals, workers, dialogs.
 
-Widgets never call the engine or touch a torch module; they render the snapshot objects the
-controller hands out through its signals (`LoadedModel`, `ModelStats`, `CompressionPlan`,
-`PlanPreview`, `CompressionResult`, evaluation and export records) and ask for changes through
-its methods. Everything the user drags goes through `preview` on the UI thread (it is
-O(layers log n)); everything slower is a job on the `JobRunner`.
+The session (Qt-free) owns the state and the rules: the model, data, statistics, the plan with
+undo/redo, the edit target, output-layer protection, the run history and the pipeline steps.
+This controller only runs the session's jobs on the `JobRunner` (worker threads), turns the
+session's events into Qt signals, keeps the live preview (`core.estimate.preview`, O(layers log
+n), on the UI thread) and reports failures as dialogs. Widgets never call the engine or touch a
+torch module; they render the snapshot objects these signals carry.
 
-Jobs are versioned: each kind (load, data, analyze, compress, finetune, evaluate, export)
-remembers the id of its newest job, starting a job cancels the jobs it makes stale
-(`SUPERSEDES`), and a result whose id is no longer current is dropped unseen.
+Jobs are versioned: each kind remembers the id of its newest job, starting a job cancels the
+jobs it makes stale (`core.session.SUPERSEDES`), and a result whose id is no longer current is
+dropped unseen.
 """
 
 from __future__ import annotations
 
 import traceback
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, replace
-from pathlib import Path
 from typing import Any
 
-import numpy as np
 from PySide6.QtCore import QObject, Signal
 
 from app.failures import log_unexpected, unexpected_message
 from app.workers import JobRunner
+from core.edits import Edit, ReplacePlan
 from core.errors import Cancelled, UntrustedPickleError, WorkbenchError
-from core.plan import (
-    STRUCTURED_METHODS,
-    CompressionPlan,
-    LayerConfig,
-    PruneConfig,
-    RecoveryConfig,
-)
-from core.progress import CancelToken, ProgressFn, scaled
-
-#: Job kinds, in pipeline order.
-JOB_KINDS = ("load", "data", "analyze", "compress", "finetune", "evaluate", "export")
-
-#: Starting a job of the key's kind cancels and drops in-flight jobs of these kinds, because
-#: their results would describe a model, data set or compression that is no longer current.
-SUPERSEDES: dict[str, tuple[str, ...]] = {
-    "load": JOB_KINDS,
-    "data": ("data", "analyze", "finetune", "evaluate"),
-    "analyze": ("analyze",),
-    "compress": ("compress", "finetune", "evaluate", "export"),
-    "finetune": ("finetune", "evaluate", "export"),
-    "evaluate": ("evaluate",),
-    "export": ("export",),
-}
+from core.plan import CompressionPlan, LayerConfig, RecoveryConfig
+from core.progress import CancelToken, ProgressFn
+from core.session import EDIT_TARGETS, JOB_KINDS, SUPERSEDES, Evaluation, Job, Session
 
 JOB_TITLES = {
     "load": "Open model",
@@ -59,25 +38,7 @@ JOB_TITLES = {
     "export": "Export",
 }
 
-#: Where plan edits go: the selected layers (per-layer overrides) or the whole model.
-SCOPES = ("selection", "model")
-
-
-@dataclass(frozen=True)
-class AfterHistograms:
-    """Histograms of one compressed tensor on the original's bin edges (for the overlay)."""
-
-    signed: np.ndarray
-    log_abs: np.ndarray
-
-
-@dataclass(frozen=True)
-class Evaluation:
-    """Accuracy/fidelity of the original and the compressed model on the held-out data."""
-
-    before: Any
-    after: Any
-    data_name: str
+__all__ = ["JOB_KINDS", "JOB_TITLES", "SUPERSEDES", "Controller", "Evaluation"]
 
 
 class Controller(QObject):
@@ -90,7 +51,7 @@ class Controller(QObject):
     planChanged = Signal(object)  # CompressionPlan
     previewUpdated = Signal(object)  # PlanPreview | None
     selectionChanged = Signal(tuple)  # layer names
-    scopeChanged = Signal(str)
+    targetChanged = Signal(str)  # "model" | "selection": where edits go
     resultReady = Signal(object)  # CompressionResult | None
     evaluated = Signal(object)  # Evaluation | None
     exported = Signal(object)  # list of ExportRecord
@@ -102,6 +63,7 @@ class Controller(QObject):
     errorRaised = Signal(str, str, str)  # title, message, details
     statusMessaged = Signal(str)
     trustRequested = Signal(str)  # a model source that needs the user's trust to unpickle
+    runRecorded = Signal(object)  # core.session.RunRecord
 
     def __init__(self, parent: QObject | None = None, *, runner: JobRunner | None = None):
         super().__init__(parent)
@@ -112,35 +74,15 @@ class Controller(QObject):
         self._current: dict[str, int] = {}
         self._callbacks: dict[int, Callable[[Any], None]] = {}
         self._subjects: dict[int, str] = {}
+        #: Runner job id -> the session job it runs (so a failure can be forgotten there too).
+        self._session_jobs: dict[int, Job] = {}
         #: Set by `shutdown`: results that arrive afterwards are dropped.
         self._closing = False
 
-        self.model = None
-        self.layers: tuple = ()
-        #: The layer producing the model's output (logits), kept out of model-wide channel
-        #: pruning; found once per model in the load job.
-        self.output_layer: str | None = None
-        self.train = None
-        self.test = None
-        self.data_name = ""
-        self.stats = None
-        self.plan = CompressionPlan()
+        self.session = Session()
+        self.session.subscribe(self._on_session_event)
         self.preview = None
         self.preview_error = ""
-        self.result = None
-        #: The plan the user had when the current result was requested; the result's own
-        #: ``plan`` can differ (recovery dropped for a model that cannot be fine-tuned).
-        self.result_plan: CompressionPlan | None = None
-        self.after_hists: dict[str, AfterHistograms] = {}
-        self.evaluation: Evaluation | None = None
-        self.exports: list = []
-        self.selection: tuple[str, ...] = ()
-        self.scope = "model"
-        self.pending_plan: CompressionPlan | None = None
-
-        self._history: list[CompressionPlan] = [self.plan]
-        self._index = 0
-        self._merge_key: str | None = None
 
     # ------------------------------------------------------------------ jobs
     def busy(self, kind: str | None = None) -> bool:
@@ -155,6 +97,8 @@ class Controller(QObject):
         on_done: Callable[[Any], None],
         *,
         subject: str | None = None,
+        token: CancelToken | None = None,
+        session_job: Job | None = None,
     ) -> int:
         for handle in self.runner.running():
             if handle.kind in SUPERSEDES[kind]:
@@ -162,7 +106,9 @@ class Controller(QObject):
                 if self._current.get(handle.kind) == handle.job_id:
                     del self._current[handle.kind]
                     self.jobFinished.emit(handle.kind, "cancelled")
-        handle = self.runner.submit(kind, description, fn)
+        handle = self.runner.submit(kind, description, fn, token=token)
+        if session_job is not None:
+            self._session_jobs[handle.job_id] = session_job
         self._current[kind] = handle.job_id
         self._callbacks[handle.job_id] = on_done
         # What an unexpected failure's dialog names: the job's file, else the open model.
@@ -193,7 +139,10 @@ class Controller(QObject):
             self.jobProgressed.emit(handle.kind, fraction, message)
 
     def _on_runner_jobSucceeded(self, job_id: int, result: Any) -> None:
+        job = self._session_jobs.pop(job_id, None)
         kind = self._accept(job_id)
+        if kind is None and job is not None:
+            self.session.fail(job)  # superseded or closing: the session drops it too
         callback = self._callbacks.pop(job_id, None)
         subject = self._subjects.pop(job_id, "")
         if kind is None or callback is None:
@@ -217,6 +166,9 @@ class Controller(QObject):
         self.errorRaised.emit(f"{title} failed", unexpected_message(kind, subject, exc, title), tb)
 
     def _on_runner_jobFailed(self, job_id: int, exc: BaseException, tb: str) -> None:
+        job = self._session_jobs.pop(job_id, None)
+        if job is not None:
+            self.session.fail(job)
         kind = self._accept(job_id)
         self._callbacks.pop(job_id, None)
         subject = self._subjects.pop(job_id, "")
@@ -234,6 +186,96 @@ class Controller(QObject):
         else:
             self._report_unexpected(kind, subject, exc, tb)
 
+    # ------------------------------------------------------------------ session state
+    # Read-only views of the session (the one owner of this state).
+    model = property(lambda self: self.session.model)
+    layers = property(lambda self: self.session.layers)
+    output_layer = property(lambda self: self.session.output_layer)
+    train = property(lambda self: self.session.train)
+    test = property(lambda self: self.session.test)
+    data_name = property(lambda self: self.session.data_name)
+    stats = property(lambda self: self.session.stats)
+    plan = property(lambda self: self.session.plan)
+    selection = property(lambda self: self.session.selection)
+    target = property(lambda self: self.session.target)
+    result = property(lambda self: self.session.result)
+    result_plan = property(lambda self: self.session.result_plan)
+    after_hists = property(lambda self: self.session.after_hists)
+    evaluation = property(lambda self: self.session.evaluation)
+    exports = property(lambda self: self.session.exports)
+    runs = property(lambda self: self.session.runs)
+    result_stale = property(lambda self: self.session.result_stale)
+    can_undo = property(lambda self: self.session.history.can_undo)
+    can_redo = property(lambda self: self.session.history.can_redo)
+    dragging = property(lambda self: self.session.dragging)
+
+    def data_description(self) -> str:
+        return self.session.data_description()
+
+    def _on_session_event(self, event: str, payload: Any) -> None:
+        """Session events -> Qt signals (the session calls this on the UI thread)."""
+        if event == "model_loaded":
+            self.preview = None
+            self.modelLoaded.emit(payload)
+            self.layersChanged.emit(self.layers)
+            self.statsReady.emit(None)
+            self.resultReady.emit(None)
+            self.evaluated.emit(None)
+            self.exported.emit([])
+        elif event == "plan_changed":
+            self.planChanged.emit(payload)
+            self._update_preview()
+        elif event == "stats_ready":
+            self.statsReady.emit(payload)
+            self._update_preview()
+        else:
+            signal = {
+                "data_loaded": self.dataLoaded,
+                "selection_changed": self.selectionChanged,
+                "target_changed": self.targetChanged,
+                "result_ready": self.resultReady,
+                "evaluated": self.evaluated,
+                "exported": self.exported,
+                "notice": self.statusMessaged,
+                "run_recorded": self.runRecorded,
+            }.get(event)
+            if event == "history_changed":
+                self.historyChanged.emit(*payload)
+            elif event == "drag_finished":
+                self.dragFinished.emit()
+            elif signal is not None:
+                signal.emit(payload)
+
+    def _run(
+        self,
+        make: Callable[[], Job],
+        title: str,
+        *,
+        subject: str | None = None,
+        after: Callable[[], None] | None = None,
+    ) -> int | None:
+        """Start the session job ``make()`` on the runner, then ``after()`` once its result is
+        in; a step the session refuses (nothing to compress yet...) becomes a dialog."""
+        try:
+            job = make()
+        except WorkbenchError as exc:
+            self.errorRaised.emit(title, str(exc), "")
+            return None
+
+        def done(payload: Any) -> None:
+            if self.session.finish(job, payload) and after is not None:
+                after()
+
+        return self._start(
+            job.kind,
+            job.description,
+            job.fn,
+            done,
+            subject=subject,
+            token=job.cancel,
+            session_job=job,
+        )
+
     # ------------------------------------------------------------------ model & data
     def open_model(
         self, source: str, *, trust: bool = False, plan: CompressionPlan | None = None
@@ -241,210 +283,58 @@ class Controller(QObject):
         """Load ``source`` (a path or ``demo:NAME``) in a worker, then analyze it.
 
         ``plan`` (e.g. the recipe given on the command line or the last session's plan) becomes
-        the plan once the model is in; otherwise the plan starts empty.
+        the plan once the model is in (settings for layers it lacks are dropped with a notice);
+        otherwise the plan starts empty.
         """
-        self.pending_plan = plan
         source = str(source)
-
-        def job(progress: ProgressFn, cancel: CancelToken):
-            # Imported here, on the worker (after the start-up warm-up's imports): importing
-            # the engine on the UI thread while the warm-up imports it could race.
-            from core.data import demo_data_for
-            from core.engine import output_layer
-            from core.inventory import inventory
-            from core.model_io import load_model
-
-            loaded = load_model(
-                source, trust=trust, progress=scaled(progress, 0, 0.9), cancel=cancel
-            )
-            layers = inventory(loaded)
-            cancel.check()
-            data = demo_data_for(loaded)
-            cancel.check()
-            head = output_layer(loaded, layers)
-            progress(1.0, "model opened")
-            return loaded, layers, data, head
-
-        name = Path(source).name if not source.startswith("demo:") else source
-        return self._start("load", f"Opening {name}", job, self._on_load_done, subject=source)
-
-    def _on_load_done(self, payload: Any) -> None:
-        loaded, layers, data, head = payload
-        self.model = loaded
-        self.layers = tuple(layers)
-        self.output_layer = head
-        self.stats = None
-        self.preview = None
-        self.result = None
-        self.after_hists = {}
-        self.evaluation = None
-        self.exports = []
-        if data is not None:
-            self.train, self.test = data
-            self.data_name = "built-in digits"
-        else:
-            self.train = self.test = None
-            self.data_name = ""
-        names = {layer.name for layer in self.layers}
-        plan = self.pending_plan or CompressionPlan()
-        unknown = [n for n, _ in plan.overrides if n not in names]
-        if unknown:
-            plan = CompressionPlan(
-                default=plan.default,
-                overrides=tuple((n, c) for n, c in plan.overrides if n in names),
-                recovery=plan.recovery,
-                remove_channels=plan.remove_channels,
-            )
-            self.statusMessaged.emit(
-                f"Recipe settings for layers this model lacks were dropped: {', '.join(unknown)}"
-            )
-        self.pending_plan = None
-        plan = self.protect_output(plan)
-        self.plan = plan
-        self._history, self._index, self._merge_key = [plan], 0, None
-        prunable = [layer.name for layer in self.layers if layer.prunable]
-        self.selection = (prunable[0],) if prunable else ()
-        self.modelLoaded.emit(loaded)
-        self.layersChanged.emit(self.layers)
-        self.dataLoaded.emit(self.data_description())
-        self.statsReady.emit(None)
-        self.planChanged.emit(self.plan)
-        self.previewUpdated.emit(None)
-        self.resultReady.emit(None)
-        self.evaluated.emit(None)
-        self.exported.emit([])
-        self.selectionChanged.emit(self.selection)
-        self.historyChanged.emit(False, False)
-        self.analyze()
-
-    def data_description(self) -> str:
-        if self.train is None:
-            return ""
-        n = len(self.train) + (len(self.test) if self.test is not None else 0)
-        return f"{self.data_name}: {n} samples ({len(self.train)} train / {len(self.test)} test)"
+        job_id = self._run(
+            lambda: self.session.open_model(source, trust=trust, plan=plan),
+            "Open model",
+            subject=source,
+            after=self.analyze,
+        )
+        assert job_id is not None  # opening never needs anything first
+        return job_id
 
     def open_data(self, path: str) -> int | None:
         """Load a ``.npz``/``.pt`` data file, label it with the model if it has no labels,
         split off a held-out part, then re-analyze with gradients."""
-        from core.data import check_data, load_data, split_dataset, with_model_labels
-
-        model = self.model
-        if model is None:
+        if self.model is None:
             self.errorRaised.emit("Open data", "Open a model first, then its data.", "")
             return None
-
-        def job(progress: ProgressFn, cancel: CancelToken):
-            progress(0.0, "reading data")
-            data = load_data(path)
-            cancel.check()
-            progress(0.2, "checking the data against the model")
-            checked = check_data(model, data)
-            cancel.check()
-            # Only class scores can label data; other models (taggers, encoders) keep
-            # unlabelled data and are judged by fidelity to the original.
-            out_shape = checked.output_shape
-            if data.y is None and model.can_run and out_shape is not None and len(out_shape) == 2:
-                progress(0.4, "labelling with the model's own predictions")
-                data = with_model_labels(model, data)
-            cancel.check()
-            train, test = split_dataset(data, holdout=0.2, seed=0)
-            progress(1.0, "data ready")
-            return train, test, Path(path).name
-
-        return self._start(
-            "data", f"Opening {Path(path).name}", job, self._on_data_done, subject=str(path)
+        return self._run(
+            lambda: self.session.open_data(path), "Open data", subject=str(path), after=self.analyze
         )
-
-    def _on_data_done(self, payload: Any) -> None:
-        self.train, self.test, self.data_name = payload
-        self.evaluation = None
-        self.evaluated.emit(None)
-        self.dataLoaded.emit(self.data_description())
-        self.analyze()
 
     def analyze(self) -> int | None:
         """Compute `ModelStats` (with gradient statistics when data and a forward pass exist)."""
-        from core.stats import analyze
-
-        model = self.model
-        if model is None:
+        if self.model is None:
             return None
-        data = self.train if (self.train is not None and model.can_run) else None
-        if data is not None and data.y is None:
-            # Unlabelled data is only kept unlabelled for non-classifiers (see open_data):
-            # gradient criteria need class scores, so analyse the weights alone.
-            data = None
-            self.statusMessaged.emit(
-                "Gradient criteria need labels or a classifier: analysing weights only."
-            )
-        layers = self.layers
-
-        def job(progress: ProgressFn, cancel: CancelToken):
-            return analyze(model, data, layers=layers, progress=progress, cancel=cancel)
-
-        what = "Analyzing weights and gradients" if data is not None else "Analyzing weights"
-        return self._start("analyze", what, job, self._on_analyze_done)
-
-    def _on_analyze_done(self, stats: Any) -> None:
-        self.stats = stats
-        self.statsReady.emit(stats)
-        self._update_preview()
+        return self._run(self.session.analyze, "Analyze")
 
     # ------------------------------------------------------------------ plan editing
-    @property
-    def can_undo(self) -> bool:
-        return self._index > 0
-
-    @property
-    def can_redo(self) -> bool:
-        return self._index < len(self._history) - 1
-
     def set_plan(self, plan: CompressionPlan, *, merge_key: str | None = None) -> None:
-        """Make ``plan`` current and record it for undo.
+        """Make ``plan`` current (one undo step; the output layer stays protected)."""
+        del merge_key  # a whole plan is never part of a drag
+        self.session.edit(ReplacePlan(plan=plan), merge=False)
 
-        Consecutive edits with the same ``merge_key`` (one slider drag) collapse into one undo
-        step; `end_merge` (slider released) closes the step.
-        """
-        if plan == self.plan:
-            return
-        del self._history[self._index + 1 :]
-        if merge_key is not None and merge_key == self._merge_key and self._index > 0:
-            self._history[self._index] = plan
-        else:
-            self._history.append(plan)
-            self._index += 1
-        self._merge_key = merge_key
-        self._apply_plan(plan)
+    def edit(self, edit: Edit, *, merge: bool = True) -> bool:
+        """Apply a plan edit (`core.edits`); refusals go to the status bar."""
+        try:
+            return self.session.edit(edit, merge=merge)
+        except WorkbenchError as exc:
+            self.statusMessaged.emit(str(exc))
+            return False
 
     def end_merge(self) -> None:
         """Close the current drag's undo step; listeners refresh what they skip mid-drag."""
-        was_dragging = self._merge_key is not None
-        self._merge_key = None
-        if was_dragging:
-            self.dragFinished.emit()
-
-    @property
-    def dragging(self) -> bool:
-        """True between the first and the last edit of one slider/line drag."""
-        return self._merge_key is not None
+        self.session.end_merge()
 
     def undo(self) -> None:
-        if self.can_undo:
-            self._index -= 1
-            self._merge_key = None
-            self._apply_plan(self._history[self._index])
+        self.session.undo()
 
     def redo(self) -> None:
-        if self.can_redo:
-            self._index += 1
-            self._merge_key = None
-            self._apply_plan(self._history[self._index])
-
-    def _apply_plan(self, plan: CompressionPlan) -> None:
-        self.plan = plan
-        self.planChanged.emit(plan)
-        self.historyChanged.emit(self.can_undo, self.can_redo)
-        self._update_preview()
+        self.session.redo()
 
     def _update_preview(self) -> None:
         from core.estimate import preview
@@ -464,109 +354,41 @@ class Controller(QObject):
         self.previewUpdated.emit(self.preview)
 
     def set_selection(self, names: Sequence[str]) -> None:
-        names = tuple(names)
-        if names != self.selection:
-            self.selection = names
-            self.selectionChanged.emit(names)
+        self.session.set_selection(names)
 
-    def set_scope(self, scope: str) -> None:
-        if scope not in SCOPES:
-            raise ValueError(scope)
-        if scope != self.scope:
-            self.scope = scope
-            self.scopeChanged.emit(scope)
+    def set_target(self, target: str) -> None:
+        if target not in EDIT_TARGETS:
+            raise ValueError(target)
+        self.session.set_target(target)
 
     def targets(self) -> tuple[str, ...]:
         """Layer names an edit applies to (empty tuple = the model-wide default)."""
-        return self.selection if self.scope == "selection" else ()
+        return self.session.targets()
 
     def shown_config(self) -> LayerConfig:
         """The config the control panels display: the first target's, or the default."""
-        targets = self.targets()
-        return self.plan.config_for(targets[0]) if targets else self.plan.default
-
-    def edit(self, change: Callable[[LayerConfig], LayerConfig], *, merge_key: str | None = None):
-        """Apply ``change`` to the scope's configs and make the result the current plan.
-
-        Whole model: the default and every per-layer override get the change, so e.g. moving
-        the bit-width slider sets every layer's width while their other differences remain.
-        Selection: each selected layer gets an override derived from its effective config.
-        """
-        plan = self.plan
-        targets = self.targets()
-        if targets:
-            for name in targets:
-                cfg = _layer_scoped(change(plan.config_for(name)))
-                plan = plan.with_layer(name, cfg)
-        else:
-            head = self.output_layer
-            # The output layer's override is the automatic protection (not the user's own
-            # setting) when it is exactly what `protect_output_layer` would have made.
-            auto = (
-                head is not None
-                and plan.layer_overrides.get(head) == _protected(plan.default)
-                and _channel_pruning(plan.default)
-            )
-            default = change(plan.default)
-            if default.prune.method in STRUCTURED_METHODS + ("nm",):
-                default = replace(default, prune=replace(default.prune, scope="layer"))
-            plan = plan.with_default(default)
-            if auto:
-                plan = plan.without_layer(head)
-            for name, cfg in plan.overrides:
-                plan = plan.with_layer(name, _layer_scoped(change(cfg)))
-            plan = self.protect_output(plan)
-        self.set_plan(plan, merge_key=merge_key)
-
-    def protect_output(self, plan: CompressionPlan) -> CompressionPlan:
-        """``plan`` with the logits layer exempt from a model-wide channel method.
-
-        The same rule as `core.engine.protect_output_layer` (which ``workbench compress``
-        applies), on the output layer found once when the model was opened: that search runs
-        the model, too slow to repeat on every slider step of a large one.
-        """
-        head = self.output_layer
-        if head is None or not _channel_pruning(plan.default) or head in plan.layer_overrides:
-            return plan
-        return plan.with_layer(head, _protected(plan.default))
+        return self.session.shown_config()
 
     def reset_selection_to_default(self) -> None:
         """Drop the selected layers' overrides so they follow the model-wide default again."""
-        plan = self.plan
-        for name in self.selection:
-            plan = plan.without_layer(name)
-        self.set_plan(plan)
+        self.session.reset_selection()
 
     def set_recovery(self, recovery: RecoveryConfig) -> None:
-        self.set_plan(self.plan.with_recovery(recovery))
+        self.session.set_recovery(recovery)
 
     def load_recipe(self, path: str) -> None:
         """Read a recipe file (errors surface as a dialog) and make it the plan."""
         try:
-            plan = CompressionPlan.load(path)
+            self.session.load_recipe(path)
         except WorkbenchError as exc:
             self.errorRaised.emit("Load recipe", str(exc), "")
-            return
         except Exception as exc:  # noqa: BLE001 - an input the loader did not foresee
             tb = log_unexpected("Load recipe", exc)
             self.errorRaised.emit("Load recipe", unexpected_message("recipe", path, exc), tb)
-            return
-        names = {layer.name for layer in self.layers}
-        unknown = [n for n, _ in plan.overrides if names and n not in names]
-        if unknown:
-            self.errorRaised.emit(
-                "Load recipe",
-                f"{path}: the recipe configures layers this model does not have: "
-                f"{', '.join(unknown)} (was it written for another model?)",
-                "",
-            )
-            return
-        self.set_plan(self.protect_output(plan))
-        self.statusMessaged.emit(f"Recipe loaded from {path}")
 
     def save_recipe(self, path: str) -> bool:
         try:
-            self.plan.save(path)
+            self.session.save_recipe(path)
         except (OSError, WorkbenchError) as exc:
             self.errorRaised.emit("Save recipe", f"{path}: could not write the recipe ({exc})", "")
             return False
@@ -575,177 +397,38 @@ class Controller(QObject):
 
     # ------------------------------------------------------------------ compress & after
     def compress(self) -> int | None:
-        """Apply the plan in a worker, with the recovery the plan asks for.
+        """Apply the plan in a worker with the recovery it asks for (the same
+        `compress_and_finetune` call as ``workbench compress``), then evaluate."""
+        return self._run(
+            lambda: self.session.compress(after_histograms=True), "Compress", after=self._on_result
+        )
 
-        Runs `core.training.compress_and_finetune` on the `recovery_split` of the training data,
-        exactly as ``workbench compress`` and the benchmark do, so a recipe gives the same
-        packed size and accuracy here as on the command line (iterative pruning included).
-        """
-        from core.training import compress_and_finetune, recovery_split
-
-        if self.model is None or self.stats is None:
-            self.errorRaised.emit("Compress", "Wait until the model is analysed.", "")
-            return None
-        model, plan, stats = self.model, self.plan, self.stats
-        requested = plan
-        train = self.train if model.can_run else None
-        if train is None and plan.recovery.epochs > 0:
-            # Weights-only model or no data: compress without recovery rather than fail.
-            plan = plan.with_recovery(replace(plan.recovery, epochs=0))
-            self.statusMessaged.emit(
-                "Fine-tuning skipped: it needs data and a model with a forward pass."
-            )
-        recovery = plan.recovery
-        do_finetune = recovery.epochs > 0
-
-        def job(progress: ProgressFn, cancel: CancelToken):
-            fit, val = recovery_split(train) if do_finetune else (None, None)
-            result = compress_and_finetune(
-                model,
-                plan,
-                fit,
-                val,
-                stats=stats,
-                progress=scaled(progress, 0, 0.95),
-                cancel=cancel,
-            )
-            hists = after_histograms(result, stats, cancel)
-            progress(1.0, "compressed")
-            return result, hists, requested
-
-        if not do_finetune:
-            what = "Compressing"
-        elif recovery.prune_steps > 1:
-            what = f"Compressing and fine-tuning in {recovery.prune_steps} steps"
-        else:
-            what = "Compressing and fine-tuning"
-        return self._start("compress", what, job, self._on_compress_done)
-
-    @property
-    def result_stale(self) -> bool:
-        """Whether the plan changed since the current result was requested."""
-        return self.result is not None and self.result_plan != self.plan
-
-    def _on_compress_done(self, payload: Any) -> None:
-        self.result, self.after_hists, self.result_plan = payload
-        self.exports = []
-        self.resultReady.emit(self.result)
-        self.exported.emit([])
-        self.evaluation = None
-        self.evaluated.emit(None)
+    def _on_result(self) -> None:
         if self.test is not None and self.model is not None and self.model.can_run:
             self.evaluate()
 
     def finetune(self) -> int | None:
         """Fine-tune (or distill, per the plan's recovery settings) the current result."""
-        result, train = self.result, self.train
-        if result is None:
-            self.errorRaised.emit("Fine-tune", "Compress the model first.", "")
-            return None
-        if train is None or not result.original.can_run:
-            self.errorRaised.emit(
-                "Fine-tune", "Fine-tuning needs data and a model with a forward pass.", ""
-            )
-            return None
-        recovery = self.plan.recovery
-        if recovery.epochs == 0:
-            recovery = replace(recovery, epochs=1)
-        stats = self.stats
-        requested = self.plan
-
-        def job(progress: ProgressFn, cancel: CancelToken):
-            tuned = _finetune(result, train, recovery, scaled(progress, 0, 0.95), cancel)
-            hists = after_histograms(tuned, stats, cancel)
-            return tuned, hists, requested
-
-        what = "Distilling" if recovery.distill else "Fine-tuning"
-        return self._start("finetune", what, job, self._on_compress_done)
+        return self._run(
+            lambda: self.session.finetune(after_histograms=True), "Fine-tune", after=self._on_result
+        )
 
     def evaluate(self) -> int | None:
         """Accuracy and fidelity of the original and the compressed model on held-out data."""
-        from core.evaluate import evaluate
-
-        result, test = self.result, self.test
-        if result is None or test is None:
-            self.errorRaised.emit("Evaluate", "Evaluation needs a compressed model and data.", "")
-            return None
-        if not result.original.can_run:
-            self.errorRaised.emit(
-                "Evaluate", "This is a weights-only model: it has no forward pass to run.", ""
-            )
-            return None
-        data_name = self.data_name
-
-        def job(progress: ProgressFn, cancel: CancelToken):
-            before = evaluate(
-                result.original, test, progress=scaled(progress, 0, 0.5), cancel=cancel
-            )
-            after = evaluate(
-                result.compressed,
-                test,
-                reference=result.original,
-                progress=scaled(progress, 0.5, 1.0),
-                cancel=cancel,
-            )
-            return Evaluation(before, after, data_name)
-
-        return self._start("evaluate", "Evaluating", job, self._on_evaluate_done)
-
-    def _on_evaluate_done(self, evaluation: Evaluation) -> None:
-        self.evaluation = evaluation
-        self.evaluated.emit(evaluation)
+        return self._run(self.session.evaluate, "Evaluate")
 
     def export(
         self, formats: Sequence[str], out_dir: str, *, force: bool = False, report: bool = True
     ) -> int | None:
-        """Write the compressed model in ``formats`` (plus recipe and report) under ``out_dir``."""
-        from core.export import export_all
-        from core.outdir import output_dir
-        from core.report import write_report
-
-        result = self.result
-        if result is None:
-            self.errorRaised.emit("Export", "Compress the model first.", "")
-            return None
-        data = self.test
-        evaluation = self.evaluation
-
-        def job(progress: ProgressFn, cancel: CancelToken):
-            out = Path(out_dir)
-            # The folder's other files are kept; the new ones appear together or not at all.
-            with output_dir(out, force=force, merge_existing=True) as stage:
-                records = export_all(
-                    result,
-                    list(formats),
-                    stage,
-                    force=force,
-                    data=data,
-                    progress=scaled(progress, 0, 0.9),
-                    cancel=cancel,
-                )
-                records = [replace(r, path=out / r.path.name) for r in records]
-                result.plan.save(stage / "recipe.json")
-                if report:
-                    evals = (
-                        {}
-                        if evaluation is None
-                        else {
-                            "before": evaluation.before,
-                            "after": evaluation.after,
-                        }
-                    )
-                    write_report(result, stage, evals=evals, exports=records)
-            progress(1.0, "exported")
-            return records
-
-        return self._start(
-            "export", f"Exporting to {out_dir}", job, self._on_export_done, subject=str(out_dir)
+        """Write the compressed model in ``formats`` plus recipe and report into ``out_dir``
+        (the folder's other files are kept; the new ones appear together or not at all)."""
+        return self._run(
+            lambda: self.session.export(
+                formats, out_dir, force=force, merge_existing=True, report=report
+            ),
+            "Export",
+            subject=str(out_dir),
         )
-
-    def _on_export_done(self, records: list) -> None:
-        self.exports = list(records)
-        self.exported.emit(self.exports)
-        self.statusMessaged.emit(f"Exported {len(self.exports)} file(s).")
 
     @property
     def closing(self) -> bool:
@@ -763,62 +446,3 @@ class Controller(QObject):
         self._closing = True
         self.cancel_jobs()
         return self.runner.wait(msecs)
-
-
-def _channel_pruning(cfg: LayerConfig) -> bool:
-    return not cfg.skip and cfg.prune.method in STRUCTURED_METHODS and cfg.prune.active
-
-
-def _protected(default: LayerConfig) -> LayerConfig:
-    """The output layer's exemption: the default's settings without pruning."""
-    return replace(default, prune=PruneConfig())
-
-
-def _layer_scoped(cfg: LayerConfig) -> LayerConfig:
-    """Per-layer overrides cannot use the global pool: they prune within their own layer."""
-    if cfg.prune.scope == "global":
-        return replace(cfg, prune=replace(cfg.prune, scope="layer"))
-    return cfg
-
-
-def _finetune(result, train, recovery: RecoveryConfig, progress: ProgressFn, cancel: CancelToken):
-    from core.training import finetune, recovery_split
-
-    # Best-checkpoint selection must not see the test split the results panel reports on;
-    # the same split as Compress's recovery (and the CLI's).
-    fit, val = recovery_split(train)
-    return finetune(result, fit, val, recovery, progress=progress, cancel=cancel)
-
-
-def after_histograms(
-    result, stats, cancel: CancelToken | None = None
-) -> dict[str, AfterHistograms]:
-    """Histograms of the compressed weights on the original histograms' bin edges.
-
-    Runs in the worker after compression, so the overlay is ready-made data for the plots.
-    Pruned weights are exact zeros; the log|w| histogram counts only the kept ones.
-    """
-    from core.model_io import get_tensor
-
-    out: dict[str, AfterHistograms] = {}
-    if stats is None:
-        return out
-    module = result.compressed.module
-    for name, ts in stats.tensors.items():
-        if cancel is not None:
-            cancel.check()
-        tensor_name = ts.layer.tensor
-        if tensor_name is None:
-            continue
-        try:
-            w = get_tensor(module, tensor_name)
-        except (KeyError, AttributeError, WorkbenchError):
-            # Channels physically removed: the tensor changed shape or name; no overlay then.
-            continue
-        values = w.detach().to("cpu").float().reshape(-1).numpy()
-        values = values[np.isfinite(values)]
-        signed, _ = np.histogram(values, bins=np.asarray(ts.hist.edges))
-        nz = np.abs(values[values != 0])
-        log_abs, _ = np.histogram(np.log10(nz), bins=np.asarray(ts.hist_log.edges))
-        out[name] = AfterHistograms(signed.astype(np.int64), log_abs.astype(np.int64))
-    return out

@@ -8,8 +8,9 @@ Docks, splitters, geometry, recent files and the last session live in `QSettings
 
 from __future__ import annotations
 
-from dataclasses import replace
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 from PySide6.QtCore import QByteArray, QEvent, QSettings, Qt, QTimer, Signal
 from PySide6.QtGui import QAction, QGuiApplication, QKeySequence
@@ -41,6 +42,7 @@ from app.widgets.size_view import SizeView
 from app.widgets.summary_panel import SummaryPanel
 from app.workers import warm_up_engine
 from core import RESOURCES
+from core.edits import Edit, SetPrune, SetPruneTarget, SetQuant, SetSkip
 from core.errors import WorkbenchError
 from core.plan import CompressionPlan, RecoveryConfig, simple_plan
 
@@ -346,7 +348,7 @@ class MainWindow(QMainWindow):
         c.planChanged.connect(self._on_controller_planChanged)
         c.previewUpdated.connect(self._on_controller_previewUpdated)
         c.selectionChanged.connect(self._on_controller_selectionChanged)
-        c.scopeChanged.connect(self._on_controller_scopeChanged)
+        c.targetChanged.connect(self._on_controller_targetChanged)
         c.resultReady.connect(self._on_controller_resultReady)
         c.evaluated.connect(self.results.set_evaluation)
         c.exported.connect(self.results.set_exports)
@@ -533,7 +535,7 @@ class MainWindow(QMainWindow):
             lp = _layer_preview(c.preview, target)
             if lp is not None:
                 shown_threshold = lp.threshold
-        whole = c.scope == "model"
+        whole = c.target == "model"
         self.prune_panel.set_config(
             cfg.prune,
             skip=cfg.skip,
@@ -652,8 +654,8 @@ class MainWindow(QMainWindow):
         self._refresh_histogram_layer()
         self._refresh_controls()
 
-    def _on_controller_scopeChanged(self, scope: str) -> None:
-        idx = self.scope.findData(scope)
+    def _on_controller_targetChanged(self, target: str) -> None:
+        idx = self.scope.findData(target)
         if idx != self.scope.currentIndex():
             self.scope.blockSignals(True)
             self.scope.setCurrentIndex(idx)
@@ -703,48 +705,36 @@ class MainWindow(QMainWindow):
         self.controller.set_selection((name,))
 
     def _on_scope_currentIndexChanged(self, _index: int) -> None:
-        self.controller.set_scope(self.scope.currentData())
+        self.controller.set_target(self.scope.currentData())
 
-    def _edit(self, change, merge_key: str | None = None) -> None:
+    def _edit(self, make: Callable[..., Edit], **fields: Any) -> None:
+        """Send ``make(layers=<the edit target>, **fields)`` to the session."""
         c = self.controller
-        if c.scope == "selection" and not c.selection:
+        if c.target == "selection" and not c.selection:
             self.statusBar().showMessage("Select layers in the table first.", 5000)
             return
-        c.edit(change, merge_key=merge_key)
+        c.edit(make(layers=c.targets(), **fields))
 
     def _on_prune_methodChosen(self, method: str) -> None:
-        self._edit(lambda cfg: replace(cfg, prune=replace(cfg.prune, method=method)))
+        self._edit(SetPrune, method=method)
 
     def _on_prune_modeChosen(self, mode: str) -> None:
         # Switch without a jump: the new mode starts from what the old one produced.
         c = self.controller
         target = c.targets()[0] if c.targets() else self._shown_layer()
         lp = _layer_preview(c.preview, target) if (c.preview is not None and target) else None
-
-        def change(cfg):
-            p = replace(cfg.prune, mode=mode)
-            if lp is not None and mode == "threshold" and lp.threshold is not None:
-                p = replace(p, threshold=float(lp.threshold))
-            elif lp is not None and mode == "sparsity":
-                p = replace(p, sparsity=min(float(lp.sparsity), 0.999))
-            return replace(cfg, prune=p)
-
-        self._edit(change)
-
-    def _edit_prune_target(self, mode: str, **value: float) -> None:
-        """Set the sparsity or threshold (``mode``), starting magnitude pruning if none is set."""
-
-        def change(cfg):
-            method = cfg.prune.method if cfg.prune.method != "none" else "magnitude"
-            return replace(cfg, prune=replace(cfg.prune, method=method, mode=mode, **value))
-
-        self._edit(change, merge_key=mode)
+        if lp is not None and mode == "threshold" and lp.threshold is not None:
+            self._edit(SetPrune, mode=mode, threshold=float(lp.threshold))
+        elif lp is not None and mode == "sparsity":
+            self._edit(SetPrune, mode=mode, sparsity=min(float(lp.sparsity), 0.999))
+        else:
+            self._edit(SetPrune, mode=mode)
 
     def _on_prune_sparsityMoved(self, sparsity: float) -> None:
-        self._edit_prune_target("sparsity", sparsity=sparsity)
+        self._edit(SetPruneTarget, mode="sparsity", value=sparsity)
 
     def _set_threshold(self, t: float) -> None:
-        self._edit_prune_target("threshold", threshold=t)
+        self._edit(SetPruneTarget, mode="threshold", value=t)
 
     def _on_prune_thresholdMoved(self, t: float) -> None:
         self._set_threshold(t)
@@ -754,26 +744,25 @@ class MainWindow(QMainWindow):
         self._set_threshold(t)
 
     def _on_prune_nmChosen(self, n: int, m: int) -> None:
-        self._edit(lambda cfg: replace(cfg, prune=replace(cfg.prune, n=n, m=m)))
+        self._edit(SetPrune, n=n, m=m)
 
     def _on_prune_globalToggled(self, on: bool) -> None:
-        scope = "global" if on else "layer"
-        self._edit(lambda cfg: replace(cfg, prune=replace(cfg.prune, scope=scope)))
+        self._edit(SetPrune, scope="global" if on else "layer")
 
     def _on_prune_skipToggled(self, skip: bool) -> None:
-        self._edit(lambda cfg: replace(cfg, skip=skip))
+        self._edit(SetSkip, skip=skip)
 
     def _on_quant_bitsMoved(self, bits) -> None:
-        self._edit(lambda cfg: replace(cfg, quant=replace(cfg.quant, bits=bits)), merge_key="bits")
+        self._edit(SetQuant, bits=bits)
 
     def _on_quant_symmetricToggled(self, on: bool) -> None:
-        self._edit(lambda cfg: replace(cfg, quant=replace(cfg.quant, symmetric=on)))
+        self._edit(SetQuant, symmetric=on)
 
     def _on_quant_perChannelToggled(self, on: bool) -> None:
-        self._edit(lambda cfg: replace(cfg, quant=replace(cfg.quant, per_channel=on)))
+        self._edit(SetQuant, per_channel=on)
 
     def _on_quant_biasBitsChosen(self, bits) -> None:
-        self._edit(lambda cfg: replace(cfg, quant=replace(cfg.quant, bias_bits=bits)))
+        self._edit(SetQuant, bias_bits=bits)
 
     # ------------------------------------------------------------------ actions
     def _last_dir(self, key: str) -> str:
@@ -952,7 +941,7 @@ class MainWindow(QMainWindow):
                 fail(kind, outcome)
                 return
             if kind == "analyze" and state["phase"] == "analyze":
-                wanted = None if plan is None else c.protect_output(plan)
+                wanted = None if plan is None else c.session.checked_plan(plan)
                 if wanted is not None and wanted != c.plan:
                     c.set_plan(wanted)
                 elif not any(cfg.prune.active or cfg.quant.active for cfg in _configs(c.plan)):

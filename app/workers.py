@@ -231,9 +231,15 @@ class JobRunner(QObject):
         self._alive: dict[int, tuple[_Job, _JobSignals]] = {}
         self._graveyard: deque[tuple[_Job, _JobSignals]] = deque(maxlen=32)
 
-    def submit(self, kind: str, description: str, fn: JobFn) -> JobHandle:
+    def submit(
+        self, kind: str, description: str, fn: JobFn, *, token: CancelToken | None = None
+    ) -> JobHandle:
+        """Queue ``fn``; ``token`` lets the caller share the job's cancel token (a session
+        job's own), otherwise a fresh one is made."""
         self._next_id += 1
         handle = JobHandle(self._next_id, kind, description)
+        if token is not None:
+            handle.token = token
         signals = _JobSignals()
         signals.progressed.connect(self._on_job_progressed)
         signals.succeeded.connect(self._on_job_succeeded)

@@ -44,12 +44,13 @@ EDIT_TARGETS = ("model", "selection")
 
 #: Starting a job of kind K cancels and drops the running jobs of these kinds: their results
 #: would describe a model, data set or plan that is no longer current.
+JOB_KINDS = ("load", "data", "analyze", "compress", "finetune", "evaluate", "export")
 SUPERSEDES: dict[str, tuple[str, ...]] = {
-    "load": ("load", "data", "analyze", "compress", "finetune", "evaluate", "export"),
-    "data": ("data", "analyze", "evaluate"),
+    "load": JOB_KINDS,
+    "data": ("data", "analyze", "finetune", "evaluate"),
     "analyze": ("analyze",),
     "compress": ("compress", "finetune", "evaluate", "export"),
-    "finetune": ("compress", "finetune", "evaluate", "export"),
+    "finetune": ("finetune", "evaluate", "export"),
     "evaluate": ("evaluate",),
     "export": ("export",),
 }
@@ -331,17 +332,26 @@ class Session:
     def set_recovery(self, recovery: RecoveryConfig) -> bool:
         return self.edit(SetRecovery(recovery=recovery))
 
-    def checked_plan(self, plan: CompressionPlan, *, source: str | None = None) -> CompressionPlan:
-        """``plan`` made valid for this model: layers it lacks are refused (strict) or dropped
-        with a notice (lenient); the output layer is protected."""
+    def checked_plan(
+        self, plan: CompressionPlan, *, source: str | None = None, lenient: bool | None = None
+    ) -> CompressionPlan:
+        """``plan`` made valid for this model, with the output layer protected.
+
+        Layers the model lacks are refused with a `RecipeError` naming them, or (``lenient``,
+        default: a non-strict session) dropped with a notice: a plan restored with the last
+        session may come from an edited model, a recipe the user picks should fit.
+        """
+        lenient = (not self.strict) if lenient is None else lenient
         names = self.layer_names
         unknown = sorted(n for n, _ in plan.overrides if names and n not in names)
         if unknown:
-            if self.strict:
+            if not lenient:
                 raise RecipeError(
-                    f"layers.{unknown[0]}: the model has no layer of that name",
+                    f"layers.{unknown[0]}: the recipe configures layers this model does not "
+                    f"have: {', '.join(unknown[:5])}",
                     path=source,
-                    hint="run `workbench inspect MODEL` for the layer names",
+                    hint="was it written for another model? `workbench inspect MODEL` lists "
+                    "the layer names",
                 )
             plan = replace(plan, overrides=tuple((n, c) for n, c in plan.overrides if n in names))
             self.notice(
@@ -350,8 +360,8 @@ class Session:
         return protect_output(plan, self.output_layer)
 
     def load_recipe(self, path: str | Path) -> bool:
-        """Read a recipe file and make it the plan (one undo step)."""
-        plan = self.checked_plan(CompressionPlan.load(path), source=str(path))
+        """Read a recipe file and make it the plan (one undo step); it must fit the model."""
+        plan = self.checked_plan(CompressionPlan.load(path), source=str(path), lenient=False)
         changed = self.edit(ReplacePlan(plan=plan), merge=False)
         self.notice(f"Recipe loaded from {path}")
         return changed

@@ -100,7 +100,7 @@ def test_opens_a_generated_torchscript_model(qtbot, window, resnet_file):
 def test_sparsity_slider_updates_summary_with_engine_numbers(qtbot, window, resnet_file):
     open_ready(qtbot, window, resnet_file)
     c = window.controller
-    assert c.scope == "model"
+    assert c.target == "model"
     window.prune_panel.sparsity.setValue(600)
     assert c.plan.default.prune.method == "magnitude"
     assert c.plan.default.prune.sparsity == pytest.approx(0.6)

@@ -299,13 +299,17 @@ def test_strict_and_lenient_rules(mlp_session, tmp_path):
     lenient = fresh(mlp_session)
     notices = []
     lenient.subscribe(lambda n, p: notices.append(p) if n == "notice" else None)
-    lenient.load_recipe(recipe)
-    assert "ghost" not in lenient.plan.layer_overrides
+    # A plan restored with the session is cleaned with a notice ...
+    cleaned = lenient.checked_plan(plan)
+    assert "ghost" not in cleaned.layer_overrides
     assert any("ghost" in str(n) for n in notices)
+    # ... a recipe the user picks must fit the model, in every front end.
+    with pytest.raises(RecipeError, match="ghost"):
+        lenient.load_recipe(recipe)
     strict = fresh(mlp_session)
     strict.strict = True
     with pytest.raises(RecipeError, match="ghost"):
-        strict.load_recipe(recipe)
+        strict.checked_plan(plan)
     # Recovery without data: lenient drops it, strict refuses.
     for session in (lenient, strict):
         session.train = None
