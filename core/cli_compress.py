@@ -7,7 +7,6 @@ load -> (data) -> analyze -> compress -> (fine-tune / distill) -> evaluate -> ex
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import sys
 from dataclasses import replace
@@ -234,6 +233,12 @@ def _pipeline(
 
     progress(0.0, f"loading {args.model}")
     loaded = load_model(args.model, trust=args.trust, architecture=args.architecture)
+    if not any(p.numel() and p.is_floating_point() for p in loaded.module.parameters()):
+        raise CompressionError(
+            "the model has no weights to compress",
+            path=args.model,
+            hint="it has 0 floating-point parameters; check that this is the right file",
+        )
     for note in loaded.metadata.get("notes", ()):
         print(f"workbench compress: warning: {note}", file=sys.stderr, flush=True)
     configs = [plan.default, *(cfg for _, cfg in plan.overrides)]

@@ -26,6 +26,7 @@ import math
 import sys
 from typing import Any
 
+import numpy as np
 import torch
 
 from core.data import check_data, load_data
@@ -34,10 +35,35 @@ from core.limits import escape_name
 from core.model import LayerInfo, LoadedModel
 from core.model_io import get_tensor, load_model
 
+#: Tensors up to this size are summarised in numpy: with 10**5 tiny tensors torch's per-call
+#: overhead, not the arithmetic, is the cost.
+_NUMPY_MAX = 1 << 16
+
+
+def _small_weight_stats(x: torch.Tensor) -> dict[str, Any]:
+    """`weight_stats` of a small tensor, in numpy (float64)."""
+    a = x.to(torch.float64).reshape(-1).numpy()
+    finite = np.isfinite(a)
+    nonfinite = int(a.size - np.count_nonzero(finite))
+    values = a[finite] if nonfinite else a
+    stats: dict[str, Any] = {"min": None, "max": None, "mean": None, "std": None}
+    if values.size:
+        stats["min"] = float(values.min())
+        stats["max"] = float(values.max())
+        mean = float(values.sum()) / values.size
+        d = values - mean
+        stats["mean"] = mean
+        stats["std"] = math.sqrt(float(np.dot(d, d)) / values.size) if values.size > 1 else 0.0
+    stats["nonfinite"] = nonfinite
+    sparsity = (a.size - np.count_nonzero(a)) / a.size if a.size else 0.0
+    return {"stats": stats, "sparsity": float(sparsity)}
+
 
 def weight_stats(t: torch.Tensor) -> dict[str, Any]:
     """min/max/mean/std over the finite values of ``t``, the non-finite count and sparsity."""
     x = t.detach()
+    if x.numel() <= _NUMPY_MAX:
+        return _small_weight_stats(x)
     if not x.is_floating_point():
         x = x.to(torch.float64)
     finite = torch.isfinite(x)
@@ -171,8 +197,11 @@ def _table(desc: dict[str, Any]) -> str:
             for i, (c, w) in enumerate(zip(cells, widths, strict=True))
         ).rstrip()
 
-    lines = head + ["", fmt(cols), fmt(tuple("-" * w for w in widths))]
-    lines += [fmt(r) for r in rows]
+    if rows:
+        lines = head + ["", fmt(cols), fmt(tuple("-" * w for w in widths))]
+        lines += [fmt(r) for r in rows]
+    else:
+        lines = head + ["", "layers  none: the model has 0 parameters"]
     if "data" in desc:
         lines += ["", f"data    {desc['data']['summary']}"]
     return "\n".join(lines)

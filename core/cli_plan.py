@@ -149,7 +149,11 @@ def solution_table(sol: Any) -> str:
     p = sol.predicted
     lines.append(
         f"predicted: {p['bytes']:,} B ({p['ratio']:.1f}x), damage {p['damage']:.4g}"
-        + (f", accuracy drop {p['accuracy_drop']:.2f} points" if p["accuracy_drop"] is not None else "")
+        + (
+            f", accuracy drop {p['accuracy_drop']:.2f} points"
+            if p["accuracy_drop"] is not None
+            else ""
+        )
         + f", cosine {p['cosine']:.4f}"
     )
     for w in sol.warnings:
@@ -196,18 +200,18 @@ def run(args: argparse.Namespace) -> int:
     stats = session.stats
     if args.frontier:
         points = frontier(
-            stats, curves, points=args.points, pinned=pins, base=session.plan,
+            stats,
+            curves,
+            points=args.points,
+            pinned=pins,
+            base=session.plan,
             min_bits=args.min_bits,
         )
         print(frontier_table(points))
         if args.out:
             write_json(
                 args.out,
-                {
-                    "points": [
-                        {**sol.to_dict(), "recipe": sol.plan.to_dict()} for sol in points
-                    ]
-                },
+                {"points": [{**sol.to_dict(), "recipe": sol.plan.to_dict()} for sol in points]},
             )
             print(f"wrote {len(points)} recipes to {args.out}")
         return 0
@@ -330,7 +334,9 @@ def record_planning(report_path: str | Path, args: argparse.Namespace) -> dict[s
     info["measured"] = {
         "bytes": report.get("compressed_bytes"),
         "ratio": report.get("compression_ratio"),
-        "accuracy_drop": 100.0 * (acc_b - acc_a) if acc_b is not None and acc_a is not None else None,
+        "accuracy_drop": 100.0 * (acc_b - acc_a)
+        if acc_b is not None and acc_a is not None
+        else None,
         "cosine": cos,
     }
     target = info.get("target") or {}

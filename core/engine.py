@@ -1,9 +1,10 @@
 """Apply a `CompressionPlan`: prune, optionally remove channels, quantize, measure.
 
 `compress` works on a clone of the model; the caller's model is never touched, also when the
-run is cancelled at any point. Thresholds come from `core.estimate.preview` and scores from
-`core.stats.score_tensor`, the same functions the live preview uses, so the sparsity the user
-saw is exactly the sparsity applied. Quantization runs after pruning with the keep mask, so
+run is cancelled at any point. Thresholds and, for a target sparsity, exact per-layer counts
+(`core.selection`) come from `core.estimate.preview` and scores from `core.stats.score_tensor`,
+the same functions the live preview uses, so the sparsity the user saw is exactly the sparsity
+applied. Quantization runs after pruning with the keep mask, so
 pruned weights stay exactly zero.
 """
 
@@ -133,8 +134,7 @@ def named_tensors(module: nn.Module) -> dict[str, torch.Tensor]:
     return out
 
 
-def _tensor(module: nn.Module, name: str, *, where: str) -> torch.Tensor:
-    tensors = named_tensors(module)
+def _tensor(tensors: Mapping[str, torch.Tensor], name: str, *, where: str) -> torch.Tensor:
     if name not in tensors:
         raise CompressionError(
             f"layer {where!r}: tensor {name!r} not found in the model",
@@ -251,9 +251,20 @@ def protect_output_layer(plan: CompressionPlan, loaded: LoadedModel, layers) -> 
 # masks
 # ---------------------------------------------------------------------------------------
 def layer_mask(
-    layer: LayerInfo, cfg: LayerConfig, weight: torch.Tensor, threshold: float | None, grad
+    layer: LayerInfo,
+    cfg: LayerConfig,
+    weight: torch.Tensor,
+    threshold: float | None,
+    grad,
+    count: int | None = None,
 ) -> torch.Tensor:
-    """The keep mask the plan asks for on one layer (``threshold`` from the preview)."""
+    """The keep mask the plan asks for on one layer.
+
+    ``count`` (`core.estimate.LayerPreview.count`, for a target sparsity) prunes exactly that
+    many scores (`core.selection.count_mask`); otherwise ``threshold`` (from the preview) is
+    applied as a threshold.
+    """
+    from core.selection import count_mask
     from core.stats import score_tensor
 
     method = cfg.prune.method
@@ -261,7 +272,13 @@ def layer_mask(
         return nm_mask(weight, cfg.prune.n, cfg.prune.m)
     scores = score_tensor(method, weight.detach(), grad)
     if method in STRUCTURED_METHODS:
+        if count is not None:
+            rows = count_mask(scores.reshape(-1), count)
+            shape = tuple(weight.shape)
+            return rows.reshape((-1,) + (1,) * (len(shape) - 1)).expand(shape).clone()
         return channel_mask(scores, threshold, weight.shape)
+    if count is not None:
+        return count_mask(scores.reshape(weight.shape), count)
     return threshold_mask(scores.reshape(weight.shape), threshold)
 
 
@@ -416,6 +433,7 @@ def compress(
     progress(0.0, "computing thresholds")
     pv = preview(stats, plan)
     thresholds = {lp.name: lp.threshold for lp in pv.layers}
+    counts = {lp.name: lp.count for lp in pv.layers}
     _check(cancel)
     progress(0.02, "copying the model")
     work = clone_model(loaded)
@@ -425,17 +443,20 @@ def compress(
     n = max(len(layers), 1)
     originals: dict[str, torch.Tensor] = {}
     masks: dict[str, torch.Tensor] = {}
+    tensors = named_tensors(module)
     for i, layer in enumerate(layers):
         _check(cancel)
         progress(0.05 + 0.35 * i / n, f"pruning {layer.name}")
-        w = _tensor(module, layer.tensor, where=layer.name)
+        w = _tensor(tensors, layer.tensor, where=layer.name)
         originals[layer.tensor] = w.detach().clone()
         cfg = plan.config_for(layer.name)
         if cfg.skip or not cfg.prune.active:
             continue
         ts = stats.tensors.get(layer.name)
         grad = ts.grad if ts is not None else None
-        masks[layer.tensor] = layer_mask(layer, cfg, w, thresholds.get(layer.name), grad)
+        masks[layer.tensor] = layer_mask(
+            layer, cfg, w, thresholds.get(layer.name), grad, counts.get(layer.name)
+        )
 
     removed: dict[str, list[int]] = {}
     aligned: dict[str, torch.Tensor] = {}

@@ -6,9 +6,12 @@ thread while a slider moves.
 
 What is exact and what is estimated
 -----------------------------------
-* Sparsity, nonzeros and thresholds are exact: the engine builds its masks from the thresholds
-  reported here (`LayerPreview.threshold`) with the same scores, so the applied mask prunes
-  exactly ``numel - nnz`` weights.
+* Sparsity and nonzeros are exact: a target sparsity becomes a count per layer
+  (`LayerPreview.count`, `core.selection`), ``round(target * n)`` per layer or over the global
+  pool, and the engine prunes exactly that many scores; a threshold set by the user is applied
+  as reported here (`LayerPreview.threshold`). Either way the applied mask prunes exactly
+  ``numel - nnz`` weights. For a target, the reported threshold is the boundary value (inside
+  a radix bin, interpolated to within a relative ``2**-7``).
 * Packed bytes come from the archive's own size model (`core.packed.estimate_archive_bytes`):
   exact except for relative-index streams (expected length for random positions).
 * The entropy bound is ``nnz * H(codes) + numel * H2(density)`` bits (``rows * H2`` for whole
@@ -42,6 +45,7 @@ from core.packed import (
 )
 from core.plan import GRADIENT_METHODS, STRUCTURED_METHODS, CompressionPlan
 from core.pruning import nm_pruned_count
+from core.selection import energy_for_count, global_counts, index_threshold, target_count
 from core.stats import _BIN_HI, _BIN_LO, ModelStats, ScoreIndex, TensorStats
 
 #: Quantization cells whose probabilities are integrated exactly; above them every radix bin
@@ -56,7 +60,9 @@ class LayerPreview:
     ``threshold`` is the one the engine will apply (``None``: no threshold mask, e.g. N:M or
     no pruning). ``signal`` and ``noise`` are the weight energy and the estimated error energy
     behind ``sqnr_db``. ``packed_bytes`` is the archive payload of this tensor;
-    ``entropy_bytes`` its entropy-coded lower bound.
+    ``entropy_bytes`` its entropy-coded lower bound. ``count``: for a target sparsity, the
+    number of scores (weights, or channels for channel methods) the engine prunes with
+    `core.selection.count_mask`; ``None`` where the mask is a threshold (or N:M, or none).
     """
 
     name: str
@@ -77,6 +83,7 @@ class LayerPreview:
     signal: float
     noise: float
     skip: bool
+    count: int | None = None
 
 
 @dataclass(frozen=True)
@@ -262,6 +269,7 @@ def preview(stats: ModelStats, plan: CompressionPlan) -> PlanPreview:
 
     members = [layer.name for layer in prunable if plan.is_global_member(layer.name)]
     global_threshold: float | None = None
+    global_count: dict[str, int] = {}
     dprune = plan.default.prune
     if members:
         if dprune.method in GRADIENT_METHODS:
@@ -269,11 +277,15 @@ def preview(stats: ModelStats, plan: CompressionPlan) -> PlanPreview:
                 if stats.tensors[name].grad is None:
                     raise _gradient_error(name, dprune.method)
         pool = stats.pooled(dprune.method, members)
-        global_threshold = (
-            pool.threshold_for_sparsity(dprune.sparsity)
-            if dprune.mode == "sparsity"
-            else pool.snap(dprune.threshold)
-        )
+        if dprune.mode == "sparsity":
+            counts, global_threshold = global_counts(
+                [stats.tensors[name].scores[dprune.method] for name in members],
+                target_count(pool.n, pool.nonfinite, dprune.sparsity),
+                pool=pool,
+            )
+            global_count = dict(zip(members, counts, strict=True))
+        else:
+            global_threshold = pool.snap(dprune.threshold)
     member_set = set(members)
 
     partial = []
@@ -285,7 +297,7 @@ def preview(stats: ModelStats, plan: CompressionPlan) -> PlanPreview:
         prune, quant = cfg.prune, cfg.quant
         numel = ts.numel
         shape = tuple(int(s) for s in layer.shape)
-        method, scope, threshold = "none", "layer", None
+        method, scope, threshold, count = "none", "layer", None, None
         pruned, pruned_energy, structured = 0, 0.0, False
         if not cfg.skip and prune.active:
             method = prune.method
@@ -298,13 +310,19 @@ def preview(stats: ModelStats, plan: CompressionPlan) -> PlanPreview:
                 index = ts.scores[method]
                 if layer.name in member_set:
                     scope, threshold = "global", global_threshold
+                    count = global_count.get(layer.name)
                 elif prune.mode == "sparsity":
-                    threshold = index.threshold_for_sparsity(prune.sparsity)
+                    count = target_count(index.n, index.nonfinite, prune.sparsity)
+                    threshold = index_threshold(index, count)
                 else:
                     threshold = index.snap(prune.threshold)
                 assert threshold is not None
-                pruned = index.count_below(threshold) * index.unit
-                pruned_energy = index.energy_below(threshold)
+                if count is None:
+                    pruned = index.count_below(threshold) * index.unit
+                    pruned_energy = index.energy_below(threshold)
+                else:
+                    pruned = count * index.unit
+                    pruned_energy = energy_for_count(index, count)
                 structured = method in STRUCTURED_METHODS
         nnz = numel - pruned
         bits = quant.bits if (not cfg.skip and quant.active) else None
@@ -370,6 +388,7 @@ def preview(stats: ModelStats, plan: CompressionPlan) -> PlanPreview:
                 signal=ts.sumsq,
                 noise=noise,
                 skip=cfg.skip,
+                count=count,
             )
         )
 

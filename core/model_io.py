@@ -260,6 +260,19 @@ class WeightsOnlyModule(nn.Module):
         for name, tensor in (tensors or {}).items():
             self._insert(name, tensor)
 
+    def _empty_node(self) -> WeightsOnlyModule:
+        """A new empty node like ``WeightsOnlyModule(source=...)``, made by copying this node's
+        attribute layout with fresh empty containers: ``nn.Module.__init__`` dominates loading
+        a checkpoint of 10**5 small tensors."""
+        node = WeightsOnlyModule.__new__(WeightsOnlyModule)
+        node.__dict__.update(
+            {
+                k: type(v)() if isinstance(v, dict | set) else v
+                for k, v in self.__dict__.items()
+            }
+        )
+        return node
+
     def _insert(self, name: str, tensor: torch.Tensor) -> None:
         parts = name.split(".")
         if any(p == "" for p in parts):
@@ -278,7 +291,7 @@ class WeightsOnlyModule(nn.Module):
                         path=self._source or None,
                         hint="a checkpoint key cannot be both a tensor and a module path",
                     )
-                child = WeightsOnlyModule(source=self._source)
+                child = self._empty_node()
                 # Direct dict insertion: checkpoint names may shadow nn.Module attributes
                 # ("half", "eval"), which add_module refuses; traversal goes by name anyway.
                 node._modules[part] = child
@@ -1094,6 +1107,12 @@ def clone_model(loaded: LoadedModel) -> LoadedModel:
         new_module = torch.jit.load(buf, map_location="cpu")
         if not module.training:
             new_module.eval()
+    elif type(module) is WeightsOnlyModule:
+        # Rebuilding the name tree is several times faster than deepcopy when a checkpoint
+        # holds 10**5 tensors.
+        state = {k: v.detach().clone() for k, v in module.state_dict().items()}
+        new_module = WeightsOnlyModule(state, source=module._source)
+        new_module.train(module.training)
     else:
         new_module = copy_module(module)
     example = loaded.example_input.clone() if loaded.example_input is not None else None

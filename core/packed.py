@@ -15,6 +15,7 @@ positions at the tensor's density). The index visits positions in a fixed pseudo
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import math
@@ -134,6 +135,7 @@ def _value_bytes(count: int, bits: int | None, itemsize: int) -> int:
     return count * itemsize if bits is None else _ceil_bytes(count * bits)
 
 
+@functools.lru_cache(maxsize=1 << 16)
 def choose_pattern(
     numel: int,
     nnz: int,

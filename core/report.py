@@ -22,6 +22,9 @@ from core.outdir import atomic_write
 
 #: Histogram bins per layer in the HTML report.
 HIST_BINS = 48
+#: Layers that get a histogram in the HTML page (the largest ones): a page with 10**5 plots
+#: is neither readable nor quick to write.
+HTML_HISTOGRAMS = 64
 
 
 def _finite(value: Any) -> Any:
@@ -301,7 +304,16 @@ def render_html(result: Any, data: Mapping[str, Any]) -> str:
     )
     before_t = _tensors(result.original.module)
     after_t = _tensors(result.compressed.module)
-    for layer in result.layers:
+    shown = result.layers
+    if len(shown) > HTML_HISTOGRAMS:
+        largest = sorted(range(len(shown)), key=lambda i: -shown[i].original_numel)
+        keep = set(largest[:HTML_HISTOGRAMS])
+        shown = [r for i, r in enumerate(shown) if i in keep]
+        parts.append(
+            f"<p class='muted'>the {HTML_HISTOGRAMS} largest of {len(result.layers):,} "
+            "layers</p>"
+        )
+    for layer in shown:
         if layer.tensor not in before_t or layer.tensor not in after_t:
             continue
         edges, hb, ha = histogram_pair(

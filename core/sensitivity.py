@@ -127,9 +127,7 @@ def default_levels(
             out.append(Level(float(s), b, False))
             if b is not None and b <= 8:
                 out.append(Level(float(s), b, True))
-    return tuple(
-        sorted(set(out), key=lambda lv: (lv.sparsity, lv.bits or 99, lv.per_channel))
-    )
+    return tuple(sorted(set(out), key=lambda lv: (lv.sparsity, lv.bits or 99, lv.per_channel)))
 
 
 @dataclass(frozen=True)
@@ -406,7 +404,11 @@ class _Runner:
         if isinstance(module, torch.jit.ScriptModule):
             return
         try:
-            gm = module if isinstance(module, torch.fx.GraphModule) else torch.fx.symbolic_trace(module)
+            gm = (
+                module
+                if isinstance(module, torch.fx.GraphModule)
+                else torch.fx.symbolic_trace(module)
+            )
             own = dict(module.named_parameters())
             same = all(own.get(n) is p for n, p in gm.named_parameters())
             if not same:
@@ -506,7 +508,9 @@ def _scan_layers(stats: Any, method: str, output: str | None) -> list[Any]:
     return layers
 
 
-def _levels_for(layer: Any, levels: Sequence[Level], method: str, output: str | None) -> list[Level]:
+def _levels_for(
+    layer: Any, levels: Sequence[Level], method: str, output: str | None
+) -> list[Level]:
     # Channel pruning of the logits layer deletes classes: it only gets unpruned levels.
     if method in STRUCTURED_METHODS and layer.name == output:
         return [lv for lv in levels if lv.sparsity == 0.0]
@@ -544,7 +548,9 @@ def proxy_scan(
             r = ratios[layer.name][level]
             points.append(Point(level, r, None, None, 1.0 - r / 2.0, math.sqrt(r)))
         curves.append(
-            LayerCurve(layer.name, str(layer.tensor), stats.tensors[layer.name].numel, tuple(points))
+            LayerCurve(
+                layer.name, str(layer.tensor), stats.tensors[layer.name].numel, tuple(points)
+            )
         )
     return SensitivityScan(
         method=method,

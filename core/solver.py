@@ -79,12 +79,15 @@ class Target:
             math.isfinite(self.min_cosine) and -1.0 <= self.min_cosine <= 1.0
         ):
             raise RecipeError(f"min cosine: {self.min_cosine!r} is out of range -1..1")
-        if self.bytes is None and self.ratio is None and self.max_drop is None and (
-            self.min_cosine is None
+        if (
+            self.bytes is None
+            and self.ratio is None
+            and self.max_drop is None
+            and (self.min_cosine is None)
         ):
             raise RecipeError(
-                "no target given", hint="pass --target-bytes, --target-ratio, --max-drop or "
-                "--min-cosine"
+                "no target given",
+                hint="pass --target-bytes, --target-ratio, --max-drop or --min-cosine",
             )
 
     def budget(self, dense_bytes: int) -> int | None:
@@ -158,7 +161,9 @@ class Solution:
 # ---------------------------------------------------------------------------------------
 # option tables
 # ---------------------------------------------------------------------------------------
-def _bias_bytes(layer: Any, shapes: Mapping[str, tuple[tuple[int, ...], str]], bits: int | None) -> int:
+def _bias_bytes(
+    layer: Any, shapes: Mapping[str, tuple[tuple[int, ...], str]], bits: int | None
+) -> int:
     """Archive bytes of the layer's bias (1-D float parameter) at ``bits`` (None: raw)."""
     for name in layer.param_names:
         entry = shapes.get(name)
@@ -655,7 +660,9 @@ def plan_for_target(
                 f"{math.floor(10 * problem.dense_bytes / small) / 10:g} or less)",
             )
         margin = max(1, int(MARGIN * solve_for))
-        overhead = small - int(problem.cost[np.arange(len(problem.names)), np.argmin(problem.cost, 1)].sum())
+        overhead = small - int(
+            problem.cost[np.arange(len(problem.names)), np.argmin(problem.cost, 1)].sum()
+        )
         primary = problem.damage if target.min_cosine is None else problem.cos_loss
         choice, how = None, ""
         total = small
@@ -697,18 +704,27 @@ def plan_for_target(
     plan = make_plan(problem, choice, sparsities=sparsities, base=base)
     acc_base = scan.baseline.get("acc")
     predicted, rows = _predict(
-        problem, choice, sparsities, total, factors, scan.metric,
+        problem,
+        choice,
+        sparsities,
+        total,
+        factors,
+        scan.metric,
         1.0 if acc_base is None else float(acc_base),
     )
-    if target.max_drop is not None and predicted["accuracy_drop"] is not None and (
-        predicted["accuracy_drop"] > target.max_drop + 1e-9
+    if (
+        target.max_drop is not None
+        and predicted["accuracy_drop"] is not None
+        and (predicted["accuracy_drop"] > target.max_drop + 1e-9)
     ):
         warnings.append(
             f"predicted accuracy drop {predicted['accuracy_drop']:.2f} points exceeds "
             f"--max-drop {target.max_drop:g} (before any fine-tuning)"
         )
-    if target.min_cosine is not None and predicted["cosine"] is not None and (
-        predicted["cosine"] < target.min_cosine - 1e-12
+    if (
+        target.min_cosine is not None
+        and predicted["cosine"] is not None
+        and (predicted["cosine"] < target.min_cosine - 1e-12)
     ):
         warnings.append(
             f"predicted cosine {predicted['cosine']:.4f} is below --min-cosine {target.min_cosine:g}"
@@ -741,15 +757,15 @@ def frontier(
     the smallest reachable archive to the dense one (duplicates dropped)."""
     problem = build_problem(stats, scan, pinned=pinned, min_bits=min_bits)
     _, small = smallest_plan(stats, problem)
-    dense_choice = np.argmin(np.where(np.isfinite(problem.cost), problem.damage + 1e-12 * problem.cost, np.inf), axis=1)
+    dense_choice = np.argmin(
+        np.where(np.isfinite(problem.cost), problem.damage + 1e-12 * problem.cost, np.inf), axis=1
+    )
     big = _total(stats, make_plan(problem, dense_choice))
     budgets = np.unique(np.geomspace(small, max(big, small + 1), points).astype(int))
     out: list[Solution] = []
     seen = set()
     for b in budgets:
-        sol = plan_for_target(
-            stats, scan, Target(bytes=int(b)), base=base, problem=problem
-        )
+        sol = plan_for_target(stats, scan, Target(bytes=int(b)), base=base, problem=problem)
         key = sol.plan
         if key in seen:
             continue
@@ -797,7 +813,9 @@ def measure(
     from core.packed import write_packed
     from core.sensitivity import _metrics
 
-    result = compress(loaded, replace(plan, recovery=replace(plan.recovery, epochs=0)), stats, cancel=cancel)
+    result = compress(
+        loaded, replace(plan, recovery=replace(plan.recovery, epochs=0)), stats, cancel=cancel
+    )
     with tempfile.TemporaryDirectory(prefix="wb-verify-") as tmp:
         path = Path(tmp) / "model.packed.safetensors"
         write_packed(result, path, cancel=cancel)
@@ -872,7 +890,9 @@ def plan_and_verify(
         )
         progress((r + 0.3) / rounds, f"verify round {r + 1}/{rounds}: compressing and measuring")
         meas = measure(loaded, stats, sol.plan, data, scan, cancel=cancel)
-        history.append({"round": r + 1, "predicted": dict(sol.predicted), "measured": meas.to_dict()})
+        history.append(
+            {"round": r + 1, "predicted": dict(sol.predicted), "measured": meas.to_dict()}
+        )
         over = goal is not None and meas.bytes > goal
         quality_ok = (
             target.max_drop is None or (meas.accuracy_drop or 0.0) <= target.max_drop
@@ -889,7 +909,9 @@ def plan_and_verify(
             "acc": _refit(
                 factors.get("acc", 1.0), float(p["accuracy_drop"] or 0.0), meas.accuracy_drop
             ),
-            "cos": _refit(factors.get("cos", 1.0), 1.0 - float(p["cosine"] or 1.0), 1.0 - meas.cosine),
+            "cos": _refit(
+                factors.get("cos", 1.0), 1.0 - float(p["cosine"] or 1.0), 1.0 - meas.cosine
+            ),
         }
         if goal is not None and over:
             budget = int((budget or goal) - (meas.bytes - goal) - max(8, MARGIN * goal))

@@ -584,25 +584,43 @@ def build_index(scores: torch.Tensor, energy_of: torch.Tensor, unit: int = 1) ->
         counts, esum, _ = radix_counts(s, energy_of)
         assert esum is not None
         return _index_from_radix(n, unit, _fold(counts), _fold(esum))
-    en = energy_of.detach().reshape(-1).to(torch.float64).square()
-    en = torch.nan_to_num(en, nan=0.0, posinf=0.0, neginf=0.0)
-    fin = torch.isfinite(s)
-    vals, order = torch.sort(s[fin], stable=True)
-    ven = en[fin][order].numpy()
-    vals_np = vals.numpy().astype(np.float32)
-    vbins = (vals_np.view(np.uint32) >> np.uint32(16)) & np.uint32(0x7FFF)
-    bins, inv = np.unique(vbins, return_inverse=True)
-    counts = np.bincount(inv, minlength=bins.size).astype(np.int64)
-    benergy = np.bincount(inv, weights=ven, minlength=bins.size)
+    e = energy_of.detach().reshape(-1).to(torch.float64).numpy()
+    return _sorted_index(s.numpy(), e * e, unit)
+
+
+def _sorted_index(s: np.ndarray, en: np.ndarray, unit: int) -> ScoreIndex:
+    """Exact index of float32 scores ``s`` with per-score energies ``en`` (numpy throughout:
+    a model may have 10**5 tiny tensors, where torch's per-call overhead dominates)."""
+    n = s.size
+    fin = np.isfinite(s)
+    all_finite = bool(fin.all())
+    en = np.where(np.isfinite(en), en, 0.0)
+    nonfinite_energy = 0.0 if all_finite else float(en[~fin].sum())
+    if not all_finite:
+        s, en = s[fin], en[fin]
+    order = np.argsort(s, kind="stable")
+    vals = s[order]
+    ven = en[order]
+    # sorted non-negative floats: the bin numbers (top 16 bits) are non-decreasing too
+    vbins = (vals.view(np.uint32) >> np.uint32(16)) & np.uint32(0x7FFF)
+    if vals.size:
+        starts = np.concatenate(([0], np.flatnonzero(vbins[1:] != vbins[:-1]) + 1))
+        counts = np.diff(np.append(starts, vals.size)).astype(np.int64)
+        benergy = np.add.reduceat(ven, starts)
+        bins = vbins[starts]
+    else:
+        counts = np.zeros(0, dtype=np.int64)
+        benergy = np.zeros(0)
+        bins = vbins
     return ScoreIndex(
         n=n,
         unit=unit,
-        nonfinite=int(n - vals.numel()),
-        nonfinite_energy=float(en[~fin].sum()),
+        nonfinite=int(n - vals.size),
+        nonfinite_energy=nonfinite_energy,
         bins=bins.astype(np.int32),
         bin_cum=_cum(counts),
         bin_energy=_cum(benergy),
-        values=vals_np,
+        values=vals,
         value_energy=_cum(ven),
     )
 
@@ -675,9 +693,20 @@ def _tensor_stats(
     flat = w.reshape(-1)
     n = flat.numel()
     rows2d = _rows(w)
-    signed, _, zeros = radix_counts(flat)
-    mag = _fold(signed)
-    nonfinite = int(mag[INF_EDGE:].sum())
+    if n > SMALL_MAX:
+        signed, _, zeros = radix_counts(flat)
+        mag = _fold(signed)
+        nonfinite = int(mag[INF_EDGE:].sum())
+        negatives = int(signed[:INF_EDGE].sum())
+    else:
+        # small tensors skip the 65536-bin radix pass: counted directly in numpy
+        a = flat.numpy()
+        finite_np = np.isfinite(a)
+        nonfinite = n - int(np.count_nonzero(finite_np))
+        zeros = n - int(np.count_nonzero(a))
+        negatives = int(np.count_nonzero(np.signbit(a) & finite_np))
+        if not nonfinite and rows2d.numel():
+            return _small_tensor_stats(layer, w, a, grad, dtype, zeros, negatives)
 
     l1 = score_tensor("channel_l1", w, None)
     l2 = score_tensor("channel_l2", w, None)
@@ -723,11 +752,15 @@ def _tensor_stats(
         hist_log = histogram(torch.log10(nonzero.abs()))
     else:
         hist, hist_log = _radix_histograms(signed, lo, hi, zeros)
-    neg_fraction = float(signed[:INF_EDGE].sum()) / nfin if nfin else 0.5
+    neg_fraction = negatives / nfin if nfin else 0.5
 
     # Scores: magnitude via the radix counts already made (large) or sorted |w| (small).
     if n > SMALL_MAX:
-        magnitude = _index_from_radix(n, 1, mag, _uniform_bin_energy(mag))
+        energy = _uniform_bin_energy(mag)
+        if zeros and mag[0]:
+            # exact zeros (in bin 0) carry no energy
+            energy[0] *= (mag[0] - zeros) / mag[0]
+        magnitude = _index_from_radix(n, 1, mag, energy)
     else:
         absw = flat.abs()
         magnitude = build_index(absw, absw)
@@ -738,9 +771,40 @@ def _tensor_stats(
     if grad is not None:
         for method in GRADIENT_METHODS:
             scores[method] = build_index(score_tensor(method, w, grad), flat)
+    return _make_stats(
+        layer,
+        n,
+        (lo, hi, mean, std),
+        nonfinite,
+        zeros,
+        (hist, hist_log),
+        scores,
+        grad,
+        row_min.to(torch.float64).numpy(),
+        row_max.to(torch.float64).numpy(),
+        sumsq,
+        neg_fraction,
+        dtype,
+    )
 
-    rmin = row_min.to(torch.float64).numpy()
-    rmax = row_max.to(torch.float64).numpy()
+
+def _make_stats(
+    layer: LayerInfo,
+    n: int,
+    moments: tuple[float, float, float, float],
+    nonfinite: int,
+    zeros: int,
+    hists: tuple[Histogram, Histogram],
+    scores: dict[str, ScoreIndex],
+    grad: GradientStats | None,
+    rmin: np.ndarray,
+    rmax: np.ndarray,
+    sumsq: float,
+    neg_fraction: float,
+    dtype: str,
+) -> TensorStats:
+    lo, hi, mean, std = moments
+    hist, hist_log = hists
     absmax = np.maximum(np.abs(rmin), np.abs(rmax))
     span = np.maximum(rmax, 0.0) - np.minimum(rmin, 0.0)
     return TensorStats(
@@ -766,6 +830,74 @@ def _tensor_stats(
         log_absmax=_mean_log(absmax),
         log_range=_mean_log(span),
         dtype=dtype,
+    )
+
+
+def _np_histogram(v: np.ndarray, bins: int = HIST_BINS) -> Histogram:
+    """`histogram` of finite numpy values (no torch call: cheap for tiny tensors)."""
+    if v.size == 0:
+        return Histogram(np.linspace(0.0, 1.0, bins + 1), np.zeros(bins, dtype=np.int64))
+    lo, hi = _range(float(v.min()), float(v.max()))
+    idx = ((v.astype(np.float64) - lo) * (bins / (hi - lo))).astype(np.int64)
+    np.clip(idx, 0, bins - 1, out=idx)
+    return Histogram(np.linspace(lo, hi, bins + 1), np.bincount(idx, minlength=bins))
+
+
+def _small_tensor_stats(
+    layer: LayerInfo,
+    w: torch.Tensor,
+    a: np.ndarray,
+    grad: GradientStats | None,
+    dtype: str,
+    zeros: int,
+    negatives: int,
+) -> TensorStats:
+    """`_tensor_stats` of a small, all-finite, non-empty float32 tensor, mostly in numpy.
+
+    A checkpoint may hold 10**5 tiny tensors; per-call overhead, not arithmetic, is the cost.
+    Channel scores still come from `score_tensor` (the engine's own definition), so threshold
+    counts stay exact.
+    """
+    n = a.size
+    rows = _rows(w).shape[0]
+    r2 = a.reshape(rows, n // rows)
+    l1 = score_tensor("channel_l1", w, None).numpy()
+    l2 = score_tensor("channel_l2", w, None).numpy().astype(np.float64)
+    row_sq = l2 * l2
+    row_min, row_max = r2.min(axis=1), r2.max(axis=1)
+    lo, hi = float(row_min.min()), float(row_max.max())
+    mean = float(a.sum(dtype=np.float64)) / n
+    sumsq = float(row_sq.sum())
+    var = sumsq / n - mean * mean
+    if var <= 1e-6 * mean * mean:  # cancellation: recompute directly
+        var = float(np.var(a, dtype=np.float64))
+    nonzero = a[a != 0] if zeros else a
+    hists = (_np_histogram(a), _np_histogram(np.log10(np.abs(nonzero))))
+    a64 = a.astype(np.float64)
+    unit = n // rows
+    scores: dict[str, ScoreIndex] = {
+        "magnitude": _sorted_index(np.abs(a), a64 * a64, 1),
+        "channel_l2": _sorted_index(l2.astype(np.float32), row_sq, unit),
+        "channel_l1": _sorted_index(l1, row_sq, unit),
+    }
+    if grad is not None:
+        flat = w.reshape(-1)
+        for method in GRADIENT_METHODS:
+            scores[method] = build_index(score_tensor(method, w, grad), flat)
+    return _make_stats(
+        layer,
+        n,
+        (lo, hi, mean, math.sqrt(max(var, 0.0))),
+        0,
+        zeros,
+        hists,
+        scores,
+        grad,
+        row_min.astype(np.float64),
+        row_max.astype(np.float64),
+        sumsq,
+        negatives / n,
+        dtype,
     )
 
 

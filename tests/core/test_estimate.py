@@ -19,6 +19,7 @@ from core.packed import pack_result
 from core.plan import CompressionPlan, LayerConfig, PruneConfig, simple_plan
 from core.pruning import channel_mask, nm_mask, threshold_mask
 from core.quantization import quantize
+from core.selection import count_mask
 from core.stats import SMALL_MAX, analyze, score_tensor
 from tests import models
 
@@ -91,6 +92,15 @@ def _mask(stats, layer, lp, weight):
         return nm_mask(weight, 2, 4)
     ts = stats.tensors[layer.name]
     scores = score_tensor(cfg_method, weight, ts.grad)
+    if lp.count is not None:
+        # a target sparsity is applied as an exact count: the count smallest scores
+        keep = count_mask(scores, lp.count)
+        pruned, kept = scores[~keep & torch.isfinite(scores)], scores[keep]
+        if pruned.numel() and kept.numel():
+            assert float(pruned.max()) <= float(kept.min())
+        if scores.ndim == 1 and weight.ndim > 1:
+            return keep.reshape((-1,) + (1,) * (weight.ndim - 1)).expand(weight.shape)
+        return keep
     if cfg_method in ("channel_l1", "channel_l2"):
         return channel_mask(scores, lp.threshold, weight.shape)
     return threshold_mask(scores, lp.threshold)
@@ -255,5 +265,6 @@ def test_all_zero_layer_is_previewed():
     assert ts.zeros == ts.numel and ts.sparsity == 1.0 and ts.hist_log.total == 0
     pv = preview(stats, simple_plan(0.5, 4, scope="layer"))
     for lp in pv.layers:
-        # every score ties at 0: the closest achievable count below the target is none
-        assert lp.nnz == lp.numel and lp.threshold == 0.0 and lp.sqnr_db == math.inf
+        # every score ties at 0: ties break by index, so the target count is still exact
+        assert lp.nnz == lp.numel - round(0.5 * lp.numel)
+        assert lp.threshold == 0.0 and lp.sqnr_db == math.inf

@@ -48,7 +48,8 @@ def test_points_match_the_engine(resnet, tmp_path):
         base = loaded.module(data.x)
         out = comp(data.x)
     loss_delta = float(
-        torch.nn.functional.cross_entropy(out, data.y) - torch.nn.functional.cross_entropy(base, data.y)
+        torch.nn.functional.cross_entropy(out, data.y)
+        - torch.nn.functional.cross_entropy(base, data.y)
     )
     rel = float((out - base).norm() / base.norm())
     point = result.layer(layer).point(level)

@@ -96,7 +96,14 @@ def test_bad_target_flags_are_one_line_errors(cache, tmp_path):
     proc = _run(cache, "plan", "demo:mlp", "--out", str(tmp_path / "r.json"))
     assert proc.returncode == 2 and "no target" in proc.stderr
     proc = _run(
-        cache, "compress", "demo:mlp", "--target-ratio", "10", "--bits", "4", "--out",
+        cache,
+        "compress",
+        "demo:mlp",
+        "--target-ratio",
+        "10",
+        "--bits",
+        "4",
+        "--out",
         str(tmp_path / "o"),
     )
     assert proc.returncode == 2 and "--bits cannot be combined" in proc.stderr
