@@ -44,6 +44,7 @@ from app.workers import warm_up_engine
 from core import RESOURCES
 from core.edits import Edit, SetPrune, SetPruneTarget, SetQuant, SetSkip
 from core.errors import WorkbenchError
+from core.methods import prune_method
 from core.plan import CompressionPlan, RecoveryConfig, simple_plan
 
 DEMOS = (("demo:mlp", "Digits MLP (LeNet-300-100)"), ("demo:cnn", "Digits CNN (LeNet-5)"))
@@ -508,11 +509,8 @@ class MainWindow(QMainWindow):
         if stats is None:
             return 1.0
         method = c.shown_config().prune.method
-        key = (
-            method
-            if method in ("gradient_stability", "taylor", "channel_l1", "channel_l2")
-            else "magnitude"
-        )
+        # Methods without a score of their own (none, N:M) show the magnitude range.
+        key = method if prune_method(method).has_score else "magnitude"
         names = c.targets() or tuple(stats.tensors)
         best = 0.0
         for name in names:

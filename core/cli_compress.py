@@ -18,7 +18,6 @@ import torch
 from core.cli_plan import add_target_options, planned_plan, record_planning
 from core.errors import CompressionError, RecipeError
 from core.plan import (
-    GRADIENT_METHODS,
     METHOD_HELP,
     PRUNE_METHODS,
     CompressionPlan,
@@ -45,7 +44,9 @@ def register(subparsers) -> None:
         ),
         epilog=f"Pruning methods. {methods}",
     )
-    p.add_argument("model", metavar="MODEL", help="model file or demo:mlp / demo:cnn")
+    p.add_argument(
+        "model", metavar="MODEL", help="model file, Hugging Face folder or demo:mlp / demo:cnn"
+    )
     p.add_argument("--out", required=True, metavar="DIR", help="output directory")
     p.add_argument("--recipe", metavar="R.json", help="recipe file (excludes the three below)")
     p.add_argument(
@@ -60,7 +61,11 @@ def register(subparsers) -> None:
         metavar="M",
         help=f"pruning criterion: {', '.join(PRUNE_METHODS)} (default magnitude)",
     )
-    p.add_argument("--data", metavar="FILE", help=".npz/.pt with 'x' and optional 'y'")
+    p.add_argument(
+        "--data",
+        metavar="FILE",
+        help=".npz/.pt with 'x' and optional 'y'; .txt/.jsonl text for Hugging Face folders",
+    )
     p.add_argument(
         "--finetune-epochs", type=int, metavar="N", help="fine-tune N epochs with masks fixed"
     )
@@ -168,17 +173,6 @@ def _random_inputs(loaded, n: int = 64):
     return make_dataset(x, None, name="random inputs")
 
 
-def _data_for(loaded, path: str | None):
-    """(train, test) datasets: the user's file split 80/20, the demo's digits split, or None."""
-    from core.data import check_data, demo_data_for, load_data, split_dataset
-
-    if path:
-        data = load_data(path)
-        check_data(loaded, data)
-        return split_dataset(data, holdout=0.2, seed=0)
-    return demo_data_for(loaded)
-
-
 def _say(quiet: bool) -> ProgressFn:
     last = {"msg": ""}
 
@@ -221,84 +215,81 @@ def _pipeline(
     out: Path,
     progress: ProgressFn,
 ) -> dict[str, Any]:
-    """Load, compress, evaluate and write every file into ``stage``; returns the report."""
-    from core.engine import protect_output_layer
-    from core.evaluate import evaluate, require_forward
-    from core.export import check_formats, export_all
-    from core.model_io import load_model
-    from core.outdir import pause_point
-    from core.report import write_report
-    from core.stats import analyze
-    from core.training import compress_and_finetune, recovery_split
+    """Drive a strict `core.session.Session` through load -> data -> analyze -> (plan) ->
+    compress -> evaluate, then write every file into ``stage``; returns the report."""
+    from core.edits import ReplacePlan
+    from core.export import check_formats
+    from core.outputs import write_into
+    from core.session import Session
 
+    session = Session(strict=True)
+    session.subscribe(_print_notices)
     progress(0.0, f"loading {args.model}")
-    loaded = load_model(args.model, trust=args.trust, architecture=args.architecture)
+    loaded = session.run(
+        session.open_model(
+            args.model,
+            trust=args.trust,
+            architecture=args.architecture,
+            plan=plan,
+            recipe_path=args.recipe,
+        ),
+        progress,
+    )[0]
+    for note in loaded.metadata.get("notes", ()):
+        print(f"workbench compress: warning: {note}", file=sys.stderr, flush=True)
     if not any(p.numel() and p.is_floating_point() for p in loaded.module.parameters()):
         raise CompressionError(
             "the model has no weights to compress",
             path=args.model,
             hint="it has 0 floating-point parameters; check that this is the right file",
         )
-    for note in loaded.metadata.get("notes", ()):
-        print(f"workbench compress: warning: {note}", file=sys.stderr, flush=True)
-    configs = [plan.default, *(cfg for _, cfg in plan.overrides)]
-    needs_grads = any(c.prune.active and c.prune.method in GRADIENT_METHODS for c in configs)
-    if needs_grads and not loaded.can_run:
-        raise CompressionError(
-            "gradient criteria (taylor, gradient_stability) need a forward pass; this is a "
-            "weights-only checkpoint",
-            path=args.model,
-            hint="use magnitude/channel/nm pruning, or give a TorchScript/.pt2 file",
-        )
-    if plan.recovery.epochs > 0:
-        require_forward(loaded, "fine-tuning")
-    # Fail before minutes of work when a requested format cannot be written for this model.
-    check_formats(loaded, formats, has_input=bool(args.data) or loaded.example_input is not None)
-    split = _data_for(loaded, args.data) if loaded.can_run else None
-    train, test = split if split is not None else (None, None)
-    if loaded.example_input is None and train is not None:
-        # Tracing (channel removal, exports) needs an input; the data provides one.
-        loaded = replace(loaded, example_input=train.x[:4].clone())
+    # Fail before minutes of work when the plan or a requested format cannot run here.
+    session.check_runnable()
+    check_formats(
+        session.model, formats, has_input=bool(args.data) or loaded.example_input is not None
+    )
+    if args.data and session.model.can_run:
+        session.run(session.open_data(args.data, label_with_model=False), progress)
+    elif not session.model.can_run:
+        session.train = session.test = None
     progress(0.0, "analyzing")
-    # Gradient statistics cost a few forward/backward passes; only the gradient criteria use them.
-    stats = analyze(loaded, train if needs_grads else None)
-    unknown = sorted(set(plan.layer_overrides) - {layer.name for layer in stats.layers})
-    if unknown:
-        raise RecipeError(
-            f"layers.{unknown[0]}: the model has no layer of that name",
-            path=args.recipe,
-            hint="run `workbench inspect MODEL` for the layer names",
-        )
-    plan = protect_output_layer(plan, loaded, stats.layers)
-    plan = planned_plan(args, loaded, stats, train, plan, progress)
-    fit = val = None
-    if plan.recovery.epochs > 0:
-        if train is None:
-            raise CompressionError(
-                "fine-tuning needs training data",
-                path=args.model,
-                hint="pass --data FILE (x and y arrays) or drop --finetune-epochs",
-            )
-        fit, val = recovery_split(train)
+    session.run(session.analyze(), progress)
+    planned = planned_plan(
+        args, session.model, session.stats, session.train, session.plan, progress
+    )
+    session.edit(ReplacePlan(plan=planned), merge=False)
     progress(0.0, "compressing")
-    result = compress_and_finetune(loaded, plan, fit, val, stats=stats, progress=progress)
-
-    evals: dict[str, Any] = {"before": None, "after": None, "data": None}
-    eval_data = test if test is not None else (_random_inputs(loaded) if loaded.can_run else None)
+    session.run(session.compress(), progress)
+    eval_data = session.test
+    if eval_data is None and session.model.can_run:
+        eval_data = _random_inputs(session.model)
     if eval_data is not None:
         progress(0.0, f"evaluating on {eval_data.name}")
-        evals["before"] = evaluate(loaded, eval_data)
-        evals["after"] = evaluate(result.compressed, eval_data, reference=loaded)
-        evals["data"] = eval_data.name
-
+        session.run(session.evaluate(eval_data), progress)
+    ev = session.evaluation
+    evals = {
+        "before": ev.before if ev else None,
+        "after": ev.after if ev else None,
+        "data": ev.data_name if ev else None,
+    }
     progress(0.0, "exporting")
-    exports = export_all(result, formats, stage, force=args.force, data=test, entropy=args.entropy)
-    # The report names each file where it will be once the staging folder is committed.
-    exports = [replace(e, path=out / e.path.name) for e in exports]
-    pause_point("exported")
-    plan.save(stage / "recipe.json")
-    json_path, _html = write_report(result, stage, evals=evals, exports=exports)
-    return record_planning(json_path, args)
+    records, _ = write_into(
+        stage,
+        out,
+        session.result,
+        formats,
+        plan=session.plan,
+        evals=evals,
+        data=session.test,
+        entropy=args.entropy,
+        progress=progress,
+    )
+    return record_planning(stage / "report.json", args)
+
+
+def _print_notices(event: str, payload: Any) -> None:
+    if event == "notice":
+        print(f"workbench compress: note: {payload}", file=sys.stderr, flush=True)
 
 
 def _summary_line(model: str, report: dict[str, Any], out: Path) -> str:

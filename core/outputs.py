@@ -29,18 +29,48 @@ def write_outputs(
     formats: Sequence[str],
     out: str | Path,
     *,
-    plan: CompressionPlan | None = None,
-    evals: Mapping[str, Any] | None = None,
-    data: Any = None,
     force: bool = False,
     merge_existing: bool = False,
     owned: Collection[str] | None = None,
+    **kw: Any,
+) -> tuple[list[Any], dict[str, Any] | None]:
+    """Write ``result`` in ``formats`` plus ``recipe.json`` and the report into ``out``, as
+    one transaction (complete or untouched; see `write_into` for the other parameters).
+
+    ``force``: replace this run's files where they exist (refused up front otherwise).
+    ``merge_existing``: keep every other file of an existing ``out`` (the window's Export
+    adds files); without it the folder describes this run alone (user files are still kept).
+    """
+    from core.outdir import output_dir
+
+    out = Path(out)
+    with output_dir(
+        out,
+        force=force,
+        merge_existing=merge_existing,
+        owned=owned_names() if owned is None else owned,
+    ) as stage:
+        # Merged into an existing folder: an export file already there needs ``force``.
+        return write_into(stage, out, result, formats, replace_files=force, **kw)
+
+
+def write_into(
+    stage: Path,
+    out: Path,
+    result: Any,
+    formats: Sequence[str],
+    *,
+    plan: CompressionPlan | None = None,
+    evals: Mapping[str, Any] | None = None,
+    data: Any = None,
     report: bool = True,
     entropy: bool = False,
+    replace_files: bool = True,
     progress: ProgressFn = no_progress,
     cancel: CancelToken | None = None,
 ) -> tuple[list[Any], dict[str, Any] | None]:
-    """Write ``result`` in ``formats`` plus ``recipe.json`` and the report into ``out``.
+    """Write the files into the staging folder ``stage`` of an open output transaction whose
+    final place is ``out`` (``workbench compress`` opens it before any work).
 
     Parameters
     ----------
@@ -50,45 +80,36 @@ def write_outputs(
         ``{"before": EvalResult, "after": EvalResult, "data": name}`` for the report.
     data
         Held-out inputs used to verify exports (ONNX outputs, int8 calibration).
-    force
-        Replace this run's files where they exist (refused up front otherwise).
-    merge_existing
-        Keep every other file of an existing ``out`` (the window's Export adds files);
-        without it the folder describes this run alone (user files are still kept).
+    replace_files
+        Overwrite export files the staging folder already holds (carried over from an
+        existing folder); otherwise such a file is an `ExportError`.
 
     Returns
     -------
     (records, report)
-        The `core.export.ExportRecord`s (paths where the files now are) and the report's
-        JSON content (``None`` when ``report`` is False).
+        The `core.export.ExportRecord`s (paths where the files will be once committed) and
+        the report's JSON content (``None`` when ``report`` is False).
     """
     from core.export import export_all
-    from core.outdir import output_dir, pause_point
+    from core.outdir import pause_point
     from core.report import write_report
 
-    out = Path(out)
-    with output_dir(
-        out,
-        force=force,
-        merge_existing=merge_existing,
-        owned=owned_names() if owned is None else owned,
-    ) as stage:
-        records = export_all(
-            result,
-            list(formats),
-            stage,
-            force=force,
-            data=data,
-            entropy=entropy,
-            progress=scaled(progress, 0, 0.9),
-            cancel=cancel,
-        )
-        # Records name each file where it will be once the staging folder is committed.
-        records = [replace(r, path=out / r.path.name) for r in records]
-        pause_point("exported")
-        (plan or result.plan).save(stage / "recipe.json")
-        content = None
-        if report:
-            json_path, _ = write_report(result, stage, evals=evals or {}, exports=records)
-            content = json.loads(Path(json_path).read_text(encoding="utf-8"))
+    records = export_all(
+        result,
+        list(formats),
+        stage,
+        force=replace_files,
+        data=data,
+        entropy=entropy,
+        progress=scaled(progress, 0, 0.9),
+        cancel=cancel,
+    )
+    # Records name each file where it will be once the staging folder is committed.
+    records = [replace(r, path=out / r.path.name) for r in records]
+    pause_point("exported")
+    (plan or result.plan).save(stage / "recipe.json")
+    content = None
+    if report:
+        json_path, _ = write_report(result, stage, evals=evals or {}, exports=records)
+        content = json.loads(Path(json_path).read_text(encoding="utf-8"))
     return records, content

@@ -497,9 +497,10 @@ class Session:
         n = len(self.train) + (len(self.test) if self.test is not None else 0)
         return f"{self.data_name}: {n} samples ({len(self.train)} train / {len(self.test)} test)"
 
-    def open_data(self, path: str | Path) -> Job:
-        """Read a data file, check it against the model, label it with the model when it has
-        no labels (class-score models only), split 80/20 into train and held-out test."""
+    def open_data(self, path: str | Path, *, label_with_model: bool = True) -> Job:
+        """Read a data file, check it against the model, split 80/20 into train and held-out
+        test; ``label_with_model``: give unlabelled data the model's own predictions as labels
+        (class-score models only), so the gradient criteria and agreement-as-accuracy work."""
         from core.data import check_data, load_data, split_dataset, with_model_labels
 
         model = self.model
@@ -509,7 +510,7 @@ class Session:
 
         def fn(progress: ProgressFn, cancel: CancelToken):
             progress(0.0, "reading data")
-            data = load_data(path)
+            data = load_data(path, model)
             cancel.check()
             progress(0.2, "checking the data against the model")
             checked = check_data(model, data)
@@ -517,7 +518,14 @@ class Session:
             out_shape = checked.output_shape
             # Only class scores can label data; other models (taggers, encoders) keep
             # unlabelled data and are judged by fidelity to the original.
-            if data.y is None and model.can_run and out_shape is not None and len(out_shape) == 2:
+            if (
+                label_with_model
+                and data.y is None
+                and model.can_run
+                and out_shape is not None
+                and len(out_shape) == 2
+                and model.task != "embedding"
+            ):
                 progress(0.4, "labelling with the model's own predictions")
                 data = with_model_labels(model, data)
             cancel.check()
@@ -586,13 +594,11 @@ class Session:
         self.notice("Fine-tuning skipped: it needs data and a model with a forward pass.")
         return plan.with_recovery(replace(plan.recovery, epochs=0))
 
-    def compress(self, *, after_histograms: bool = False) -> Job:
-        """Apply the plan to a copy, with the recovery it asks for (`compress_and_finetune`
-        on the `recovery_split` of the training data: the same numbers in every front end)."""
-        from core.training import compress_and_finetune, recovery_split
-
-        if self.model is None or self.stats is None:
-            raise WorkbenchError("wait until the model is analysed")
+    def check_runnable(self) -> None:
+        """Refuse, before any work, a plan this model cannot run: gradient criteria on a
+        weights-only checkpoint; fine-tuning without a forward pass (strict sessions)."""
+        if self.model is None:
+            raise WorkbenchError("open a model first")
         if self.needs_gradients() and not self.model.can_run:
             raise CompressionError(
                 "gradient criteria (taylor, gradient_stability) need a forward pass; this is a "
@@ -600,6 +606,19 @@ class Session:
                 path=self.model.source,
                 hint="use magnitude/channel/nm pruning, or give a TorchScript/.pt2 file",
             )
+        if self.strict and self.plan.recovery.epochs > 0:
+            from core.evaluate import require_forward
+
+            require_forward(self.model, "fine-tuning")
+
+    def compress(self, *, after_histograms: bool = False) -> Job:
+        """Apply the plan to a copy, with the recovery it asks for (`compress_and_finetune`
+        on the `recovery_split` of the training data: the same numbers in every front end)."""
+        from core.training import compress_and_finetune, recovery_split
+
+        if self.model is None or self.stats is None:
+            raise WorkbenchError("wait until the model is analysed")
+        self.check_runnable()
         model, stats, requested = self.model, self.stats, self.plan
         plan = self._recovery_plan()
         train = self.train if model.can_run else None

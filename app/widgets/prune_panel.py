@@ -21,17 +21,12 @@ from PySide6.QtWidgets import (
 )
 from superqt.utils import signals_blocked
 
-from core.plan import GRADIENT_METHODS, METHOD_HELP, PRUNE_METHODS, STRUCTURED_METHODS
+from core.methods import prune_method, prune_methods
 
-METHOD_LABELS = {
-    "none": "None",
-    "magnitude": "Magnitude |w|",
-    "gradient_stability": "Gradient stability",
-    "taylor": "Taylor |w·g|",
-    "channel_l1": "Channels (L1 norm)",
-    "channel_l2": "Channels (L2 norm)",
-    "nm": "N:M semi-structured",
-}
+#: Menu order, labels and help all come from the method registry (`core.methods`).
+PRUNE_METHODS = tuple(m.name for m in prune_methods())
+METHOD_LABELS = {m.name: m.label for m in prune_methods()}
+METHOD_HELP = {m.name: m.help for m in prune_methods()}
 
 #: Slider resolution. Sparsity: per-mille steps up to 99.9 % (a recipe needs < 1).
 SPARSITY_STEPS = 999
@@ -204,7 +199,7 @@ class PrunePanel(QGroupBox):
                 # runs on every slider step.
                 self._items_with_gradients = has_gradients
                 for i, m in enumerate(PRUNE_METHODS):
-                    enabled = has_gradients or m not in GRADIENT_METHODS
+                    enabled = has_gradients or not prune_method(m).needs_gradients
                     self.method.model().item(i).setEnabled(enabled)
                     needs = "" if enabled else " (needs data: open data and Analyze)"
                     self.method.setItemData(i, METHOD_HELP[m] + needs, Qt.ItemDataRole.ToolTipRole)
@@ -242,27 +237,27 @@ class PrunePanel(QGroupBox):
 
     def _update_visibility(self) -> None:
         method = self.current_method()
-        pruning = method != "none"
-        nm = method == "nm"
+        entry = prune_method(method)
+        pruning = entry.prunes
+        nm = entry.semi_structured
         self.by_sparsity.setEnabled(pruning and not nm)
         self.by_threshold.setEnabled(pruning and not nm)
         self._sparsity_row.setEnabled(not nm)
         self._threshold_row.setEnabled(not nm)
         self._nm_row.setVisible(nm)
         self._form.labelForField(self._nm_row).setVisible(nm)
-        self.global_pool.setEnabled(
-            self._scope_model and method not in STRUCTURED_METHODS + ("nm", "none")
-        )
-        hints = {
-            "none": "Move the sparsity slider to start pruning by magnitude.",
-            "nm": "N:M keeps a fixed pattern; sparsity is N/M in every layer it applies to.",
-            "channel_l1": "Structured: whole output channels are removed; the slider counts channels.",
-            "channel_l2": "Structured: whole output channels are removed; the slider counts channels.",
-        }
-        if method in GRADIENT_METHODS and not self._gradients:
-            self.hint.setText("This criterion needs gradient statistics: open data and Analyze.")
+        self.global_pool.setEnabled(self._scope_model and pruning and not entry.layer_scope_only)
+        if entry.needs_gradients and not self._gradients:
+            hint = "This criterion needs gradient statistics: open data and Analyze."
+        elif not pruning:
+            hint = "Move the sparsity slider to start pruning by magnitude."
+        elif nm:
+            hint = "N:M keeps a fixed pattern; sparsity is N/M in every layer it applies to."
+        elif entry.structured:
+            hint = "Structured: whole output channels are removed; the slider counts channels."
         else:
-            self.hint.setText(hints.get(method, ""))
+            hint = ""
+        self.hint.setText(hint)
 
     # ------------------------------------------------------------------ slots
     def _on_method_currentIndexChanged(self, _index: int) -> None:
