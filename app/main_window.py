@@ -29,6 +29,7 @@ from PySide6.QtWidgets import (
     QVBoxLayout,
     QWidget,
 )
+from superqt.utils import qthrottled
 
 from app.controller import JOB_TITLES, Controller
 from app.failures import log_unexpected, unexpected_message
@@ -72,6 +73,9 @@ RECIPE_SUFFIXES = {".json"}
 MAX_RECENT = 8
 #: What `--screenshot` applies when no recipe is given: 70% global magnitude pruning, 6-bit
 #: per-channel codes, 10 epochs of fine-tuning (recovers the demos' accuracy).
+#: Slider/threshold-line edits go through at most once per this many ms (about one frame).
+EDIT_THROTTLE_MS = 16
+
 SAMPLE_PLAN = simple_plan(0.7, 6, "magnitude").with_recovery(RecoveryConfig(epochs=10))
 #: How long closing the window waits for cancelled jobs to return (the window is hidden by then).
 CLOSE_WAIT_MS = 2_000
@@ -90,6 +94,11 @@ class MainWindow(QMainWindow):
         self.controller = controller or Controller(self)
         self.trust = trust
         self._error_boxes: list[QMessageBox] = []
+        # Slider and threshold-line steps arrive faster than a model with hundreds of layers
+        # can re-plan and repaint: the first step goes through at once, then at most one per
+        # EDIT_THROTTLE_MS, and the last one always lands (flushed on release / other edits).
+        # One throttle per control, so moving another slider is never delayed by this one.
+        self._drags: dict[str, Any] = {}
         self.setObjectName("mainWindow")
         self.setWindowTitle("Compression Workbench")
         self.setAcceptDrops(True)
@@ -202,12 +211,10 @@ class MainWindow(QMainWindow):
             "&Export…", self._on_actExport_triggered, "Ctrl+E", "Export the compressed model"
         )
         self.act_quit = self._action("&Quit", self.close, K.Quit)
-        self.act_undo = self._action(
-            "&Undo", self.controller.undo, K.Undo, "Undo the last plan edit"
-        )
-        self.act_redo = self._action(
-            "&Redo", self.controller.redo, "Ctrl+Shift+Z", "Redo the plan edit"
-        )
+        self.act_undo = self._action("&Undo", self._undo, K.Undo, "Undo the last plan edit")
+        self.act_redo = self._action("&Redo", self._redo, "Ctrl+Shift+Z", "Redo the plan edit")
+        # Ctrl+Y is the other common redo key (Windows convention); both work.
+        self.act_redo.setShortcuts([QKeySequence("Ctrl+Shift+Z"), QKeySequence("Ctrl+Y")])
         self.act_reset_plan = self._action(
             "Reset &plan", self._on_actResetPlan_triggered, None, "Start again from no compression"
         )
@@ -373,17 +380,17 @@ class MainWindow(QMainWindow):
         p.nmChosen.connect(self._on_prune_nmChosen)
         p.globalToggled.connect(self._on_prune_globalToggled)
         p.skipToggled.connect(self._on_prune_skipToggled)
-        p.editFinished.connect(c.end_merge)
+        p.editFinished.connect(self._end_drag)
         p.resetRequested.connect(c.reset_selection_to_default)
         q = self.quant_panel
         q.bitsMoved.connect(self._on_quant_bitsMoved)
         q.symmetricToggled.connect(self._on_quant_symmetricToggled)
         q.perChannelToggled.connect(self._on_quant_perChannelToggled)
         q.biasBitsChosen.connect(self._on_quant_biasBitsChosen)
-        q.editFinished.connect(c.end_merge)
+        q.editFinished.connect(self._end_drag)
         self.recovery.recoveryEdited.connect(c.set_recovery)
         self.histograms.thresholdDragged.connect(self._on_histograms_thresholdDragged)
-        self.histograms.thresholdReleased.connect(c.end_merge)
+        self.histograms.thresholdReleased.connect(self._end_drag)
         self.job_status.cancelRequested.connect(c.cancel_jobs)
 
     # ------------------------------------------------------------------ layout & settings
@@ -705,13 +712,43 @@ class MainWindow(QMainWindow):
     def _on_scope_currentIndexChanged(self, _index: int) -> None:
         self.controller.set_target(self.scope.currentData())
 
-    def _edit(self, make: Callable[..., Edit], **fields: Any) -> None:
-        """Send ``make(layers=<the edit target>, **fields)`` to the session."""
+    def _edit(self, make: Callable[..., Edit], *, drag: bool = False, **fields: Any) -> None:
+        """Send ``make(layers=<the edit target>, **fields)`` to the session; ``drag``: one
+        step of a slider/line drag (throttled, merged into one undo step)."""
         c = self.controller
         if c.target == "selection" and not c.selection:
             self.statusBar().showMessage("Select layers in the table first.", 5000)
             return
-        c.edit(make(layers=c.targets(), **fields))
+        edit = make(layers=c.targets(), **fields)
+        if drag:
+            key = edit.merge_key() or edit.kind
+            if key not in self._drags:
+                self._drags[key] = qthrottled(
+                    self._send_edit, timeout=EDIT_THROTTLE_MS, parent=self
+                )
+            self._drags[key](edit)
+        else:
+            self._flush_drags()
+            c.edit(edit)
+
+    def _send_edit(self, edit: Edit) -> None:
+        self.controller.edit(edit)
+
+    def _flush_drags(self) -> None:
+        for throttled in self._drags.values():
+            throttled.flush()
+
+    def _end_drag(self) -> None:
+        self._flush_drags()
+        self.controller.end_merge()
+
+    def _undo(self) -> None:
+        self._flush_drags()
+        self.controller.undo()
+
+    def _redo(self) -> None:
+        self._flush_drags()
+        self.controller.redo()
 
     def _on_prune_methodChosen(self, method: str) -> None:
         self._edit(SetPrune, method=method)
@@ -729,10 +766,10 @@ class MainWindow(QMainWindow):
             self._edit(SetPrune, mode=mode)
 
     def _on_prune_sparsityMoved(self, sparsity: float) -> None:
-        self._edit(SetPruneTarget, mode="sparsity", value=sparsity)
+        self._edit(SetPruneTarget, drag=True, mode="sparsity", value=sparsity)
 
     def _set_threshold(self, t: float) -> None:
-        self._edit(SetPruneTarget, mode="threshold", value=t)
+        self._edit(SetPruneTarget, drag=True, mode="threshold", value=t)
 
     def _on_prune_thresholdMoved(self, t: float) -> None:
         self._set_threshold(t)
@@ -751,7 +788,7 @@ class MainWindow(QMainWindow):
         self._edit(SetSkip, skip=skip)
 
     def _on_quant_bitsMoved(self, bits) -> None:
-        self._edit(SetQuant, bits=bits)
+        self._edit(SetQuant, drag=True, bits=bits)
 
     def _on_quant_symmetricToggled(self, on: bool) -> None:
         self._edit(SetQuant, symmetric=on)

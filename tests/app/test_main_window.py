@@ -613,3 +613,24 @@ def test_compress_without_data_skips_recovery_and_is_not_stale(qtbot, window, re
     assert c.result.plan.recovery.epochs == 0
     assert not c.result_stale and window.results.stale.isHidden()
     assert "Fine-tuning skipped" in window.statusBar().currentMessage()
+
+
+def test_drag_edits_are_throttled_and_the_last_step_lands(qtbot, window):
+    """A fast slider drag: the first step applies at once, the rest are coalesced, the final
+    value always lands and the whole drag is one undo step; Ctrl+Y redoes."""
+    from core.edits import SetPruneTarget
+
+    open_ready(qtbot, window, "demo:mlp")
+    c = window.controller
+    seen = []
+    c.planChanged.connect(lambda plan: seen.append(plan.default.prune.sparsity))
+    for i in range(1, 41):
+        window._edit(SetPruneTarget, drag=True, mode="sparsity", value=i / 50)
+    assert len(seen) < 40  # coalesced, not one re-plan per mouse move
+    window._end_drag()
+    assert c.plan.default.prune.sparsity == pytest.approx(0.8)
+    window._undo()
+    assert c.plan.default.prune.sparsity == 0.0
+    assert any(k.toString() == "Ctrl+Y" for k in window.act_redo.shortcuts())
+    window.act_redo.trigger()
+    assert c.plan.default.prune.sparsity == pytest.approx(0.8)
