@@ -169,6 +169,9 @@ def slider_drag(app, tmp: Path, *, steps: int) -> dict:
         pos = int(round((i + 1) * 950 / steps))
         t1 = time.perf_counter()
         slider.setValue(pos)  # the same signal a mouse drag emits, synchronously handled
+        # Drag edits are throttled (at most one per EDIT_THROTTLE_MS); flushing applies this
+        # step now, so every timed step pays the full re-plan, not a coalesced no-op.
+        window._flush_drags()
         t2 = time.perf_counter()
         app.processEvents()  # what the event loop does next: repaint the widgets that changed
         t3 = time.perf_counter()

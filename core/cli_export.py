@@ -64,7 +64,7 @@ def _data(result, path: str | None):
     from core.data import demo_data_for, load_data
 
     if path:
-        return load_data(path)
+        return load_data(path, result.original)
     if not result.original.can_run:
         return None
     split = demo_data_for(result.original)

@@ -107,6 +107,9 @@ def describe(loaded: LoadedModel) -> dict[str, Any]:
         out["opened_weights_only_reason"] = str(loaded.metadata["opened_weights_only_reason"])
     if loaded.example_input is not None:
         out["input_shape"] = list(loaded.example_input.shape[1:])
+    if isinstance(loaded.metadata.get("hf"), dict):
+        # Hugging Face folders: architecture, head kind, pooling and what fidelity measures.
+        out["hf"] = dict(loaded.metadata["hf"])
     if loaded.metadata.get("detected") == "packed":
         # A packed archive runs as its base model, so `format` is the base's; say what the file
         # is, and leave out the base's recorded accuracy, which is not the compressed model's.
@@ -156,6 +159,12 @@ def _table(desc: dict[str, Any]) -> str:
         head.append(f"note    {escape_name(desc['opened_weights_only_reason'])}")
     if "test_accuracy" in desc:
         head.append(f"test accuracy (recorded)  {desc['test_accuracy']:.4f}")
+    if "hf" in desc:
+        hf = desc["hf"]
+        head.append(
+            f"hf      {hf['architecture']} ({hf['kind']}); tokenizer "
+            f"{'yes' if hf['tokenizer'] else 'no'}; fidelity: {hf['fidelity']}"
+        )
     cols = (
         "layer",
         "type",
@@ -226,7 +235,7 @@ def run(args: argparse.Namespace) -> int:
         print(f"workbench inspect: warning: {note}", file=sys.stderr)
     desc = describe(loaded)
     if args.data is not None:
-        data = load_data(args.data)
+        data = load_data(args.data, loaded)
         check = check_data(loaded, data)
         desc["data"] = {
             "file": str(args.data),
@@ -258,12 +267,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         ),
     )
     p.add_argument(
-        "model", metavar="MODEL", help="model file or built-in demo (demo:mlp, demo:cnn)"
+        "model", metavar="MODEL", help="model file, Hugging Face folder or demo:mlp / demo:cnn"
     )
     p.add_argument(
         "--data",
         metavar="FILE",
-        help=".npz or .pt with 'x' and optional integer 'y'; checked against the model",
+        help=".npz or .pt with 'x' and optional integer 'y' (.txt/.jsonl text for a Hugging Face "
+        "folder); checked against the model",
     )
     p.add_argument(
         "--trust",

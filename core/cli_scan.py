@@ -25,12 +25,14 @@ _BITS_COLUMNS = (8, 6, 4, 3, 2)
 
 def add_model_options(p: argparse.ArgumentParser) -> None:
     """Options `scan` and `plan` share: model, data, criterion, cache."""
-    p.add_argument("model", metavar="MODEL", help="model file or demo:mlp / demo:cnn")
+    p.add_argument(
+        "model", metavar="MODEL", help="model file, Hugging Face folder or demo:mlp / demo:cnn"
+    )
     p.add_argument(
         "--data",
         metavar="FILE",
-        help=".npz/.pt with 'x' and optional 'y' (split 80/20; the 20%% is scanned). Demos use "
-        "the built-in digits",
+        help=".npz/.pt with 'x' and optional 'y', or .txt/.jsonl text for a Hugging Face "
+        "folder (split 80/20; the 20%% is scanned). Demos use the built-in digits",
     )
     p.add_argument(
         "--method",

@@ -258,13 +258,24 @@ def make_dataset(x: Any, y: Any = None, name: str = "data") -> Dataset:
     return Dataset(xt, yt, name)
 
 
-def load_data(path: str | Path) -> Dataset:
+def load_data(path: str | Path, model: LoadedModel | None = None) -> Dataset:
     """Read a ``.npz`` or ``.pt`` file holding ``x`` and optional ``y``.
 
     The container is detected from content (an ``.npz`` is a zip of ``.npy`` members; a
     torch file is read with ``weights_only=True``). Raises `DataError` naming the file, what
-    is wrong and what to do.
+    is wrong and what to do. Text data (``.txt``/``.jsonl``) is tokenized with ``model``'s
+    Hugging Face tokenizer (`core.text_data`).
     """
+    from core.text_data import is_text_data, load_text_data
+
+    if is_text_data(path):
+        if model is None:
+            raise DataError(
+                "text data needs a model's tokenizer; open the model first",
+                path=str(path),
+                hint="open a Hugging Face model folder, then its text data",
+            )
+        return load_text_data(path, model)
     try:
         return _load_data(path)
     except CORRUPT_CONTAINER_ERRORS as exc:

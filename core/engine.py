@@ -19,10 +19,12 @@ import torch
 from torch import nn
 
 from core.errors import CompressionError
+from core.methods import prune_method
 from core.model import LayerInfo, LoadedModel
 from core.packed import tensor_packed_bytes
 from core.plan import (
     GRADIENT_METHODS,
+    SCORE_ALIASES,
     STRUCTURED_METHODS,
     CompressionPlan,
     LayerConfig,
@@ -268,9 +270,9 @@ def layer_mask(
     from core.stats import score_tensor
 
     method = cfg.prune.method
-    if method == "nm":
+    if prune_method(method).semi_structured:
         return nm_mask(weight, cfg.prune.n, cfg.prune.m)
-    scores = score_tensor(method, weight.detach(), grad)
+    scores = score_tensor(SCORE_ALIASES.get(method, method), weight.detach(), grad)
     if method in STRUCTURED_METHODS:
         if count is not None:
             rows = count_mask(scores.reshape(-1), count)
@@ -397,6 +399,7 @@ def compress(
     *,
     progress: ProgressFn = no_progress,
     cancel: CancelToken | None = None,
+    calibration=None,
 ) -> CompressionResult:
     """Apply ``plan`` to a copy of ``loaded``.
 
@@ -411,6 +414,11 @@ def compress(
         (via `core.estimate.preview`) and gradient statistics.
     progress, cancel
         Progress callback and cancel token, checked between layers.
+    calibration
+        `core.data.Dataset` (the training split) for the methods that read layer inputs
+        (``obs``/``obs_nm`` pruning, ``gptq`` rounding, bias correction; `core.second_order`).
+        Those layers are then processed in call order, each from the inputs the already
+        compressed layers produce.
 
     Returns
     -------
@@ -420,15 +428,21 @@ def compress(
     Raises
     ------
     CompressionError
-        The plan names unknown layers, needs gradients that were not recorded, or asks to
-        remove channels from a model that cannot be re-shaped.
+        The plan names unknown layers, needs gradients that were not recorded, asks to
+        remove channels from a model that cannot be re-shaped, or uses a calibration method
+        without calibration data (or on a model whose layers cannot be hooked).
     Cancelled
         When ``cancel`` fires; the original is untouched and nothing is returned.
     """
     from core.estimate import preview
     from core.model_io import clone_model
 
+    from core import second_order
+
     _check_plan(loaded, plan, stats)
+    calibrated = second_order.plan_needs_calibration(plan, list(stats.layers))
+    if calibrated:
+        second_order.check_calibration(loaded, calibration)
     _check(cancel)
     progress(0.0, "computing thresholds")
     pv = preview(stats, plan)
@@ -468,7 +482,13 @@ def compress(
     quantized: dict[str, QuantizedTensor] = {}
     reports = []
     current = named_tensors(module)
-    for i, layer in enumerate(layers):
+    recon = None
+    if calibrated:
+        recon = second_order.Reconstructor(work, calibration, progress=progress, cancel=cancel)
+        order = recon.order(layers)
+    else:
+        order = layers
+    for i, layer in enumerate(order):
         _check(cancel)
         progress(0.5 + 0.5 * i / n, f"quantizing {layer.name}")
         cfg = plan.config_for(layer.name)
@@ -476,19 +496,28 @@ def compress(
         mask = masks.get(layer.tensor)
         qt = None
         with torch.no_grad():
-            if not cfg.skip and cfg.quant.active:
+            bias = bias_name(layer, current)
+            if recon is not None and second_order.needs_calibration(cfg):
+                qt, mask = recon.apply_(
+                    layer, cfg, w, mask, current[bias] if bias is not None else None
+                )
+                if mask is not None:
+                    masks[layer.tensor] = mask
+                if qt is not None:
+                    quantized[layer.tensor] = qt
+            elif not cfg.skip and cfg.quant.active:
                 qt = quantize(
                     w,
                     cfg.quant.bits,
                     symmetric=cfg.quant.symmetric,
                     per_channel=cfg.quant.per_channel,
                     mask=mask,
+                    group_size=cfg.quant.group_size,
                 )
                 w.copy_(dequantize(qt).to(w.dtype))
                 quantized[layer.tensor] = qt
             elif mask is not None:
                 w.mul_(mask.to(w.dtype))
-            bias = bias_name(layer, current)
             if not cfg.skip and cfg.quant.bias_bits is not None and bias is not None:
                 b = current[bias]
                 bqt = quantize(
@@ -509,6 +538,9 @@ def compress(
                 layer.tensor in masks,
             )
         )
+    if recon is not None:
+        rank = {layer.name: i for i, layer in enumerate(layers)}
+        reports.sort(key=lambda r: rank[r.name])
     progress(1.0, "compressed")
     # A cancel that arrives with the last progress message still wins: a cancelled run
     # never hands back a result.

@@ -24,6 +24,12 @@ What is exact and what is estimated
   from the index (N:M: order statistics of the ``|w|`` distribution) and quantization noise
   ``nnz * delta**2 / 12`` from the absmax/range of the weights (per channel: the mean of
   ``delta_c**2``).
+* The SQNR is the round-to-nearest bound: it is computed for magnitude-style masks and
+  round-to-nearest codes. Group-wise scales (``group_size``) use the per-channel step (a group's
+  range is never wider than its row's), and the second-order methods (``obs``/``obs_nm``
+  pruning, ``gptq`` rounding, bias correction, `core.second_order`) change which weights are
+  kept and how they round, not how many or how many bytes, so sparsity and bytes stay exact
+  while their measured error after compression is typically lower than this bound.
 * With ``remove_channels`` the archive also loses the consumers' input columns, which the
   preview does not model: it counts the pruned channels as masked rows (an upper bound).
 """
@@ -36,6 +42,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from core.errors import CompressionError
+from core.methods import prune_method
 from core.packed import (
     ST_DTYPES,
     TensorSpec,
@@ -45,6 +52,7 @@ from core.packed import (
 )
 from core.plan import GRADIENT_METHODS, STRUCTURED_METHODS, CompressionPlan
 from core.pruning import nm_pruned_count
+from core.quantization import n_quant_params
 from core.selection import energy_for_count, global_counts, index_threshold, target_count
 from core.stats import _BIN_HI, _BIN_LO, ModelStats, ScoreIndex, TensorStats
 
@@ -301,7 +309,7 @@ def preview(stats: ModelStats, plan: CompressionPlan) -> PlanPreview:
         pruned, pruned_energy, structured = 0, 0.0, False
         if not cfg.skip and prune.active:
             method = prune.method
-            if method == "nm":
+            if prune_method(method).semi_structured:
                 pruned = nm_pruned_count(shape, prune.n, prune.m)
                 pruned_energy = _nm_pruned_energy(ts.scores["magnitude"], prune.n, prune.m, pruned)
             else:
@@ -328,6 +336,7 @@ def preview(stats: ModelStats, plan: CompressionPlan) -> PlanPreview:
         bits = quant.bits if (not cfg.skip and quant.active) else None
         symmetric = bool(quant.symmetric) if bits else False
         per_channel = bool(quant.per_channel) if bits else False
+        group = quant.group_size if bits else None
         qnoise = 0.0
         step_sq = 0.0
         if bits:
@@ -344,6 +353,7 @@ def preview(stats: ModelStats, plan: CompressionPlan) -> PlanPreview:
                 per_channel=per_channel,
                 structured=structured and nnz < numel,
                 dtype=ts.dtype,
+                group_size=group,
             )
         if not cfg.skip and quant.bias_bits is not None:
             bias = _bias_spec(layer, state_shapes, quant.bias_bits, bool(quant.symmetric))
@@ -358,7 +368,7 @@ def preview(stats: ModelStats, plan: CompressionPlan) -> PlanPreview:
             step = _entropy_step(ts, bits, symmetric, per_channel)
             h_mag, p_nonzero = code_entropy(kbins, kcounts, step)
             value_bits = nnz * (h_mag + p_nonzero * _h2(ts.neg_fraction))
-            n_params = shape[0] if (per_channel and shape) else 1
+            n_params = n_quant_params(shape, per_channel=per_channel, group_size=group)
             side = quant_param_bytes(bits, n_params, symmetric=symmetric)
         else:
             value_bits = nnz * 8.0 * itemsize

@@ -8,6 +8,7 @@ by these two).
 
 from __future__ import annotations
 
+import math
 import statistics
 import time
 from collections.abc import Iterator
@@ -41,6 +42,12 @@ class EvalResult:
     latency_ms_per_batch: float | None
     latency_batch: int
     classifier: bool
+    #: Causal language models (Hugging Face folders): perplexity of the real next tokens and
+    #: the share of them where the argmax prediction equals the reference's.
+    perplexity: float | None = None
+    next_token_agreement: float | None = None
+    #: What fidelity means for this model (e.g. "cosine of the pooled sentence embedding").
+    fidelity_metric: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -202,6 +209,11 @@ def evaluate(
     seen = 0
     classifier = False
     first_batch: torch.Tensor | None = None
+    hf = loaded.metadata.get("hf") if isinstance(loaded.metadata.get("hf"), dict) else {}
+    causal = hf.get("kind") == "causal_lm"
+    nll = 0.0
+    tokens = 0
+    token_agree = 0
     fixed = fixed_batch(loaded)
     if reference is not None and fixed is None:
         fixed = fixed_batch(reference)
@@ -231,6 +243,16 @@ def evaluate(
                     a = out.reshape(out.shape[0], -1).double()
                     b = ref.reshape(ref.shape[0], -1).double()
                     cos_sum += float(torch.nn.functional.cosine_similarity(a, b, dim=1).sum())
+                if causal:
+                    from core.hf import next_token_stats
+
+                    ref_out = ref if reference is not None else None
+                    batch_nll, batch_tokens, batch_agree = next_token_stats(out, x[:real], ref_out)
+                    nll, tokens, token_agree = (
+                        nll + batch_nll,
+                        tokens + batch_tokens,
+                        token_agree + batch_agree,
+                    )
                 seen += real
                 progress(min(seen / n, 1.0) * (0.9 if latency else 1.0), "evaluating")
     lat = None
@@ -251,4 +273,9 @@ def evaluate(
         latency_ms_per_batch=lat,
         latency_batch=0 if first_batch is None else int(first_batch.shape[0]),
         classifier=classifier,
+        perplexity=math.exp(nll / tokens) if causal and tokens else None,
+        next_token_agreement=(token_agree / tokens)
+        if causal and tokens and reference is not None
+        else None,
+        fidelity_metric=hf.get("fidelity"),
     )

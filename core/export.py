@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextvars
 import math
+import shutil
 import statistics
 import tempfile
 import time
@@ -33,7 +34,9 @@ from core.outdir import atomic_write
 from core.packed import load_packed, write_packed
 from core.progress import CancelToken, ProgressFn, no_progress, scaled
 
-EXPORT_FORMATS = ("packed", "onnx", "onnx-int8", "torchscript", "state_dict", "safetensors", "pt2")
+EXPORT_FORMATS = (
+    "packed", "onnx", "onnx-int8", "torchscript", "state_dict", "safetensors", "pt2", "hf",
+)  # fmt: skip
 
 #: File name written into the output directory per format.
 FILE_NAMES = {
@@ -44,6 +47,8 @@ FILE_NAMES = {
     "state_dict": "model.pt",
     "safetensors": "model.safetensors",
     "pt2": "model.pt2",
+    # A folder: config.json + tokenizer files + compressed model.safetensors (core.hf).
+    "hf": "hf_model",
 }
 
 #: Samples used to verify an export against the PyTorch model and to time it.
@@ -538,6 +543,32 @@ def _export_onnx_int8(result, path, x, force, cancel, int8_mode: str = "auto"):
     return diff, lat, how + _batch_note(result)
 
 
+def _export_hf(result, path, x, force, cancel):
+    from core.hf import HFForward, write_hf_folder
+
+    if result.removed_channels:
+        raise ExportError(
+            "removed channels change layer shapes, which the model's config.json cannot "
+            "describe",
+            path=result.original.source,
+            hint="export packed/onnx instead, or compress without channel removal",
+        )
+    if cancel is not None:
+        cancel.check()
+    write_hf_folder(result.compressed, path, force=force)
+    diff = lat = None
+    if x is not None:
+        # Reopened the way a user would: the class from_pretrained on the local folder.
+        wrapper = result.compressed.module
+        reloaded = type(wrapper.hf).from_pretrained(
+            str(path), local_files_only=True, trust_remote_code=False
+        )
+        module = HFForward(reloaded.eval(), wrapper.kind, wrapper.pooling, wrapper.normalize)
+        diff = _max_abs_diff(_forward(module, x), _forward(wrapper, x))
+        lat = _torch_latency(module, x)
+    return diff, lat, "Hugging Face folder (config, tokenizer, compressed model.safetensors)"
+
+
 _WRITERS = {
     "packed": _export_packed,
     "onnx": _export_onnx,
@@ -546,6 +577,7 @@ _WRITERS = {
     "state_dict": _export_state_dict,
     "safetensors": _export_safetensors,
     "pt2": _export_pt2,
+    "hf": _export_hf,
 }
 
 
@@ -619,13 +651,20 @@ def export(
     return ExportRecord(
         format=fmt,
         path=target,
-        bytes_on_disk=target.stat().st_size,
+        bytes_on_disk=_disk_bytes(target),
         max_abs_diff=diff,
         latency_ms=lat,
         note=note,
         batch=None if (x is None or lat is None) else int(x.shape[0]),
         extra=extra,
     )
+
+
+def _disk_bytes(target: Path) -> int:
+    """Size of an export: the file, or every file in an exported folder."""
+    if target.is_dir():
+        return sum(p.stat().st_size for p in target.rglob("*") if p.is_file())
+    return target.stat().st_size
 
 
 #: Formats that run or trace the model, so they need a forward pass.
@@ -658,6 +697,12 @@ def check_formats(loaded: Any, formats: Sequence[str], *, has_input: bool = True
                 path=loaded.source,
                 hint="export packed/state_dict/safetensors only, or compress the model's "
                 "TorchScript or .pt2 file instead",
+            )
+        if fmt == "hf" and not isinstance(loaded.metadata.get("hf"), dict):
+            raise ExportError(
+                "the hf export needs a model opened from a Hugging Face folder",
+                path=loaded.source,
+                hint="open the model's folder (config.json + weights), or choose another format",
             )
         if fmt == "pt2" and isinstance(loaded.module, torch.jit.ScriptModule):
             raise ExportError(
@@ -732,7 +777,10 @@ def export_all(
             )
     except BaseException:
         for path in created:
-            path.unlink(missing_ok=True)
+            if path.is_dir():
+                shutil.rmtree(path, ignore_errors=True)
+            else:
+                path.unlink(missing_ok=True)
         raise
     return records
 

@@ -30,6 +30,8 @@ from core.model import LayerInfo, LoadedModel
 WEIGHT_TYPES = {
     "Linear", "Bilinear", "Conv1d", "Conv2d", "Conv3d", "ConvTranspose1d", "ConvTranspose2d",
     "ConvTranspose3d", "Embedding", "EmbeddingBag",
+    # transformers' GPT-2 style Conv1D: a Linear with its weight stored [in, out].
+    "Conv1D",
 }  # fmt: skip
 RNN_TYPES = {"LSTM", "GRU", "RNN", "LSTMCell", "GRUCell", "RNNCell"}
 ATTENTION_TYPES = {"MultiheadAttention"}

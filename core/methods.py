@@ -49,6 +49,11 @@ class PruneMethod:
         A fixed pattern per group (N:M); the sparsity is ``n / m``, not a free target.
     layer_scope_only
         A model-wide setting of this method cannot pool layers into one global threshold.
+    needs_calibration
+        The mask is chosen and the kept weights are updated from calibration inputs
+        (`core.second_order`); ``score`` then only sizes the per-layer count for the preview.
+    score_alias
+        The method whose analysed score index this one shares (same score, no second index).
     """
 
     name: str
@@ -59,6 +64,8 @@ class PruneMethod:
     structured: bool = False
     semi_structured: bool = False
     layer_scope_only: bool = False
+    needs_calibration: bool = False
+    score_alias: str | None = None
 
     @property
     def has_score(self) -> bool:
@@ -259,11 +266,45 @@ register_prune_method(
     )
 )
 
+register_prune_method(
+    PruneMethod(
+        "obs",
+        "OBS / SparseGPT",
+        "Second-order one-shot pruning (SparseGPT): per layer, the mask is chosen by the OBS "
+        "saliency w^2 / [H^-1]_qq of the inputs' Gram matrix H and the kept weights are updated "
+        "to compensate; needs calibration data. Per-layer counts follow magnitude.",
+        score=_magnitude,
+        needs_calibration=True,
+        score_alias="magnitude",
+    )
+)
+register_prune_method(
+    PruneMethod(
+        "obs_nm",
+        "OBS N:M (2:4)",
+        "N:M semi-structured pattern chosen by the OBS saliency, kept weights updated to "
+        "compensate (SparseGPT); needs calibration data.",
+        semi_structured=True,
+        layer_scope_only=True,
+        needs_calibration=True,
+    )
+)
+
 register_quantizer(
     Quantizer(
         "rtn",
         "Round to nearest",
         "Uniform affine quantization: each weight is rounded to the nearest grid level.",
+    )
+)
+register_quantizer(
+    Quantizer(
+        "gptq",
+        "GPTQ",
+        "Columns are rounded one after another; each rounding error is compensated on the "
+        "not yet rounded columns through the inverse Hessian of the layer's inputs (GPTQ); "
+        "needs calibration data.",
+        needs_data=True,
     )
 )
 

@@ -8,7 +8,7 @@ from typing import Any
 import torch
 
 #: Formats `LoadedModel.format` can take.
-FORMATS = ("demo", "eager", "torchscript", "pt2", "state_dict", "safetensors")
+FORMATS = ("demo", "eager", "torchscript", "pt2", "state_dict", "safetensors", "hf")
 
 
 @dataclass(frozen=True)

@@ -42,9 +42,17 @@ from core.limits import (
 )
 from core.model import LoadedModel
 from core.outdir import atomic_write
-from core.plan import MAX_BITS, MIN_BITS, RECIPE_VERSION, CompressionPlan, LayerConfig
+from core.plan import (
+    MAX_BITS,
+    MAX_GROUP,
+    MIN_BITS,
+    MIN_GROUP,
+    RECIPE_VERSION,
+    CompressionPlan,
+    LayerConfig,
+)
 from core.progress import CancelToken, ProgressFn, no_progress, scaled
-from core.quantization import QuantizedTensor, dequantize
+from core.quantization import QuantizedTensor, dequantize, expand_params, n_quant_params
 
 #: Value of ``__metadata__["format"]`` identifying our archives.
 FORMAT_ID = "workbench.packed"
@@ -236,13 +244,15 @@ def layout_entry(
     per_channel: bool = False,
     pattern: PatternChoice | None = None,
     zstd_bytes: int | None = None,
+    group_size: int | None = None,
 ) -> list:
     """One element of the metadata ``layout`` list (see docs/packed-format.md).
 
     Raw dense tensors: ``[name, shape]`` (float32) or ``[name, shape, dtype]``. Coded tensors:
     ``[name, shape, bits, flags, pattern]`` plus ``zstd_bytes`` when the codes are entropy
     coded; ``bits`` 0 means raw values (no quantization), ``flags`` = 1 (symmetric) +
-    2 (per-channel) + 4 * index of the dtype in `CODED_DTYPES`; ``pattern`` is 0 (dense),
+    2 (per-channel) + 4 * index of the dtype in `CODED_DTYPES` + 16 * group size (0: no
+    groups; see `core.quantization` for group-wise scales); ``pattern`` is 0 (dense),
     1 (bitmask), 2 (row mask) or ``[index_bits, entries]`` (relative index).
     """
     shape = [int(s) for s in shape]
@@ -258,6 +268,7 @@ def layout_entry(
     else:
         pat = PATTERN_CODES[pattern.kind]
     flags = int(symmetric) + 2 * int(per_channel) + 4 * CODED_DTYPES.index(dtype)
+    flags += 16 * int(group_size or 0)
     entry = [name, shape, bits or 0, flags, pat]
     if zstd_bytes is not None:
         entry.append(int(zstd_bytes))
@@ -343,6 +354,7 @@ class TensorSpec:
     per_channel: bool = False
     structured: bool = False
     dtype: str = "F32"
+    group_size: int | None = None
 
     @property
     def numel(self) -> int:
@@ -352,7 +364,7 @@ class TensorSpec:
     def n_params(self) -> int:
         if self.bits is None:
             return 0
-        return self.shape[0] if (self.per_channel and len(self.shape) >= 1) else 1
+        return n_quant_params(self.shape, per_channel=self.per_channel, group_size=self.group_size)
 
 
 @dataclass(frozen=True)
@@ -400,6 +412,7 @@ def estimate_archive_bytes(
                 symmetric=s.symmetric,
                 per_channel=s.per_channel and s.bits is not None,
                 pattern=choice,
+                group_size=s.group_size if s.bits is not None else None,
             )
         )
     blob = sum(sizes.values())
@@ -897,13 +910,16 @@ def _encode_tensor(
     n_params = int(qt.scale.numel())
     codes = qt.codes.detach().to(torch.int64).cpu().numpy()
     zp = qt.zero_point.detach().to(torch.int64).cpu().numpy().reshape(-1)
-    if qt.per_channel and n_params != (shape[0] if shape else 1):
-        raise ExportError(f"tensor {name!r}: {n_params} scales for {shape[0]} channels")
+    group = qt.group_size
+    if (qt.per_channel or group) and n_params != n_quant_params(
+        shape, per_channel=qt.per_channel, group_size=group
+    ):
+        raise ExportError(f"tensor {name!r}: {n_params} scales do not fit its shape {shape}")
     if qt.symmetric and not (zp == 2 ** (bits - 1)).all():
         raise ExportError(f"tensor {name!r}: symmetric codes need zero point {2 ** (bits - 1)}")
     if m is not None:
-        zfull = np.broadcast_to(zp.reshape((-1,) + (1,) * (len(shape) - 1)), shape)
-        codes = np.where(m, codes, zfull)
+        zfull = expand_params(torch.from_numpy(zp), torch.Size(shape), group).numpy()
+        codes = np.where(m, codes, np.broadcast_to(zfull, shape))
     choice = actual_pattern(m, bits, 0, spos)
     flat_codes = codes.reshape(-1) if choice.kind == "d" else codes.reshape(-1)[m.ravel()]
     packed_codes = pack_bits(flat_codes, bits)
@@ -927,6 +943,7 @@ def _encode_tensor(
         per_channel=qt.per_channel,
         pattern=choice,
         zstd_bytes=zbytes,
+        group_size=group,
     )
     spec = TensorSpec(
         name,
@@ -937,6 +954,7 @@ def _encode_tensor(
         per_channel=qt.per_channel,
         structured=_mask_structured(m),
         dtype=dtype,
+        group_size=group,
     )
     pat_ent = _pattern_entropy_bits(m, choice, parts[0])
     ent_bytes = math.ceil((_entropy_bits(flat_codes) + pat_ent) / 8) + len(parts[2]) + len(parts[3])
@@ -1167,7 +1185,8 @@ def _check_layout(layout: object, blob_size: int, file_bytes: int, path: Path) -
         bits = entry[2]
         if bits != 0:
             bits = _int_field(bits, MIN_BITS, MAX_BITS, f"tensor {shown!r}: bits")
-        flags = _int_field(entry[3], 0, 4 * len(CODED_DTYPES) - 1, f"tensor {shown!r}: flags")
+        flags = _int_field(entry[3], 0, 16 * (MAX_GROUP + 1) - 1, f"tensor {shown!r}: flags")
+        group = _layout_group(flags, bits, shown)
         pat = entry[4]
         if isinstance(pat, list):
             if len(pat) != 2:
@@ -1178,7 +1197,7 @@ def _check_layout(layout: object, blob_size: int, file_bytes: int, path: Path) -
             raise ValueError(f"tensor {shown!r} has unknown pattern code {str(pat)[:20]!r}")
         if pat == PATTERN_CODES["c"] and not shape:
             raise ValueError(f"tensor {shown!r}: a row mask needs at least one dimension")
-        itemsize = ST_DTYPES[CODED_DTYPES[flags >> 2]]
+        itemsize = ST_DTYPES[CODED_DTYPES[(flags >> 2) & 3]]
         fixed += pattern_nbytes(pat, shape)
         decoded += numel * itemsize + (0 if pat == 0 else numel)
         if len(entry) == 6:
@@ -1186,7 +1205,7 @@ def _check_layout(layout: object, blob_size: int, file_bytes: int, path: Path) -
                 raise ValueError(f"tensor {shown!r}: only codes can be entropy coded")
             fixed += _int_field(entry[5], 0, blob_size, f"tensor {shown!r}: zstd bytes")
         if bits:
-            n_params = shape[0] if (flags & 2 and shape) else 1
+            n_params = n_quant_params(shape, per_channel=bool(flags & 2), group_size=group)
             fixed += 4 * n_params + (0 if flags & 1 else _ceil_bytes(n_params * bits))
             decoded += 4 * numel  # int32 codes kept beside the dequantized values
             if pat == 0 and len(entry) == 5:
@@ -1204,6 +1223,19 @@ def _check_layout(layout: object, blob_size: int, file_bytes: int, path: Path) -
     )
 
 
+def _layout_group(flags: int, bits: int, shown: str) -> int | None:
+    """The group size a layout entry's flags carry (``flags >> 4``), checked."""
+    group = flags >> 4
+    if not group:
+        return None
+    if bits == 0 or not flags & 2 or group < MIN_GROUP:
+        raise ValueError(
+            f"tensor {shown!r}: group size {group} needs codes, per-channel scales and "
+            f"at least {MIN_GROUP} inputs per group"
+        )
+    return group
+
+
 def _decode_entry(
     entry: list, cur: _Cursor
 ) -> tuple[str, torch.Tensor, QuantizedTensor | None, torch.Tensor | None]:
@@ -1217,8 +1249,9 @@ def _decode_entry(
         return name, _from_raw(cur.take(size), dtype, shape), None, None
     bits, flags, pat = int(entry[2]), int(entry[3]), entry[4]
     zlen = int(entry[5]) if len(entry) > 5 else None
-    dtype = _ST_TO_TORCH[CODED_DTYPES[flags >> 2]]
+    dtype = _ST_TO_TORCH[CODED_DTYPES[(flags >> 2) & 3]]
     symmetric, per_channel = bool(flags & 1), bool(flags & 2)
+    group = (flags >> 4) or None
     mask_np = decode_pattern(pat, shape, cur.take(pattern_nbytes(pat, shape)))
     count = numel if mask_np is None else int(mask_np.sum())
     mask = None if mask_np is None else torch.from_numpy(mask_np.copy())
@@ -1240,14 +1273,14 @@ def _decode_entry(
         if _ceil_bytes(count * bits) > cur.left:
             check_alloc(count, 1, cur.left * 8 // bits, shown, cur.path)
         values = unpack_bits(cur.take(_ceil_bytes(count * bits)), count, bits)
-    n_params = shape[0] if (per_channel and shape) else 1
+    n_params = n_quant_params(shape, per_channel=per_channel, group_size=group)
     scale = torch.from_numpy(np.frombuffer(cur.take(4 * n_params), dtype="<f4").astype(np.float32))
     if symmetric:
         zp = np.full(n_params, 2 ** (bits - 1), dtype=np.int64)
     else:
         zp = unpack_bits(cur.take(_ceil_bytes(n_params * bits)), n_params, bits)
-    zfull = np.broadcast_to(zp.reshape((-1,) + (1,) * (len(shape) - 1)), shape)
-    codes = np.array(zfull, dtype=np.int64)
+    zfull = expand_params(torch.from_numpy(zp), torch.Size(shape), group).numpy()
+    codes = np.array(np.broadcast_to(zfull, shape), dtype=np.int64)
     if mask_np is None:
         codes = values.reshape(shape)
     else:
@@ -1260,6 +1293,7 @@ def _decode_entry(
         symmetric=symmetric,
         per_channel=per_channel,
         mask=mask,
+        group_size=group,
     )
     return name, dequantize(qt).to(dtype), qt, mask
 

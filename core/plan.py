@@ -25,7 +25,7 @@ from typing import Any
 
 from core.errors import RecipeError
 from core.limits import MAX_RECIPE_BYTES, load_json
-from core.methods import prune_method, prune_method_names, prune_methods
+from core.methods import prune_method, prune_method_names, prune_methods, quantizers
 
 RECIPE_VERSION = 1
 
@@ -33,12 +33,18 @@ RECIPE_VERSION = 1
 PRUNE_METHODS = tuple(m.name for m in prune_methods())
 STRUCTURED_METHODS = prune_method_names(structured=True)
 GRADIENT_METHODS = prune_method_names(needs_gradients=True)
+#: Method -> the method whose score index it shares in `core.stats`.
+SCORE_ALIASES = {m.name: m.score_alias for m in prune_methods() if m.score_alias}
 PRUNE_MODES = ("sparsity", "threshold")
 #: How a model-wide default's sparsity target is met: per layer, or one threshold pooled over
 #: every layer that follows the default ("global"). Not to be confused with the *edit target*
 #: of a session (selected layers vs whole model, `core.session`).
 SCOPES = ("layer", "global")
 MIN_BITS, MAX_BITS = 2, 16
+#: Quantizers (rounding rules), from the method registry: the recipe spellings.
+QUANT_METHODS = tuple(q.name for q in quantizers())
+#: Allowed group sizes of group-wise scales (inputs per scale).
+MIN_GROUP, MAX_GROUP = 4, 65536
 
 #: One sentence per method, shown as tooltips and in `workbench compress --help`.
 METHOD_HELP = {m.name: m.help for m in prune_methods()}
@@ -116,7 +122,7 @@ class PruneConfig:
     def active(self) -> bool:
         if self.method == "none":
             return False
-        if self.method == "nm":
+        if prune_method(self.method).semi_structured:
             return True
         if self.mode == "sparsity":
             return self.sparsity > 0.0
@@ -130,14 +136,42 @@ class QuantConfig:
     ``bias_bits``: also quantize the layer's bias (per-tensor, same symmetry) to this width;
     ``None`` keeps it float32. Biases are few but in a tiny, heavily pruned model their raw
     float32 bytes can be a third of the archive.
+    ``method``: the rounding rule from the quantizer registry (`core.methods`): ``"rtn"``
+    (round to nearest) or ``"gptq"`` (column-wise with second-order error feedback, needs
+    calibration data). ``group_size``: one scale/zero point per run of that many inputs of
+    each output channel (`core.quantization`); ``None`` for per-channel/per-tensor.
+    ``bias_correction``: shift the layer's bias by the mean output change its weight error
+    causes on calibration inputs (needs calibration data).
     """
 
     bits: int | None = None
     symmetric: bool = True
     per_channel: bool = False
     bias_bits: int | None = None
+    method: str = "rtn"
+    group_size: int | None = None
+    bias_correction: bool = False
 
     def __post_init__(self) -> None:
+        _require(
+            isinstance(self.method, str) and self.method in QUANT_METHODS,
+            "method",
+            f"{self.method!r} is not one of {', '.join(QUANT_METHODS)}",
+        )
+        _require(
+            self.group_size is None
+            or (_is_int(self.group_size) and MIN_GROUP <= self.group_size <= MAX_GROUP),
+            "group_size",
+            f"{self.group_size!r} is out of range {MIN_GROUP}..{MAX_GROUP}",
+            hint="typical values are 32, 64 or 128; use null for per-channel/per-tensor scales",
+        )
+        _require(
+            self.group_size is None or self.per_channel is True,
+            "group_size",
+            "group-wise scales refine per-channel ones and need per_channel true",
+            hint="set per_channel to true or group_size to null",
+        )
+        _require(isinstance(self.bias_correction, bool), "bias_correction", "expected true or false")
         for name in ("bits", "bias_bits"):
             value = getattr(self, name)
             _require(
@@ -403,9 +437,14 @@ def _quant_from(data: Any, where: str) -> QuantConfig:
     for key in ("bits", "bias_bits"):
         if key in data:
             kw[key] = None if data[key] is None else _typed(data[key], int, f"{where}.{key}")
-    for key in ("symmetric", "per_channel"):
+    for key in ("symmetric", "per_channel", "bias_correction"):
         if key in data:
             kw[key] = _typed(data[key], bool, f"{where}.{key}")
+    if "method" in data:
+        kw["method"] = _typed(data["method"], str, f"{where}.method")
+    if "group_size" in data:
+        g = data["group_size"]
+        kw["group_size"] = None if g is None else _typed(g, int, f"{where}.group_size")
     return _built(QuantConfig, where, **kw)
 
 
@@ -467,10 +506,11 @@ def simple_plan(
     ``sparsity`` is the target fraction of zeros over all prunable weights (global scope for
     unstructured methods; per layer for channel and N:M methods, where it is implied).
     """
-    if method in STRUCTURED_METHODS or method == "nm":
+    semi = prune_method(method).semi_structured
+    if method in STRUCTURED_METHODS or semi:
         scope = "layer"
     prune = PruneConfig(
-        method=method if (sparsity > 0 or method == "nm") else "none",
+        method=method if (sparsity > 0 or semi) else "none",
         mode="sparsity",
         sparsity=sparsity,
         scope=scope,

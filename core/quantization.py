@@ -9,7 +9,10 @@ integers ``q`` in ``[qmin, qmax]`` and the dequantized value is ``(q - zero_poin
   ``scale * [-(2**(bits-1) - 1) .. 2**(bits-1) - 1]`` around an exact zero.
 
 Per-channel quantization uses one scale/zero point per slice along axis 0 (output channel /
-row). Pruned weights (``mask == False``) are excluded from the range and dequantize to exactly
+row). Group-wise quantization (``group_size``) refines that: every row (the weight viewed as
+``(shape[0], prod(shape[1:]))``, i.e. output channel x flattened inputs) is cut into runs of
+``group_size`` consecutive inputs, the last run possibly shorter, and each run gets its own
+scale/zero point; the parameters are stored row-major, ``shape[0] * ceil(cols / group_size)``. Pruned weights (``mask == False``) are excluded from the range and dequantize to exactly
 ``0.0``; kept weights whose code equals the zero point also become exactly zero.
 """
 
@@ -28,7 +31,8 @@ class QuantizedTensor:
     """Integer codes plus the affine parameters to restore a float tensor.
 
     ``codes`` has the weight's shape, dtype int32. ``scale`` (float32) and ``zero_point``
-    (int32) have shape ``(1,)`` per-tensor or ``(shape[0],)`` per-channel. ``mask`` (bool, same
+    (int32) have shape ``(1,)`` per-tensor, ``(shape[0],)`` per-channel or
+    ``(shape[0] * n_groups(shape, group_size),)`` group-wise. ``mask`` (bool, same
     shape) marks kept weights; ``None`` means dense.
     """
 
@@ -39,6 +43,7 @@ class QuantizedTensor:
     symmetric: bool
     per_channel: bool
     mask: torch.Tensor | None = None
+    group_size: int | None = None
 
     @property
     def qmin(self) -> int:
@@ -56,13 +61,73 @@ def _broadcast(p: torch.Tensor, ndim: int) -> torch.Tensor:
     return p.reshape((-1,) + (1,) * (ndim - 1)) if p.numel() > 1 else p.reshape(())
 
 
+def _rows_cols(shape: tuple[int, ...] | torch.Size) -> tuple[int, int]:
+    """The ``(output channels, flattened inputs)`` matrix view group-wise scales work on."""
+    if len(shape) == 0:
+        return 1, 1
+    return int(shape[0]), math.prod(int(s) for s in shape[1:])
+
+
+def n_groups(shape: tuple[int, ...] | torch.Size, group_size: int) -> int:
+    """Groups per row: ``ceil(cols / group_size)`` (at least 1)."""
+    return max(1, -(-_rows_cols(shape)[1] // group_size))
+
+
+def n_quant_params(
+    shape: tuple[int, ...] | torch.Size, *, per_channel: bool, group_size: int | None = None
+) -> int:
+    """Number of (scale, zero point) pairs a tensor of ``shape`` is quantized with."""
+    if group_size is not None:
+        return _rows_cols(shape)[0] * n_groups(shape, group_size)
+    return int(shape[0]) if (per_channel and len(shape) >= 1) else 1
+
+
+def expand_params(p: torch.Tensor, shape: torch.Size, group_size: int | None) -> torch.Tensor:
+    """``p`` (one value per tensor/channel/group) broadcastable against a tensor of ``shape``."""
+    if group_size is None:
+        return _broadcast(p, len(shape))
+    rows, cols = _rows_cols(shape)
+    per_row = p.reshape(rows, n_groups(shape, group_size))
+    return per_row.repeat_interleave(group_size, dim=1)[:, :cols].reshape(shape)
+
+
+def _grouped(t: torch.Tensor, group_size: int, fill: float | bool) -> torch.Tensor:
+    """``t`` as ``(rows * n_groups, group_size)``, the last group of each row padded."""
+    rows, cols = _rows_cols(t.shape)
+    g = n_groups(t.shape, group_size)
+    flat = t.reshape(rows, cols)
+    pad = g * group_size - cols
+    if pad:
+        flat = torch.cat([flat, torch.full((rows, pad), fill, dtype=t.dtype)], dim=1)
+    return flat.reshape(rows * g, group_size)
+
+
 def quant_params(
-    w: torch.Tensor, bits: int, *, symmetric: bool, per_channel: bool, mask: torch.Tensor | None
+    w: torch.Tensor,
+    bits: int,
+    *,
+    symmetric: bool,
+    per_channel: bool,
+    mask: torch.Tensor | None,
+    group_size: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Scale (float32) and zero point (int32) for ``w`` restricted to ``mask``."""
+    """Scale (float32) and zero point (int32) for ``w`` restricted to ``mask``.
+
+    With ``group_size`` one pair per (row, group of ``group_size`` inputs), row-major.
+    """
     if not MIN_BITS <= bits <= MAX_BITS:
         raise ValueError(f"bits must be in {MIN_BITS}..{MAX_BITS}, got {bits}")
     w = w.detach().to(torch.float32)
+    if group_size is not None:
+        keep = torch.ones_like(w, dtype=torch.bool) if mask is None else mask.to(torch.bool)
+        # padding is excluded like pruned weights, so short last groups get their own range
+        return quant_params(
+            _grouped(w, group_size, 0.0),
+            bits,
+            symmetric=symmetric,
+            per_channel=True,
+            mask=_grouped(keep, group_size, False),
+        )
     finite = torch.isfinite(w)
     keep = finite if mask is None else (finite & mask)
     if per_channel and w.ndim >= 1 and w.shape[0] > 0:
@@ -101,12 +166,19 @@ def quantize(
     symmetric: bool = True,
     per_channel: bool = False,
     mask: torch.Tensor | None = None,
+    group_size: int | None = None,
 ) -> QuantizedTensor:
-    """Quantize ``w`` (after pruning: pass the keep ``mask``) to ``bits``-bit codes."""
-    scale, zp = quant_params(w, bits, symmetric=symmetric, per_channel=per_channel, mask=mask)
+    """Quantize ``w`` (after pruning: pass the keep ``mask``) to ``bits``-bit codes.
+
+    ``group_size``: one scale/zero point per run of that many inputs of each row (see the
+    module docstring); ``None`` keeps per-tensor/per-channel.
+    """
+    scale, zp = quant_params(
+        w, bits, symmetric=symmetric, per_channel=per_channel, mask=mask, group_size=group_size
+    )
     w32 = torch.nan_to_num(w.detach().to(torch.float32), nan=0.0, posinf=0.0, neginf=0.0)
-    s = _broadcast(scale, w.ndim)
-    z = _broadcast(zp, w.ndim)
+    s = expand_params(scale, w.shape, group_size)
+    z = expand_params(zp, w.shape, group_size)
     qmin = 1 if symmetric else 0
     q = torch.clamp(torch.round(w32 / s) + z, qmin, 2**bits - 1).to(torch.int32)
     if mask is not None:
@@ -119,13 +191,14 @@ def quantize(
         symmetric=symmetric,
         per_channel=per_channel,
         mask=None if mask is None else mask.clone(),
+        group_size=group_size,
     )
 
 
 def dequantize(qt: QuantizedTensor) -> torch.Tensor:
     """Float32 tensor ``(codes - zero_point) * scale``; masked-out positions are exactly 0."""
-    s = _broadcast(qt.scale, qt.codes.ndim)
-    z = _broadcast(qt.zero_point, qt.codes.ndim)
+    s = expand_params(qt.scale, qt.codes.shape, qt.group_size)
+    z = expand_params(qt.zero_point, qt.codes.shape, qt.group_size)
     w = (qt.codes - z).to(torch.float32) * s
     if qt.mask is not None:
         w = torch.where(qt.mask, w, torch.zeros_like(w))
@@ -139,7 +212,14 @@ def fake_quantize(
     if cfg.bits is None:
         return w if mask is None else w * mask
     with torch.no_grad():
-        qt = quantize(w, cfg.bits, symmetric=cfg.symmetric, per_channel=cfg.per_channel, mask=mask)
+        qt = quantize(
+            w,
+            cfg.bits,
+            symmetric=cfg.symmetric,
+            per_channel=cfg.per_channel,
+            mask=mask,
+            group_size=cfg.group_size,
+        )
         deq = dequantize(qt)
     out = w + (deq - w).detach()
     return out if mask is None else out * mask

@@ -84,6 +84,12 @@ def report_data(
                 "agreement": after.get("agreement") if after else None,
                 "rel_l2": after.get("rel_l2") if after else None,
                 "cosine": after.get("cosine") if after else None,
+                # Hugging Face folders: what the fidelity numbers measure, and causal LMs'
+                # perplexity (before/after) and next-token agreement.
+                "metric": after.get("fidelity_metric") if after else None,
+                "perplexity_before": before.get("perplexity") if before else None,
+                "perplexity_after": after.get("perplexity") if after else None,
+                "next_token_agreement": after.get("next_token_agreement") if after else None,
                 "latency_ms_before": before.get("latency_ms_per_batch") if before else None,
                 "latency_ms_after": after.get("latency_ms_per_batch") if after else None,
             },
@@ -254,6 +260,23 @@ def render_html(result: Any, data: Mapping[str, Any]) -> str:
             + _row(["top-1 agreement with original", "100.00%", _pct(fid["agreement"])])
             + _row(["relative L2 error of outputs", "0", _fmt(fid["rel_l2"], ".3e")])
             + _row(["cosine similarity of outputs", "1", _fmt(fid["cosine"], ".5f")])
+            + (
+                _row(["fidelity measured as", e(str(fid["metric"])), e(str(fid["metric"]))])
+                if fid.get("metric")
+                else ""
+            )
+            + (
+                _row(
+                    [
+                        "perplexity",
+                        _fmt(fid["perplexity_before"], ".4g"),
+                        _fmt(fid["perplexity_after"], ".4g"),
+                    ]
+                )
+                + _row(["next-token agreement", "100.00%", _pct(fid["next_token_agreement"])])
+                if fid.get("perplexity_after") is not None
+                else ""
+            )
             + _row(
                 [
                     "PyTorch latency (ms/batch)",

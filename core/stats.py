@@ -47,7 +47,7 @@ from torch import nn
 from core.errors import CompressionError, DataError, WorkbenchError
 from core.model import LayerInfo, LoadedModel
 from core.packed import SAFETENSORS_DTYPES
-from core.plan import GRADIENT_METHODS
+from core.plan import GRADIENT_METHODS, SCORE_ALIASES
 from core.progress import CancelToken, ProgressFn, no_progress, scaled
 
 if TYPE_CHECKING:
@@ -805,6 +805,8 @@ def _make_stats(
 ) -> TensorStats:
     lo, hi, mean, std = moments
     hist, hist_log = hists
+    # methods that threshold the same score share its index (no second build)
+    scores.update({m: scores[a] for m, a in SCORE_ALIASES.items() if a in scores})
     absmax = np.maximum(np.abs(rmin), np.abs(rmax))
     span = np.maximum(rmax, 0.0) - np.minimum(rmin, 0.0)
     return TensorStats(

@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from core.errors import CompressionError
+from core.methods import prune_method
 from core.evaluate import (
     batches_for,
     eval_mode,
@@ -88,7 +89,14 @@ def _project(
     """Masked (and quantized-dequantized) value of a master weight, with its codes."""
     if cfg is None or cfg.bits is None:
         return (master if mask is None else master * mask), None
-    qt = quantize(master, cfg.bits, symmetric=cfg.symmetric, per_channel=cfg.per_channel, mask=mask)
+    qt = quantize(
+        master,
+        cfg.bits,
+        symmetric=cfg.symmetric,
+        per_channel=cfg.per_channel,
+        mask=mask,
+        group_size=cfg.group_size,
+    )
     return dequantize(qt), qt
 
 
@@ -339,7 +347,7 @@ def _step_plan(plan: CompressionPlan, step: int, steps: int) -> CompressionPlan:
 
     def _cfg(cfg: LayerConfig) -> LayerConfig:
         prune, quant = cfg.prune, cfg.quant
-        if prune.mode == "sparsity" and prune.method != "nm" and prune.active:
+        if prune.mode == "sparsity" and not prune_method(prune.method).semi_structured and prune.active:
             prune = replace(prune, sparsity=1.0 - (1.0 - prune.sparsity) ** fraction)
         if step < steps:
             quant = replace(quant, bits=None, bias_bits=None)
