@@ -83,6 +83,9 @@ class Controller(QObject):
         self.session.subscribe(self._on_session_event)
         self.preview = None
         self.preview_error = ""
+        #: Archive bytes with nothing compressed ("Before" in the live estimate), per stats.
+        self.baseline_bytes: int | None = None
+        self._baseline_of: object = None
 
     # ------------------------------------------------------------------ jobs
     def busy(self, kind: str | None = None) -> bool:
@@ -344,6 +347,11 @@ class Controller(QObject):
             self.previewUpdated.emit(None)
             return
         try:
+            if self._baseline_of is not self.stats:
+                # Once per analysis: the same archive with an empty plan, so "Before" counts
+                # what "After" counts (buffers, header), not just the fp32 parameters.
+                self.baseline_bytes = preview(self.stats, CompressionPlan()).packed_bytes
+                self._baseline_of = self.stats
             self.preview = preview(self.stats, self.plan)
             self.preview_error = ""
         except WorkbenchError as exc:

@@ -8,6 +8,7 @@ Docks, splitters, geometry, recent files and the last session live in `QSettings
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -26,6 +27,7 @@ from PySide6.QtWidgets import (
     QMessageBox,
     QScrollArea,
     QSplitter,
+    QTabWidget,
     QVBoxLayout,
     QWidget,
 )
@@ -36,9 +38,10 @@ from app.failures import log_unexpected, unexpected_message
 from app.widgets.export_dialog import ExportDialog
 from app.widgets.histogram_view import HistogramView
 from app.widgets.jobs_panel import JobStatus, RecoveryPanel, ResultsPanel, action_button
-from app.widgets.layer_table import LayerTable
+from app.widgets.layer_table import OVERRIDE_MARK, LayerTable
 from app.widgets.prune_panel import PrunePanel
 from app.widgets.quant_panel import QuantPanel
+from app.widgets.runs_view import RunsView
 from app.widgets.size_view import SizeView
 from app.widgets.summary_panel import SummaryPanel
 from app.workers import warm_up_engine
@@ -80,7 +83,9 @@ SAMPLE_PLAN = simple_plan(0.7, 6, "magnitude").with_recovery(RecoveryConfig(epoc
 #: How long closing the window waits for cancelled jobs to return (the window is hidden by then).
 CLOSE_WAIT_MS = 2_000
 #: Bump when the dock/toolbar layout changes so an old saved state is not restored onto it.
-STATE_VERSION = 3
+STATE_VERSION = 4
+#: Most runs kept in the saved session (the oldest are dropped first).
+MAX_SAVED_RUNS = 200
 
 
 class MainWindow(QMainWindow):
@@ -151,9 +156,21 @@ class MainWindow(QMainWindow):
         scope_form.addRow("Apply edits to", self.scope)
         v.addLayout(scope_form)
         v.addWidget(self.scope_note)
-        v.addWidget(self.prune_panel)
-        v.addWidget(self.quant_panel)
-        v.addWidget(self.recovery)
+        # One tab per control group: every group is reachable without scrolling at 1366x768
+        # (stacked, the quantization and recovery groups fell below the fold).
+        self.control_tabs = QTabWidget(self)
+        self.control_tabs.setObjectName("controlTabs")
+        self.control_tabs.setDocumentMode(True)
+        for panel, title, tip in (
+            (self.prune_panel, "Pruning", "Method, target sparsity or threshold, N:M, skip"),
+            (self.quant_panel, "Quantization", "Bit width, symmetric, per-channel, bias bits"),
+            (self.recovery, "Recovery", "Fine-tuning / distillation after Compress"),
+        ):
+            panel.setTitle("")
+            panel.setFlat(True)
+            index = self.control_tabs.addTab(panel, title)
+            self.control_tabs.setTabToolTip(index, tip)
+        v.addWidget(self.control_tabs)
         v.addStretch(1)
         self.controls_scroll = QScrollArea(self)
         self.controls_scroll.setWidgetResizable(True)
@@ -168,6 +185,7 @@ class MainWindow(QMainWindow):
 
         self.job_status = JobStatus(self)
         self.results = ResultsPanel(self)
+        self.runs_view = RunsView(self)
         self.data_label = QLabel("No data", self)
         self.data_label.setObjectName("dataLabel")
         self.data_label.setWordWrap(True)
@@ -318,6 +336,9 @@ class MainWindow(QMainWindow):
         self.controls_dock.setObjectName("controlsDock")
         self.controls_dock.setWidget(self.controls_scroll)
         self.addDockWidget(Qt.DockWidgetArea.RightDockWidgetArea, self.controls_dock)
+        # The plan controls take the full height (the jobs dock stops at them): at 1366x768
+        # the jobs dock below them would push the control groups out of view.
+        self.setCorner(Qt.Corner.BottomRightCorner, Qt.DockWidgetArea.RightDockWidgetArea)
 
         jobs = QWidget(self)
         h = QHBoxLayout(jobs)
@@ -342,7 +363,13 @@ class MainWindow(QMainWindow):
         self.jobs_dock.setObjectName("jobsDock")
         self.jobs_dock.setWidget(jobs)
         self.addDockWidget(Qt.DockWidgetArea.BottomDockWidgetArea, self.jobs_dock)
-        for dock in (self.layers_dock, self.controls_dock, self.jobs_dock):
+        self.runs_dock = QDockWidget("Runs", self)
+        self.runs_dock.setObjectName("runsDock")
+        self.runs_dock.setWidget(self.runs_view)
+        self.addDockWidget(Qt.DockWidgetArea.BottomDockWidgetArea, self.runs_dock)
+        self.tabifyDockWidget(self.jobs_dock, self.runs_dock)
+        self.jobs_dock.raise_()
+        for dock in (self.layers_dock, self.controls_dock, self.jobs_dock, self.runs_dock):
             self.view_menu.addAction(dock.toggleViewAction())
         self.view_menu.addSeparator()
         self.view_menu.addAction(self.act_reset_layout)
@@ -361,6 +388,9 @@ class MainWindow(QMainWindow):
         c.evaluated.connect(self.results.set_evaluation)
         c.exported.connect(self.results.set_exports)
         c.historyChanged.connect(self._on_controller_historyChanged)
+        c.runRecorded.connect(self._on_controller_runRecorded)
+        c.layersChanged.connect(self._on_controller_layersChanged)
+        self.runs_view.planRequested.connect(self._on_runsView_planRequested)
         c.dragFinished.connect(self.layer_table.resort)
         c.jobStarted.connect(self._on_controller_jobStarted)
         c.jobProgressed.connect(self._on_controller_jobProgressed)
@@ -432,7 +462,28 @@ class MainWindow(QMainWindow):
         if model is not None:
             s.setValue("session/model", model.source)
             s.setValue("session/plan", self.controller.plan.to_json())
+            runs = [r.to_dict() for r in self.controller.runs[-MAX_SAVED_RUNS:]]
+            s.setValue("session/runs", json.dumps({"model": model.source, "runs": runs}))
         s.sync()
+
+    def _restore_runs(self, source: str) -> None:
+        """Bring back the runs saved with the last session of ``source`` (once per model)."""
+        from core.session import RunRecord
+
+        text = self.settings.value("session/runs", "")
+        if not text or self.controller.runs:
+            return
+        try:
+            saved = json.loads(str(text))
+            if saved.get("model") != source:
+                return
+            records = [RunRecord.from_dict(d) for d in saved.get("runs", [])]
+        except (ValueError, AttributeError, WorkbenchError) as exc:
+            # A damaged settings entry must not stop the model from opening.
+            self.statusBar().showMessage(f"Saved runs not restored: {exc}", 8000)
+            return
+        self.controller.session.restore_runs(records)
+        self.runs_view.set_runs(self.controller.runs)
 
     def recent_files(self) -> list[str]:
         value = self.settings.value("recent/files", [])
@@ -458,12 +509,14 @@ class MainWindow(QMainWindow):
         self.recent_menu.setEnabled(bool(files))
 
     def _on_actResetLayout_triggered(self) -> None:
-        for dock in (self.layers_dock, self.controls_dock, self.jobs_dock):
+        for dock in (self.layers_dock, self.controls_dock, self.jobs_dock, self.runs_dock):
             dock.setFloating(False)
             dock.show()
         self.addDockWidget(Qt.DockWidgetArea.LeftDockWidgetArea, self.layers_dock)
         self.addDockWidget(Qt.DockWidgetArea.RightDockWidgetArea, self.controls_dock)
         self.addDockWidget(Qt.DockWidgetArea.BottomDockWidgetArea, self.jobs_dock)
+        self.tabifyDockWidget(self.jobs_dock, self.runs_dock)
+        self.jobs_dock.raise_()
         self._default_layout()
 
     # ------------------------------------------------------------------ public
@@ -534,18 +587,26 @@ class MainWindow(QMainWindow):
         c = self.controller
         cfg = c.shown_config()
         name = self._shown_layer()
-        shown_threshold = None
+        shown_threshold = shown_sparsity = None
+        whole = c.target == "model"
+        # Under "whole model" a shown layer with its own settings is displayed with those
+        # settings, as its histogram is. A whole-model edit sets the moved field on the
+        # default and on every layer with its own settings, so the slider stays in step.
+        own = whole and name is not None and name in c.plan.layer_overrides
+        if own:
+            cfg = c.plan.config_for(name)
         if c.preview is not None:
-            target = c.targets()[0] if c.targets() else name
+            target = c.targets()[0] if c.targets() else (name if own else _following_layer(c, name))
             lp = _layer_preview(c.preview, target)
             if lp is not None:
                 shown_threshold = lp.threshold
-        whole = c.target == "model"
+                shown_sparsity = lp.sparsity
         self.prune_panel.set_config(
             cfg.prune,
             skip=cfg.skip,
             threshold_max=self._threshold_max(),
             shown_threshold=shown_threshold,
+            shown_sparsity=shown_sparsity,
             has_gradients=bool(c.stats is not None and c.stats.has_gradients),
             whole_model=whole,
             has_override=any(n in c.plan.layer_overrides for n in c.selection),
@@ -554,9 +615,17 @@ class MainWindow(QMainWindow):
         self.recovery.set_config(c.plan.recovery)
         overrides = len(c.plan.overrides)
         if whole:
-            note = "Edits apply to every layer."
-            if overrides:
-                note += f" {overrides} layer(s) have their own settings (shown in the table)."
+            note = "Edits change the model default."
+            if own:
+                note = (
+                    f"{OVERRIDE_MARK} {name} has its own settings (shown). A change here sets "
+                    "that field on every layer; its other own settings stay."
+                )
+            elif overrides:
+                note += (
+                    f" {overrides} layer(s) with their own settings ({OVERRIDE_MARK} in the "
+                    "table) keep them."
+                )
         elif c.selection:
             shown = ", ".join(c.selection[:3]) + (" …" if len(c.selection) > 3 else "")
             note = f"Edits apply to: {shown}"
@@ -600,9 +669,12 @@ class MainWindow(QMainWindow):
         self.act_open_data.setEnabled(model is not None and not loading)
         self.act_analyze.setEnabled(model is not None and not loading)
         self.act_compress.setEnabled(c.stats is not None and not loading)
-        self.act_finetune.setEnabled(c.result is not None and can_run and c.train is not None)
-        self.act_evaluate.setEnabled(c.result is not None and can_run and c.test is not None)
-        self.act_export.setEnabled(c.result is not None)
+        # While a compression or fine-tune runs, the result these act on is about to be
+        # replaced: acting on it then would evaluate or export the old one.
+        settled = c.result is not None and not (c.busy("compress") or c.busy("finetune"))
+        self.act_finetune.setEnabled(settled and can_run and c.train is not None)
+        self.act_evaluate.setEnabled(settled and can_run and c.test is not None)
+        self.act_export.setEnabled(settled)
         self.act_save_recipe.setEnabled(model is not None)
         self.act_load_recipe.setEnabled(model is not None)
         self.act_cancel.setEnabled(c.busy())
@@ -620,6 +692,7 @@ class MainWindow(QMainWindow):
         )
         self.histograms.set_weights_only(model.weights_only)
         self._add_recent(model.source)
+        self._restore_runs(model.source)
         self.settings.setValue("session/model", model.source)
         self.statusBar().showMessage(f"Opened {model.source} ({model.format})", 5000)
         self._update_actions()
@@ -638,6 +711,7 @@ class MainWindow(QMainWindow):
         self._update_actions()
 
     def _on_controller_planChanged(self, plan) -> None:
+        self.layer_table.set_overrides(plan.layer_overrides)
         # With stats, previewUpdated follows at once and refreshes everything; refreshing
         # here too would do the work twice per slider step.
         if self.controller.stats is None:
@@ -645,7 +719,9 @@ class MainWindow(QMainWindow):
 
     def _on_controller_previewUpdated(self, preview) -> None:
         c = self.controller
-        self.summary.set_preview(preview, "" if preview is None else _plan_note(c.plan))
+        self.summary.set_preview(
+            preview, "" if preview is None else _plan_note(c.plan), c.baseline_bytes
+        )
         self.layer_table.set_preview(preview)
         if not c.dragging:
             self.layer_table.resort()
@@ -673,6 +749,20 @@ class MainWindow(QMainWindow):
         name = self._shown_layer()
         self.histograms.set_after(self.controller.after_hists.get(name) if name else None)
         self._update_actions()
+
+    def _on_controller_runRecorded(self, _record) -> None:
+        self.runs_view.set_runs(self.controller.runs)
+
+    def _on_controller_layersChanged(self, layers) -> None:
+        self.runs_view.set_layer_names([layer.name for layer in layers])
+
+    def _on_runsView_planRequested(self, record) -> None:
+        self._flush_drags()
+        self.controller.set_plan(record.plan)
+        self.statusBar().showMessage(
+            f"Restored the plan of run {record.id} ({record.kind}); Undo (Ctrl+Z) goes back.",
+            8000,
+        )
 
     def _on_controller_historyChanged(self, can_undo: bool, can_redo: bool) -> None:
         self.act_undo.setEnabled(can_undo)
@@ -850,8 +940,10 @@ class MainWindow(QMainWindow):
         if isinstance(checked, str):
             checked = [checked]
         default_dir = str(Path(self._last_dir("export")) / "compressed")
+        # The hf folder export only applies to models opened from a Hugging Face folder.
+        is_hf = isinstance(c.result.original.metadata.get("hf"), dict)
         dialog = ExportDialog(
-            EXPORT_FORMATS,
+            [f for f in EXPORT_FORMATS if f != "hf" or is_hf],
             directory=str(self.settings.value("export/folder", default_dir)),
             checked=checked,
             can_run=c.result.original.can_run,
@@ -1015,6 +1107,18 @@ def _configs(plan):
 def _largest_layer(c: Controller) -> str | None:
     layers = [layer for layer in c.layers if layer.prunable]
     return max(layers, key=lambda layer: layer.params).name if layers else None
+
+
+def _following_layer(c: Controller, name: str | None) -> str | None:
+    """``name`` when it follows the model default, else the first prunable layer that does
+    (where the default's implied threshold/sparsity can be read off the preview)."""
+    overrides = c.plan.layer_overrides
+    if name is not None and name not in overrides:
+        return name
+    for layer in c.layers:
+        if layer.prunable and layer.name not in overrides:
+            return layer.name
+    return name
 
 
 def _layer_preview(preview, name: str | None):

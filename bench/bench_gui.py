@@ -65,6 +65,54 @@ class Wide(nn.Module):
         return self.head(x)
 
 
+class Bottleneck(nn.Module):
+    """torchvision's ResNet bottleneck: 1x1, 3x3, 1x1 convs with BatchNorm, a shortcut."""
+
+    def __init__(self, cin: int, width: int, stride: int, downsample: bool):
+        super().__init__()
+        cout = 4 * width
+        self.conv1 = nn.Conv2d(cin, width, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(width)
+        self.conv2 = nn.Conv2d(width, width, 3, stride=stride, padding=1, bias=False)
+        self.bn2 = nn.BatchNorm2d(width)
+        self.conv3 = nn.Conv2d(width, cout, 1, bias=False)
+        self.bn3 = nn.BatchNorm2d(cout)
+        self.downsample = (
+            nn.Sequential(nn.Conv2d(cin, cout, 1, stride=stride, bias=False), nn.BatchNorm2d(cout))
+            if downsample
+            else nn.Identity()
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = torch.relu(self.bn1(self.conv1(x)))
+        out = torch.relu(self.bn2(self.conv2(out)))
+        out = self.bn3(self.conv3(out))
+        return torch.relu(out + self.downsample(x))
+
+
+class ResNet50(nn.Module):
+    """ResNet-50's layers and sizes (25.6M parameters, 107 layers: 53 conv, 53 BN, fc)."""
+
+    def __init__(self, base: int = 64, classes: int = 1000):
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, base, 7, stride=2, padding=3, bias=False)
+        self.bn1 = nn.BatchNorm2d(base)
+        cin, stages = base, []
+        for i, blocks in enumerate((3, 4, 6, 3)):
+            width, layers = base * 2**i, []
+            for j in range(blocks):
+                layers.append(Bottleneck(cin, width, 2 if (j == 0 and i > 0) else 1, j == 0))
+                cin = 4 * width
+            stages.append(nn.Sequential(*layers))
+        self.layer1, self.layer2, self.layer3, self.layer4 = stages
+        self.fc = nn.Linear(cin, classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = torch.relu(self.bn1(self.conv1(x)))
+        x = self.layer4(self.layer3(self.layer2(self.layer1(x))))
+        return self.fc(torch.flatten(nn.functional.adaptive_avg_pool2d(x, 1), 1))
+
+
 def _wait(app, predicate, timeout_s: float) -> None:
     t0 = time.perf_counter()
     while not predicate():
@@ -147,20 +195,22 @@ def stall_probe(app, tmp: Path, *, epochs: int, samples: int) -> dict:
     }
 
 
-def slider_drag(app, tmp: Path, *, steps: int) -> dict:
+def slider_drag(
+    app, tmp: Path, *, steps: int, make=Wide, select: str = "blocks.0", tag: str = "wide"
+) -> dict:
     torch.manual_seed(0)
-    model = Wide().eval()
+    model = make().eval()
     params = sum(p.numel() for p in model.parameters())
-    path = tmp / "wide.ts.pt"
+    path = tmp / f"{tag}.ts.pt"
     torch.jit.save(torch.jit.script(model), str(path))
     del model
-    window = _window(tmp / "wide.ini")
+    window = _window(tmp / f"{tag}.ini")
     c = window.controller
     t0 = time.perf_counter()
     _open(app, window, str(path), timeout_s=1200)
     open_s = time.perf_counter() - t0
     window.scope.setCurrentIndex(window.scope.findData("model"))
-    c.set_selection(("blocks.0",))
+    c.set_selection((select,))
     window.quant_panel.bits.setValue(6)
     app.processEvents()
     slider = window.prune_panel.sparsity
@@ -204,7 +254,17 @@ def _fmt_row(name: str, values: list[float]) -> str:
     )
 
 
-def render(stall: dict, drag: dict) -> str:
+def _drag_table(drag: dict) -> list[str]:
+    return [
+        "| per step (ms) | median | p95 | max | steps < 16 ms |",
+        "| --- | --- | --- | --- | --- |",
+        _fmt_row("update", drag["update_ms"]),
+        _fmt_row("update + paint", drag["paint_ms"]),
+        _fmt_row("update + full repaint", drag["full_ms"]),
+    ]
+
+
+def render(stall: dict, drag: dict, resnet: dict | None = None) -> str:
     cpu = platform.processor() or platform.machine()
     lines = [
         BEGIN,
@@ -232,14 +292,22 @@ def render(stall: dict, drag: dict) -> str:
         f"window to repaint (worst case). Opening and analysing the model took "
         f"{drag['open_s']:.1f} s.",
         "",
-        "| per step (ms) | median | p95 | max | steps < 16 ms |",
-        "| --- | --- | --- | --- | --- |",
-        _fmt_row("update", drag["update_ms"]),
-        _fmt_row("update + paint", drag["paint_ms"]),
-        _fmt_row("update + full repaint", drag["full_ms"]),
+        *_drag_table(drag),
         "",
         "Per-step update + paint times (ms): " + ", ".join(f"{v:.1f}" for v in drag["paint_ms"]),
         "",
+        *(
+            []
+            if resnet is None
+            else [
+                f"**The same drag on a ResNet-50-shaped model** ({resnet['params'] / 1e6:.1f} M "
+                f"parameters, {resnet['layers']} layers: 53 conv, 53 BatchNorm, fc; opened and "
+                f"analysed in {resnet['open_s']:.1f} s):",
+                "",
+                *_drag_table(resnet),
+                "",
+            ]
+        ),
         f"The machine was shared with other jobs: 1-minute load average {stall['load']:.1f} "
         f"after the stall probe and {drag['load']:.1f} after the drag, on {os.cpu_count()} cores.",
         END,
@@ -262,19 +330,31 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="fewer epochs/samples (smoke run)")
     parser.add_argument("--no-write", action="store_true", help="print only")
+    parser.add_argument(
+        "--drag-only", action="store_true", help="only the slider drags (implies --no-write)"
+    )
     args = parser.parse_args(argv)
     from PySide6.QtWidgets import QApplication
 
     app = QApplication.instance() or QApplication([])
     with tempfile.TemporaryDirectory() as d:
         tmp = Path(d)
-        stall = stall_probe(
-            app, tmp, epochs=1 if args.quick else 3, samples=512 if args.quick else 2048
+        stall = None
+        if not args.drag_only:
+            stall = stall_probe(
+                app, tmp, epochs=1 if args.quick else 3, samples=512 if args.quick else 2048
+            )
+            print(
+                f"stall probe: {stall['params'] / 1e6:.2f} M params, job {stall['job_s']:.1f} s,"
+                f" {stall['ticks']} ticks, median gap {stall['median_gap_ms']:.1f} ms, "
+                f"p99 {stall['p99_gap_ms']:.1f} ms, longest stall {stall['stall_ms']:.1f} ms"
+            )
+        resnet = slider_drag(
+            app, tmp, steps=100, make=ResNet50, select="layer3.0.conv2", tag="resnet50"
         )
         print(
-            f"stall probe: {stall['params'] / 1e6:.2f} M params, job {stall['job_s']:.1f} s, "
-            f"{stall['ticks']} ticks, median gap {stall['median_gap_ms']:.1f} ms, "
-            f"p99 {stall['p99_gap_ms']:.1f} ms, longest stall {stall['stall_ms']:.1f} ms"
+            f"slider drag on ResNet-50 shape ({resnet['layers']} layers): median update+paint "
+            f"{statistics.median(resnet['paint_ms']):.2f} ms, max {max(resnet['paint_ms']):.2f} ms"
         )
         drag = slider_drag(app, tmp, steps=100)
         rows = zip(drag["update_ms"], drag["paint_ms"], drag["full_ms"], strict=True)
@@ -289,7 +369,9 @@ def main(argv: list[str] | None = None) -> int:
             f"with paint median {statistics.median(drag['paint_ms']):.2f} ms, "
             f"max {max(drag['paint_ms']):.2f} ms"
         )
-    section = render(stall, drag)
+    if stall is None:
+        return 0
+    section = render(stall, drag, resnet)
     if not args.no_write:
         write_doc(section)
         print(f"wrote {DOC.relative_to(ROOT)}")

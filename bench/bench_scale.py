@@ -1,8 +1,10 @@
 """Benchmark: many tiny tensors, and exact target sparsity on a 25M-weight model.
 
 (a) A safetensors checkpoint of ``--tensors`` (default 10**5) tensors of 4x4 float32 is
-    generated; ``workbench inspect`` and ``workbench compress --sparsity 0.5 --bits 8`` (packed
-    export, report) run on it as subprocesses, timed (wall clock) with their peak memory.
+    generated; ``workbench inspect --json`` and ``workbench compress --sparsity 0.5 --bits 8
+    --format packed`` (report included) run on it as subprocesses, timed (wall clock) with their
+    peak RSS (``ru_maxrss`` of the child's resource usage). A checkpoint of ``--huge`` (default
+    10**6) such tensors is only inspected (``--skip-huge`` leaves it out).
 (b) A 25.2M-weight two-layer Linear model (one 4096x4096 and one 2048x4096 weight) is analysed
     and compressed with magnitude pruning at a 0.9 target, global and per-layer scope; the
     applied masks' zero counts are compared with ``round(0.9 * n)``.
@@ -10,12 +12,14 @@
 Writes its tables to the scale section of docs/benchmarks.md (between ``<!-- bench:scale -->``
 and ``<!-- /bench:scale -->``; other sections are left alone).
 
-Run: ``.venv/bin/python bench/bench_scale.py [--tensors N] [--no-write] [--skip-large]``
+Run: ``.venv/bin/python bench/bench_scale.py [--tensors N] [--huge N] [--no-write]
+[--skip-large] [--skip-tiny] [--skip-huge]``
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import platform
 import re
@@ -26,7 +30,6 @@ import time
 from pathlib import Path
 
 import torch
-from safetensors.torch import save_file
 from torch import nn
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -56,18 +59,37 @@ def _timed(cmd: list[str]) -> tuple[float, float]:
     return elapsed, usage.ru_maxrss / 1024.0
 
 
+def _write_tiny(path: Path, count: int) -> None:
+    """A safetensors file of ``count`` 4x4 float32 tensors ``layer{i}.weight`` (randn, seed 0),
+    written directly (``save_file`` takes over a minute for 10**6 tensors)."""
+    g = torch.Generator().manual_seed(0)
+    data = torch.randn(count, 4, 4, generator=g).numpy().astype("<f4").tobytes()
+    header = {
+        f"layer{i}.weight": {"dtype": "F32", "shape": [4, 4], "data_offsets": [64 * i, 64 * i + 64]}
+        for i in range(count)
+    }
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    raw += b" " * (-len(raw) % 8)
+    with path.open("wb") as fh:
+        fh.write(len(raw).to_bytes(8, "little"))
+        fh.write(raw)
+        fh.write(data)
+
+
+def _inspect(path: Path) -> tuple[float, float]:
+    return _timed([sys.executable, "-m", "core.cli", "inspect", str(path), "--json"])
+
+
 def many_tensors(count: int, workdir: Path) -> dict[str, float]:
     """(a): inspect and compress a checkpoint of ``count`` 4x4 tensors."""
-    g = torch.Generator().manual_seed(0)
-    stack = torch.randn(count, 4, 4, generator=g)
     path = workdir / f"tiny-{count}.safetensors"
-    save_file({f"layer{i}.weight": stack[i].clone() for i in range(count)}, str(path))
-    py = sys.executable
-    inspect_s, inspect_mb = _timed([py, "-m", "core.cli", "inspect", str(path)])
+    _write_tiny(path, count)
+    inspect_s, inspect_mb = _inspect(path)
     out = workdir / "out"
     compress_s, compress_mb = _timed(
-        [py, "-m", "core.cli", "compress", str(path), "--out", str(out), "--sparsity", "0.5",
-         "--bits", "8", "--finetune-epochs", "0", "--quiet"]
+        [sys.executable, "-m", "core.cli", "compress", str(path), "--out", str(out),
+         "--sparsity", "0.5", "--bits", "8", "--finetune-epochs", "0", "--format", "packed",
+         "--quiet"]
     )  # fmt: skip
     return {
         "tensors": count,
@@ -77,6 +99,14 @@ def many_tensors(count: int, workdir: Path) -> dict[str, float]:
         "compress_mb": compress_mb,
         "packed_bytes": (out / "model.packed.safetensors").stat().st_size,
     }
+
+
+def huge_inspect(count: int, workdir: Path) -> dict[str, float]:
+    """(a) for ``count`` tensors, ``inspect --json`` only."""
+    path = workdir / f"tiny-{count}.safetensors"
+    _write_tiny(path, count)
+    seconds, mb = _inspect(path)
+    return {"tensors": count, "inspect_s": seconds, "inspect_mb": mb}
 
 
 def exact_sparsity() -> list[dict[str, object]]:
@@ -115,17 +145,33 @@ def exact_sparsity() -> list[dict[str, object]]:
     return rows
 
 
-def _tables(tiny: dict[str, float] | None, exact: list[dict[str, object]]) -> str:
+def _tables(
+    tiny: dict[str, float] | None,
+    exact: list[dict[str, object]],
+    huge: dict[str, float] | None = None,
+) -> str:
     parts = []
-    if tiny is not None:
-        parts.append(
+    if tiny is not None or huge is not None:
+        lines = [
             "Many tiny tensors (4x4 float32 each), `workbench` as a subprocess (wall clock, "
-            "peak RSS):\n\n"
-            "| tensors | inspect s | inspect MiB | compress s (0.5, 8 bit, packed + report) "
-            "| compress MiB | packed B |\n|---:|---:|---:|---:|---:|---:|\n"
-            f"| {tiny['tensors']:,} | {tiny['inspect_s']:.1f} | {tiny['inspect_mb']:.0f} | "
-            f"{tiny['compress_s']:.1f} | {tiny['compress_mb']:.0f} | {tiny['packed_bytes']:,} |"
-        )
+            "peak RSS): `inspect --json`, `compress --sparsity 0.5 --bits 8 --finetune-epochs 0 "
+            "--format packed` (report included).",
+            "",
+            "| tensors | inspect s | inspect MiB | compress s | compress MiB | packed B |",
+            "|---:|---:|---:|---:|---:|---:|",
+        ]
+        if tiny is not None:
+            lines.append(
+                f"| {tiny['tensors']:,} | {tiny['inspect_s']:.1f} | {tiny['inspect_mb']:.0f} | "
+                f"{tiny['compress_s']:.1f} | {tiny['compress_mb']:.0f} | "
+                f"{tiny['packed_bytes']:,} |"
+            )
+        if huge is not None:
+            lines.append(
+                f"| {huge['tensors']:,} | {huge['inspect_s']:.1f} | {huge['inspect_mb']:.0f} "
+                "| - | - | - |"
+            )
+        parts.append("\n".join(lines))
     if exact:
         lines = [
             f"Exact target sparsity: magnitude pruning at {TARGET} on a 25.2M-weight model "
@@ -164,6 +210,8 @@ def main() -> None:
     parser.add_argument("--no-write", action="store_true", help="print only")
     parser.add_argument("--skip-large", action="store_true", help="skip the 25M-weight part")
     parser.add_argument("--skip-tiny", action="store_true", help="skip the many-tensor part")
+    parser.add_argument("--huge", type=int, default=1_000_000, help="tensors for inspect only")
+    parser.add_argument("--skip-huge", action="store_true", help="skip the --huge inspect")
     args = parser.parse_args()
     tiny = None
     if not args.skip_tiny:
@@ -175,6 +223,15 @@ def main() -> None:
             f"({tiny['compress_mb']:.0f} MiB)",
             flush=True,
         )
+    huge = None
+    if not args.skip_huge:
+        with tempfile.TemporaryDirectory(prefix="bench-scale-") as d:
+            huge = huge_inspect(args.huge, Path(d))
+        print(
+            f"{huge['tensors']:,} tensors: inspect {huge['inspect_s']:.1f} s "
+            f"({huge['inspect_mb']:.0f} MiB)",
+            flush=True,
+        )
     exact = [] if args.skip_large else exact_sparsity()
     for r in exact:
         print(
@@ -184,9 +241,10 @@ def main() -> None:
         )
     env = (
         f"Machine: {platform.machine()}, {os.cpu_count()} logical CPUs (shared), "
-        f"Python {platform.python_version()}, torch {torch.__version__}."
+        f"Python {platform.python_version()}, torch {torch.__version__}; load average when "
+        f"the run ended: {os.getloadavg()[0]:.1f} (other processes share the CPUs)."
     )
-    body = _tables(tiny, exact) + "\n\n" + env
+    body = _tables(tiny, exact, huge) + "\n\n" + env
     if not args.no_write:
         _write_section(body)
 

@@ -20,6 +20,7 @@ from core.errors import CompressionError, RecipeError
 from core.plan import (
     METHOD_HELP,
     PRUNE_METHODS,
+    QUANT_METHODS,
     CompressionPlan,
     PruneConfig,
     simple_plan,
@@ -56,6 +57,18 @@ def register(subparsers) -> None:
         help="target fraction of zeros over all prunable weights, in [0, 1)",
     )
     p.add_argument("--bits", type=int, metavar="B", help="quantization width 2..16 (default off)")
+    p.add_argument(
+        "--quant",
+        metavar="Q",
+        help=f"rounding rule with --bits: {', '.join(QUANT_METHODS)} (default rtn; gptq needs "
+        "calibration data: the training split of --data or the demo's digits)",
+    )
+    p.add_argument(
+        "--group-size",
+        type=int,
+        metavar="G",
+        help="one scale per G consecutive inputs of each output channel (e.g. 32/64/128)",
+    )
     p.add_argument(
         "--method",
         metavar="M",
@@ -135,6 +148,19 @@ def _plan_from_args(args: argparse.Namespace) -> CompressionPlan:
         if args.bits is not None and not 2 <= args.bits <= 16:
             raise RecipeError(f"--bits: {args.bits} is out of range 2..16")
         plan = simple_plan(sparsity, args.bits, method)
+    quant_flags = {"method": getattr(args, "quant", None), "group_size": getattr(args, "group_size", None)}
+    quant_flags = {k: v for k, v in quant_flags.items() if v is not None}
+    if quant_flags:
+        if args.recipe:
+            raise RecipeError(
+                "--recipe cannot be combined with --quant/--group-size",
+                hint="put quant.method / quant.group_size into the recipe or drop --recipe",
+            )
+        try:
+            quant = replace(plan.default.quant, **quant_flags)
+        except RecipeError as exc:
+            raise RecipeError(f"--{exc.reason.replace('method:', 'quant:')}", hint=exc.hint) from None
+        plan = plan.with_default(replace(plan.default, quant=quant))
     recovery = plan.recovery
     if args.finetune_epochs is not None:
         if not 0 <= args.finetune_epochs <= 10_000:

@@ -21,16 +21,19 @@ archive (``model.packed.safetensors``) opens as the compressed model: ``format``
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import math
 import sys
+from collections.abc import Callable, Iterator
+from json.encoder import encode_basestring_ascii
 from typing import Any
 
 import numpy as np
 import torch
 
 from core.data import check_data, load_data
-from core.inventory import float_param_count, inventory
+from core.inventory import float_param_count, iter_inventory
 from core.limits import escape_name
 from core.model import LayerInfo, LoadedModel
 from core.model_io import get_tensor, load_model
@@ -53,10 +56,70 @@ def _small_weight_stats(x: torch.Tensor) -> dict[str, Any]:
         mean = float(values.sum()) / values.size
         d = values - mean
         stats["mean"] = mean
-        stats["std"] = math.sqrt(float(np.dot(d, d)) / values.size) if values.size > 1 else 0.0
+        # (d * d).sum(), not np.dot: the same pairwise sum `_bulk_weight_stats` does per row.
+        stats["std"] = math.sqrt(float((d * d).sum()) / values.size) if values.size > 1 else 0.0
     stats["nonfinite"] = nonfinite
     sparsity = (a.size - np.count_nonzero(a)) / a.size if a.size else 0.0
     return {"stats": stats, "sparsity": float(sparsity)}
+
+
+#: Tensors up to this many elements are summarised together, one numpy call per group of the
+#: same dtype and shape (checkpoints with 10**5-10**6 tiny tensors).
+_BULK_MAX = 1024
+
+
+def _bulk_weight_stats(tensors: list[torch.Tensor]) -> list[dict[str, Any]]:
+    """`weight_stats` of every tensor in ``tensors``, equal to calling it one by one.
+
+    Same-dtype, same-shape tensors of at most `_BULK_MAX` elements are stacked into one
+    ``(k, n)`` float64 array and reduced per row: each row's sum is the same pairwise sum
+    `_small_weight_stats` does on the tensor alone. Rows holding NaN/Inf, and everything else,
+    go through `weight_stats`.
+    """
+    out: list[dict[str, Any] | None] = [None] * len(tensors)
+    groups: dict[tuple[Any, ...], list[int]] = {}
+    for i, t in enumerate(tensors):
+        n = t.numel()
+        if 1 <= n <= _BULK_MAX:
+            groups.setdefault((t.dtype, t.shape), []).append(i)
+        else:
+            out[i] = weight_stats(t)
+    with torch.no_grad():
+        for (_, shape), idx in groups.items():
+            if len(idx) == 1:
+                out[idx[0]] = weight_stats(tensors[idx[0]])
+                continue
+            n = math.prod(shape)
+            stacked = torch.stack([tensors[i].detach() for i in idx]).reshape(len(idx), n)
+            # The float64 copy in numpy where it can: torch would hand the large conversion to
+            # its OpenMP workers, which cost milliseconds per call on a busy machine.
+            if stacked.dtype in (torch.float16, torch.float32, torch.float64):
+                a = stacked.numpy().astype(np.float64)
+            else:
+                a = stacked.to(torch.float64).numpy()
+            finite_rows = np.isfinite(a).all(axis=1)
+            zeros = n - np.count_nonzero(a, axis=1)
+            with np.errstate(invalid="ignore", over="ignore"):  # NaN rows are redone below
+                lo, hi = a.min(axis=1), a.max(axis=1)
+                mean = a.sum(axis=1) / n
+                d = a - mean[:, None]
+                var = (d * d).sum(axis=1) / n
+                std = np.sqrt(var) if n > 1 else np.zeros(len(idx))
+            for row, i in enumerate(idx):
+                if not finite_rows[row]:
+                    out[i] = weight_stats(tensors[i])
+                    continue
+                out[i] = {
+                    "stats": {
+                        "min": float(lo[row]),
+                        "max": float(hi[row]),
+                        "mean": float(mean[row]),
+                        "std": float(std[row]),
+                        "nonfinite": 0,
+                    },
+                    "sparsity": int(zeros[row]) / n,
+                }
+    return out  # type: ignore[return-value]
 
 
 def weight_stats(t: torch.Tensor) -> dict[str, Any]:
@@ -82,13 +145,39 @@ def weight_stats(t: torch.Tensor) -> dict[str, Any]:
     return {"stats": stats, "sparsity": sparsity}
 
 
-def describe(loaded: LoadedModel) -> dict[str, Any]:
-    """The ``--json`` object (without ``data``) for an opened model."""
-    layers = []
-    for row in inventory(loaded):
-        name = row.tensor if row.tensor is not None else row.param_names[0]
-        ws = weight_stats(get_tensor(loaded.module, name))
-        layers.append(_layer_json(row, ws))
+#: Layers summarised per step when streaming (`_LayerStream`).
+_CHUNK = 16384
+
+
+class _LayerStream:
+    """The ``layers`` of `describe` as a re-iterable stream: each pass walks the inventory in
+    chunks of `_CHUNK` rows and yields their layer objects, so printing 10**6 layers never
+    holds them all (an iteration recomputes the statistics)."""
+
+    def __init__(self, loaded: LoadedModel):
+        self._loaded = loaded
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        module = self._loaded.module
+        rows = iter_inventory(self._loaded)
+        while chunk := list(itertools.islice(rows, _CHUNK)):
+            tensors = [
+                get_tensor(module, r.tensor if r.tensor is not None else r.param_names[0])
+                for r in chunk
+            ]
+            for row, ws in zip(chunk, _bulk_weight_stats(tensors), strict=True):
+                yield _layer_json(row, ws)
+
+
+def describe(loaded: LoadedModel, *, stream: bool = False) -> dict[str, Any]:
+    """The ``--json`` object (without ``data``) for an opened model.
+
+    ``stream=True``: ``layers`` is a re-iterable stream instead of a list (for printing
+    models with 10**5-10**6 layers; see `_LayerStream`).
+    """
+    layers: Any = _LayerStream(loaded)
+    if not stream:
+        layers = list(layers)
     out: dict[str, Any] = {
         "source": loaded.source,
         "name": loaded.name,
@@ -143,7 +232,7 @@ def _num(v: float | None, fmt: str = "{:+.4f}") -> str:
     return "-" if v is None or (isinstance(v, float) and math.isnan(v)) else fmt.format(v)
 
 
-def _table(desc: dict[str, Any]) -> str:
+def _table_lines(desc: dict[str, Any]) -> Iterator[str]:
     head = [
         f"model   {escape_name(desc['source'])}",
         f"format  {desc['format']}"
@@ -177,27 +266,14 @@ def _table(desc: dict[str, Any]) -> str:
         "std",
         "nonfinite",
     )
-    rows = []
+    # Two passes over the layers (widths, then lines): a streamed ``layers`` is never held.
+    widths = [len(c) for c in cols]
+    any_rows = False
     for layer in desc["layers"]:
-        s = layer["weight_stats"]
-        rows.append(
-            (
-                # Names come from the file: a newline in one must not forge table rows.
-                escape_name(layer["name"]),
-                escape_name(layer["type"]) + (f" g={layer['groups']}" if layer["groups"] != 1 else ""),
-                "x".join(map(str, layer["shape"])) or "scalar",
-                f"{layer['params']:,}",
-                "yes" if layer["prunable"] else "no",
-                f"{layer['sparsity']:.1%}",
-                _num(s["min"]),
-                _num(s["max"]),
-                _num(s["std"], "{:.4f}"),
-                str(s["nonfinite"]),
-            )
-        )
-    widths = [
-        max(len(c), *(len(r[i]) for r in rows)) if rows else len(c) for i, c in enumerate(cols)
-    ]
+        any_rows = True
+        for i, cell in enumerate(_cells(layer)):
+            if len(cell) > widths[i]:
+                widths[i] = len(cell)
     right = {3, 5, 6, 7, 8, 9}
 
     def fmt(cells: tuple[str, ...]) -> str:
@@ -206,14 +282,40 @@ def _table(desc: dict[str, Any]) -> str:
             for i, (c, w) in enumerate(zip(cells, widths, strict=True))
         ).rstrip()
 
-    if rows:
-        lines = head + ["", fmt(cols), fmt(tuple("-" * w for w in widths))]
-        lines += [fmt(r) for r in rows]
+    yield from head
+    if any_rows:
+        yield ""
+        yield fmt(cols)
+        yield fmt(tuple("-" * w for w in widths))
+        for layer in desc["layers"]:
+            yield fmt(_cells(layer))
     else:
-        lines = head + ["", "layers  none: the model has 0 parameters"]
+        yield ""
+        yield "layers  none: the model has 0 parameters"
     if "data" in desc:
-        lines += ["", f"data    {desc['data']['summary']}"]
-    return "\n".join(lines)
+        yield ""
+        yield f"data    {desc['data']['summary']}"
+
+
+def _table(desc: dict[str, Any]) -> str:
+    return "\n".join(_table_lines(desc))
+
+
+def _cells(layer: dict[str, Any]) -> tuple[str, ...]:
+    s = layer["weight_stats"]
+    return (
+        # Names come from the file: a newline in one must not forge table rows.
+        escape_name(layer["name"]),
+        escape_name(layer["type"]) + (f" g={layer['groups']}" if layer["groups"] != 1 else ""),
+        "x".join(map(str, layer["shape"])) or "scalar",
+        f"{layer['params']:,}",
+        "yes" if layer["prunable"] else "no",
+        f"{layer['sparsity']:.1%}",
+        _num(s["min"]),
+        _num(s["max"]),
+        _num(s["std"], "{:.4f}"),
+        str(s["nonfinite"]),
+    )
 
 
 def _json_safe(obj: Any) -> Any:
@@ -226,6 +328,130 @@ def _json_safe(obj: Any) -> Any:
     return obj
 
 
+def _scalar_json(v: Any) -> str:
+    """One JSON scalar exactly as ``json.dumps`` writes it (non-finite floats as ``null``)."""
+    t = type(v)
+    if t is float:
+        return float.__repr__(v) if math.isfinite(v) else "null"
+    if t is str:
+        return encode_basestring_ascii(v)
+    if t is int:
+        return int.__repr__(v)
+    if v is None:
+        return "null"
+    if v is True:
+        return "true"
+    if v is False:
+        return "false"
+    raise TypeError(t.__name__)
+
+
+_LAYER_KEYS = (
+    "name", "type", "tensor", "shape", "params", "bytes", "dtype", "groups", "prunable",
+    "sparsity", "weight_stats",
+)  # fmt: skip
+_STATS_KEYS = ("min", "max", "mean", "std", "nonfinite")
+#: `_layer_json`'s layout as ``json.dumps(indent=2)`` writes it inside the ``layers`` list.
+_LAYER_TEMPLATE = (
+    "{\n      "
+    + ",\n      ".join(f'"{k}": %s' for k in _LAYER_KEYS[:-1])
+    + ',\n      "weight_stats": {\n        '
+    + ",\n        ".join(f'"{k}": %s' for k in _STATS_KEYS)
+    + "\n      }\n    }"
+)
+
+
+def _layer_text(layer: dict[str, Any]) -> str:
+    """One layer object formatted exactly like ``json.dumps(..., indent=2)`` inside the
+    top-level ``layers`` list.
+
+    The pure-Python encoder that ``indent`` forces costs ~20 us per layer; this writes the
+    fixed layer layout (scalars, lists and dicts of scalars) directly. Raises ``TypeError`` for
+    anything else.
+    """
+    if tuple(layer) == _LAYER_KEYS:
+        ws = layer["weight_stats"]
+        shape = layer["shape"]
+        if (
+            type(ws) is dict
+            and tuple(ws) == _STATS_KEYS
+            and type(shape) is list
+            and type(layer["prunable"]) is bool
+        ):
+            return _LAYER_TEMPLATE % (
+                _scalar_json(layer["name"]),
+                _scalar_json(layer["type"]),
+                _scalar_json(layer["tensor"]),
+                "[\n        " + ",\n        ".join(map(_scalar_json, shape)) + "\n      ]"
+                if shape
+                else "[]",
+                _scalar_json(layer["params"]),
+                _scalar_json(layer["bytes"]),
+                _scalar_json(layer["dtype"]),
+                _scalar_json(layer["groups"]),
+                "true" if layer["prunable"] else "false",
+                _scalar_json(layer["sparsity"]),
+                _scalar_json(ws["min"]),
+                _scalar_json(ws["max"]),
+                _scalar_json(ws["mean"]),
+                _scalar_json(ws["std"]),
+                _scalar_json(ws["nonfinite"]),
+            )
+    i2, i3, i4 = "\n    ", "\n      ", "\n        "
+    items = []
+    for key, v in layer.items():
+        if type(v) is list:
+            body = f"[{i4}" + f",{i4}".join(map(_scalar_json, v)) + f"{i3}]" if v else "[]"
+        elif type(v) is dict:
+            body = (
+                "{"
+                + ",".join(
+                    f"{i4}{encode_basestring_ascii(k)}: {_scalar_json(x)}" for k, x in v.items()
+                )
+                + f"{i3}}}"
+                if v
+                else "{}"
+            )
+        else:
+            body = _scalar_json(v)
+        items.append(f"{i3}{encode_basestring_ascii(key)}: {body}")
+    return "{" + ",".join(items) + i2 + "}"
+
+
+def _write_json(desc: dict[str, Any], write: Callable[[str], Any]) -> None:
+    """Write ``json.dumps(_json_safe(desc), indent=2, allow_nan=False)`` through ``write``,
+    with the ``layers`` (a list or a stream) formatted by `_layer_text` as they come."""
+    marker = "\x00layers\x00"
+    head = json.dumps(_json_safe({**desc, "layers": marker}), indent=2, allow_nan=False)
+    before, found, after = head.partition(json.dumps(marker))
+    if not found or json.dumps(marker) in after:
+        layers = list(desc["layers"])  # the marker text occurs elsewhere: plain json
+        write(json.dumps(_json_safe({**desc, "layers": layers}), indent=2, allow_nan=False))
+        return
+    write(before)
+    sep = "[\n    "
+    batch: list[str] = []
+    for layer in desc["layers"]:
+        try:
+            text = _layer_text(layer)
+        except TypeError:  # an unexpected value type: let json format this one
+            text = json.dumps(_json_safe(layer), indent=2, allow_nan=False).replace("\n", "\n    ")
+        batch.append(sep + text)
+        sep = ",\n    "
+        if len(batch) >= 4096:
+            write("".join(batch))
+            batch.clear()
+    write("".join(batch) + ("\n  ]" if sep != "[\n    " else "[]"))
+    write(after)
+
+
+def _dumps(desc: dict[str, Any]) -> str:
+    """``json.dumps(_json_safe(desc), indent=2, allow_nan=False)``, fast for 10**5+ layers."""
+    parts: list[str] = []
+    _write_json(desc, parts.append)
+    return "".join(parts)
+
+
 def run(args: argparse.Namespace) -> int:
     loaded = load_model(
         args.model, trust=args.trust, architecture=args.architecture, base=args.base
@@ -233,7 +459,7 @@ def run(args: argparse.Namespace) -> int:
     for note in loaded.metadata.get("notes", ()):
         # stderr: --json output on stdout stays one valid JSON object.
         print(f"workbench inspect: warning: {note}", file=sys.stderr)
-    desc = describe(loaded)
+    desc = describe(loaded, stream=True)
     if args.data is not None:
         data = load_data(args.data, loaded)
         check = check_data(loaded, data)
@@ -249,10 +475,11 @@ def run(args: argparse.Namespace) -> int:
             "summary": check.summary(),
         }
     if args.json:
-        json.dump(_json_safe(desc), sys.stdout, indent=2, allow_nan=False)
+        _write_json(desc, sys.stdout.write)
         sys.stdout.write("\n")
     else:
-        print(_table(desc))
+        for line in _table_lines(desc):
+            sys.stdout.write(line + "\n")
     return 0
 
 

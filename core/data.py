@@ -275,7 +275,8 @@ def load_data(path: str | Path, model: LoadedModel | None = None) -> Dataset:
                 path=str(path),
                 hint="open a Hugging Face model folder, then its text data",
             )
-        return load_text_data(path, model)
+        x, y = load_text_data(path, model)
+        return Dataset(x, y, str(path))
     try:
         return _load_data(path)
     except CORRUPT_CONTAINER_ERRORS as exc:

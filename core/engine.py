@@ -434,10 +434,9 @@ def compress(
     Cancelled
         When ``cancel`` fires; the original is untouched and nothing is returned.
     """
+    from core import second_order
     from core.estimate import preview
     from core.model_io import clone_model
-
-    from core import second_order
 
     _check_plan(loaded, plan, stats)
     calibrated = second_order.plan_needs_calibration(plan, list(stats.layers))
@@ -484,7 +483,9 @@ def compress(
     current = named_tensors(module)
     recon = None
     if calibrated:
-        recon = second_order.Reconstructor(work, calibration, progress=progress, cancel=cancel)
+        recon = second_order.Reconstructor(
+            work, calibration, progress=progress, cancel=cancel, reference=loaded
+        )
         order = recon.order(layers)
     else:
         order = layers

@@ -19,7 +19,7 @@ end in ``"?"``, e.g. ``"Linear?"``).
 from __future__ import annotations
 
 import re
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 
 import torch
 from torch import nn
@@ -44,8 +44,14 @@ def _nbytes(tensors: list[torch.Tensor]) -> int:
     return sum(t.numel() * t.element_size() for t in tensors)
 
 
+_DTYPE_NAMES: dict[torch.dtype, str] = {}
+
+
 def _dtype(t: torch.Tensor) -> str:
-    return str(t.dtype).replace("torch.", "")
+    name = _DTYPE_NAMES.get(t.dtype)
+    if name is None:  # one shared string per dtype (10**6 rows)
+        name = _DTYPE_NAMES[t.dtype] = str(t.dtype).replace("torch.", "")
+    return name
 
 
 def _owner(name: str) -> tuple[str, str]:
@@ -156,13 +162,19 @@ def _row(
 ) -> LayerInfo:
     main = tensors[tensor_name] if tensor_name is not None else tensors[param_names[0]]
     members = [tensors[p] for p in param_names]
+    if len(members) == 1:  # most rows (10**6 for some checkpoints): no generator overhead
+        params = main.numel() if members[0] is main else members[0].numel()
+        nbytes = params * members[0].element_size()
+    else:
+        params = sum(t.numel() for t in members)
+        nbytes = _nbytes(members)
     return LayerInfo(
         name=name,
         type=type_name,
         tensor=tensor_name,
-        shape=tuple(int(s) for s in main.shape),
-        params=sum(t.numel() for t in members),
-        bytes=_nbytes(members),
+        shape=tuple(main.shape),  # torch.Size holds ints
+        params=params,
+        bytes=nbytes,
         prunable=prunable,
         param_names=tuple(param_names),
         groups=int(groups),
@@ -251,7 +263,16 @@ def inventory(loaded: LoadedModel) -> tuple[LayerInfo, ...]:
     tuple of LayerInfo
         ``name`` keys plans/stats/masks; ``tensor`` is the compressible parameter's full name.
     """
+    return tuple(iter_inventory(loaded))
+
+
+def iter_inventory(loaded: LoadedModel) -> Iterator[LayerInfo]:
+    """`inventory`'s rows one at a time: a caller that streams them (``inspect`` of 10**6
+    tensors) never holds them all."""
     module = loaded.module
+    if loaded.weights_only and _owners_contiguous(module):
+        yield from _iter_weights_only(module)
+        return
     params = dict(module.named_parameters())
     by_owner: dict[str, dict[str, torch.Tensor]] = {}
     for name, t in params.items():
@@ -303,10 +324,62 @@ def inventory(loaded: LoadedModel) -> tuple[LayerInfo, ...]:
             g = getattr(sub, "groups", 1) if sub is not None else 1
             return g if isinstance(g, int) else 1
 
-    rows: list[LayerInfo] = []
     for owner, leaves in by_owner.items():
-        rows.extend(_rows_for_owner(owner, type_of(owner), leaves, groups_of))
-    return tuple(rows)
+        yield from _rows_for_owner(owner, type_of(owner), leaves, groups_of)
+
+
+def _owners_contiguous(module: nn.Module) -> bool:
+    """True when each owner's parameters are one run of ``named_parameters()`` (always so for
+    `core.model_io.WeightsOnlyModule`, which lists names in module-tree order)."""
+    seen: set[str] = set()
+    last = None
+    for name, _ in module.named_parameters():
+        owner = name.rpartition(".")[0]
+        if owner != last:
+            if owner in seen:
+                return False
+            seen.add(owner)
+            last = owner
+    return True
+
+
+def _iter_weights_only(module: nn.Module) -> Iterator[LayerInfo]:
+    """The weights-only rows, owner by owner, without a dict of every owner's tensors: same
+    rows, same order as the general path (owners in first-appearance order)."""
+    buffers_of: dict[str, dict[str, torch.Tensor]] = {}
+    for bname, b in module.named_buffers():
+        b_owner, b_leaf = _owner(bname)
+        buffers_of.setdefault(b_owner, {})[b_leaf] = b
+
+    def groups_of(name: str) -> int:
+        return 1
+
+    last: str | None = None
+    leaves: dict[str, torch.Tensor] = {}
+    for name, t in module.named_parameters():
+        owner, _, leaf = name.rpartition(".")
+        if owner != last:
+            if last is not None:
+                yield from _weights_only_rows(last, leaves, buffers_of, groups_of)
+            last, leaves = owner, {}
+        leaves[leaf] = t
+    if last is not None:
+        yield from _weights_only_rows(last, leaves, buffers_of, groups_of)
+
+
+def _weights_only_rows(
+    owner: str,
+    leaves: dict[str, torch.Tensor],
+    buffers_of: dict[str, dict[str, torch.Tensor]],
+    groups_of: Callable[[str], int],
+) -> list[LayerInfo]:
+    typed = leaves
+    extra = buffers_of.get(owner)
+    if extra:
+        typed = dict(leaves)
+        for b_leaf, b in extra.items():
+            typed.setdefault(b_leaf, b)
+    return _rows_for_owner(owner, _guess_type(owner, typed), leaves, groups_of)
 
 
 def prunable_layers(loaded: LoadedModel) -> tuple[LayerInfo, ...]:

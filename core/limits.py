@@ -51,7 +51,7 @@ import zipfile
 import zlib
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 
@@ -272,6 +272,9 @@ _JSON_STRING = re.compile(rb'"[^"\\]*(?:\\.[^"\\]*)*"')
 _LONG_DIGITS = re.compile(rb"\d{19,}")
 
 
+_NOT_BRACKETS = bytes(b for b in range(256) if b not in b"[]{}")
+
+
 def _scan(text: str | bytes) -> tuple[int, bool]:
     """(deepest nesting, may hold a huge integer) of JSON text, without parsing it.
 
@@ -280,15 +283,23 @@ def _scan(text: str | bytes) -> tuple[int, bool]:
     """
     raw = text.encode("utf-8", "surrogatepass") if isinstance(text, str) else bytes(text)
     bare = _JSON_STRING.sub(b'""', raw)
-    arr = np.frombuffer(bare, dtype=np.uint8)
-    step = (
-        (arr == ord("[")).astype(np.int8)
-        + (arr == ord("{"))
-        - (arr == ord("]"))
-        - (arr == ord("}"))
-    )
-    depth = int(np.cumsum(step, dtype=np.int64).max()) if arr.size else 0
+    del raw
+    # Only the brackets matter for the depth: a header of 10**6 tensors is ~80 MB of text but
+    # a few MB of brackets, so the running sum stays small.
+    arr = np.frombuffer(bare.translate(None, _NOT_BRACKETS), dtype=np.uint8)
+    step = np.where((arr == ord("[")) | (arr == ord("{")), 1, -1).astype(np.int32)
+    depth = int(np.cumsum(step, dtype=np.int32).max()) if arr.size else 0
     return depth, _LONG_DIGITS.search(bare) is not None
+
+
+def unique_pairs(items: list[tuple[str, Any]]) -> dict[str, Any]:
+    """A JSON object's pairs as a dict; ``ValueError`` when a key repeats."""
+    out = dict(items)
+    if len(out) != len(items):
+        seen: set[str] = set()
+        dup = next(k for k, _ in items if k in seen or seen.add(k))  # type: ignore[func-returns-value]
+        raise ValueError(f"key {dup[:60]!r} appears twice")
+    return out
 
 
 def load_json(
@@ -301,6 +312,7 @@ def load_json(
     unique_keys: bool = False,
     error: ErrorType = ModelLoadError,
     hint: str = "the file is corrupt",
+    object_pairs_hook: Callable[[list[tuple[str, Any]]], Any] | None = None,
 ) -> Any:
     """``json.loads`` with limits on size, nesting depth and integer size.
 
@@ -316,6 +328,9 @@ def load_json(
         Deepest accepted nesting of arrays/objects.
     unique_keys
         Refuse an object that repeats a key (``json`` would silently keep the last).
+    object_pairs_hook
+        Builds each object from its ``(key, value)`` pairs instead of `unique_pairs` (with
+        ``unique_keys``) or ``dict``; it raises ``ValueError`` for an invalid object.
     error, hint
         The exception type raised and its hint.
 
@@ -342,20 +357,13 @@ def load_json(
             raise ValueError(f"integer {s[:24]}{'...' if len(s) > 24 else ''} is out of range")
         return value
 
-    def pairs(items: list[tuple[str, Any]]) -> dict[str, Any]:
-        out = dict(items)
-        if len(out) != len(items):
-            seen: set[str] = set()
-            dup = next(k for k, _ in items if k in seen or seen.add(k))  # type: ignore[func-returns-value]
-            raise ValueError(f"key {dup[:60]!r} appears twice")
-        return out
 
     try:
         # The integer hook costs a call per number: only needed when a long digit run exists.
         obj = json.loads(
             text,
             parse_int=parse_int if long_ints else None,
-            object_pairs_hook=pairs if unique_keys else None,
+            object_pairs_hook=object_pairs_hook or (unique_pairs if unique_keys else None),
         )
     except RecursionError:  # unbalanced brackets can fool the scan; the parser still stops
         raise error(
@@ -476,6 +484,34 @@ SAFETENSORS_ITEMSIZE = {
 }
 
 
+class SafetensorsEntry(NamedTuple):
+    """One checked tensor entry of a safetensors header: a small tuple (headers can list 10**6
+    tensors), also readable like the header's dict (``e["dtype"]``, ``e["data_offsets"]``)."""
+
+    dtype: str
+    shape: tuple[int, ...]
+    start: int
+    end: int
+
+    @property
+    def data_offsets(self) -> tuple[int, int]:
+        return (self.start, self.end)
+
+    def __getitem__(self, key: Any) -> Any:  # type: ignore[override]
+        if isinstance(key, str):
+            if key in ("dtype", "shape", "data_offsets"):
+                return getattr(self, key)
+            raise KeyError(key)
+        return tuple.__getitem__(self, key)
+
+    def get(self, key: str, default: Any = None) -> Any:
+        """``dict.get`` for the three header keys."""
+        try:
+            return self[key]
+        except KeyError:
+            return default
+
+
 def safetensors_header(
     path: str | Path,
     *,
@@ -492,7 +528,8 @@ def safetensors_header(
     Returns
     -------
     (entries, metadata)
-        ``name -> {"dtype", "shape" (tuple), "data_offsets" (tuple)}`` and ``__metadata__``.
+        ``name -> SafetensorsEntry`` (read like a dict: ``e["dtype"]``, ``e["shape"]`` (tuple),
+        ``e["data_offsets"]`` (tuple)) and ``__metadata__``.
     """
     p = Path(path)
     allowed = {d for d in supported if d in SAFETENSORS_ITEMSIZE}
@@ -522,6 +559,45 @@ def safetensors_header(
         text = raw.decode("utf-8")
     except UnicodeDecodeError:
         raise error("the safetensors header is not UTF-8 text", path=p, hint=hint) from None
+    del raw
+    data_bytes = file_bytes - 8 - n
+    itemsize = SAFETENSORS_ITEMSIZE
+    dtype_names = {d: d for d in allowed}  # one shared string per dtype, not one per tensor
+    shapes: dict[tuple[int, ...], tuple[int, ...]] = {}  # one shared tuple per shape
+    entry_keys = {"dtype", "shape", "data_offsets"}
+
+    def compact(items: list[tuple[str, Any]]) -> Any:
+        # Called by the parser for every JSON object: a well-formed tensor entry becomes a
+        # SafetensorsEntry at once (a header can list 10**6 tensors; dicts of lists would
+        # cost ~700 B each). Anything else stays a dict and gets the full checks below.
+        if len(items) == 3:
+            d = dict(items)
+            if d.keys() == entry_keys:
+                dtype, shape, offsets = d["dtype"], d["shape"], d["data_offsets"]
+                if (
+                    type(dtype) is str
+                    and dtype in allowed
+                    and type(shape) is list
+                    and len(shape) <= 8
+                    and all(type(x) is int and 0 <= x <= MAX_JSON_INT for x in shape)
+                    and type(offsets) is list
+                    and len(offsets) == 2
+                    and type(offsets[0]) is int
+                    and type(offsets[1]) is int
+                ):
+                    start, end = offsets
+                    key = tuple(shape)
+                    numel = math.prod(key)
+                    if (
+                        numel <= MAX_JSON_INT
+                        and 0 <= start <= end <= data_bytes
+                        and end - start == numel * itemsize[dtype]
+                    ):
+                        return SafetensorsEntry(
+                            dtype_names[dtype], shapes.setdefault(key, key), start, end
+                        )
+        return unique_pairs(items)
+
     header = load_json(
         text,
         what="the safetensors header",
@@ -530,7 +606,9 @@ def safetensors_header(
         unique_keys=True,
         error=error,
         hint=hint,
+        object_pairs_hook=compact,
     )
+    del text
     if not isinstance(header, dict):
         raise error("the safetensors header is not a JSON object", path=p, hint=hint)
     meta = header.pop("__metadata__", None) or {}
@@ -538,41 +616,16 @@ def safetensors_header(
         raise error(
             "the safetensors __metadata__ is not a map of strings to strings", path=p, hint=hint
         )
-    data_bytes = file_bytes - 8 - n
-    entries: dict[str, dict[str, Any]] = {}
-    spans: list[tuple[int, int, str]] = []
-    itemsize = SAFETENSORS_ITEMSIZE
+    entries: dict[str, SafetensorsEntry] = header
+    # Offsets of the non-empty tensors, for the overlap check (plain ints: 10**6 entries).
+    starts: list[int] = []
+    ends: list[int] = []
     for name, info in header.items():
-        # Per-tensor work is kept to plain checks: headers can list 10**6 tensors. The name is
-        # only escaped for a message.
-        if (
-            type(info) is dict
-            and type(info.get("dtype")) is str
-            and info["dtype"] in allowed
-            and type(info.get("shape")) is list
-            and len(info["shape"]) <= 8
-            and all(type(d) is int and 0 <= d <= MAX_JSON_INT for d in info["shape"])
-            and type(info.get("data_offsets")) is list
-            and len(info["data_offsets"]) == 2
-            and type(info["data_offsets"][0]) is int
-            and type(info["data_offsets"][1]) is int
-        ):
-            start, end = info["data_offsets"]
-            shape = tuple(info["shape"])
-            numel = math.prod(shape)
-            if (
-                numel <= MAX_JSON_INT
-                and 0 <= start <= end <= data_bytes
-                and end - start == numel * itemsize[info["dtype"]]
-            ):
-                entries[name] = {
-                    "dtype": info["dtype"],
-                    "shape": shape,
-                    "data_offsets": (start, end),
-                }
-                if end > start:
-                    spans.append((start, end, name))
-                continue
+        if type(info) is SafetensorsEntry:  # checked by `compact`
+            if info.end > info.start:
+                starts.append(info.start)
+                ends.append(info.end)
+            continue
         # Anything unusual takes the full checks below, which name the problem.
         shown = escape_name(name)[:80]
         if not isinstance(info, dict) or not {"dtype", "shape", "data_offsets"} <= set(info):
@@ -612,18 +665,31 @@ def safetensors_header(
                 path=p,
                 hint=hint,
             )
-        entries[name] = {"dtype": dtype, "shape": shape, "data_offsets": (start, end)}
+        # Valid after all (e.g. a dimension too large for the fast checks).
+        header[name] = SafetensorsEntry(dtype, shape, start, end)
         if end > start:
-            spans.append((start, end, name))
-    spans.sort()
+            starts.append(start)
+            ends.append(end)
+    if len(starts) > 1:
+        # Sorted by (start, end), no span may begin before the previous one ends.
+        s_arr = np.asarray(starts, dtype=np.int64)
+        e_arr = np.asarray(ends, dtype=np.int64)
+        order = np.lexsort((e_arr, s_arr))
+        if bool((s_arr[order[1:]] < e_arr[order[:-1]]).any()):
+            _raise_overlap(entries, p, error, hint)
+    return entries, {str(k): v for k, v in meta.items()}
+
+
+def _raise_overlap(
+    entries: dict[str, SafetensorsEntry], p: Path, error: ErrorType, hint: str
+) -> None:
+    """Raise the error naming the first two overlapping tensors (in offset order)."""
+    spans = sorted(
+        (e.start, e.end, escape_name(name)[:80]) for name, e in entries.items() if e.end > e.start
+    )
     for (_, end_a, a), (start_b, _, b) in zip(spans, spans[1:], strict=False):
         if start_b < end_a:
-            raise error(
-                f"tensors {escape_name(a)[:80]!r} and {escape_name(b)[:80]!r} overlap in the file",
-                path=p,
-                hint=hint,
-            )
-    return entries, {str(k): v for k, v in meta.items()}
+            raise error(f"tensors {a!r} and {b!r} overlap in the file", path=p, hint=hint)
 
 
 def check_npz(path: str | Path, *, what: str, error: ErrorType = ModelLoadError) -> None:

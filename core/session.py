@@ -636,6 +636,7 @@ class Session:
                 stats=stats,
                 progress=scaled(progress, 0, 0.95),
                 cancel=cancel,
+                calibration=train,
             )
             hists = _after_histograms(result, stats, cancel) if after_histograms else {}
             progress(1.0, "compressed")
@@ -717,6 +718,12 @@ class Session:
             self._emit("evaluated", self.evaluation)
 
         return self._job("evaluate", "Evaluating", fn, done)
+
+    def restore_runs(self, records: Sequence[RunRecord]) -> None:
+        """Put saved runs (e.g. a restored window session) back into the history; runs made
+        from now on are numbered after them."""
+        self.runs.extend(records)
+        self._run_ids = itertools.count(max((r.id for r in self.runs), default=0) + 1)
 
     def _record(self, kind: str, plan: CompressionPlan, seconds: float) -> None:
         result, ev = self.result, self.evaluation

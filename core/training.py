@@ -22,7 +22,6 @@ import torch
 import torch.nn.functional as F
 
 from core.errors import CompressionError
-from core.methods import prune_method
 from core.evaluate import (
     batches_for,
     eval_mode,
@@ -31,6 +30,7 @@ from core.evaluate import (
     is_classifier_output,
     require_forward,
 )
+from core.methods import prune_method
 from core.model import LoadedModel
 from core.plan import (
     GRADIENT_METHODS,
@@ -368,6 +368,7 @@ def compress_and_finetune(
     stats=None,
     progress: ProgressFn = no_progress,
     cancel: CancelToken | None = None,
+    calibration=None,
 ):
     """`core.engine.compress` followed by the recovery ``plan.recovery`` asks for.
 
@@ -386,6 +387,9 @@ def compress_and_finetune(
         be ``None`` only when ``plan.recovery.epochs == 0``.
     stats
         `core.stats.ModelStats` of ``loaded`` if already computed (else analysed here).
+    calibration
+        Data for the second-order methods (`core.second_order`): the training split, never
+        the held-out one; defaults to ``train``.
 
     Returns
     -------
@@ -436,7 +440,13 @@ def compress_and_finetune(
             span(0.0, f"{label}analyzing")
             stats = analyze(current, train if needs_grads else None, cancel=cancel)
         span(0.05, f"{label}pruning and quantizing")
-        result = compress(current, _step_plan(plan, step, steps), stats, cancel=cancel)
+        result = compress(
+            current,
+            _step_plan(plan, step, steps),
+            stats,
+            cancel=cancel,
+            calibration=train if calibration is None else calibration,
+        )
         result = replace(result, original=loaded, plan=plan)
         if rec.epochs > 0:
             result = finetune(

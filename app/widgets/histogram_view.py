@@ -33,8 +33,42 @@ from app import style
 
 TITLE_SIZE = "10pt"
 
-#: Above this many levels inside the view the grid is a solid block, so it is not drawn.
-MAX_DRAWN_LEVELS = 512
+#: Fewest pixels between two drawn grid lines: a denser grid is drawn every k-th level.
+MIN_LEVEL_PX = 6
+
+
+def level_stride(n_levels: int, level_span: float, view_span: float, pixels: float) -> int:
+    """Draw every ``k``-th of ``n_levels`` grid lines spread over ``level_span`` (axis units)
+    so that neighbours are at least `MIN_LEVEL_PX` apart on a ``view_span``-wide axis drawn
+    ``pixels`` wide (1: every level fits)."""
+    if n_levels < 2 or level_span <= 0 or view_span <= 0 or pixels <= 0:
+        return 1
+    spacing_px = level_span / (n_levels - 1) * pixels / view_span
+    return max(1, math.ceil(MIN_LEVEL_PX / spacing_px))
+
+
+def _ordinal(k: int) -> str:
+    if 10 <= k % 100 <= 20:
+        return f"{k}th"
+    suffix = {1: "st", 2: "nd", 3: "rd"}.get(k % 10, "th")
+    return f"{k}{suffix}"
+
+
+def no_si_prefix(plot) -> None:
+    """Axes print the numbers as they are: pyqtgraph's SI auto-scaling would write
+    "(x0.001)" into the label while the caption and the sliders show the plain value."""
+    for side in ("left", "bottom"):
+        plot.getAxis(side).enableAutoSIPrefix(False)
+
+
+def legend_title(title: str, entries) -> str:
+    """``title`` plus colour-coded ``(name, QColor)`` entries: a legend that never sits on
+    the data (a legend box inside the plot covers the peak and the pruned band)."""
+    keys = " ".join(
+        f"<span style='color:{color.name()}'>■ {name}</span>" for name, color in entries
+    )
+    return f"{title} &nbsp; {keys}" if keys else title
+
 
 GRADIENT_HINT = (
     "No gradients yet.\n\nOpen data (File ▸ Open data…) to see each weight's gradient mean "
@@ -123,7 +157,8 @@ class HistogramView(QWidget):
         self.plot.setLabel("left", "log10(count + 1)")
         self.plot.setTitle("Weights", size=TITLE_SIZE)
         pi = self.plot.getPlotItem()
-        self.legend = pi.addLegend(offset=(-10, 10))
+        no_si_prefix(self.plot)
+        self._level_stride = 1
         self.band = pg.LinearRegionItem(
             values=(0, 0),
             movable=False,
@@ -155,7 +190,6 @@ class HistogramView(QWidget):
         )
         for item in (self.band, self.levels, self.curve, self.after_curve, *self.lines):
             pi.addItem(item)
-        self.legend.removeItem(self.after_curve)
         for sign, line in zip((1.0, -1.0), self.lines, strict=True):
             line.setToolTip("Drag to set the pruning threshold (synced with the slider)")
             line.sigPositionChanged.connect(
@@ -172,7 +206,7 @@ class HistogramView(QWidget):
         self.grad_plot.setLabel("bottom", "gradient")
         self.grad_plot.setLabel("left", "log10(count + 1)")
         gpi = self.grad_plot.getPlotItem()
-        gpi.addLegend(offset=(-10, 10))
+        no_si_prefix(self.grad_plot)
         self.grad_mean = pg.PlotDataItem(
             stepMode="center",
             fillLevel=0,
@@ -280,17 +314,16 @@ class HistogramView(QWidget):
         hist = ts.hist_log if abs_axis else ts.hist
         x, y = _step_xy(hist.edges, hist.counts, log_counts)
         self.curve.setData(x, y)
-        self.plot.setTitle(f"Weights of {ts.layer.name}", size=TITLE_SIZE)
+        entries = [("original", style.WEIGHT_COLOR)]
         after = self._after
         if after is not None:
             counts = after.log_abs if abs_axis else after.signed
             ax, ay = _step_xy(hist.edges, counts, log_counts)
             self.after_curve.setData(ax, ay)
-            if self.after_curve not in [item for item, _ in self.legend.items]:
-                self.legend.addItem(self.after_curve, "after compression")
+            entries.append(("compressed", style.AFTER_COLOR))
         else:
             self.after_curve.setData([], [])
-            self.legend.removeItem(self.after_curve)
+        self.plot.setTitle(legend_title(f"Weights of {ts.layer.name}", entries), size=TITLE_SIZE)
         self.plot.enableAutoRange()
 
     def _redraw_gradients(self) -> None:
@@ -306,7 +339,14 @@ class HistogramView(QWidget):
         self.grad_plot.setLabel("left", "log10(count + 1)" if log_counts else "count")
         self.grad_mean.setData(*_step_xy(grad.hist_mean.edges, grad.hist_mean.counts, log_counts))
         self.grad_std.setData(*_step_xy(grad.hist_std.edges, grad.hist_std.counts, log_counts))
-        self.grad_plot.setTitle(f"Gradients of {ts.layer.name}", size=TITLE_SIZE)
+        self.grad_plot.setTitle(
+            # The layer is named in the weights plot beside it and in the tooltip: the
+            # narrower gradient plot keeps its title short enough not to be clipped.
+            legend_title(
+                "Gradients", [("mean", style.GRAD_MEAN_COLOR), ("std", style.GRAD_STD_COLOR)]
+            ),
+            size=TITLE_SIZE,
+        )
         self.grad_plot.setToolTip(
             f"Per-weight gradient mean and standard deviation of {ts.layer.name} over "
             f"{grad.batches} recorded batches"
@@ -362,10 +402,20 @@ class HistogramView(QWidget):
         if self.abs_axis.isChecked():
             mags = np.unique(np.abs(levels[levels != 0]))
             levels = np.log10(mags) if mags.size else mags
-        if levels.size > MAX_DRAWN_LEVELS or levels.size == 0:
+        x, y = self.curve.getData()
+        if levels.size == 0:
             self.levels.setData([], [])
             return
-        x, y = self.curve.getData()
+        # Denser than the pixels: every k-th level, so the histogram stays visible.
+        view_span = float(np.ptp(x)) if x is not None and len(x) > 1 else 0.0
+        levels = np.sort(levels)
+        self._level_stride = level_stride(
+            levels.size,
+            float(levels[-1] - levels[0]),
+            view_span or float(levels[-1] - levels[0]),
+            float(self.plot.getPlotItem().vb.width()) or 400.0,
+        )
+        levels = levels[:: self._level_stride]
         top = float(np.max(y)) if y is not None and len(y) else 1.0
         xs = np.repeat(levels, 2)
         ys = np.tile([0.0, top], levels.size)
@@ -396,12 +446,13 @@ class HistogramView(QWidget):
                 parts.append(f"pruned {100 * lp.sparsity:.1f}% by {score} score (not |w|)")
             if self._bits is not None:
                 n = 2**self._bits - (1 if self._symmetric else 0)
-                drawn = "too dense to draw" if n > MAX_DRAWN_LEVELS else "green"
-                if self._per_channel and n <= MAX_DRAWN_LEVELS:
-                    drawn = "green; widest row"
+                k = self._level_stride
+                drawn = "green" if k == 1 else f"green: every {_ordinal(k)} level drawn"
+                if self._per_channel:
+                    drawn += "; widest row"
                 grid = f"{self._bits}-bit grid, {n} levels ({drawn})"
                 parts.append(grid)
-        # (The "after compression" overlay is named in the plot's legend.)
+        # (The "after compression" overlay is named in the plot's title.)
         self.caption.setText(" · ".join(parts))
         self.caption.setToolTip(
             f"{ts.layer.name}: mean {ts.mean:.4g}, std {ts.std:.4g}, min {ts.min:.4g}, "

@@ -261,6 +261,10 @@ class ResultsPanel(QGroupBox):
         )
         self.stale.setObjectName("resultsStale")
         self.stale.setStyleSheet("color: #c77c00;")
+        # Keeps its room while hidden: the banner coming and going must not move the tables.
+        keep = self.stale.sizePolicy()
+        keep.setRetainSizeWhenHidden(True)
+        self.stale.setSizePolicy(keep)
         self.stale.setVisible(False)
         layout.insertWidget(0, self.stale)
         self._clear_table()

@@ -19,9 +19,15 @@ from PySide6.QtCore import (
 )
 from PySide6.QtWidgets import (
     QAbstractItemView,
+    QCheckBox,
+    QHBoxLayout,
     QHeaderView,
+    QLabel,
     QLineEdit,
+    QSizePolicy,
+    QStackedWidget,
     QTableView,
+    QTreeView,
     QVBoxLayout,
     QWidget,
 )
@@ -51,10 +57,16 @@ HEADER_MARGIN = 12
 #: Role under which each cell exposes a number for sorting.
 SORT_ROLE = Qt.ItemDataRole.UserRole + 1
 NAME_ROLE = Qt.ItemDataRole.UserRole + 2
+#: True for layers that have their own settings (a plan override).
+OVERRIDE_ROLE = Qt.ItemDataRole.UserRole + 3
+#: Drawn before the name of a layer with its own settings.
+OVERRIDE_MARK = "◆"
 _ROLES = frozenset(
     (
         SORT_ROLE,
         NAME_ROLE,
+        OVERRIDE_ROLE,
+        Qt.ItemDataRole.FontRole,
         Qt.ItemDataRole.TextAlignmentRole,
         Qt.ItemDataRole.ToolTipRole,
         Qt.ItemDataRole.ForegroundRole,
@@ -69,6 +81,7 @@ class LayerTableModel(QAbstractTableModel):
         super().__init__(parent)
         self._layers: tuple = ()
         self._preview: dict[str, object] = {}
+        self._overrides: frozenset[str] = frozenset()
         # Display strings per row, rebuilt once per preview: the view asks for every visible
         # cell and role on each repaint, which during a slider drag is every step.
         self._cells: list[tuple[str, ...]] = []
@@ -83,11 +96,21 @@ class LayerTableModel(QAbstractTableModel):
     def _rebuild_cells(self) -> None:
         self._cells = [
             tuple(
-                self._display(layer, self._preview.get(layer.name), col)
+                self._display(layer, self._preview.get(layer.name), col, self._overrides)
                 for col in range(len(COLUMNS))
             )
             for layer in self._layers
         ]
+
+    def set_overrides(self, names) -> None:
+        """Mark the layers ``names`` as having their own settings (no-op when unchanged)."""
+        names = frozenset(names)
+        if names == self._overrides:
+            return
+        self._overrides = names
+        self._rebuild_cells()
+        if self._layers:
+            self.dataChanged.emit(self.index(0, 0), self.index(len(self._layers) - 1, 0))
 
     def set_preview(self, preview) -> None:
         self._preview = {} if preview is None else {lp.name: lp for lp in preview.layers}
@@ -99,6 +122,10 @@ class LayerTableModel(QAbstractTableModel):
 
     def layer(self, row: int):
         return self._layers[row]
+
+    def preview_of(self, name: str):
+        """The current `LayerPreview` of ``name`` (None before the first preview)."""
+        return self._preview.get(name)
 
     def row_of(self, name: str) -> int:
         for i, layer in enumerate(self._layers):
@@ -130,6 +157,16 @@ class LayerTableModel(QAbstractTableModel):
         col = index.column()
         if role == NAME_ROLE:
             return layer.name
+        if role == OVERRIDE_ROLE:
+            return layer.name in self._overrides
+        if role == Qt.ItemDataRole.FontRole:
+            if col == 0 and layer.name in self._overrides:
+                from PySide6.QtGui import QFont
+
+                font = QFont()
+                font.setBold(True)
+                return font
+            return None
         if role == SORT_ROLE:
             return self._sort_key(layer, lp, col)
         if role == Qt.ItemDataRole.TextAlignmentRole and col >= 2:
@@ -144,6 +181,8 @@ class LayerTableModel(QAbstractTableModel):
             tip = f"{layer.name} ({layer.type}, weight {shape})"
             if not layer.prunable:
                 tip += " — not compressed by default (norms, biases-only layers)"
+            if layer.name in self._overrides:
+                tip += f" — {OVERRIDE_MARK} has its own settings (not the model default)"
             if lp is not None and lp.skip:
                 tip += " — skipped by the plan"
             return tip
@@ -159,9 +198,9 @@ class LayerTableModel(QAbstractTableModel):
         return QApplication.palette().color(QPalette.ColorGroup.Disabled, QPalette.ColorRole.Text)
 
     @staticmethod
-    def _display(layer, lp, col: int) -> str:
+    def _display(layer, lp, col: int, overrides: frozenset[str] = frozenset()) -> str:
         if col == 0:
-            return layer.name
+            return f"{OVERRIDE_MARK} {layer.name}" if layer.name in overrides else layer.name
         if col == 1:
             return layer.type
         if col == 2:
@@ -202,13 +241,18 @@ class LayerTableModel(QAbstractTableModel):
 
 
 class _Proxy(QSortFilterProxyModel):
-    """Filters on name and type at once (one line edit), sorts by the numeric sort role."""
+    """Filters on name and type at once (one line edit), sorts by the numeric sort role;
+    ``prunable_only`` hides the layers the plan does not compress (norms...)."""
+
+    prunable_only = False
 
     def filterAcceptsRow(self, source_row: int, source_parent: QModelIndex) -> bool:
+        model = self.sourceModel()
+        if self.prunable_only and not model.layer(source_row).prunable:
+            return False
         rx = self.filterRegularExpression()
         if not rx.pattern():
             return True
-        model = self.sourceModel()
         for col in (0, 1):
             text = model.index(source_row, col, source_parent).data()
             if text and rx.match(text).hasMatch():
@@ -257,10 +301,53 @@ class LayerTable(QWidget):
         header.setStretchLastSection(False)
         header.setMinimumSectionSize(36)
         self.view.selectionModel().selectionChanged.connect(self._on_view_selectionChanged)
+
+        from app.widgets.layer_tree import LayerTreeModel
+
+        self.tree_model = LayerTreeModel(self.model, self)
+        self.tree = QTreeView(self)
+        self.tree.setObjectName("layerTree")
+        self.tree.setModel(self.tree_model)
+        self.tree.setSelectionBehavior(QAbstractItemView.SelectionBehavior.SelectRows)
+        self.tree.setSelectionMode(QAbstractItemView.SelectionMode.ExtendedSelection)
+        self.tree.setAlternatingRowColors(True)
+        self.tree.setUniformRowHeights(True)
+        self.tree.header().setStretchLastSection(False)
+        self.tree.header().setSectionResizeMode(0, QHeaderView.ResizeMode.Stretch)
+        self.tree.selectionModel().selectionChanged.connect(self._on_tree_selectionChanged)
+        self.tree_model.modelReset.connect(self._on_treeModel_modelReset)
+        self.views = QStackedWidget(self)
+        self.views.addWidget(self.view)
+        self.views.addWidget(self.tree)
+
+        self.prunable_only = QCheckBox("Prunable only", self)
+        self.prunable_only.setObjectName("prunableOnly")
+        self.prunable_only.setToolTip(
+            "Hide the layers the plan does not compress (BatchNorm/LayerNorm, bias-only)"
+        )
+        self.prunable_only.toggled.connect(self._on_prunableOnly_toggled)
+        self.grouped = QCheckBox("Group by module", self)
+        self.grouped.setObjectName("groupByModule")
+        self.grouped.setToolTip(
+            "Show the layers as a tree of their module path (layer2 ▸ layer2.0 ▸ conv1); "
+            "click the arrows to fold blocks away"
+        )
+        self.grouped.toggled.connect(self._on_grouped_toggled)
+        self.details = QLabel(self)
+        self.details.setObjectName("layerDetails")
+        self.details.setTextInteractionFlags(Qt.TextInteractionFlag.TextSelectableByMouse)
+        # Fixed size: the line changes with the selection and must not re-lay out the dock.
+        self.details.setSizePolicy(QSizePolicy.Policy.Ignored, QSizePolicy.Policy.Fixed)
+        self.details.setToolTip("Full name, type and weight shape of the selected layer")
+        bar = QHBoxLayout()
+        bar.addWidget(self.filter_edit, 1)
+        bar.addWidget(self.prunable_only)
+        bar.addWidget(self.grouped)
         layout = QVBoxLayout(self)
         layout.setContentsMargins(0, 0, 0, 0)
-        layout.addWidget(self.filter_edit)
-        layout.addWidget(self.view)
+        layout.addLayout(bar)
+        layout.addWidget(self.views, 1)
+        layout.addWidget(self.details)
 
     def set_layers(self, layers: Sequence) -> None:
         with signals_blocked(self.view.selectionModel()):
@@ -335,6 +422,10 @@ class LayerTable(QWidget):
             # Once per model, not per slider step: sizing columns measures every cell.
             self._fit_columns()
 
+    def set_overrides(self, names) -> None:
+        """Mark (◆, bold) the layers that have their own settings."""
+        self.model.set_overrides(names)
+
     def selected_names(self) -> tuple[str, ...]:
         rows = self.view.selectionModel().selectedRows()
         names = [self.proxy.data(idx, NAME_ROLE) for idx in rows]
@@ -343,6 +434,8 @@ class LayerTable(QWidget):
 
     def select_names(self, names: Sequence[str]) -> None:
         """Model -> widget: select ``names`` without echoing a selection signal."""
+        self._select_in_tree(names)
+        self._show_details(names)
         selection = QItemSelection()
         for name in names:
             row = self.model.row_of(name)
@@ -373,6 +466,84 @@ class LayerTable(QWidget):
                 QRegularExpression.PatternOption.CaseInsensitiveOption,
             )
         )
+        self._refilter_tree()
 
     def _on_view_selectionChanged(self, *_):
-        self.layersSelected.emit(self.selected_names())
+        names = self.selected_names()
+        self._show_details(names)
+        self.layersSelected.emit(names)
+
+    # ------------------------------------------------------------------ tree, details
+    def _refilter_tree(self) -> None:
+        proxy = self.proxy
+        self.tree_model.set_filter(lambda row: proxy.filterAcceptsRow(row, QModelIndex()))
+
+    def _on_prunableOnly_toggled(self, on: bool) -> None:
+        if hasattr(self.proxy, "beginFilterChange"):  # Qt >= 6.10; invalidateFilter before
+            self.proxy.beginFilterChange()
+            self.proxy.prunable_only = on
+            self.proxy.endFilterChange(QSortFilterProxyModel.Direction.Rows)
+        else:
+            self.proxy.prunable_only = on
+            self.proxy.invalidateFilter()
+        self._refilter_tree()
+
+    def _on_grouped_toggled(self, on: bool) -> None:
+        self.tree_model.live = on
+        self.views.setCurrentWidget(self.tree if on else self.view)
+        if on:
+            self._select_in_tree(self.selected_names())
+
+    def _on_treeModel_modelReset(self) -> None:
+        self.tree.expandAll()
+        self._select_in_tree(self.selected_names())
+        if self._type_width is not None:
+            for col in range(1, len(COLUMNS)):
+                self.tree.header().resizeSection(col, self.view.horizontalHeader().sectionSize(col))
+
+    def tree_selected_names(self) -> tuple[str, ...]:
+        rows = self.tree.selectionModel().selectedRows()
+        names = {idx.data(NAME_ROLE) for idx in rows} - {None}
+        order = {layer.name: i for i, layer in enumerate(self.model._layers)}
+        return tuple(sorted(names, key=lambda n: order.get(n, 0)))
+
+    def _on_tree_selectionChanged(self, *_):
+        names = self.tree_selected_names()
+        if names:
+            # Mirror into the table (the selection the window reads), then tell the window.
+            with signals_blocked(self.tree.selectionModel()):
+                self.select_names(names)
+            self.layersSelected.emit(names)
+
+    def _select_in_tree(self, names: Sequence[str]) -> None:
+        selection = QItemSelection()
+        for name in names:
+            idx = self.tree_model.index_of(name)
+            if idx.isValid():
+                selection.select(idx, idx)
+        sm = self.tree.selectionModel()
+        with signals_blocked(sm):
+            sm.select(
+                selection,
+                QItemSelectionModel.SelectionFlag.ClearAndSelect
+                | QItemSelectionModel.SelectionFlag.Rows,
+            )
+            first = self.tree_model.index_of(names[0]) if names else QModelIndex()
+            if first.isValid():
+                sm.setCurrentIndex(first, QItemSelectionModel.SelectionFlag.NoUpdate)
+                self.tree.scrollTo(first)
+        self.tree.viewport().update()
+
+    def _show_details(self, names: Sequence[str]) -> None:
+        if not names:
+            self.details.setText("")
+            return
+        row = self.model.row_of(names[0])
+        if row < 0:
+            self.details.setText("")
+            return
+        layer = self.model.layer(row)
+        shape = "×".join(str(s) for s in layer.shape)
+        more = f"  (+{len(names) - 1} more)" if len(names) > 1 else ""
+        self.details.setText(f"{layer.name} · {layer.type} · {shape}{more}")
+        self.details.setToolTip(layer.name)

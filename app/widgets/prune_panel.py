@@ -172,12 +172,14 @@ class PrunePanel(QGroupBox):
         skip: bool,
         threshold_max: float,
         shown_threshold: float | None,
+        shown_sparsity: float | None = None,
         has_gradients: bool,
         whole_model: bool,
         has_override: bool,
     ) -> None:
         """Show ``prune`` (a `PruneConfig`); ``shown_threshold`` is the preview's threshold
-        of the displayed layer (what the slider shows in sparsity mode)."""
+        of the displayed layer (what the slider shows in sparsity mode); ``shown_sparsity``
+        the preview's sparsity there (what the sparsity slider shows in threshold mode)."""
         self._tmax = max(float(threshold_max), 1e-12)
         self._gradients = has_gradients
         self._scope_model = whole_model
@@ -206,14 +208,18 @@ class PrunePanel(QGroupBox):
             self.method.setToolTip(METHOD_HELP[prune.method])
             self.by_sparsity.setChecked(prune.mode == "sparsity")
             self.by_threshold.setChecked(prune.mode == "threshold")
-            self.sparsity.setValue(int(round(prune.sparsity * 1000)))
+            # Threshold mode: the sparsity slider shows what the threshold implies, not the
+            # stale target from before the switch.
+            implied = prune.mode == "threshold" and shown_sparsity is not None
+            sparsity = float(shown_sparsity) if implied else prune.sparsity
+            self.sparsity.setValue(int(round(sparsity * 1000)))
             t = prune.threshold if prune.mode == "threshold" else (shown_threshold or 0.0)
             self.threshold.setValue(threshold_to_position(t, self._tmax))
             self.n.setValue(prune.n)
             self.m.setValue(prune.m)
             self.global_pool.setChecked(prune.scope == "global")
             self.skip.setChecked(skip)
-        self._show_sparsity(prune.sparsity)
+        self._show_sparsity(sparsity)
         shown = prune.threshold if prune.mode == "threshold" else shown_threshold
         self.threshold_label.setText("—" if shown is None else f"{shown:.4g}")
         # Per-layer only: hidden (not just disabled) for the whole model to save room.

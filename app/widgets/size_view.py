@@ -12,6 +12,25 @@ from app import style
 #: Horizontal bars: at most this many layers get a name on the axis (the rest stay readable
 #: by hovering); a 200-layer transformer would otherwise print an unreadable wall of text.
 MAX_LABELLED = 60
+#: At most this many layers get a bar of their own (the largest, plus the selected ones);
+#: the rest are summed into one "others" bar, so 100-500 layers stay readable.
+TOP_N = 24
+OTHERS = "others"
+
+
+def shown_rows(dense: np.ndarray, selected: set[int], top_n: int = TOP_N) -> list[int]:
+    """Indices (in model order) of the layers that get a bar: the ``top_n`` largest by dense
+    size plus the ``selected`` ones; every layer when there are no more than ``top_n + 1``."""
+    n = len(dense)
+    if n <= top_n + 1:
+        return list(range(n))
+    largest = np.argsort(-dense, kind="stable")[:top_n]
+    return sorted(set(int(i) for i in largest) | {i for i in selected if 0 <= i < n})
+
+
+def size_unit(max_bytes: float) -> tuple[str, float]:
+    """Axis unit and divisor for bars up to ``max_bytes``: KiB, or MiB from 10 MiB on."""
+    return ("MiB", 1024.0**2) if max_bytes >= 10 * 1024**2 else ("KiB", 1024.0)
 
 
 class SizeView(QWidget):
@@ -30,7 +49,10 @@ class SizeView(QWidget):
             f" vs <span style='color:{style.PACKED_COLOR.name()}'>■ packed (plan)</span>",
             size="10pt",
         )
-        self.plot.setLabel("bottom", "KiB")
+        self.plot.setLabel("bottom", "size (KiB)")
+        # Plain numbers in the unit the label names (no "(x1e+03)" SI surprise).
+        for side in ("left", "bottom"):
+            self.plot.getAxis(side).enableAutoSIPrefix(False)
         self.plot.showGrid(x=True, y=False, alpha=0.15)
         self.plot.getPlotItem().invertY(True)
         self.dense = pg.BarGraphItem(
@@ -52,6 +74,8 @@ class SizeView(QWidget):
         self.plot.addItem(self.selected)
         self._names: list[str] = []
         self._dense: np.ndarray = np.zeros(0)
+        self._preview = None
+        self._unit = "KiB"
         self.plot.scene().sigMouseClicked.connect(self._on_scene_sigMouseClicked)
         layout = QVBoxLayout(self)
         layout.setContentsMargins(0, 0, 0, 0)
@@ -62,6 +86,7 @@ class SizeView(QWidget):
         style.apply_plot_theme(self.plot)
 
     def set_preview(self, preview, selection: tuple[str, ...] = ()) -> None:
+        self._preview = preview
         if preview is None:
             self._names = []
             self.dense.setOpts(x0=[], y=[], width=[])
@@ -70,11 +95,25 @@ class SizeView(QWidget):
             self.plot.getAxis("left").setTicks([[]])
             return
         layers = list(preview.layers)
-        names = [lp.name for lp in layers]
-        n = len(layers)
+        all_dense = np.array([lp.dense_bytes for lp in layers], dtype=np.float64)
+        all_packed = np.array([lp.packed_bytes for lp in layers], dtype=np.float64)
+        index = {lp.name: i for i, lp in enumerate(layers)}
+        rows = shown_rows(all_dense, {index[s] for s in selection if s in index})
+        names = [layers[i].name for i in rows]
+        dense, packed = all_dense[rows], all_packed[rows]
+        if len(rows) < len(layers):
+            rest = np.ones(len(layers), dtype=bool)
+            rest[rows] = False
+            names.append(f"{OTHERS} ({int(rest.sum())} layers)")
+            dense = np.append(dense, all_dense[rest].sum())
+            packed = np.append(packed, all_packed[rest].sum())
+        unit, scale = size_unit(float(dense.max()) if dense.size else 0.0)
+        if unit != self._unit:
+            self._unit = unit
+            self.plot.setLabel("bottom", f"size ({unit})")
+        dense, packed = dense / scale, packed / scale
+        n = len(names)
         y = np.arange(n, dtype=np.float64)
-        dense = np.array([lp.dense_bytes for lp in layers], dtype=np.float64) / 1024.0
-        packed = np.array([lp.packed_bytes for lp in layers], dtype=np.float64) / 1024.0
         self.dense.setOpts(x0=np.zeros(n), y=y - 0.2, width=dense, height=0.38)
         self.packed.setOpts(x0=np.zeros(n), y=y + 0.2, width=packed, height=0.38)
         if names != self._names:
@@ -88,6 +127,12 @@ class SizeView(QWidget):
         self.set_selection(selection)
 
     def set_selection(self, selection: tuple[str, ...]) -> None:
+        if self._preview is not None and any(s not in self._names for s in selection):
+            # A selected layer outside the top N gets a bar of its own.
+            known = {lp.name for lp in self._preview.layers}
+            if any(s in known for s in selection if s not in self._names):
+                self.set_preview(self._preview, selection)
+                return
         rows = [self._names.index(s) for s in selection if s in self._names]
         if not rows:
             self.selected.setOpts(x0=[], y=[], width=[])
@@ -105,5 +150,5 @@ class SizeView(QWidget):
             return
         pos = self.plot.getPlotItem().vb.mapSceneToView(event.scenePos())
         row = int(round(pos.y()))
-        if 0 <= row < len(self._names):
+        if 0 <= row < len(self._names) and not self._names[row].startswith(OTHERS + " ("):
             self.layerClicked.emit(self._names[row])

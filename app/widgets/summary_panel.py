@@ -9,7 +9,12 @@ from PySide6.QtWidgets import QGridLayout, QGroupBox, QLabel, QSizePolicy
 from app.style import decibels, human_bytes, human_count, percent, ratio
 
 ROWS = (
-    ("dense", "Before", "Size before: all floating-point parameters stored as dense fp32"),
+    (
+        "dense",
+        "Before",
+        "Size before: the same archive with nothing compressed (every state tensor as stored, "
+        "header included), so an empty plan shows After = Before",
+    ),
     (
         "packed",
         "After",
@@ -27,19 +32,29 @@ ROWS = (
 )
 
 
-def summary_texts(preview) -> dict[str, str]:
-    """The strings the panel shows for ``preview`` (also used by tests to check the panel)."""
+def summary_texts(preview, before_bytes: int | None = None) -> dict[str, str]:
+    """The strings the panel shows for ``preview`` (also used by tests to check the panel).
+
+    ``before_bytes``: the size of the uncompressed archive (`core.estimate.preview` of an
+    empty plan). Without it "Before" is the preview's fp32 parameter bytes, which leave out
+    buffers (BatchNorm statistics) and the header that "After" counts.
+    """
     if preview is None:
         return {key: "—" for key, _, _ in ROWS}
+    before = preview.dense_bytes if before_bytes is None else before_bytes
+    packed = preview.packed_bytes
     return {
         "sparsity": percent(preview.sparsity, 2),
         "nonzeros": f"{human_count(preview.total_nnz)} / {human_count(preview.total_numel)}",
-        "dense": human_bytes(preview.dense_bytes),
-        "packed": human_bytes(preview.packed_bytes),
+        "dense": human_bytes(before),
+        "packed": human_bytes(packed),
         "entropy": human_bytes(preview.entropy_bytes),
-        "ratio": ratio(preview.compression_ratio),
+        "ratio": ratio(before / packed if packed else None),
         "sqnr": decibels(preview.sqnr_db),
     }
+
+
+KEPT_INDEX = [key for key, _, _ in ROWS].index("nonzeros")
 
 
 class SummaryPanel(QGroupBox):
@@ -64,23 +79,29 @@ class SummaryPanel(QGroupBox):
             label.setSizePolicy(QSizePolicy.Policy.Ignored, QSizePolicy.Policy.Fixed)
             if key in ("ratio", "packed"):
                 label.setFont(big)
-            sample = "999.99 KiB" if key != "nonzeros" else "99.9 k / 99.9 k"
-            label.setMinimumWidth(label.fontMetrics().horizontalAdvance(sample) + 4)
             name = QLabel(title, self)
             name.setToolTip(tip)
-            row, col = divmod(i, 2)
+            if key == "nonzeros":
+                # "2.62 M / 25.50 M" does not fit a half-width cell: a row of its own.
+                sample = "999.99 M / 999.99 M"
+                row, col, span = len(ROWS) // 2, 0, 3
+            else:
+                sample = "999.99 KiB"
+                row, col = divmod(i if i < KEPT_INDEX else i - 1, 2)
+                span = 1
+            label.setMinimumWidth(label.fontMetrics().horizontalAdvance(sample) + 4)
             grid.addWidget(name, row, 2 * col)
-            grid.addWidget(label, row, 2 * col + 1)
+            grid.addWidget(label, row, 2 * col + 1, 1, span)
             self.labels[key] = label
         grid.setColumnStretch(1, 1)
         grid.setColumnStretch(3, 1)
         self.note = QLabel(self)
         self.note.setWordWrap(True)
-        grid.addWidget(self.note, (len(ROWS) + 1) // 2, 0, 1, 4)
+        grid.addWidget(self.note, len(ROWS) // 2 + 1, 0, 1, 4)
         self.set_preview(None)
 
-    def set_preview(self, preview, note: str = "") -> None:
-        for key, text in summary_texts(preview).items():
+    def set_preview(self, preview, note: str = "", before_bytes: int | None = None) -> None:
+        for key, text in summary_texts(preview, before_bytes).items():
             self.labels[key].setText(text)
         if preview is None and not note:
             note = "Numbers appear once the model is analysed."

@@ -67,7 +67,7 @@ def assert_summary_matches_engine(w: MainWindow):
     """The panel shows exactly the engine's numbers for the controller's current plan."""
     c = w.controller
     expected = preview(c.stats, c.plan)
-    assert w.summary.texts() == summary_texts(expected)
+    assert w.summary.texts() == summary_texts(expected, c.baseline_bytes)
     assert c.preview == expected
     table = w.layer_table.model
     for row in range(table.rowCount()):

@@ -48,3 +48,19 @@ def test_importing_every_core_module_loads_no_qt():
         [sys.executable, "-c", code], capture_output=True, text=True, cwd=CORE.parent, check=True
     )
     assert out.stdout.strip() == "", f"Qt/app modules loaded by core: {out.stdout}"
+
+
+def test_architecture_contracts_hold():
+    """import-linter (configured in pyproject.toml): core never imports Qt/app, no import
+    circles between core modules, and the layers point down."""
+    root = CORE.parent
+    exe = Path(sys.executable).with_name("lint-imports")
+    cmd = [str(exe)] if exe.exists() else [sys.executable, "-m", "importlinter.cli"]
+    proc = subprocess.run(
+        [*cmd, str(root / "pyproject.toml"), "--no-cache"],
+        cwd=root,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-2000:]

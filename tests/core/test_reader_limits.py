@@ -325,7 +325,7 @@ def test_hand_made_archives_decode(tmp_path):
         ([["w", [3]], ["w", [3]]], bytes(24), "appears twice"),
         ([["w", [3], "C64"]], bytes(24), "unknown dtype"),
         ([["w", [3], 17, 1, 0]], bytes(16), "bits must be an integer in 2..16"),
-        ([["w", [3], 4, 99, 0]], bytes(16), "flags"),
+        ([["w", [3], 4, 1 << 40, 0]], bytes(16), "flags"),
         ([["w", [3], 4, 1, 7]], bytes(16), "unknown pattern code '7'"),
         ([["w", [3], 4, 1, [40, 2]]], bytes(16), "index bits"),
         ([["w", [], 4, 1, 2]], bytes(16), "row mask needs"),

@@ -14,6 +14,7 @@ from core.data import Dataset
 from core.errors import Cancelled, CompressionError, DataError
 from core.inventory import inventory
 from core.model import LoadedModel
+from core.plan import SCORE_ALIASES
 from core.progress import CancelToken
 from core.pruning import threshold_mask
 from core.stats import (
@@ -177,7 +178,9 @@ def test_tensor_statistics(rows, cols):
     assert ts.hist.counts[0 if rows > 30 else -1] >= cols  # the channel of +-5.0
     assert ts.row_max[3] == pytest.approx(float(w[3].max()))
     assert ts.row_min[0] == pytest.approx(float(w[0][torch.isfinite(w[0])].min()))
-    assert set(ts.scores) == {"magnitude", "channel_l1", "channel_l2"}
+    # plus methods sharing the magnitude index (core.plan.SCORE_ALIASES, e.g. "obs")
+    assert set(ts.scores) == {"magnitude", "channel_l1", "channel_l2", *SCORE_ALIASES}
+    assert all(ts.scores[m] is ts.scores[a] for m, a in SCORE_ALIASES.items())
     assert ts.grad is None and not stats.has_gradients
     assert stats.total_params == rows * cols + rows
 

@@ -1,0 +1,429 @@
+"""The window on a ResNet-50-shaped model (107 layers) and the run history / Pareto view.
+
+The model is generated here: ResNet-50's layer structure (stem, 3-4-6-3 bottlenecks with
+downsample branches, fc: 53 convs + 53 BatchNorms + 1 linear) at a few channels per layer,
+so the layer count is real and the tests stay fast.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from PySide6.QtCore import QSettings
+from torch import nn
+
+from app.main_window import MainWindow
+from app.widgets.histogram_view import level_stride
+from app.widgets.layer_table import NAME_ROLE, OVERRIDE_MARK, OVERRIDE_ROLE
+from app.widgets.runs_view import CompareDialog, compare_plans, damage, pareto_front
+from app.widgets.size_view import OTHERS, TOP_N
+from app.widgets.summary_panel import summary_texts
+from core.edits import SetQuant
+from core.plan import CompressionPlan, simple_plan
+from core.session import RunRecord
+
+TIMEOUT = 120_000
+
+
+class Bottleneck(nn.Module):
+    def __init__(self, cin: int, width: int, stride: int, downsample: bool):
+        super().__init__()
+        cout = 4 * width
+        self.conv1 = nn.Conv2d(cin, width, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(width)
+        self.conv2 = nn.Conv2d(width, width, 3, stride=stride, padding=1, bias=False)
+        self.bn2 = nn.BatchNorm2d(width)
+        self.conv3 = nn.Conv2d(width, cout, 1, bias=False)
+        self.bn3 = nn.BatchNorm2d(cout)
+        self.downsample = (
+            nn.Sequential(nn.Conv2d(cin, cout, 1, stride=stride, bias=False), nn.BatchNorm2d(cout))
+            if downsample
+            else nn.Identity()
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = torch.relu(self.bn1(self.conv1(x)))
+        out = torch.relu(self.bn2(self.conv2(out)))
+        out = self.bn3(self.conv3(out))
+        return torch.relu(out + self.downsample(x))
+
+
+class ResNet50Shaped(nn.Module):
+    """torchvision's ResNet-50 layout with ``base`` instead of 64 channels."""
+
+    def __init__(self, base: int = 4, classes: int = 10):
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, base, 7, stride=2, padding=3, bias=False)
+        self.bn1 = nn.BatchNorm2d(base)
+        cin = base
+        stages = []
+        for i, blocks in enumerate((3, 4, 6, 3)):
+            width = base * 2**i
+            layers = []
+            for j in range(blocks):
+                stride = 2 if (j == 0 and i > 0) else 1
+                layers.append(Bottleneck(cin, width, stride, downsample=j == 0))
+                cin = 4 * width
+            stages.append(nn.Sequential(*layers))
+        self.layer1, self.layer2, self.layer3, self.layer4 = stages
+        self.fc = nn.Linear(cin, classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = torch.relu(self.bn1(self.conv1(x)))
+        x = self.layer4(self.layer3(self.layer2(self.layer1(x))))
+        return self.fc(torch.flatten(nn.functional.adaptive_avg_pool2d(x, 1), 1))
+
+
+def save_resnet50_shaped(path: str) -> None:
+    """Build the model and save it as TorchScript (run in a child process, see below)."""
+    torch.manual_seed(0)
+    model = ResNet50Shaped().eval()
+    with torch.no_grad():
+        # Trained-looking BatchNorm statistics (not the init's 0/1), so buffers are real data.
+        for m in model.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.running_mean.normal_(0, 0.1)
+                m.running_var.uniform_(0.5, 1.5)
+        model(torch.randn(2, 3, 32, 32))
+    torch.jit.save(torch.jit.script(model), path)
+
+
+@pytest.fixture(scope="module")
+def resnet50_file(tmp_path_factory) -> Path:
+    # Scripted in a child process: TorchScript's per-process type cache would otherwise
+    # rename (mangle) later scripted nn.Sequential classes of other tests in this process.
+    path = tmp_path_factory.mktemp("models") / "resnet50_shaped.ts.pt"
+    code = (
+        "import sys; sys.path.insert(0, sys.argv[2]); "
+        "from tests.app.test_real_models import save_resnet50_shaped; "
+        "save_resnet50_shaped(sys.argv[1])"
+    )
+    root = str(Path(__file__).resolve().parents[2])
+    subprocess.run([sys.executable, "-c", code, str(path), root], check=True, timeout=300)
+    return path
+
+
+def make_window(qtbot, settings, size=(1366, 768)) -> MainWindow:
+    w = MainWindow(settings)
+    qtbot.addWidget(w)
+    w.resize(*size)
+    w.show()
+    return w
+
+
+@pytest.fixture
+def window(qtbot, settings):
+    w = make_window(qtbot, settings)
+    yield w
+    w.controller.shutdown()
+
+
+def open_ready(qtbot, w: MainWindow, source) -> None:
+    c = w.controller
+    w.open_model(str(source))
+    qtbot.waitUntil(lambda: c.stats is not None and not c.busy(), timeout=TIMEOUT)
+
+
+def wait_idle(qtbot, w: MainWindow) -> None:
+    qtbot.waitUntil(lambda: not w.controller.busy(), timeout=TIMEOUT)
+
+
+def test_generated_model_is_resnet50_shaped(qtbot, window, resnet50_file):
+    open_ready(qtbot, window, resnet50_file)
+    layers = window.controller.layers
+    kinds = [layer.type for layer in layers]
+    assert len(layers) == 107
+    assert (kinds.count("Conv2d"), kinds.count("BatchNorm2d"), kinds.count("Linear")) == (
+        53,
+        53,
+        1,
+    )
+
+
+# ---------------------------------------------------------------------- defects
+def test_threshold_mode_sparsity_slider_shows_implied_sparsity(qtbot, window, resnet50_file):
+    open_ready(qtbot, window, resnet50_file)
+    c, panel = window.controller, window.prune_panel
+    panel.sparsity.setValue(800)
+    window._end_drag()
+    panel.by_threshold.setChecked(True)
+    assert c.plan.default.prune.mode == "threshold"
+    # A lower threshold than the one 80 % implied: the real sparsity drops well below 80 %.
+    panel.threshold.setValue(panel.threshold.value() // 2)
+    window._end_drag()
+    shown = c.selection[0]
+    lp = c.preview.layer(shown)
+    assert c.plan.default.prune.sparsity == pytest.approx(0.8)  # the stale target
+    assert lp.sparsity < 0.7
+    assert panel.sparsity.value() == round(lp.sparsity * 1000)
+    assert panel.sparsity_label.text() == f"{100 * lp.sparsity:.1f} %"
+
+
+def test_override_marked_and_shown_with_its_settings_under_whole_model(
+    qtbot, window, resnet50_file
+):
+    open_ready(qtbot, window, resnet50_file)
+    c = window.controller
+    c.edit(SetQuant(layers=(), bits=4))
+    own = "layer2.0.conv2"
+    c.edit(SetQuant(layers=(own,), bits=8))
+    table = window.layer_table.model
+    row = table.row_of(own)
+    assert table.index(row, 0).data() == f"{OVERRIDE_MARK} {own}"
+    assert table.index(row, 0).data(OVERRIDE_ROLE) and table.index(row, 0).data(NAME_ROLE) == own
+    other = table.row_of("layer2.0.conv1")
+    assert not table.index(other, 0).data(OVERRIDE_ROLE)
+    assert table.index(row, 0).data(0x0006).bold()  # FontRole
+
+    assert c.target == "model"
+    c.set_selection((own,))
+    # Histogram and sliders agree on the shown layer's own settings (8 bit, not the default 4).
+    assert window.histograms._bits == 8
+    assert window.quant_panel.bits.value() == 8
+    assert own in window.scope_note.text()
+    # A different sparsity on that layer only: the slider shows it, not the default's 0.
+    c.set_target("selection")
+    window.prune_panel.sparsity.setValue(300)
+    window._end_drag()
+    c.set_target("model")
+    assert window.prune_panel.sparsity.value() == 300
+    # Moving the whole-model bit width sets it everywhere: the slider stays in step.
+    window.quant_panel.bits.setValue(6)
+    window._end_drag()
+    assert c.plan.config_for(own).quant.bits == 6 and window.histograms._bits == 6
+    assert window.quant_panel.bits.value() == 6
+    c.set_selection(("layer2.0.conv1",))
+    assert window.prune_panel.sparsity.value() == 0 and window.histograms._bits == 6
+
+
+def test_fine_tune_evaluate_export_disabled_while_compress_runs(qtbot, window):
+    open_ready(qtbot, window, "demo:mlp")
+    c = window.controller
+    c.set_plan(simple_plan(0.5, 6, "magnitude"))
+    c.compress()
+    qtbot.waitUntil(lambda: c.result is not None and not c.busy(), timeout=TIMEOUT)
+    assert window.act_export.isEnabled() and window.act_evaluate.isEnabled()
+    c.compress()
+    assert c.busy("compress")
+    for act in (window.act_finetune, window.act_evaluate, window.act_export):
+        assert not act.isEnabled(), act.text()
+    wait_idle(qtbot, window)
+    assert window.act_export.isEnabled() and window.act_evaluate.isEnabled()
+
+
+def test_axes_print_plain_numbers_with_units(qtbot, window, resnet50_file):
+    open_ready(qtbot, window, resnet50_file)
+    for plot in (window.histograms.plot, window.histograms.grad_plot, window.size_view.plot):
+        for side in ("left", "bottom"):
+            axis = plot.getAxis(side)
+            assert not axis.autoSIPrefix
+            assert "(x" not in axis.labelString()
+    # The weights are ~0.1: with SI prefixes pyqtgraph would label them "(x0.001)" in mW-style.
+    assert window.size_view.plot.getAxis("bottom").labelText in ("size (KiB)", "size (MiB)")
+
+
+def test_quantization_grid_drawn_sparsely_when_denser_than_pixels(qtbot, window, resnet50_file):
+    assert level_stride(255, 1.0, 1.0, 400.0) == 4  # 255 levels on 400 px: every 4th
+    assert level_stride(15, 1.0, 1.0, 400.0) == 1
+    open_ready(qtbot, window, resnet50_file)
+    c = window.controller
+    c.set_selection(("layer3.0.conv2",))
+    c.edit(SetQuant(layers=(), bits=8))
+    xs, _ = window.histograms.levels.getData()
+    drawn = 0 if xs is None else len(xs) // 2
+    pixels = window.histograms.plot.getPlotItem().vb.width()
+    assert 0 < drawn <= pixels / 4 and drawn < 255
+    assert "every" in window.histograms.caption.text()
+    c.edit(SetQuant(layers=(), bits=3))
+    xs, _ = window.histograms.levels.getData()
+    assert len(xs) // 2 == 2**3 - 1  # symmetric 3 bit: all 7 levels fit
+
+
+def test_legends_are_out_of_the_data(qtbot, window, resnet50_file):
+    open_ready(qtbot, window, resnet50_file)
+    for plot in (window.histograms.plot, window.histograms.grad_plot):
+        assert plot.getPlotItem().legend is None
+    assert "original" in window.histograms.plot.getPlotItem().titleLabel.text
+
+
+def test_kept_text_is_not_cut(qtbot, window, resnet50_file):
+    open_ready(qtbot, window, resnet50_file)
+    label = window.summary.labels["nonzeros"]
+    label.setText("25.50 M / 25.50 M")
+    window.layout().activate()
+    qtbot.wait(20)
+    assert label.width() >= label.fontMetrics().horizontalAdvance(label.text())
+
+
+def test_with_no_plan_after_equals_before(qtbot, window, resnet50_file):
+    open_ready(qtbot, window, resnet50_file)
+    c = window.controller
+    assert c.plan == CompressionPlan()
+    texts = window.summary.texts()
+    assert c.preview.packed_bytes <= c.baseline_bytes
+    assert texts["packed"] == texts["dense"] and texts["ratio"] == "1.0×"
+    assert texts == summary_texts(c.preview, c.baseline_bytes)
+    c.set_plan(simple_plan(0.5, 8, "magnitude"))
+    assert c.preview.packed_bytes < c.baseline_bytes
+
+
+def test_stale_banner_does_not_shift_the_layout(qtbot, window):
+    open_ready(qtbot, window, "demo:mlp")
+    c = window.controller
+    c.set_plan(simple_plan(0.5, 6, "magnitude"))
+    c.compress()
+    qtbot.waitUntil(lambda: c.result is not None and not c.busy(), timeout=TIMEOUT)
+    table = window.results.table
+    before = table.mapTo(window, table.rect().topLeft())
+    assert window.results.stale.isHidden()
+    c.set_plan(simple_plan(0.6, 6, "magnitude"))
+    qtbot.wait(20)
+    assert not window.results.stale.isHidden()
+    assert table.mapTo(window, table.rect().topLeft()) == before
+
+
+# ---------------------------------------------------------------------- layout
+def test_size_chart_shows_top_n_and_others_on_107_layers(qtbot, window, resnet50_file):
+    open_ready(qtbot, window, resnet50_file)
+    names = window.size_view._names
+    selected = window.controller.selection
+    # The largest TOP_N, the selected layer (the first conv), one bar for the rest.
+    assert len([n for n in names[:-1] if n not in selected]) == TOP_N
+    total = len(window.controller.preview.layers)
+    assert names[-1] == f"{OTHERS} ({total - len(names) + 1} layers)"
+    small = "layer1.0.conv1"  # a 1x1 conv, far from the largest
+    assert small not in names
+    window.controller.set_selection((small,))
+    assert small in window.size_view._names
+
+
+def test_every_control_group_reachable_without_scrolling_at_1366x768(qtbot, window, resnet50_file):
+    open_ready(qtbot, window, resnet50_file)
+    tabs = window.control_tabs
+    assert [tabs.tabText(i) for i in range(tabs.count())] == [
+        "Pruning",
+        "Quantization",
+        "Recovery",
+    ]
+    viewport = window.controls_scroll.viewport()
+    for i in range(tabs.count()):
+        tabs.setCurrentIndex(i)
+        qtbot.wait(10)
+        page = tabs.currentWidget()
+        bottom = page.mapTo(viewport, page.rect().bottomLeft()).y()
+        assert bottom <= viewport.height(), tabs.tabText(i)
+
+
+# ---------------------------------------------------------------------- runs and Pareto
+def test_pareto_front_and_damage():
+    pts = [(10.0, 5.0), (20.0, 1.0), (15.0, 6.0), (5.0, 9.0), (20.0, 0.5)]
+    assert pareto_front(pts) == [3, 0, 4]
+    rec = RunRecord(1, "evaluate", CompressionPlan(), 1.0, accuracy_before=0.9, accuracy_after=0.8)
+    assert damage(rec) == (pytest.approx(10.0), "accuracy lost (pp)")
+    assert damage(RunRecord(2, "compress", CompressionPlan(), 1.0)) is None
+
+
+def test_compare_plans_lists_only_differing_layers():
+    a = simple_plan(0.5, 8, "magnitude")
+    b = a.with_layer("fc2", simple_plan(0.9, 4, "magnitude").default)
+    rows = compare_plans(a, b, ["fc1", "fc2", "fc3"])
+    assert [r[0] for r in rows] == ["fc2"]
+    assert "50.0 %" in rows[0][1] and "90.0 %" in rows[0][2] and "4-bit" in rows[0][2]
+    assert compare_plans(a, a, ["fc1", "fc2"]) == []
+
+
+def test_runs_recorded_restored_compared_and_saved(qtbot, tmp_path):
+    settings = QSettings(str(tmp_path / "runs.ini"), QSettings.Format.IniFormat)
+    w = make_window(qtbot, settings)
+    try:
+        open_ready(qtbot, w, "demo:mlp")
+        c, view = w.controller, w.runs_view
+        plans = [simple_plan(0.5, 8, "magnitude"), simple_plan(0.95, 2, "magnitude")]
+        for plan in plans:
+            c.set_plan(plan)
+            with qtbot.waitSignal(c.evaluated, timeout=TIMEOUT, check_params_cb=bool):
+                c.compress()
+            wait_idle(qtbot, w)
+        # compress + evaluate for each plan, in the session and in the table
+        assert [r.kind for r in c.runs] == ["compress", "evaluate", "compress", "evaluate"]
+        assert view.table.rowCount() == 4
+        xs, ys = view.points.getData()
+        assert len(xs) == 2  # the evaluated runs are the measured points
+        assert view.front_ids()  # a front is drawn
+        assert len(view.front.getData()[0]) == len(view.front_ids())
+        # Click the first evaluated run's point: its plan comes back.
+        first_eval = next(i for i, r in enumerate(c.runs) if r.kind == "evaluate")
+        assert c.plan != c.runs[first_eval].plan
+        view.click_point(first_eval)
+        assert c.plan == c.runs[first_eval].plan
+        # Select two runs and compare them per layer.
+        view.table.clearSelection()
+        view.table.setSelectionMode(view.table.SelectionMode.MultiSelection)
+        view.table.selectRow(0)
+        view.table.selectRow(2)
+        assert view.compare.isEnabled() and not view.restore.isEnabled()
+        dialog = view.compare_selected()
+        assert isinstance(dialog, CompareDialog)
+        names = [dialog.table.item(r, 0).text() for r in range(dialog.table.rowCount())]
+        assert names and set(names) <= {layer.name for layer in c.layers}
+        dialog.close()
+        w.save_session()
+        saved = json.loads(settings.value("session/runs"))
+        assert saved["model"] == "demo:mlp" and len(saved["runs"]) == 4
+    finally:
+        w.close()
+    # A new window on the same settings: the runs come back with the model.
+    w2 = make_window(qtbot, settings)
+    try:
+        open_ready(qtbot, w2, "demo:mlp")
+        assert [r.kind for r in w2.controller.runs] == [
+            "compress",
+            "evaluate",
+            "compress",
+            "evaluate",
+        ]
+        assert w2.runs_view.table.rowCount() == 4
+        assert w2.controller.runs[1].plan == plans[0]
+    finally:
+        w2.controller.shutdown()
+
+
+def test_layer_tree_groups_by_module_path_filters_and_selects(qtbot, window, resnet50_file):
+    open_ready(qtbot, window, resnet50_file)
+    lt, c = window.layer_table, window.controller
+    lt.grouped.setChecked(True)
+    assert lt.views.currentWidget() is lt.tree
+    tree = lt.tree_model
+    top = [tree.index(r, 0).data() for r in range(tree.rowCount())]
+    assert top[:2] == ["conv1", "bn1"] and any(t.startswith("layer3  (") for t in top)
+    layer3 = tree.index(next(i for i, t in enumerate(top) if t.startswith("layer3")), 0)
+    blocks = [tree.index(r, 0, layer3).data() for r in range(tree.rowCount(layer3))]
+    assert [b.split()[0] for b in blocks] == ["0", "1", "2", "3", "4", "5"]
+    # Leaves: the short name shown, the full one on hover and in the details line.
+    leaf = tree.index_of("layer3.4.conv2")
+    assert leaf.data() == "conv2" and "layer3.4.conv2" in leaf.data(0x0003)  # ToolTipRole
+    lt.tree.selectionModel().select(
+        leaf,
+        lt.tree.selectionModel().SelectionFlag.ClearAndSelect
+        | lt.tree.selectionModel().SelectionFlag.Rows,
+    )
+    assert c.selection == ("layer3.4.conv2",)
+    assert lt.details.text().startswith("layer3.4.conv2 · Conv2d")
+    # Folding a block hides its layers.
+    lt.tree.collapse(layer3)
+    assert not lt.tree.isExpanded(layer3)
+    # Prunable only: the 53 BatchNorm rows go, in the table and in the tree.
+    lt.prunable_only.setChecked(True)
+    assert lt.proxy.rowCount() == 54
+    assert len(tree.leaf_names()) == 54 and "bn1" not in tree.leaf_names()
+    lt.filter_edit.setText("layer4")
+    assert tree.leaf_names() and all(n.startswith("layer4") for n in tree.leaf_names())
+    # Selecting from the window (e.g. the size chart) shows in the tree too.
+    c.set_selection(("layer4.1.conv3",))
+    rows = lt.tree.selectionModel().selectedRows()
+    assert [i.data(NAME_ROLE) for i in rows] == ["layer4.1.conv3"]
