@@ -90,7 +90,7 @@ def _bulk_weight_stats(tensors: list[torch.Tensor]) -> list[dict[str, Any]]:
                 out[idx[0]] = weight_stats(tensors[idx[0]])
                 continue
             n = math.prod(shape)
-            stacked = torch.stack([tensors[i].detach() for i in idx]).reshape(len(idx), n)
+            stacked = torch.stack([tensors[i] for i in idx]).reshape(len(idx), n)
             # The float64 copy in numpy where it can: torch would hand the large conversion to
             # its OpenMP workers, which cost milliseconds per call on a busy machine.
             if stacked.dtype in (torch.float16, torch.float32, torch.float64):

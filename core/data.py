@@ -30,7 +30,8 @@ import torch
 
 from core.errors import DataError
 from core.limits import CORRUPT_CONTAINER_ERRORS, check_npz, check_torch_zip, corrupt_reason
-from core.model import LoadedModel
+from core.model import LoadedModel, forward
+from core.vetting import pickle_globals
 
 #: Fraction of the digits held out for testing and the seed of the stratified split.
 DIGITS_TEST_FRACTION = 0.3
@@ -147,8 +148,6 @@ def _read_npz(path: Path) -> dict[str, Any]:
 
 
 def _read_pt(path: Path) -> Any:
-    from core.model_io import pickle_globals
-
     if zipfile.is_zipfile(path):
         check_torch_zip(path, what="the torch data file", error=DataError)
     try:
@@ -397,8 +396,6 @@ class DataCheck:
 
 
 def _forward(loaded: LoadedModel, x: torch.Tensor) -> torch.Tensor:
-    from core.model_io import forward
-
     with torch.no_grad():
         return forward(loaded, x)
 

@@ -29,9 +29,9 @@ import numpy as np
 import torch
 
 from core.errors import ExportError, WorkbenchError
-from core.model_io import copy_module
+from core.model_io import copy_module, load_packed
 from core.outdir import atomic_write
-from core.packed import load_packed, write_packed
+from core.packed import write_packed
 from core.progress import CancelToken, ProgressFn, no_progress, scaled
 
 EXPORT_FORMATS = (
@@ -806,8 +806,8 @@ def result_from_packed(path: str | Path, base: Any = None, *, trust: bool = Fals
     """
     from core.engine import CompressionResult, LayerReport, measure_result, named_tensors
     from core.inventory import prunable_layers
-    from core.model_io import clone_model
-    from core.packed import read_packed, reapply_removal, resolve_base, restore_into
+    from core.model_io import clone_model, resolve_base
+    from core.packed import read_packed, reapply_removal, restore_into
 
     archive = read_packed(path)
     original = resolve_base(archive, base, trust)

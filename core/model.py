@@ -72,3 +72,35 @@ class LayerInfo:
     param_names: tuple[str, ...] = ()
     groups: int = 1
     dtype: str = "float32"
+
+
+def forward(loaded: LoadedModel, x: torch.Tensor) -> torch.Tensor:
+    """Run ``loaded`` on a batch of any size and return its (first) output tensor.
+
+    ``.pt2`` programs exported with a static batch size (``metadata["fixed_batch"]``) only
+    accept that many samples; the batch is cut into such chunks, the last one padded by
+    repeating its final sample, and the padding's outputs are dropped. Gradient mode is the
+    caller's choice (padding repeats a real sample, so gradient users should weight the loss of
+    padded rows by zero or pick batch sizes that are multiples of ``fixed_batch``).
+    """
+    fixed = loaded.metadata.get("fixed_batch")
+    n = int(x.shape[0])
+    if not fixed or n == fixed:
+        return _first_tensor(loaded.module(x))
+    outs = []
+    for start in range(0, n, fixed):
+        chunk = x[start : start + fixed]
+        real = int(chunk.shape[0])
+        if real < fixed:
+            pad = chunk[-1:].expand(fixed - real, *chunk.shape[1:])
+            chunk = torch.cat([chunk, pad])
+        outs.append(_first_tensor(loaded.module(chunk))[:real])
+    return torch.cat(outs)
+
+
+def _first_tensor(out: Any) -> torch.Tensor:
+    if isinstance(out, (tuple, list)) and out and isinstance(out[0], torch.Tensor):
+        out = out[0]
+    if not isinstance(out, torch.Tensor):
+        raise TypeError(f"the model returned a {type(out).__name__}, not a tensor")
+    return out

@@ -47,6 +47,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from core.data import digits_split
 from core.errors import ExportError, ModelLoadError, UntrustedPickleError, WorkbenchError
 from core.limits import (
     CORRUPT_CONTAINER_ERRORS,
@@ -57,16 +58,20 @@ from core.limits import (
     safetensors_header,
 )
 from core.model import LoadedModel
+from core.packed import FORMAT_ID, read_packed, restore_into
 from core.progress import CancelToken, ProgressFn, no_progress
 from core.vetting import (
+    TORCH_GLOBAL_ROOTS,
     TRUST_HINT,
+    is_plain_pickle,
+    pickle_globals,
     read_torchscript_tensors,
     safe_guard,
     safe_sym_expr,
     vet_pt2,
     vet_torchscript,
 )
-from core.zoo import DEMOS, demo_info, demo_name, demo_spec, load_demo
+from core.zoo import DEMOS, build_demo, demo_info, demo_name, demo_spec, load_demo
 
 SUPPORTED = (
     "TorchScript (torch.jit.save), torch.export programs (.pt2), state_dict files "
@@ -90,92 +95,6 @@ def _first_line(exc: BaseException) -> str:
 def _check(cancel: CancelToken | None) -> None:
     if cancel is not None:
         cancel.check()
-
-
-_INT_OPS = {
-    "PROTO",
-    "FRAME",
-    "LONG1",
-    "LONG4",
-    "LONG",
-    "INT",
-    "BININT",
-    "BININT1",
-    "BININT2",
-    "STOP",
-}
-_STR_OPS = {
-    "SHORT_BINUNICODE",
-    "BINUNICODE",
-    "BINUNICODE8",
-    "UNICODE",
-    "STRING",
-    "BINSTRING",
-    "SHORT_BINSTRING",
-}
-#: Modules whose globals torch's own state-dict pickles reference.
-_TORCH_GLOBAL_ROOTS = ("torch.", "collections.", "_codecs.", "numpy.core.multiarray._reconstruct")
-
-
-def _scan_pickle(fh: Any) -> tuple[list[str], list[str]]:
-    """(global names, opcode names) of ONE pickle stream, read statically with ``pickletools``
-    (nothing is executed). Raises ``ValueError`` when the bytes are not a pickle stream."""
-    import pickletools
-
-    names: list[str] = []
-    ops: list[str] = []
-    strings: list[str] = []
-    try:
-        for op, arg, _ in pickletools.genops(fh):
-            ops.append(op.name)
-            if op.name in _STR_OPS and isinstance(arg, (str, bytes)):
-                strings.append(arg if isinstance(arg, str) else arg.decode("latin-1"))
-            elif op.name in ("GLOBAL", "INST") and isinstance(arg, str):
-                names.append(arg.replace(" ", "."))
-            elif op.name == "STACK_GLOBAL":
-                names.append(".".join(strings[-2:]) if len(strings) >= 2 else "?")
-    except Exception as exc:  # pickletools raises ValueError/EOFError/etc. on junk
-        raise ValueError(str(exc)) from None
-    return names, ops
-
-
-def pickle_globals(path: Path, kind: str) -> list[str] | None:
-    """Every global a torch file's pickles reference, read statically (nothing is executed).
-
-    ``kind`` is ``"torch_zip"`` for zip containers (their ``data.pkl`` is scanned), anything
-    else for pickle streams. Returns ``None`` when the bytes are not valid pickles.
-    """
-    try:
-        if kind == "torch_zip":
-            with zipfile.ZipFile(path) as zf:
-                member = next(n for n in zf.namelist() if n.endswith("data.pkl"))
-                with zf.open(member) as fh:
-                    return _scan_pickle(fh)[0]
-        found: list[str] = []
-        with path.open("rb") as fh:
-            for i in range(5):
-                try:
-                    names, ops = _scan_pickle(fh)
-                except ValueError:
-                    if i == 0:
-                        return None
-                    break
-                found.extend(names)
-                if i == 0 and not (set(ops) <= _INT_OPS):
-                    break  # a plain pickle.dump stream, not torch's legacy multi-stream format
-        return found
-    except (OSError, StopIteration, zipfile.BadZipFile):
-        return None
-
-
-def _is_plain_pickle(path: Path) -> bool:
-    """True when the first pickle stream is an object, not the int magic of torch's legacy format."""
-    with path.open("rb") as fh:
-        try:
-            _, ops = _scan_pickle(fh)
-        except ValueError:
-            return False
-    return not set(ops) <= _INT_OPS
 
 
 def _looks_truncated(exc: BaseException) -> bool:
@@ -243,12 +162,59 @@ def _sniff(path: Path) -> str:
 # --------------------------------------------------------------------------- weights-only
 
 
+def _listed_in_tree_order(tensors: Mapping[str, torch.Tensor]) -> bool:
+    """True when ``tensors`` is already listed in module-tree order and holds no name a tree
+    refuses (checkpoints usually are): one pass with the open path as a stack, no tree.
+
+    Tree order: a node's own parameters, then its own buffers (non-float tensors), then its
+    children's subtrees, each subtree contiguous.
+    """
+    closed: set[str] = set()  # prefixes whose subtree has ended
+    stack: list[str] = []  # open prefixes, root first ("a", "a.b", ...)
+    parts_open: list[str] = []  # their last components
+    entered = [False]  # per open node (root first): has a child subtree started?
+    buffered = [False]  # per open node: has one of its buffers been listed?
+    for name in tensors:
+        parts = name.split(".")
+        if "" in parts or name in closed:
+            return False
+        depth = len(parts) - 1
+        common = 0
+        limit = min(depth, len(parts_open))
+        while common < limit and parts[common] == parts_open[common]:
+            common += 1
+        while len(stack) > common:
+            closed.add(stack.pop())
+            parts_open.pop()
+            entered.pop()
+            buffered.pop()
+        for i in range(common, depth):
+            prefix = f"{stack[-1]}.{parts[i]}" if stack else parts[i]
+            if prefix in closed or prefix in tensors:
+                return False
+            entered[-1] = True
+            stack.append(prefix)
+            parts_open.append(parts[i])
+            entered.append(False)
+            buffered.append(False)
+        if entered[-1]:  # a tensor after a child subtree of its own node
+            return False
+        if tensors[name].is_floating_point():
+            if buffered[-1]:  # a parameter after a buffer of the same node
+                return False
+        else:
+            buffered[-1] = True
+    return True
+
+
 def _tree_order(tensors: Mapping[str, torch.Tensor], source: str) -> list[str]:
     """``tensors``' names in the order a module tree built from them would list them.
 
     Also refuses names a tree cannot hold: an empty path component, or a name that is both a
     tensor and a prefix of another tensor's name.
     """
+    if _listed_in_tree_order(tensors):
+        return list(tensors)
     # Nested plain dicts: part -> child dict, or part -> full name (a tensor leaf).
     root: dict[str, Any] = {}
     where = source or None
@@ -279,8 +245,6 @@ def _tree_order(tensors: Mapping[str, torch.Tensor], source: str) -> list[str]:
                 hint="a checkpoint key cannot be both a tensor and a module path",
             )
         node[parts[-1]] = name
-    if all(isinstance(v, str) for v in root.values()):
-        return list(root.values())
     order: list[str] = []
     # Iterative DFS (a hostile name can nest deeper than the recursion limit): a node lists
     # its own tensors, then each child subtree in first-appearance order.
@@ -288,11 +252,15 @@ def _tree_order(tensors: Mapping[str, torch.Tensor], source: str) -> list[str]:
     while stack:
         node = stack.pop()
         children = []
+        buffers = []
         for v in node.values():
-            if isinstance(v, str):
+            if not isinstance(v, str):
+                children.append(v)
+            elif tensors[v].is_floating_point():
                 order.append(v)
             else:
-                children.append(v)
+                buffers.append(v)
+        order.extend(buffers)  # a module's state_dict: its parameters, then its buffers
         stack.extend(reversed(children))
     return order
 
@@ -335,11 +303,12 @@ class WeightsOnlyModule(nn.Module):
         # so the tensor objects are not held twice while 10**6 parameters are made.
         take = tensors.pop if consume and isinstance(tensors, dict) else tensors.__getitem__
         for name in order:
-            t = take(name).detach()
+            t = take(name)
             if t.is_floating_point():
+                # nn.Parameter makes its own detached alias of ``t``
                 params[name] = nn.Parameter(t, requires_grad=True)
             else:
-                buffers[name] = t
+                buffers[name] = t.detach()
         #: every name in tree order (state_dict order: a tree interleaves parameters and buffers)
         self._order = order
 
@@ -465,7 +434,7 @@ def _torch_load_weights_only(path: Path, *, trust: bool, kind: str, sniffed: str
                 hint=f"the workbench opens {SUPPORTED}",
             ) from None
         if not trust:
-            foreign = [n for n in names if not n.startswith(_TORCH_GLOBAL_ROOTS)]
+            foreign = [n for n in names if not n.startswith(TORCH_GLOBAL_ROOTS)]
             shown = ", ".join(dict.fromkeys(foreign or names))
             raise UntrustedPickleError(
                 f"the {kind} holds pickled Python objects (it references {shown[:160]}), "
@@ -478,7 +447,7 @@ def _torch_load_weights_only(path: Path, *, trust: bool, kind: str, sniffed: str
 
 def _trusted_load(path: Path, kind: str) -> Any:
     try:
-        if _is_plain_pickle(path):
+        if is_plain_pickle(path):
             # pickle.dump output: torch.load would unpickle it once just to read a magic number.
             with path.open("rb") as fh:
                 return pickle.load(fh)
@@ -752,13 +721,63 @@ def _is_packed_archive(path: Path) -> bool:
     """True for a `core.packed` archive (``model.packed.safetensors`` of `workbench compress`)."""
     from safetensors import SafetensorError, safe_open
 
-    from core.packed import FORMAT_ID
-
     try:
         with safe_open(str(path), framework="np") as fh:
             return (fh.metadata() or {}).get("format") == FORMAT_ID
     except (SafetensorError, OSError, ValueError):
         return False
+
+
+# --------------------------------------------------------------------------- packed archives
+
+
+def resolve_base(archive: Any, base: LoadedModel | str | Path | None, trust: bool) -> LoadedModel:
+    """A fresh copy of the architecture to restore into (``base`` is never modified)."""
+    if isinstance(base, LoadedModel):
+        return clone_model(base)
+    if base is None:
+        source = archive.metadata.get("source", "")
+        if not source.startswith("demo:"):
+            # A file named inside the archive is never opened unasked: whoever wrote the archive
+            # chose that path. Built-in demos are no file, so they are safe to follow.
+            recorded = f"records its original model as {source!r}" if source else "names no model"
+            raise ModelLoadError(
+                f"the archive {recorded}; a model file is only opened when you name it",
+                path=archive.path,
+                hint="pass --base MODEL: the model file that was compressed (it gives the architecture)",
+            )
+        base = source
+    loaded = load_model(base, trust=trust)
+    architecture = archive.metadata.get("architecture")
+    if loaded.weights_only and architecture:
+        # A weights-only original was compressed with a demo architecture: rebuild it runnable.
+        loaded = load_model(base, trust=trust, architecture=architecture)
+    return loaded
+
+
+def load_packed(
+    path: str | Path, base: LoadedModel | str | Path | None = None, *, trust: bool = False
+) -> LoadedModel:
+    """Restore a runnable model from a packed archive.
+
+    Parameters
+    ----------
+    path
+        The ``model.packed.safetensors`` file.
+    base
+        Where the architecture comes from: the original model's path / demo name, or an opened
+        `LoadedModel` (copied, never modified). Default: the source recorded in the archive.
+    trust
+        Allow unpickling when ``base`` is a pickled eager model.
+
+    Returns
+    -------
+    LoadedModel
+        The base's architecture with every parameter and buffer replaced by the archive's; the
+        weights equal the compressed model's dequantized weights exactly.
+    """
+    archive = read_packed(path)
+    return restore_into(archive, resolve_base(archive, base, trust))
 
 
 def _open_packed(path: Path, *, trust: bool, base: Any = None) -> LoadedModel:
@@ -770,8 +789,6 @@ def _open_packed(path: Path, *, trust: bool, base: Any = None) -> LoadedModel:
     A file path recorded in the archive is never followed: the dequantized weights open
     weights-only with a note saying how to get a runnable model.
     """
-    from core.packed import read_packed, resolve_base, restore_into
-
     archive = read_packed(path)
     meta: dict[str, Any] = {"detected": "packed", "packed": str(path)}
     source = archive.metadata.get("source", "")
@@ -795,8 +812,6 @@ def _open_packed(path: Path, *, trust: bool, base: Any = None) -> LoadedModel:
 def _with_architecture(
     state: dict[str, torch.Tensor], architecture: str, path: Path
 ) -> tuple[nn.Module, str]:
-    from core.zoo import build_demo
-
     spec = demo_spec(architecture)
     module = build_demo(spec.name)
     expected = module.state_dict()
@@ -904,8 +919,6 @@ def note_nonfinite(loaded: LoadedModel) -> dict[str, int]:
 def _demo(name: str) -> LoadedModel:
     spec = demo_spec(name)
     module = load_demo(spec.name)
-    from core.data import digits_split
-
     _, test = digits_split(spec.input_kind)
     return LoadedModel(
         module=module,
@@ -1196,8 +1209,6 @@ def _load_model(
         if architecture is not None:
             module, arch = _with_architecture(state, architecture, path)
             spec = DEMOS[arch]
-            from core.data import digits_split
-
             _, test = digits_split(spec.input_kind)
             meta.update({"architecture": f"demo:{arch}", "input_kind": spec.input_kind})
             loaded = LoadedModel(
@@ -1220,38 +1231,6 @@ def _load_model(
 
 
 # --------------------------------------------------------------------------- running
-
-
-def forward(loaded: LoadedModel, x: torch.Tensor) -> torch.Tensor:
-    """Run ``loaded`` on a batch of any size and return its (first) output tensor.
-
-    ``.pt2`` programs exported with a static batch size (``metadata["fixed_batch"]``) only
-    accept that many samples; the batch is cut into such chunks, the last one padded by
-    repeating its final sample, and the padding's outputs are dropped. Gradient mode is the
-    caller's choice (padding repeats a real sample, so gradient users should weight the loss of
-    padded rows by zero or pick batch sizes that are multiples of ``fixed_batch``).
-    """
-    fixed = loaded.metadata.get("fixed_batch")
-    n = int(x.shape[0])
-    if not fixed or n == fixed:
-        return _first_tensor(loaded.module(x))
-    outs = []
-    for start in range(0, n, fixed):
-        chunk = x[start : start + fixed]
-        real = int(chunk.shape[0])
-        if real < fixed:
-            pad = chunk[-1:].expand(fixed - real, *chunk.shape[1:])
-            chunk = torch.cat([chunk, pad])
-        outs.append(_first_tensor(loaded.module(chunk))[:real])
-    return torch.cat(outs)
-
-
-def _first_tensor(out: Any) -> torch.Tensor:
-    if isinstance(out, (tuple, list)) and out and isinstance(out[0], torch.Tensor):
-        out = out[0]
-    if not isinstance(out, torch.Tensor):
-        raise TypeError(f"the model returned a {type(out).__name__}, not a tensor")
-    return out
 
 
 # --------------------------------------------------------------------------- copies and tensors

@@ -1419,34 +1419,6 @@ def read_packed(path: str | Path) -> PackedArchive:
     return PackedArchive(path=p, metadata=meta, tensors=tensors, quantized=quantized, masks=masks)
 
 
-def resolve_base(
-    archive: PackedArchive, base: LoadedModel | str | Path | None, trust: bool
-) -> LoadedModel:
-    """A fresh copy of the architecture to restore into (``base`` is never modified)."""
-    from core import model_io
-
-    if isinstance(base, LoadedModel):
-        return model_io.clone_model(base)
-    if base is None:
-        source = archive.metadata.get("source", "")
-        if not source.startswith("demo:"):
-            # A file named inside the archive is never opened unasked: whoever wrote the archive
-            # chose that path. Built-in demos are no file, so they are safe to follow.
-            recorded = f"records its original model as {source!r}" if source else "names no model"
-            raise ModelLoadError(
-                f"the archive {recorded}; a model file is only opened when you name it",
-                path=archive.path,
-                hint="pass --base MODEL: the model file that was compressed (it gives the architecture)",
-            )
-        base = source
-    loaded = model_io.load_model(base, trust=trust)
-    architecture = archive.metadata.get("architecture")
-    if loaded.weights_only and architecture:
-        # A weights-only original was compressed with a demo architecture: rebuild it runnable.
-        loaded = model_io.load_model(base, trust=trust, architecture=architecture)
-    return loaded
-
-
 def _recorded_input(archive: PackedArchive) -> torch.Tensor:
     """The zero example input ``[shape, dtype]`` recorded in the archive, validated."""
     hint = "the archive is corrupt; pass --base with the original model instead"
@@ -1542,31 +1514,6 @@ def _assign_state(module: torch.nn.Module, tensors: Mapping[str, torch.Tensor], 
                     hint="pass --base with the model that was compressed",
                 )
             target.copy_(value)
-
-
-def load_packed(
-    path: str | Path, base: LoadedModel | str | Path | None = None, *, trust: bool = False
-) -> LoadedModel:
-    """Restore a runnable model from a packed archive.
-
-    Parameters
-    ----------
-    path
-        The ``model.packed.safetensors`` file.
-    base
-        Where the architecture comes from: the original model's path / demo name, or an opened
-        `LoadedModel` (copied, never modified). Default: the source recorded in the archive.
-    trust
-        Allow unpickling when ``base`` is a pickled eager model.
-
-    Returns
-    -------
-    LoadedModel
-        The base's architecture with every parameter and buffer replaced by the archive's; the
-        weights equal the compressed model's dequantized weights exactly.
-    """
-    archive = read_packed(path)
-    return restore_into(archive, resolve_base(archive, base, trust))
 
 
 def restore_into(archive: PackedArchive, loaded: LoadedModel) -> LoadedModel:

@@ -283,7 +283,7 @@ class Reconstructor:
 
     def _run(self, xb: torch.Tensor, model: LoadedModel | None = None) -> None:
         from core.evaluate import eval_mode
-        from core.model_io import forward
+        from core.model import forward
 
         model = self.work if model is None else model
         with torch.no_grad(), eval_mode(model.module):

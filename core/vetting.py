@@ -113,6 +113,90 @@ _TS_PICKLE_GLOBALS = frozenset(
 )  # fmt: skip
 
 
+_INT_OPS = {
+    "PROTO",
+    "FRAME",
+    "LONG1",
+    "LONG4",
+    "LONG",
+    "INT",
+    "BININT",
+    "BININT1",
+    "BININT2",
+    "STOP",
+}
+_STR_OPS = {
+    "SHORT_BINUNICODE",
+    "BINUNICODE",
+    "BINUNICODE8",
+    "UNICODE",
+    "STRING",
+    "BINSTRING",
+    "SHORT_BINSTRING",
+}
+#: Modules whose globals torch's own state-dict pickles reference.
+TORCH_GLOBAL_ROOTS = ("torch.", "collections.", "_codecs.", "numpy.core.multiarray._reconstruct")
+
+
+def _scan_pickle(fh: Any) -> tuple[list[str], list[str]]:
+    """(global names, opcode names) of ONE pickle stream, read statically with ``pickletools``
+    (nothing is executed). Raises ``ValueError`` when the bytes are not a pickle stream."""
+    names: list[str] = []
+    ops: list[str] = []
+    strings: list[str] = []
+    try:
+        for op, arg, _ in pickletools.genops(fh):
+            ops.append(op.name)
+            if op.name in _STR_OPS and isinstance(arg, (str, bytes)):
+                strings.append(arg if isinstance(arg, str) else arg.decode("latin-1"))
+            elif op.name in ("GLOBAL", "INST") and isinstance(arg, str):
+                names.append(arg.replace(" ", "."))
+            elif op.name == "STACK_GLOBAL":
+                names.append(".".join(strings[-2:]) if len(strings) >= 2 else "?")
+    except Exception as exc:  # pickletools raises ValueError/EOFError/etc. on junk
+        raise ValueError(str(exc)) from None
+    return names, ops
+
+
+def pickle_globals(path: Path, kind: str) -> list[str] | None:
+    """Every global a torch file's pickles reference, read statically (nothing is executed).
+
+    ``kind`` is ``"torch_zip"`` for zip containers (their ``data.pkl`` is scanned), anything
+    else for pickle streams. Returns ``None`` when the bytes are not valid pickles.
+    """
+    try:
+        if kind == "torch_zip":
+            with zipfile.ZipFile(path) as zf:
+                member = next(n for n in zf.namelist() if n.endswith("data.pkl"))
+                with zf.open(member) as fh:
+                    return _scan_pickle(fh)[0]
+        found: list[str] = []
+        with path.open("rb") as fh:
+            for i in range(5):
+                try:
+                    names, ops = _scan_pickle(fh)
+                except ValueError:
+                    if i == 0:
+                        return None
+                    break
+                found.extend(names)
+                if i == 0 and not (set(ops) <= _INT_OPS):
+                    break  # a plain pickle.dump stream, not torch's legacy multi-stream format
+        return found
+    except (OSError, StopIteration, zipfile.BadZipFile):
+        return None
+
+
+def is_plain_pickle(path: Path) -> bool:
+    """True when the first pickle stream is an object, not the int magic of torch's legacy format."""
+    with path.open("rb") as fh:
+        try:
+            _, ops = _scan_pickle(fh)
+        except ValueError:
+            return False
+    return not set(ops) <= _INT_OPS
+
+
 def pickle_globals_of(data: bytes) -> list[str]:
     """Every global one pickle stream references, read with ``pickletools`` (nothing runs).
 

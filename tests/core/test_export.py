@@ -306,8 +306,8 @@ def test_files_on_disk_round_trip_through_the_engine(tmp_path):
     """TorchScript and .pt2 files: compress, pack, load back with the original named as base
     (the recorded source path alone is never opened: the user did not name it)."""
     from core.engine import compress
-    from core.model_io import load_model
-    from core.packed import load_packed, write_packed
+    from core.model_io import load_model, load_packed
+    from core.packed import write_packed
     from core.plan import simple_plan
     from core.stats import analyze
 

@@ -23,8 +23,11 @@ from core.evaluate import evaluate  # noqa: E402
 from core.export import export_all  # noqa: E402
 from core.hf import HFForward, read_pooling  # noqa: E402
 from core.inventory import inventory  # noqa: E402
-from core.model_io import clone_model, load_model  # noqa: E402
-from core.packed import load_packed  # noqa: E402
+from core.model_io import (  # noqa: E402
+    clone_model,
+    load_model,
+    load_packed,  # noqa: E402
+)
 from core.plan import simple_plan  # noqa: E402
 from core.stats import analyze  # noqa: E402
 from tests import hf_models  # noqa: E402

@@ -14,11 +14,11 @@ from safetensors.torch import save_file
 
 from core.data import digits_split
 from core.errors import Cancelled, ExportError, ModelLoadError, UntrustedPickleError
+from core.model import forward
 from core.model_io import (
     WeightsOnlyModule,
     _safe_sym_expr,
     clone_model,
-    forward,
     get_tensor,
     load_model,
     save_model,

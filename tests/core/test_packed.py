@@ -13,6 +13,7 @@ from safetensors import safe_open
 
 from core.errors import ExportError, ModelLoadError
 from core.model import LoadedModel
+from core.model_io import load_packed
 from core.packed import (
     TensorSpec,
     archive_metadata,
@@ -20,7 +21,6 @@ from core.packed import (
     compact_recipe,
     estimate_archive_bytes,
     expected_index_entries,
-    load_packed,
     pack_bits,
     read_packed,
     relidx_cost,

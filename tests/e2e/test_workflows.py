@@ -27,7 +27,8 @@ from safetensors.torch import load_file, save_file
 
 from core.export import load_packed
 from core.inventory import prunable_layers
-from core.model_io import forward, load_model
+from core.model import forward
+from core.model_io import load_model
 from core.plan import CompressionPlan
 from tests.models import make
 
