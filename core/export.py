@@ -9,6 +9,10 @@ compressed PyTorch model (max abs difference of the outputs) and its latency is 
 Dense exports hold the compressed weights as they are in the compressed model: pruned weights
 are zeros, quantized ones their dequantized float values. ``onnx-int8`` re-quantizes the fp32
 ONNX graph with onnxruntime's quantization tools so it is smaller and faster in onnxruntime.
+
+Why one module of this size: one writer per format plus the shared verification (run the
+written file, compare outputs) and the all-formats-first check; each writer is short, the
+shared parts would otherwise be imported back and forth.
 """
 
 from __future__ import annotations

@@ -38,6 +38,10 @@ Element counts
     `check_alloc` compares ``numel * itemsize`` with the bytes actually present before anything
     is allocated, and `check_shape` accepts only non-negative integer dimensions whose product
     fits in 63 bits.
+
+Why one module of this size: the caps of every reader (zip members, safetensors headers, packed
+layouts, JSON depth, npz members) come from one policy (ratio to the file and free memory) that
+must stay consistent across them.
 """
 
 from __future__ import annotations

@@ -26,6 +26,10 @@ prints ``workbench: test pause at <stage>`` on stderr at `pause_point` ``<stage>
 until the file named by ``WORKBENCH_TEST_PAUSE_RELEASE`` exists or
 ``WORKBENCH_TEST_PAUSE_S`` seconds (default 60) have passed, so tests can signal a run at a
 known point.
+
+Why one module of this size: the single-file atomic write, the directory transaction, the lock
+and the signal handling must agree on one protocol (staging name, commit order, recovery of an
+interrupted swap).
 """
 
 from __future__ import annotations

@@ -29,6 +29,9 @@ functionally, grouped convolutions) have no input Gram matrix here: they get the
 (magnitude mask / round to nearest) and the progress log says so. TorchScript models cannot be
 hooked at all and are refused with a `CompressionError`, as are weights-only checkpoints and
 runs without calibration data.
+
+Why one module of this size: Hessian collection, OBS pruning, GPTQ rounding and bias correction
+share the sequential layer-by-layer driver and its hooks.
 """
 
 from __future__ import annotations

@@ -33,6 +33,9 @@ Cache: one folder per (model content hash, data hash, criterion, level grid, sam
 under ``$WORKBENCH_CACHE`` (default ``~/.cache/compression-workbench/sensitivity``), with one
 JSON file per finished layer, written atomically; a second scan reads them back at once and
 an interrupted scan resumes with the layers still missing.
+
+Why one module of this size: the level grid, activation caching and suffix replay, the data-
+free proxy and the on-disk cache are one measurement and are tested as one.
 """
 
 from __future__ import annotations

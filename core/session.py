@@ -22,6 +22,10 @@ Strict vs lenient (the one place the two front ends differ on purpose): a strict
 CLI) refuses a recipe that names layers the model lacks and refuses fine-tuning without data; a
 lenient one (the window) drops those settings and says so in a notice, because the user is
 looking and can fix it.
+
+Why one module of this size: it is the one owner of the state and the rules both front ends
+share (plan history, edit target, supersede table, run history and each pipeline step); the
+steps are short and read best beside the state they change.
 """
 
 from __future__ import annotations

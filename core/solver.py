@@ -15,6 +15,10 @@ Lagrangian relaxation (bisection on the multiplier) followed by a greedy upgrade
 spends the remaining budget. The result is then fine-tuned continuously: sparsity is a real
 number, so the solver lowers the sparsity of the layers where bytes buy the most damage until
 the predicted archive sits just under the budget (within `FILL_TOLERANCE`).
+
+Why one module of this size: the byte model per level, the exact and Lagrangian searches, the
+frontier and the verify loop share the same problem representation; they are one algorithm with
+its checks.
 """
 
 from __future__ import annotations
