@@ -22,6 +22,7 @@ SUBCOMMANDS = {
     "export": "core.cli_export",
     "scan": "core.cli_scan",
     "plan": "core.cli_plan",
+    "ensemble": "core.cli_ensemble",
 }
 
 

@@ -107,6 +107,29 @@ def register(subparsers) -> None:
         action="store_true",
         help="entropy-code the packed archive's codes with zstd where smaller",
     )
+    p.add_argument(
+        "--device",
+        metavar="NAME",
+        help="report whether the result fits this device profile (rpi4, jetson-nano, phone, "
+        "mcu, x86-server, or one of --devices)",
+    )
+    p.add_argument(
+        "--devices", metavar="FILE", help="device catalogue JSON (default resources/devices.json)"
+    )
+    p.add_argument(
+        "--instance-price",
+        type=float,
+        metavar="USD_PER_HOUR",
+        help="report the cost per million inferences before/after at this instance price",
+    )
+    p.add_argument(
+        "--concurrency",
+        type=int,
+        default=1,
+        metavar="N",
+        help="batches served in parallel for --instance-price (default 1: the latency is "
+        "measured with all CPU threads)",
+    )
     p.add_argument("--force", action="store_true", help="overwrite existing files in --out")
     p.add_argument("--quiet", action="store_true", help="no progress messages on stderr")
     add_target_options(p, compress=True)
@@ -225,6 +248,7 @@ def run(args: argparse.Namespace) -> int:
 
     plan = _plan_from_args(args)
     formats = parse_formats(args.format)
+    _check_target_args(args)
     out = Path(args.out)
     progress = _say(args.quiet)
     with output_dir(out, force=args.force, owned=_owned()) as stage:
@@ -299,7 +323,7 @@ def _pipeline(
         "data": ev.data_name if ev else None,
     }
     progress(0.0, "exporting")
-    records, _ = write_into(
+    records, content = write_into(
         stage,
         out,
         session.result,
@@ -308,9 +332,69 @@ def _pipeline(
         evals=evals,
         data=session.test,
         entropy=args.entropy,
+        report_extra=_target_blocks(args, session, evals),
         progress=progress,
     )
+    _print_targets(content or {})
     return record_planning(stage / "report.json", args)
+
+
+def _check_target_args(args: argparse.Namespace) -> None:
+    """Validate --device/--instance-price before any work (a bad catalogue fails fast)."""
+    args.device_profile = None
+    if getattr(args, "device", None):
+        from core.devices import get_device
+
+        args.device_profile = get_device(args.device, args.devices)
+    price = getattr(args, "instance_price", None)
+    if price is not None and not (math.isfinite(price) and price >= 0):
+        raise RecipeError(f"--instance-price: {price} is not a price >= 0 (USD per hour)")
+    if getattr(args, "concurrency", 1) < 1:
+        raise RecipeError(f"--concurrency: {args.concurrency} is not >= 1")
+
+
+def _target_blocks(args: argparse.Namespace, session: Any, evals: dict[str, Any]):
+    """The report's ``device`` and ``cost`` blocks, computed from the checked exports."""
+    profile = getattr(args, "device_profile", None)
+    price = getattr(args, "instance_price", None)
+    if profile is None and price is None:
+        return None
+
+    def blocks(records: list[Any]) -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        if profile is not None:
+            from core.devices import device_block
+
+            data = session.test
+            sample = data.x if data is not None else session.model.example_input
+            out["device"] = device_block(profile, session.result, records, sample)
+        if price is not None:
+            from core.deploy import cost_block
+
+            out["cost"] = cost_block(price, evals, records, concurrency=args.concurrency)
+        return out
+
+    return blocks
+
+
+def _print_targets(report: dict[str, Any]) -> None:
+    """Warnings of the deployed check, device fit and cost, one line each on stderr."""
+    for line in report.get("warnings") or ():
+        print(f"workbench compress: warning: {line}", file=sys.stderr, flush=True)
+    if report.get("device"):
+        from core.devices import fits_line
+
+        print(f"workbench compress: {fits_line(report['device'])}", file=sys.stderr, flush=True)
+    cost = report.get("cost")
+    if cost and cost.get("before") and cost.get("after"):
+        print(
+            f"workbench compress: cost per million inferences at "
+            f"${cost['instance_price_per_hour_usd']:g}/h: ${cost['before']['usd_per_million']:.4g}"
+            f" before -> ${cost['after']['usd_per_million']:.4g} after "
+            f"({cost['after']['measured']})",
+            file=sys.stderr,
+            flush=True,
+        )
 
 
 def _print_notices(event: str, payload: Any) -> None:

@@ -77,6 +77,7 @@ def run(args: argparse.Namespace) -> int:
     The new files and the updated report are written into a staging copy of the output
     directory (its existing files hard-linked in), which replaces it only once complete.
     """
+    from core.deploy import check_records
     from core.export import export_all, parse_formats, result_from_packed
     from core.outdir import output_dir, recover
     from core.report import update_report
@@ -110,6 +111,10 @@ def run(args: argparse.Namespace) -> int:
         records = export_all(
             result, formats, stage, force=args.force, data=data, entropy=args.entropy
         )
+        # Run each written file itself on the held-out data (accuracy, latency spread).
+        records, warnings = check_records(records, result, data)
+        for line in warnings:
+            print(f"workbench export: warning: {line}", file=sys.stderr, flush=True)
         records = [replace(r, path=out / r.path.name) for r in records]
         # Keep the report that `compress` wrote beside the files in step with them.
         update_report(result, stage, records)

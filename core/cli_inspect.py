@@ -21,6 +21,7 @@ archive (``model.packed.safetensors``) opens as the compressed model: ``format``
 from __future__ import annotations
 
 import argparse
+import gc
 import itertools
 import json
 import math
@@ -456,6 +457,9 @@ def run(args: argparse.Namespace) -> int:
     loaded = load_model(
         args.model, trust=args.trust, architecture=args.architecture, base=args.base
     )
+    # The model lives until the command ends: keep the collector from walking its objects
+    # (10**6 tensors) on every full collection while the layers stream out.
+    gc.freeze()
     for note in loaded.metadata.get("notes", ()):
         # stderr: --json output on stdout stays one valid JSON object.
         print(f"workbench inspect: warning: {note}", file=sys.stderr)

@@ -79,10 +79,16 @@ class ExportRecord:
     note: str = ""
     batch: int | None = None
     extra: dict[str, Any] | None = None
+    #: The deployed check of the written file (`core.deploy.check_file`): accuracy or
+    #: fidelity on the held-out data, latency ``{"median", "p10", "p90"}`` per batch size.
+    deployed: dict[str, Any] | None = None
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
         d["path"] = str(self.path)
+        if self.deployed is not None:
+            d["accuracy"] = self.deployed.get("accuracy")
+            d["deployed_mismatch"] = bool(self.deployed.get("deployed_mismatch"))
         return d
 
 

@@ -29,6 +29,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import dataclasses
+import gc
 import io
 import mmap
 import os
@@ -205,6 +206,22 @@ def _listed_in_tree_order(tensors: Mapping[str, torch.Tensor]) -> bool:
         else:
             buffered[-1] = True
     return True
+
+
+@contextlib.contextmanager
+def _gc_paused() -> Iterator[None]:
+    """Pause Python's cyclic garbage collector while many acyclic objects are made.
+
+    Reading 10**6 tensors allocates millions of objects, none in reference cycles; the
+    collector would still walk all of them again and again (~20% of the load time).
+    """
+    was_enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            gc.enable()
 
 
 def _tree_order(tensors: Mapping[str, torch.Tensor], source: str) -> list[str]:
@@ -1151,7 +1168,8 @@ def _load_model(
             progress(1.0, f"opened {loaded.name}")
             return loaded
         if kind == "safetensors":
-            state, header_meta, widened = _load_safetensors(path)
+            with _gc_paused():
+                state, header_meta, widened = _load_safetensors(path)
             fmt = "safetensors"
             meta["safetensors_metadata"] = header_meta
             if widened:
@@ -1223,7 +1241,8 @@ def _load_model(
                 metadata=meta,
             )
         else:
-            module = WeightsOnlyModule(state, source=str(path), consume=True)
+            with _gc_paused():
+                module = WeightsOnlyModule(state, source=str(path), consume=True)
             loaded = LoadedModel(module, fmt, str(path), name, weights_only=True, metadata=meta)
     note_nonfinite(loaded)
     progress(1.0, f"opened {name}")

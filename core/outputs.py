@@ -8,7 +8,7 @@ same run and appear together or not at all (`core.outdir.OutputTransaction`).
 from __future__ import annotations
 
 import json
-from collections.abc import Collection, Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -66,6 +66,8 @@ def write_into(
     report: bool = True,
     entropy: bool = False,
     replace_files: bool = True,
+    deployed: bool = True,
+    report_extra: Mapping[str, Any] | Callable[[list[Any]], Mapping[str, Any]] | None = None,
     progress: ProgressFn = no_progress,
     cancel: CancelToken | None = None,
 ) -> tuple[list[Any], dict[str, Any] | None]:
@@ -83,6 +85,12 @@ def write_into(
     replace_files
         Overwrite export files the staging folder already holds (carried over from an
         existing folder); otherwise such a file is an `ExportError`.
+    deployed
+        Run each written runnable file on ``data`` (`core.deploy.check_records`): deployed
+        accuracy / fidelity and latency per export, mismatches listed under ``warnings``.
+    report_extra
+        Further top-level blocks for ``report.json`` (``device``, ``cost``), or a function of
+        the checked export records returning them.
 
     Returns
     -------
@@ -104,12 +112,22 @@ def write_into(
         progress=scaled(progress, 0, 0.9),
         cancel=cancel,
     )
+    warnings: list[str] = []
+    if deployed:
+        from core.deploy import check_records
+
+        progress(0.9, "checking the deployed files")
+        records, warnings = check_records(records, result, data)
     # Records name each file where it will be once the staging folder is committed.
     records = [replace(r, path=out / r.path.name) for r in records]
     pause_point("exported")
     (plan or result.plan).save(stage / "recipe.json")
     content = None
     if report:
-        json_path, _ = write_report(result, stage, evals=evals or {}, exports=records)
+        blocks = report_extra(records) if callable(report_extra) else report_extra
+        extra = {"warnings": warnings, **dict(blocks or {})}
+        json_path, _ = write_report(
+            result, stage, evals=evals or {}, exports=records, extra=extra
+        )
         content = json.loads(Path(json_path).read_text(encoding="utf-8"))
     return records, content

@@ -58,9 +58,16 @@ def _tensors(module: torch.nn.Module) -> dict[str, torch.Tensor]:
 
 
 def report_data(
-    result: Any, *, evals: Mapping[str, Any] | None = None, exports: Sequence[Any] = ()
+    result: Any,
+    *,
+    evals: Mapping[str, Any] | None = None,
+    exports: Sequence[Any] = (),
+    extra: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """Everything ``report.json`` holds, as a JSON-ready dict."""
+    """Everything ``report.json`` holds, as a JSON-ready dict.
+
+    ``extra``: further top-level blocks (``warnings``, ``device``, ``cost``), added as given.
+    """
     evals = dict(evals or {})
     before, after = _eval_dict(evals.get("before")), _eval_dict(evals.get("after"))
     original = fp32_bytes(result.original.module)
@@ -98,6 +105,7 @@ def report_data(
             "layers": [r.to_dict() for r in result.layers],
             "removed_channels": {k: list(v) for k, v in result.removed_channels.items()},
             "recipe": result.plan.to_dict(),
+            **dict(extra or {}),
         }
     )
 
@@ -196,6 +204,21 @@ def _row(cells: Sequence[str], cls: Sequence[str] | None = None) -> str:
     return "<tr>" + "".join(tds) + "</tr>"
 
 
+def _deployed_cell(dep: Mapping[str, Any] | None) -> str:
+    """The deployed check of one export: accuracy (or agreement), latency median [p10-p90]."""
+    if not dep:
+        return "–"
+    acc = dep.get("accuracy")
+    head = f"acc {_pct(acc)}" if acc is not None else f"agree {_pct(dep.get('agreement'))}"
+    lats = [
+        f"{html.escape(k.replace('batch_', 'b'))}: {v['median']:.3f} "
+        f"[{v['p10']:.3f}–{v['p90']:.3f}] ms"
+        for k, v in (dep.get("latency_ms") or {}).items()
+    ]
+    flag = " <b>MISMATCH</b>" if dep.get("deployed_mismatch") else ""
+    return "<br>".join([head + flag, *lats])
+
+
 def render_html(result: Any, data: Mapping[str, Any]) -> str:
     """The report page for ``result`` and its `report_data`."""
     e = html.escape
@@ -222,7 +245,8 @@ def render_html(result: Any, data: Mapping[str, Any]) -> str:
     if data["exports"]:
         parts.append(
             "<table><tr><th>format</th><th>file</th><th>bytes</th><th>vs fp32</th>"
-            "<th>max |Δ| vs PyTorch</th><th>latency (ms/batch)</th><th>note</th></tr>"
+            "<th>max |Δ| vs PyTorch</th><th>latency (ms/batch)</th><th>deployed</th>"
+            "<th>note</th></tr>"
         )
         for ex in data["exports"]:
             ratio = orig_bytes / ex["bytes_on_disk"] if ex["bytes_on_disk"] else None
@@ -240,9 +264,10 @@ def render_html(result: Any, data: Mapping[str, Any]) -> str:
                             if ex.get("batch")
                             else ""
                         ),
+                        _deployed_cell(ex.get("deployed")),
                         e(ex.get("note") or ""),
                     ],
-                    ["", "", "", "", "", "", "note"],
+                    ["", "", "", "", "", "", "", "note"],
                 )
             )
         parts.append("</table>")
@@ -360,6 +385,7 @@ def write_report(
     evals: Mapping[str, Any] | None = None,
     exports: Sequence[Any] = (),
     force: bool = True,
+    extra: Mapping[str, Any] | None = None,
 ) -> tuple[Path, Path]:
     """Write ``report.json`` and ``report.html`` into ``out_dir`` (atomically).
 
@@ -373,6 +399,8 @@ def write_report(
         The `core.export.ExportRecord`s written for this result.
     force
         Replace existing report files (the CLI checks ``--force`` before it gets here).
+    extra
+        Further top-level blocks of ``report.json`` (see `report_data`).
 
     Returns
     -------
@@ -381,7 +409,7 @@ def write_report(
     """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    data = report_data(result, evals=evals, exports=exports)
+    data = report_data(result, evals=evals, exports=exports, extra=extra)
     json_path, html_path = out / "report.json", out / "report.html"
     text = json.dumps(data, indent=2, allow_nan=False) + "\n"
     atomic_write(json_path, [text.encode("utf-8")], force=force)
