@@ -647,7 +647,7 @@ _FORBIDDEN_NODES = (ast.Import, ast.ImportFrom, ast.Global, ast.Nonlocal, ast.La
                     ast.Await, ast.Yield, ast.YieldFrom, ast.AsyncFunctionDef)  # fmt: skip
 
 
-@lru_cache(maxsize=1)
+@lru_cache(maxsize=8)
 def _registered(namespace: str) -> frozenset[str]:
     return frozenset(
         s.name.split("::", 1)[1]
