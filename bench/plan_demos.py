@@ -67,9 +67,13 @@ def section(rows: list[tuple[str, str, str, dict, float]]) -> str:
         plan = report["planning"]
         meas = plan["measured"]
         met = plan["met"]
-        ok = "yes" if all(met.values()) else "no (" + ", ".join(
-            k.replace("_within_target", "") for k, v in met.items() if not v
-        ) + ")"
+        ok = (
+            "yes"
+            if all(met.values())
+            else "no ("
+            + ", ".join(k.replace("_within_target", "") for k, v in met.items() if not v)
+            + ")"
+        )
         lines.append(
             f"| `compress {model} --target-ratio {ratio} --max-drop {drop} --finetune-epochs 20`"
             f" | >= {ratio}x, <= {drop} pt | {meas['bytes']:,} B | {meas['ratio']:.1f}x | "

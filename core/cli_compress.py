@@ -171,7 +171,10 @@ def _plan_from_args(args: argparse.Namespace) -> CompressionPlan:
         if args.bits is not None and not 2 <= args.bits <= 16:
             raise RecipeError(f"--bits: {args.bits} is out of range 2..16")
         plan = simple_plan(sparsity, args.bits, method)
-    quant_flags = {"method": getattr(args, "quant", None), "group_size": getattr(args, "group_size", None)}
+    quant_flags = {
+        "method": getattr(args, "quant", None),
+        "group_size": getattr(args, "group_size", None),
+    }
     quant_flags = {k: v for k, v in quant_flags.items() if v is not None}
     if quant_flags:
         if args.recipe:
@@ -182,7 +185,9 @@ def _plan_from_args(args: argparse.Namespace) -> CompressionPlan:
         try:
             quant = replace(plan.default.quant, **quant_flags)
         except RecipeError as exc:
-            raise RecipeError(f"--{exc.reason.replace('method:', 'quant:')}", hint=exc.hint) from None
+            raise RecipeError(
+                f"--{exc.reason.replace('method:', 'quant:')}", hint=exc.hint
+            ) from None
         plan = plan.with_default(replace(plan.default, quant=quant))
     recovery = plan.recovery
     if args.finetune_epochs is not None:

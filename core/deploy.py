@@ -282,8 +282,10 @@ def check_records(
         return list(records), []
     x = getattr(data, "x", data if isinstance(data, torch.Tensor) else None)
     has_data = isinstance(x, torch.Tensor) and x.shape[0] > 0
-    if not has_data and result.compressed.example_input is None and (
-        result.original.example_input is None
+    if (
+        not has_data
+        and result.compressed.example_input is None
+        and (result.original.example_input is None)
     ):
         # Nothing to run the files on: say so instead of failing the export.
         return list(records), [

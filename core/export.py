@@ -558,8 +558,7 @@ def _export_hf(result, path, x, force, cancel):
 
     if result.removed_channels:
         raise ExportError(
-            "removed channels change layer shapes, which the model's config.json cannot "
-            "describe",
+            "removed channels change layer shapes, which the model's config.json cannot describe",
             path=result.original.source,
             hint="export packed/onnx instead, or compress without channel removal",
         )

@@ -361,7 +361,6 @@ def load_json(
             raise ValueError(f"integer {s[:24]}{'...' if len(s) > 24 else ''} is out of range")
         return value
 
-
     try:
         # The integer hook costs a call per number: only needed when a long digit run exists.
         obj = json.loads(

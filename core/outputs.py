@@ -126,8 +126,6 @@ def write_into(
     if report:
         blocks = report_extra(records) if callable(report_extra) else report_extra
         extra = {"warnings": warnings, **dict(blocks or {})}
-        json_path, _ = write_report(
-            result, stage, evals=evals or {}, exports=records, extra=extra
-        )
+        json_path, _ = write_report(result, stage, evals=evals or {}, exports=records, extra=extra)
         content = json.loads(Path(json_path).read_text(encoding="utf-8"))
     return records, content

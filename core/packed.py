@@ -751,9 +751,7 @@ def _unzstd_codes(buf: bytes, count: int, bits: int) -> np.ndarray:
     try:
         declared = zstandard.get_frame_parameters(buf).content_size
         if declared not in (size, zstandard.CONTENTSIZE_UNKNOWN):
-            raise ValueError(
-                f"entropy-coded codes declare {declared} bytes, {size} expected"
-            )
+            raise ValueError(f"entropy-coded codes declare {declared} bytes, {size} expected")
         parts = []
         got = 0
         with zstandard.ZstdDecompressor().stream_reader(io.BytesIO(buf)) as reader:
@@ -1218,9 +1216,7 @@ def _check_layout(layout: object, blob_size: int, file_bytes: int, path: Path) -
             path=path,
             hint="the archive is truncated or corrupt; re-export the model",
         )
-    check_decoded(
-        decoded, file_bytes, ratio=PACKED_RATIO, what="the archive's tensors", path=path
-    )
+    check_decoded(decoded, file_bytes, ratio=PACKED_RATIO, what="the archive's tensors", path=path)
 
 
 def _layout_group(flags: int, bits: int, shown: str) -> int | None:

@@ -55,9 +55,7 @@ def _is_int(value: Any) -> bool:
 
 
 def _is_real(value: Any) -> bool:
-    return (
-        isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-    )
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
 def _require(ok: bool, field_name: str, message: str, *, hint: str | None = None) -> None:
@@ -171,7 +169,9 @@ class QuantConfig:
             "group-wise scales refine per-channel ones and need per_channel true",
             hint="set per_channel to true or group_size to null",
         )
-        _require(isinstance(self.bias_correction, bool), "bias_correction", "expected true or false")
+        _require(
+            isinstance(self.bias_correction, bool), "bias_correction", "expected true or false"
+        )
         for name in ("bits", "bias_bits"):
             value = getattr(self, name)
             _require(
@@ -181,9 +181,7 @@ class QuantConfig:
                 hint="use null to switch it off",
             )
         for name in ("symmetric", "per_channel"):
-            _require(
-                isinstance(getattr(self, name), bool), name, "expected true or false"
-            )
+            _require(isinstance(getattr(self, name), bool), name, "expected true or false")
 
     @property
     def active(self) -> bool:
@@ -414,7 +412,9 @@ def _prune_from(data: Any, where: str, *, is_default: bool) -> PruneConfig:
         if key in data:
             kw[key] = _typed(data[key], str, f"{where}.{key}")
     if "method" in kw and kw["method"] not in PRUNE_METHODS:
-        raise RecipeError(f"{where}.method: {kw['method']!r} is not one of {', '.join(PRUNE_METHODS)}")
+        raise RecipeError(
+            f"{where}.method: {kw['method']!r} is not one of {', '.join(PRUNE_METHODS)}"
+        )
     for key in ("sparsity", "threshold"):
         if key in data:
             kw[key] = _typed(data[key], float, f"{where}.{key}")

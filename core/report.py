@@ -358,8 +358,7 @@ def render_html(result: Any, data: Mapping[str, Any]) -> str:
         keep = set(largest[:HTML_HISTOGRAMS])
         shown = [r for i, r in enumerate(shown) if i in keep]
         parts.append(
-            f"<p class='muted'>the {HTML_HISTOGRAMS} largest of {len(result.layers):,} "
-            "layers</p>"
+            f"<p class='muted'>the {HTML_HISTOGRAMS} largest of {len(result.layers):,} layers</p>"
         )
     for layer in shown:
         if layer.tensor not in before_t or layer.tensor not in after_t:

@@ -663,9 +663,7 @@ def obs_gptq(
                 g = col // group_size
                 span = w1[:, i : i + group_size]
                 gkeep = None if nm is not None else ~pruned[:, col : col + span.shape[1]]
-                gs, gz = quant_params(
-                    span, bits, symmetric=symmetric, per_channel=True, mask=gkeep
-                )
+                gs, gz = quant_params(span, bits, symmetric=symmetric, per_channel=True, mask=gkeep)
                 scale[:, g], zp[:, g] = gs, gz
                 s_col, z_col = gs.reshape(-1), gz.reshape(-1)
             wc = w1[:, i]

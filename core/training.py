@@ -347,7 +347,11 @@ def _step_plan(plan: CompressionPlan, step: int, steps: int) -> CompressionPlan:
 
     def _cfg(cfg: LayerConfig) -> LayerConfig:
         prune, quant = cfg.prune, cfg.quant
-        if prune.mode == "sparsity" and not prune_method(prune.method).semi_structured and prune.active:
+        if (
+            prune.mode == "sparsity"
+            and not prune_method(prune.method).semi_structured
+            and prune.active
+        ):
             prune = replace(prune, sparsity=1.0 - (1.0 - prune.sparsity) ** fraction)
         if step < steps:
             quant = replace(quant, bits=None, bias_bits=None)

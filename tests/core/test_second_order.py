@@ -49,7 +49,9 @@ def trained():
     with torch.no_grad():
         acc = (model(xte).argmax(1) == yte).float().mean().item()
     assert acc > 0.6  # learnt the task: its weights are not random
-    loaded = LoadedModel(model, "eager", "test:t", "t", example_input=xtr[:4], task="classification")
+    loaded = LoadedModel(
+        model, "eager", "test:t", "t", example_input=xtr[:4], task="classification"
+    )
     return loaded, make_dataset(xtr, ytr, name="train"), xte, analyze(loaded)
 
 
@@ -76,8 +78,10 @@ def test_obs_gptq_beats_magnitude_rtn_at_the_same_bytes(trained):
     assert sum(r.packed_bytes for r in second.layers) <= 1.01 * base_bytes
     assert second.sparsity >= 0.5 - 1e-3
     # the original is never touched
-    assert all(not torch.equal(a, b) for a, b in [(base.compressed.module.head.weight,
-                                                    loaded.module.head.weight)])
+    assert all(
+        not torch.equal(a, b)
+        for a, b in [(base.compressed.module.head.weight, loaded.module.head.weight)]
+    )
 
 
 def test_gptq_keeps_the_magnitude_mask_and_exact_zeros(trained):
@@ -186,8 +190,22 @@ def test_recipe_round_trip_and_validation():
 def test_cli_flags_build_the_plan():
     parser = build_parser()
     args = parser.parse_args(
-        ["compress", "demo:mlp", "--out", "x", "--sparsity", "0.5", "--bits", "4",
-         "--method", "obs", "--quant", "gptq", "--group-size", "64"]
+        [
+            "compress",
+            "demo:mlp",
+            "--out",
+            "x",
+            "--sparsity",
+            "0.5",
+            "--bits",
+            "4",
+            "--method",
+            "obs",
+            "--quant",
+            "gptq",
+            "--group-size",
+            "64",
+        ]
     )
     plan = _plan_from_args(args)
     assert plan.default.prune.method == "obs"
