@@ -1,0 +1,457 @@
+"""The archive's byte-exact size model: per-tensor bytes, layout entries, header and overhead,
+the whole-archive estimate the live preview shares with the writer."""
+
+from __future__ import annotations
+
+import functools
+import json
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from core.plan import (
+    RECIPE_VERSION,
+    CompressionPlan,
+    LayerConfig,
+)
+from core.quantization import n_quant_params
+
+#: Value of ``__metadata__["format"]`` identifying our archives.
+
+
+#: Value of ``__metadata__["format"]`` identifying our archives.
+FORMAT_ID = "workbench.packed"
+FORMAT_VERSION = "1"
+#: Name of the single uint8 blob tensor in the safetensors file.
+BLOB_NAME = "packed"
+#: Relative-index widths the writer may choose from.
+INDEX_BITS = tuple(range(1, 17))
+#: Hex digits of the sha256 stored as a checksum (64 bits: detects corruption, not an attacker).
+CHECKSUM_HEX = 16
+
+#: safetensors dtype names for the torch dtypes we store raw, and their item sizes.
+ST_DTYPES = {
+    "F64": 8,
+    "F32": 4,
+    "F16": 2,
+    "BF16": 2,
+    "I64": 8,
+    "I32": 4,
+    "I16": 2,
+    "I8": 1,
+    "U8": 1,
+    "BOOL": 1,
+}
+
+
+# ---------------------------------------------------------------------------------------
+# size model
+# ---------------------------------------------------------------------------------------
+def _ceil_bytes(bits: int) -> int:
+    return (bits + 7) // 8
+
+
+def expected_index_entries(numel: int, nnz: int, index_bits: int) -> float:
+    """Expected length of a relative-index stream for ``nnz`` random positions among ``numel``.
+
+    Each kept weight stores the gap ``d`` (zeros skipped since the previous kept weight) in
+    ``index_bits`` bits; the largest value ``M = 2**index_bits - 1`` is an escape meaning "skip
+    M positions" (a filler entry without a code), so a gap costs ``floor(d / M)`` fillers plus
+    one entry. For positions drawn independently with density ``p = nnz / numel`` the gap is
+    geometric, ``P(d >= x) = (1 - p)**x``, hence
+
+    ``E[floor(d / M)] = sum_{j>=1} P(d >= j M) = q**M / (1 - q**M)`` with ``q = 1 - p``,
+
+    and the expected stream length is ``nnz * (1 + q**M / (1 - q**M)) = nnz / (1 - q**M)``.
+    Zeros after the last kept weight need no entries (the shape is stored).
+    """
+    if nnz <= 0:
+        return 0.0
+    if nnz >= numel:
+        return float(nnz)
+    escape = 2**index_bits - 1
+    # log1p/expm1 keep 1 - q**M accurate for tiny densities (where it tends to M * p).
+    one_minus_qm = -math.expm1(escape * math.log1p(-nnz / numel))
+    return nnz / one_minus_qm if one_minus_qm > 0.0 else float(numel)
+
+
+def _relidx_estimate(numel: int, nnz: int) -> tuple[int, int, int]:
+    """``(bytes, index_bits, entries)`` of the cheapest expected relative-index stream."""
+    best: tuple[int, int, int] | None = None
+    for k in INDEX_BITS:
+        entries = round(expected_index_entries(numel, nnz, k))
+        cost = _ceil_bytes(entries * k)
+        if best is None or cost < best[0]:
+            best = (cost, k, entries)
+    assert best is not None
+    return best
+
+
+@dataclass(frozen=True)
+class PatternChoice:
+    """How a tensor's sparsity pattern is coded and what it costs.
+
+    ``kind``: ``"d"`` dense (every position has a code/value; pruned ones hold the zero point /
+    0.0), ``"b"`` bitmask (``numel`` bits), ``"c"`` row mask (one bit per output row, for whole
+    pruned channels), ``"r"`` relative index (``entries`` gaps of ``index_bits`` bits).
+    ``values``: how many codes/values follow the pattern.
+    """
+
+    kind: str
+    pattern_bytes: int
+    values: int
+    index_bits: int = 0
+    entries: int = 0
+
+
+def _value_bytes(count: int, bits: int | None, itemsize: int) -> int:
+    return count * itemsize if bits is None else _ceil_bytes(count * bits)
+
+
+@functools.lru_cache(maxsize=1 << 16)
+def choose_pattern(
+    numel: int,
+    nnz: int,
+    bits: int | None,
+    *,
+    structured_rows: int | None = None,
+    itemsize: int = 4,
+) -> PatternChoice:
+    """Cheapest expected coding of a sparsity pattern plus the values it implies.
+
+    The writer makes the same choice from the real mask (real relative-index lengths); this is
+    the estimate used when only ``numel`` and ``nnz`` are known.
+    """
+    if not 0 <= nnz <= numel:
+        raise ValueError(f"nnz must be in 0..{numel}, got {nnz}")
+    cands = [PatternChoice("d", 0, numel)]
+    if nnz < numel:
+        cands.append(PatternChoice("b", _ceil_bytes(numel), nnz))
+        if structured_rows:
+            cands.append(PatternChoice("c", _ceil_bytes(structured_rows), nnz))
+        cost, k, entries = _relidx_estimate(numel, nnz)
+        cands.append(PatternChoice("r", cost, nnz, k, entries))
+    return min(cands, key=lambda c: c.pattern_bytes + _value_bytes(c.values, bits, itemsize))
+
+
+def quant_param_bytes(bits: int | None, n_params: int, *, symmetric: bool = False) -> int:
+    """Bytes of the scales (float32) and zero points (bit-packed at ``bits``, absent if symmetric)."""
+    if bits is None:
+        return 0
+    zp = 0 if symmetric else _ceil_bytes(n_params * bits)
+    return 4 * n_params + zp
+
+
+def tensor_packed_bytes(
+    numel: int,
+    nnz: int,
+    bits: int | None,
+    n_params: int,
+    *,
+    structured_rows: int | None = None,
+    symmetric: bool = False,
+    itemsize: int = 4,
+) -> int:
+    """Bytes the archive's blob spends on one tensor's payload.
+
+    Parameters
+    ----------
+    numel, nnz
+        Elements of the tensor and how many are kept (not pruned).
+    bits
+        Code width 2..16, or ``None`` for unquantized values stored raw (``itemsize`` bytes
+        each, float32 by default).
+    n_params
+        Number of (scale, zero point) pairs: 1 per-tensor, ``shape[0]`` per-channel. Ignored
+        when ``bits`` is None.
+    structured_rows
+        Number of output rows when the mask prunes whole rows (channel methods); enables the
+        one-bit-per-row pattern.
+    symmetric
+        Symmetric quantization stores no zero points (they are ``2**(bits-1)``).
+    itemsize
+        Bytes per raw value when ``bits`` is None.
+
+    Returns
+    -------
+    int
+        pattern + codes/values + scales + zero points, each part padded to a whole byte. The
+        relative-index pattern uses the expected length for uniformly random positions (see
+        `expected_index_entries`); everything else is exact.
+    """
+    choice = choose_pattern(numel, nnz, bits, structured_rows=structured_rows, itemsize=itemsize)
+    return (
+        choice.pattern_bytes
+        + _value_bytes(choice.values, bits, itemsize)
+        + quant_param_bytes(bits, n_params, symmetric=symmetric)
+    )
+
+
+# -- header ------------------------------------------------------------------------------
+def _json(obj: object) -> str:
+    """Minified JSON exactly as written into the archive (UTF-8, no ASCII escaping)."""
+    return json.dumps(obj, separators=(",", ":"), ensure_ascii=False)
+
+
+#: Float dtypes a coded (pruned/quantized) tensor may have; index = ``flags >> 2``.
+CODED_DTYPES = ("F32", "F64", "F16", "BF16")
+#: Layout codes of the pattern kinds (relative index is written as ``[index_bits, entries]``).
+PATTERN_CODES = {"d": 0, "b": 1, "c": 2}
+
+
+def layout_entry(
+    name: str,
+    shape: Sequence[int],
+    dtype: str = "F32",
+    *,
+    bits: int | None = None,
+    symmetric: bool = False,
+    per_channel: bool = False,
+    pattern: PatternChoice | None = None,
+    zstd_bytes: int | None = None,
+    group_size: int | None = None,
+) -> list:
+    """One element of the metadata ``layout`` list (see docs/packed-format.md).
+
+    Raw dense tensors: ``[name, shape]`` (float32) or ``[name, shape, dtype]``. Coded tensors:
+    ``[name, shape, bits, flags, pattern]`` plus ``zstd_bytes`` when the codes are entropy
+    coded; ``bits`` 0 means raw values (no quantization), ``flags`` = 1 (symmetric) +
+    2 (per-channel) + 4 * index of the dtype in `CODED_DTYPES` + 16 * group size (0: no
+    groups; see `core.quantization` for group-wise scales); ``pattern`` is 0 (dense),
+    1 (bitmask), 2 (row mask) or ``[index_bits, entries]`` (relative index).
+    """
+    shape = [int(s) for s in shape]
+    if bits is None and (pattern is None or pattern.kind == "d") and zstd_bytes is None:
+        return [name, shape] if dtype == "F32" else [name, shape, dtype]
+    if dtype not in CODED_DTYPES:
+        raise ValueError(f"{name}: cannot prune/quantize a {dtype} tensor")
+    pat: object
+    if pattern is None:
+        pat = 0
+    elif pattern.kind == "r":
+        pat = [pattern.index_bits, pattern.entries]
+    else:
+        pat = PATTERN_CODES[pattern.kind]
+    flags = int(symmetric) + 2 * int(per_channel) + 4 * CODED_DTYPES.index(dtype)
+    flags += 16 * int(group_size or 0)
+    entry = [name, shape, bits or 0, flags, pat]
+    if zstd_bytes is not None:
+        entry.append(int(zstd_bytes))
+    return entry
+
+
+def build_header(metadata: Mapping[str, str], blob_bytes: int) -> bytes:
+    """The safetensors header (8-byte length + JSON padded with spaces to a multiple of 8)."""
+    if BLOB_NAME in metadata:
+        raise ValueError(f"metadata key {BLOB_NAME!r} is reserved")
+    header = {
+        "__metadata__": dict(metadata),
+        BLOB_NAME: {"dtype": "U8", "shape": [blob_bytes], "data_offsets": [0, blob_bytes]},
+    }
+    text = _json(header).encode("utf-8")
+    text += b" " * (-len(text) % 8)
+    return len(text).to_bytes(8, "little") + text
+
+
+def _typical_entry(name: str) -> list:
+    """Layout entry with representative numbers, for when only the tensor's name is known."""
+    return layout_entry(name, [1000, 100], bits=4, pattern=PatternChoice("r", 0, 0, 6, 10000))
+
+
+def archive_overhead_bytes(
+    tensor_names: Sequence[str],
+    metadata: Mapping[str, str],
+    *,
+    layout: Sequence[list] | None = None,
+    blob_bytes: int = 100_000,
+) -> int:
+    """Bytes of the archive outside the blob: the safetensors header with our metadata.
+
+    Parameters
+    ----------
+    tensor_names
+        Names of every stored state tensor (parameters and buffers).
+    metadata
+        The descriptive metadata the writer stores (see `archive_metadata`): recipe, source...
+        The writer adds ``format``, ``version``, ``sha256`` and ``layout`` itself.
+    layout
+        Exact layout entries (`layout_entry`) when known; `estimate_archive_bytes` passes them.
+        Without it each tensor's entry is sized with representative numbers (a few bytes off
+        per tensor).
+    blob_bytes
+        Size of the blob (only its digit count matters).
+    """
+    entries = list(layout) if layout is not None else [_typical_entry(n) for n in tensor_names]
+    full = finalize_metadata(metadata, entries, "0" * CHECKSUM_HEX)
+    return len(build_header(full, blob_bytes))
+
+
+def finalize_metadata(
+    metadata: Mapping[str, str], layout: Sequence[list], checksum: str
+) -> dict[str, str]:
+    """Descriptive metadata plus the keys the format itself needs."""
+    reserved = {"format", "version", "sha256", "layout"}
+    clash = reserved & set(metadata)
+    if clash:
+        raise ValueError(f"metadata keys {sorted(clash)} are reserved")
+    return {
+        "format": FORMAT_ID,
+        "version": FORMAT_VERSION,
+        **{k: str(v) for k, v in metadata.items()},
+        "sha256": checksum,
+        "layout": _json(list(layout)),
+    }
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    """What the size model needs to know about one state tensor.
+
+    ``bits`` None and ``nnz == numel`` is a raw dense tensor (biases, norms, buffers).
+    ``dtype`` is the safetensors name of the stored values (``"F32"``...).
+    """
+
+    name: str
+    shape: tuple[int, ...]
+    nnz: int
+    bits: int | None = None
+    symmetric: bool = False
+    per_channel: bool = False
+    structured: bool = False
+    dtype: str = "F32"
+    group_size: int | None = None
+
+    @property
+    def numel(self) -> int:
+        return math.prod(self.shape)
+
+    @property
+    def n_params(self) -> int:
+        if self.bits is None:
+            return 0
+        return n_quant_params(self.shape, per_channel=self.per_channel, group_size=self.group_size)
+
+
+@dataclass(frozen=True)
+class ArchiveEstimate:
+    """Expected archive size: ``total = header + sum(tensors.values())``."""
+
+    total: int
+    header: int
+    tensors: Mapping[str, int]
+
+
+def _spec_itemsize(spec: TensorSpec) -> int:
+    return ST_DTYPES.get(spec.dtype, 4)
+
+
+def estimate_archive_bytes(
+    specs: Sequence[TensorSpec], metadata: Mapping[str, str]
+) -> ArchiveEstimate:
+    """Expected size of the archive the writer produces for these tensors and metadata.
+
+    Uses `tensor_packed_bytes` per tensor and builds the exact header JSON with the expected
+    layout (only relative-index stream lengths are expectations).
+    """
+    sizes: dict[str, int] = {}
+    layout = []
+    for s in specs:
+        rows = s.shape[0] if (s.structured and len(s.shape) >= 1) else None
+        itemsize = _spec_itemsize(s)
+        choice = choose_pattern(s.numel, s.nnz, s.bits, structured_rows=rows, itemsize=itemsize)
+        sizes[s.name] = tensor_packed_bytes(
+            s.numel,
+            s.nnz,
+            s.bits,
+            s.n_params,
+            structured_rows=rows,
+            symmetric=s.symmetric,
+            itemsize=itemsize,
+        )
+        layout.append(
+            layout_entry(
+                s.name,
+                s.shape,
+                s.dtype,
+                bits=s.bits,
+                symmetric=s.symmetric,
+                per_channel=s.per_channel and s.bits is not None,
+                pattern=choice,
+                group_size=s.group_size if s.bits is not None else None,
+            )
+        )
+    blob = sum(sizes.values())
+    header = archive_overhead_bytes(
+        [s.name for s in specs], metadata, layout=layout, blob_bytes=blob
+    )
+    return ArchiveEstimate(total=header + blob, header=header, tensors=sizes)
+
+
+def _non_default(value: object, default: object) -> object:
+    """``value`` with every key equal to ``default``'s dropped (recursively)."""
+    if isinstance(value, dict) and isinstance(default, dict):
+        out = {}
+        for key, v in value.items():
+            if key in default:
+                reduced = _non_default(v, default[key])
+                if reduced is not _SAME:
+                    out[key] = reduced
+            else:
+                out[key] = v
+        return out if out else _SAME
+    return _SAME if value == default else value
+
+
+_SAME = object()
+
+
+def compact_recipe(plan: CompressionPlan) -> str:
+    """Minified recipe JSON holding only the settings that differ from the defaults.
+
+    ``CompressionPlan.from_json`` fills the rest with defaults, so this round-trips exactly
+    while costing a third of the full recipe in a header that may be most of a tiny archive.
+    Per-layer overrides are reduced against the default `LayerConfig` (not the plan's default),
+    which is what ``from_dict`` fills them with.
+    """
+    full = plan.to_dict()
+    base = CompressionPlan().to_dict()
+    out: dict[str, object] = {"version": RECIPE_VERSION}
+    for key in ("default", "recovery", "remove_channels"):
+        reduced = _non_default(full[key], base[key])
+        if reduced is not _SAME:
+            out[key] = reduced
+    layer_default = asdict(LayerConfig())
+    layers = {}
+    for name, cfg in full["layers"].items():
+        reduced = _non_default(cfg, layer_default)
+        layers[name] = {} if reduced is _SAME else reduced
+    if layers:
+        out["layers"] = layers
+    return _json(out)
+
+
+def archive_metadata(
+    plan: CompressionPlan,
+    *,
+    source: str,
+    source_format: str,
+    architecture: str | None = None,
+    removed_channels: Mapping[str, Sequence[int]] | None = None,
+) -> dict[str, str]:
+    """The descriptive metadata the writer stores (pass it to `estimate_archive_bytes`).
+
+    ``architecture`` is the demo architecture a weights-only file was opened with
+    (``LoadedModel.metadata["architecture"]``), so the loader can rebuild a runnable model.
+    """
+    if source and not source.startswith("demo:"):
+        # Absolute, so `workbench export` finds the original from any working directory.
+        source = str(Path(source).absolute())
+    meta = {"source": source, "source_format": source_format, "recipe": compact_recipe(plan)}
+    if architecture:
+        meta["architecture"] = architecture
+    if removed_channels:
+        meta["removed_channels"] = _json(
+            {k: [int(i) for i in v] for k, v in removed_channels.items()}
+        )
+    return meta

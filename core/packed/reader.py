@@ -1,0 +1,399 @@
+"""Reading a packed archive back: every field of the layout is checked against the bytes
+present and the limits before anything is decoded."""
+
+from __future__ import annotations
+
+import hashlib
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from core.errors import ModelLoadError
+from core.limits import (
+    MAX_EXAMPLE_BYTES,
+    MAX_METADATA_JSON_BYTES,
+    PACKED_RATIO,
+    SAFETENSORS_ITEMSIZE,
+    check_alloc,
+    check_decoded,
+    check_shape,
+    escape_name,
+    load_json,
+    safetensors_header,
+)
+
+#: Value of ``__metadata__["format"]`` identifying our archives.
+from core.packed.bytemodel import (
+    BLOB_NAME,
+    CHECKSUM_HEX,
+    CODED_DTYPES,
+    FORMAT_ID,
+    FORMAT_VERSION,
+    INDEX_BITS,
+    PATTERN_CODES,
+    ST_DTYPES,
+    _ceil_bytes,
+)
+from core.packed.codec import (
+    _ST_TO_TORCH,
+    _from_raw,
+    _unzstd_codes,
+    decode_pattern,
+    pattern_nbytes,
+    unpack_bits,
+)
+from core.plan import (
+    MAX_BITS,
+    MAX_GROUP,
+    MIN_BITS,
+    MIN_GROUP,
+    CompressionPlan,
+)
+from core.quantization import QuantizedTensor, dequantize, expand_params, n_quant_params
+
+
+# ---------------------------------------------------------------------------------------
+# reader / loader
+# ---------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class PackedArchive:
+    """A decoded archive: every state tensor restored, plus codes and masks of coded ones."""
+
+    path: Path
+    metadata: Mapping[str, str]
+    tensors: Mapping[str, torch.Tensor]
+    quantized: Mapping[str, QuantizedTensor]
+    masks: Mapping[str, torch.Tensor]
+
+    @property
+    def plan(self) -> CompressionPlan:
+        return CompressionPlan.from_json(self.metadata["recipe"], path=self.path)
+
+    @property
+    def removed_channels(self) -> dict[str, list[int]]:
+        return _removed_channels(self.metadata, self.path)
+
+
+class _Cursor:
+    def __init__(self, blob: np.ndarray, path: Path):
+        self.blob, self.pos, self.path = blob, 0, path
+
+    @property
+    def left(self) -> int:
+        return int(self.blob.size) - self.pos
+
+    def take(self, n: int) -> bytes:
+        if n < 0 or self.pos + n > self.blob.size:
+            raise ModelLoadError(
+                "packed archive is truncated or its layout is corrupt",
+                path=self.path,
+                hint="re-export the model",
+            )
+        out = self.blob[self.pos : self.pos + n].tobytes()
+        self.pos += n
+        return out
+
+
+def _int_field(value: object, lo: int, hi: int, what: str) -> int:
+    """``value`` when it is an int (not a bool) in ``lo..hi``, else ``ValueError``."""
+    if isinstance(value, bool) or not isinstance(value, int) or not lo <= value <= hi:
+        raise ValueError(f"{what} must be an integer in {lo}..{hi}, got {str(value)[:40]}")
+    return value
+
+
+def _check_layout(layout: object, blob_size: int, file_bytes: int, path: Path) -> None:
+    """Validate every layout entry before anything is decoded.
+
+    Refuses malformed entries (types, ranges, unknown pattern codes), duplicate tensor names,
+    layouts whose fixed-size parts alone need more bytes than the blob holds, and layouts whose
+    decoded tensors (values, codes and masks) would exceed `core.limits.PACKED_RATIO` times the
+    file or the available memory. Raises ``ValueError`` (turned into `ModelLoadError`) or
+    `ModelLoadError`.
+    """
+    if not isinstance(layout, list):
+        raise ValueError("the layout is not a list")
+    seen: set[str] = set()
+    fixed = 0  # bytes every entry needs whatever its mask holds
+    decoded = 0  # bytes of the decoded tensors, codes and masks
+    for i, entry in enumerate(layout):
+        if not isinstance(entry, list) or len(entry) not in (2, 3, 5, 6):
+            raise ValueError(f"layout entry {i} is not a list of 2, 3, 5 or 6 fields")
+        name = entry[0]
+        if not isinstance(name, str) or not name:
+            raise ValueError(f"layout entry {i} has no tensor name")
+        shown = escape_name(name)[:80]
+        if name in seen:
+            raise ModelLoadError(
+                f"tensor {shown!r} appears twice in the layout",
+                path=path,
+                hint="the archive is corrupt or was tampered with; re-export the model",
+            )
+        seen.add(name)
+        shape = check_shape(entry[1], f"tensor {shown!r}", path)
+        numel = math.prod(shape)
+        if len(entry) <= 3:
+            dtype = entry[2] if len(entry) == 3 else "F32"
+            if not isinstance(dtype, str) or dtype not in _ST_TO_TORCH:
+                raise ValueError(f"tensor {shown!r} has unknown dtype {str(dtype)[:20]!r}")
+            fixed += numel * ST_DTYPES[dtype]
+            decoded += numel * ST_DTYPES[dtype]
+            continue
+        bits = entry[2]
+        if bits != 0:
+            bits = _int_field(bits, MIN_BITS, MAX_BITS, f"tensor {shown!r}: bits")
+        flags = _int_field(entry[3], 0, 16 * (MAX_GROUP + 1) - 1, f"tensor {shown!r}: flags")
+        group = _layout_group(flags, bits, shown)
+        pat = entry[4]
+        if isinstance(pat, list):
+            if len(pat) != 2:
+                raise ValueError(f"tensor {shown!r}: a relative index is [index_bits, entries]")
+            _int_field(pat[0], INDEX_BITS[0], INDEX_BITS[-1], f"tensor {shown!r}: index bits")
+            _int_field(pat[1], 0, 8 * blob_size, f"tensor {shown!r}: index entries")
+        elif isinstance(pat, bool) or pat not in PATTERN_CODES.values():
+            raise ValueError(f"tensor {shown!r} has unknown pattern code {str(pat)[:20]!r}")
+        if pat == PATTERN_CODES["c"] and not shape:
+            raise ValueError(f"tensor {shown!r}: a row mask needs at least one dimension")
+        itemsize = ST_DTYPES[CODED_DTYPES[(flags >> 2) & 3]]
+        fixed += pattern_nbytes(pat, shape)
+        decoded += numel * itemsize + (0 if pat == 0 else numel)
+        if len(entry) == 6:
+            if bits == 0:
+                raise ValueError(f"tensor {shown!r}: only codes can be entropy coded")
+            fixed += _int_field(entry[5], 0, blob_size, f"tensor {shown!r}: zstd bytes")
+        if bits:
+            n_params = n_quant_params(shape, per_channel=bool(flags & 2), group_size=group)
+            fixed += 4 * n_params + (0 if flags & 1 else _ceil_bytes(n_params * bits))
+            decoded += 4 * numel  # int32 codes kept beside the dequantized values
+            if pat == 0 and len(entry) == 5:
+                fixed += _ceil_bytes(numel * bits)
+        elif pat == 0:
+            fixed += numel * itemsize
+    if fixed > blob_size:
+        raise ModelLoadError(
+            f"the layout needs at least {fixed:,} bytes but the blob holds {blob_size:,}",
+            path=path,
+            hint="the archive is truncated or corrupt; re-export the model",
+        )
+    check_decoded(decoded, file_bytes, ratio=PACKED_RATIO, what="the archive's tensors", path=path)
+
+
+def _layout_group(flags: int, bits: int, shown: str) -> int | None:
+    """The group size a layout entry's flags carry (``flags >> 4``), checked."""
+    group = flags >> 4
+    if not group:
+        return None
+    if bits == 0 or not flags & 2 or group < MIN_GROUP:
+        raise ValueError(
+            f"tensor {shown!r}: group size {group} needs codes, per-channel scales and "
+            f"at least {MIN_GROUP} inputs per group"
+        )
+    return group
+
+
+def _decode_entry(
+    entry: list, cur: _Cursor
+) -> tuple[str, torch.Tensor, QuantizedTensor | None, torch.Tensor | None]:
+    """One tensor of a layout already checked by `_check_layout`."""
+    name, shape = str(entry[0]), tuple(int(s) for s in entry[1])
+    shown = f"tensor {escape_name(name)[:80]!r}"
+    numel = math.prod(shape)
+    if len(entry) <= 3:
+        dtype = _ST_TO_TORCH[entry[2] if len(entry) == 3 else "F32"]
+        size = numel * torch.empty(0, dtype=dtype).element_size()
+        return name, _from_raw(cur.take(size), dtype, shape), None, None
+    bits, flags, pat = int(entry[2]), int(entry[3]), entry[4]
+    zlen = int(entry[5]) if len(entry) > 5 else None
+    dtype = _ST_TO_TORCH[CODED_DTYPES[(flags >> 2) & 3]]
+    symmetric, per_channel = bool(flags & 1), bool(flags & 2)
+    group = (flags >> 4) or None
+    mask_np = decode_pattern(pat, shape, cur.take(pattern_nbytes(pat, shape)))
+    count = numel if mask_np is None else int(mask_np.sum())
+    mask = None if mask_np is None else torch.from_numpy(mask_np.copy())
+    if bits == 0:
+        itemsize = torch.empty(0, dtype=dtype).element_size()
+        check_alloc(count, itemsize, cur.left, shown, cur.path)
+        kept = _from_raw(cur.take(count * itemsize), dtype, (count,))
+        if mask is None:
+            return name, kept.reshape(shape), None, None
+        value = torch.zeros(shape, dtype=dtype)
+        value[mask] = kept
+        return name, value, None, mask
+    if zlen is not None:
+        values = _unzstd_codes(cur.take(zlen), count, bits)
+        if values.size and int(values.max()) >> bits:
+            raise ValueError(f"{shown}: an entropy-coded code does not fit in {bits} bits")
+    else:
+        # Packed codes: the bits must be in the blob before the int64 array is allocated.
+        if _ceil_bytes(count * bits) > cur.left:
+            check_alloc(count, 1, cur.left * 8 // bits, shown, cur.path)
+        values = unpack_bits(cur.take(_ceil_bytes(count * bits)), count, bits)
+    n_params = n_quant_params(shape, per_channel=per_channel, group_size=group)
+    scale = torch.from_numpy(np.frombuffer(cur.take(4 * n_params), dtype="<f4").astype(np.float32))
+    if symmetric:
+        zp = np.full(n_params, 2 ** (bits - 1), dtype=np.int64)
+    else:
+        zp = unpack_bits(cur.take(_ceil_bytes(n_params * bits)), n_params, bits)
+    zfull = expand_params(torch.from_numpy(zp), torch.Size(shape), group).numpy()
+    codes = np.array(np.broadcast_to(zfull, shape), dtype=np.int64)
+    if mask_np is None:
+        codes = values.reshape(shape)
+    else:
+        codes[mask_np] = values
+    qt = QuantizedTensor(
+        codes=torch.from_numpy(np.ascontiguousarray(codes)).to(torch.int32),
+        scale=scale,
+        zero_point=torch.from_numpy(zp).to(torch.int32),
+        bits=bits,
+        symmetric=symmetric,
+        per_channel=per_channel,
+        mask=mask,
+        group_size=group,
+    )
+    return name, dequantize(qt).to(dtype), qt, mask
+
+
+def _removed_channels(meta: Mapping[str, str], path: Path) -> dict[str, list[int]]:
+    """The archive's ``removed_channels`` map (layer -> kept output channels), validated."""
+    raw = meta.get("removed_channels")
+    if not raw:
+        return {}
+    data = load_json(
+        raw,
+        what="the archive's removed_channels",
+        path=path,
+        max_bytes=MAX_METADATA_JSON_BYTES,
+        unique_keys=True,
+        hint="the archive is corrupt; re-export the model",
+    )
+
+    def bad(why: str) -> ModelLoadError:
+        return ModelLoadError(
+            f"the archive's removed_channels {why}",
+            path=path,
+            hint="the archive is corrupt; re-export the model",
+        )
+
+    if not isinstance(data, dict):
+        raise bad("is not a map of layer names to channel lists")
+    out: dict[str, list[int]] = {}
+    for layer, keep in data.items():
+        shown = escape_name(layer)[:80]
+        if not isinstance(keep, list):
+            raise bad(f"entry {shown!r} is not a list of channel indices")
+        if any(isinstance(i, bool) or not isinstance(i, int) or i < 0 for i in keep):
+            raise bad(f"entry {shown!r} holds something other than channel indices >= 0")
+        if len(set(keep)) != len(keep):
+            raise bad(f"entry {shown!r} lists a channel twice")
+        out[layer] = [int(i) for i in keep]
+    return out
+
+
+def read_packed(path: str | Path) -> PackedArchive:
+    """Decode a packed archive with safetensors (no pickle): tensors, codes, masks, metadata.
+
+    Every size the archive declares is checked before it is used (`_check_layout`,
+    `core.limits`): a corrupt or hostile archive fails with one `ModelLoadError` line, within
+    bounded time and memory.
+
+    Raises
+    ------
+    ModelLoadError
+        Missing file, not a safetensors file, not our format, checksum mismatch, corrupt
+        layout, or declared sizes beyond the limits of `core.limits`.
+    """
+    from safetensors import SafetensorError, safe_open
+
+    p = Path(path)
+    if not p.is_file():
+        raise ModelLoadError("packed archive not found", path=p, hint="check the path")
+    entries, _ = safetensors_header(p, supported=SAFETENSORS_ITEMSIZE)
+    if set(entries) - {BLOB_NAME} or entries.get(BLOB_NAME, {}).get("dtype", "U8") != "U8":
+        raise ModelLoadError(
+            f"not a workbench packed archive (it holds tensors other than {BLOB_NAME!r})",
+            path=p,
+            hint="open it as a model instead, or export it again with --format packed",
+        )
+    try:
+        with safe_open(str(p), framework="np") as fh:
+            meta = dict(fh.metadata() or {})
+            names = list(fh.keys())
+            blob = fh.get_tensor(BLOB_NAME) if BLOB_NAME in names else None
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise ModelLoadError(
+            f"not a readable safetensors file ({exc})", path=p, hint="re-export the model"
+        ) from None
+    if meta.get("format") != FORMAT_ID or blob is None:
+        raise ModelLoadError(
+            "not a workbench packed archive (no 'format: workbench.packed' metadata)",
+            path=p,
+            hint="open it as a model instead, or export it again with --format packed",
+        )
+    if meta.get("version") != FORMAT_VERSION:
+        raise ModelLoadError(
+            f"packed format version {meta.get('version')!r} is not supported",
+            path=p,
+            hint=f"this workbench reads version {FORMAT_VERSION}",
+        )
+    blob = np.ascontiguousarray(blob, dtype=np.uint8).reshape(-1)
+    if hashlib.sha256(blob.tobytes()).hexdigest()[:CHECKSUM_HEX] != meta.get("sha256"):
+        raise ModelLoadError(
+            "checksum mismatch: the archive is corrupt", path=p, hint="re-export the model"
+        )
+    layout = load_json(
+        meta.get("layout", ""),
+        what="the archive's layout",
+        path=p,
+        max_bytes=MAX_METADATA_JSON_BYTES,
+        hint="the archive is corrupt; re-export the model",
+    )
+    _removed_channels(meta, p)
+    try:
+        _check_layout(layout, int(blob.size), p.stat().st_size, p)
+        cur = _Cursor(blob, p)
+        tensors, quantized, masks = {}, {}, {}
+        for entry in layout:
+            name, value, qt, mask = _decode_entry(entry, cur)
+            tensors[name] = value
+            if qt is not None:
+                quantized[name] = qt
+            if mask is not None:
+                masks[name] = mask
+    except ModelLoadError:
+        raise
+    except (KeyError, ValueError, TypeError, IndexError) as exc:
+        raise ModelLoadError(
+            f"corrupt layout ({type(exc).__name__}: {str(exc)[:160]})",
+            path=p,
+            hint="re-export the model",
+        ) from None
+    if cur.pos != blob.size:
+        raise ModelLoadError(
+            f"{blob.size - cur.pos} bytes of the blob are not described by the layout", path=p
+        )
+    return PackedArchive(path=p, metadata=meta, tensors=tensors, quantized=quantized, masks=masks)
+
+
+def _recorded_input(archive: PackedArchive) -> torch.Tensor:
+    """The zero example input ``[shape, dtype]`` recorded in the archive, validated."""
+    hint = "the archive is corrupt; pass --base with the original model instead"
+    spec = load_json(
+        archive.metadata["input"],
+        what="the archive's example input",
+        path=archive.path,
+        max_bytes=MAX_METADATA_JSON_BYTES,
+        hint=hint,
+    )
+    ok = isinstance(spec, list) and len(spec) == 2 and isinstance(spec[1], str)
+    dtype = getattr(torch, spec[1], None) if ok else None
+    if not isinstance(dtype, torch.dtype):
+        raise ModelLoadError(
+            "the archive's example input is not [shape, dtype name]", path=archive.path, hint=hint
+        )
+    shape = check_shape(spec[0], "the archive's example input", archive.path)
+    itemsize = torch.empty(0, dtype=dtype).element_size()
+    check_alloc(math.prod(shape), itemsize, MAX_EXAMPLE_BYTES, "the example input", archive.path)
+    return torch.zeros(shape, dtype=dtype)
