@@ -290,8 +290,6 @@ def _pipeline(
         ),
         progress,
     )[0]
-    for note in loaded.metadata.get("notes", ()):
-        print(f"workbench compress: warning: {note}", file=sys.stderr, flush=True)
     if not any(p.numel() and p.is_floating_point() for p in loaded.module.parameters()):
         raise CompressionError(
             "the model has no weights to compress",
@@ -404,7 +402,10 @@ def _print_targets(report: dict[str, Any]) -> None:
 
 def _print_notices(event: str, payload: Any) -> None:
     if event == "notice":
-        print(f"workbench compress: note: {payload}", file=sys.stderr, flush=True)
+        text = str(payload)
+        kind = "warning" if text.startswith("warning: ") else "note"
+        text = text.removeprefix("warning: ")
+        print(f"workbench compress: {kind}: {text}", file=sys.stderr, flush=True)
 
 
 def _summary_line(model: str, report: dict[str, Any], out: Path) -> str:

@@ -483,6 +483,13 @@ class Session:
             prunable = [layer.name for layer in layers if layer.prunable]
             self.selection = (prunable[0],) if prunable else ()
             self._emit("model_loaded", loaded)
+            # What the loader decided on the user's behalf (e.g. a TorchScript file opened
+            # weights-only because its code was not vetted-safe) is said in every front end.
+            reason = loaded.metadata.get("opened_weights_only_reason")
+            if reason:
+                self.notice(str(reason))
+            for note in loaded.metadata.get("notes", ()):
+                self.notice(f"warning: {note}")
             self._emit("data_loaded", self.data_description())
             self._plan_changed()
             self._emit("selection_changed", self.selection)

@@ -367,3 +367,34 @@ def test_export_step_writes_one_consistent_directory(mlp_session, tmp_path):
     (out / "notes.txt").write_text("mine")
     s.run(s.export(["packed"], out, force=True))
     assert (out / "notes.txt").read_text() == "mine"
+
+
+def test_loader_decisions_reach_every_front_end_as_notices(tmp_path):
+    """A TorchScript file whose code defines __setstate__ opens weights-only; the session says
+    why (the CLI prints it, the window shows it in the status bar)."""
+    import torch
+
+    class Stateful(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = torch.nn.Linear(4, 2)
+
+        def forward(self, x):
+            return self.fc(x)
+
+        @torch.jit.export
+        def __getstate__(self):
+            return (self.fc.weight, self.training)
+
+        @torch.jit.export
+        def __setstate__(self, state: tuple[torch.Tensor, bool]):
+            self.training = state[1]
+
+    path = tmp_path / "stateful.pt"
+    torch.jit.save(torch.jit.script(Stateful()), str(path))
+    s = Session()
+    notices = []
+    s.subscribe(lambda name, payload: notices.append(payload) if name == "notice" else None)
+    s.run(s.open_model(str(path)))
+    assert s.model.weights_only
+    assert any("opened weights-only" in str(n) and "__setstate__" in str(n) for n in notices)
