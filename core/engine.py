@@ -6,6 +6,10 @@ run is cancelled at any point. Thresholds and, for a target sparsity, exact per-
 the same functions the live preview uses, so the sparsity the user saw is exactly the sparsity
 applied. Quantization runs after pruning with the keep mask, so
 pruned weights stay exactly zero.
+
+Why one module of this size: applying a plan (masks, quantization, channel removal) and
+measuring what it did per layer are one step whose numbers the preview and the archive must
+reproduce exactly.
 """
 
 from __future__ import annotations

@@ -22,6 +22,10 @@ the archive must match an allow-list of the members ``torch.export.save`` writes
 code is vetted before ``torch.jit.load`` (which runs ``__setstate__``); code that is not
 vetted-safe opens weights-only. A packed archive never opens the file it records as its source.
 All of these checks live in `core.vetting` (threat model: docs/formats.md).
+
+Why one module of this size: it is the single door every file format comes in by (detection by
+content, one loader per format, the weights-only module, packed archives with an explicit base,
+saving); the vetting and the limits it relies on live in core.vetting and core.limits.
 """
 
 from __future__ import annotations

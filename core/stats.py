@@ -31,6 +31,11 @@ Scores (`score_tensor`, the single definition the engine uses too):
 * ``taylor``: ``|w| * sqrt(mean(g**2)) = |w| * hypot(mean g, std g)`` (population std).
 * ``channel_l1`` / ``channel_l2``: the norm of each output channel (row of
   ``weight.reshape(shape[0], -1)``; for embeddings a row is one token's vector).
+
+Why one module of this size: the score indices (sorted scores for small tensors, radix
+histograms for large ones), the histograms and the gradient statistics are built in the same
+passes over each tensor and must agree bin for bin with what core.estimate and core.selection
+look up.
 """
 
 from __future__ import annotations
