@@ -1093,52 +1093,67 @@ def _load_model(
     _check(cancel)
     progress(0.1, f"reading {kind.replace('_', ' ')}")
 
-    expected_ext = {
-        "torchscript": {".pt", ".pth", ".ts", ".torchscript", ".jit", ".ptl", ".zip"},
-        "pt2": {".pt2", ".pt", ".zip"},
-        "torch_zip": {".pt", ".pth", ".bin", ".ckpt", ".tar", ".zip"},
-        "pickle": {".pt", ".pth", ".bin", ".ckpt", ".pkl", ".pickle", ".tar"},
-        "safetensors": {".safetensors", ".st"},
-    }
     meta: dict[str, Any] = {
         "detected": kind,
         "extension_mismatch": path.suffix.lower()
-        not in expected_ext.get(kind, {path.suffix.lower()}),
+        not in _EXPECTED_EXT.get(kind, {path.suffix.lower()}),
     }
-    name = path.stem
-    example: torch.Tensor | None = None
-    if kind == "zip_truncated":
-        raise ModelLoadError(
+    packed = kind == "safetensors" and _is_packed_archive(path)
+    _refuse_kind(path, kind, architecture=architecture, base=base, packed=packed)
+    if kind == "torchscript":
+        loaded = _open_torchscript(path, meta, trust)
+    elif kind == "pt2":
+        loaded = _open_pt2(path, meta, trust)
+    elif packed:
+        loaded = _open_packed(path, trust=trust, base=base)
+    else:
+        loaded = _open_weights(
+            path, kind, meta, trust=trust, architecture=architecture, cancel=cancel
+        )
+    note_nonfinite(loaded)
+    progress(1.0, f"opened {loaded.name}")
+    return loaded
+
+
+#: File extensions expected for each detected content class (a mismatch is only noted).
+_EXPECTED_EXT = {
+    "torchscript": {".pt", ".pth", ".ts", ".torchscript", ".jit", ".ptl", ".zip"},
+    "pt2": {".pt2", ".pt", ".zip"},
+    "torch_zip": {".pt", ".pth", ".bin", ".ckpt", ".tar", ".zip"},
+    "pickle": {".pt", ".pth", ".bin", ".ckpt", ".pkl", ".pickle", ".tar"},
+    "safetensors": {".safetensors", ".st"},
+}
+
+
+def _refuse_kind(
+    path: Path, kind: str, *, architecture: str | None, base: Any, packed: bool
+) -> None:
+    """One-line errors for content the workbench does not open, or options that do not apply."""
+    refused = {
+        "zip_truncated": (
             "the zip archive is truncated or corrupt (no central directory)",
-            path=path,
-            hint="copy or download the file again",
-        )
-    if kind == "onnx":
-        raise ModelLoadError(
-            "ONNX models cannot be opened",
-            path=path,
-            hint=f"open the PyTorch model instead: {SUPPORTED}",
-        )
-    if kind == "zip":
-        raise ModelLoadError(
+            "copy or download the file again",
+        ),
+        "onnx": ("ONNX models cannot be opened", f"open the PyTorch model instead: {SUPPORTED}"),
+        "zip": (
             "a zip archive that is neither a TorchScript, torch.export nor torch.save file",
-            path=path,
-            hint=f"the workbench opens {SUPPORTED}",
-        )
-    if kind == "unknown":
-        raise ModelLoadError(
+            f"the workbench opens {SUPPORTED}",
+        ),
+        "unknown": (
             "not a recognised model file (unknown content)",
-            path=path,
-            hint=f"the workbench opens {SUPPORTED}",
-        )
+            f"the workbench opens {SUPPORTED}",
+        ),
+    }
+    if kind in refused:
+        reason, hint = refused[kind]
+        raise ModelLoadError(reason, path=path, hint=hint)
     if architecture is not None and kind in ("torchscript", "pt2"):
         raise ModelLoadError(
             "an architecture only applies to weights-only files; this file has its own",
             path=path,
             hint="drop the architecture option",
         )
-
-    if base is not None and not (kind == "safetensors" and _is_packed_archive(path)):
+    if base is not None and not packed:
         raise ModelLoadError(
             "a base model only applies to packed archives (model.packed.safetensors)",
             path=path,
@@ -1149,108 +1164,112 @@ def _load_model(
         check_torch_zip(
             path, what="the TorchScript archive" if kind == "torchscript" else "the .pt2 archive"
         )
-    if kind == "torchscript":
-        module, why = _load_torchscript(path, trust)
-        if why is not None:
-            meta["opened_weights_only_reason"] = why
-        loaded = LoadedModel(
-            module, "torchscript", str(path), name, weights_only=why is not None, metadata=meta
+
+
+def _open_torchscript(path: Path, meta: dict[str, Any], trust: bool) -> LoadedModel:
+    module, why = _load_torchscript(path, trust)
+    if why is not None:
+        meta["opened_weights_only_reason"] = why
+    return LoadedModel(
+        module, "torchscript", str(path), path.stem, weights_only=why is not None, metadata=meta
+    )
+
+
+def _open_pt2(path: Path, meta: dict[str, Any], trust: bool) -> LoadedModel:
+    module, extra = _load_pt2(path, _zip_names(path) or [], trust)
+    meta.update(extra)
+    args = extra.get("example_args")
+    example = args[0] if args and len(args) == 1 and isinstance(args[0], torch.Tensor) else None
+    return LoadedModel(module, "pt2", str(path), path.stem, example_input=example, metadata=meta)
+
+
+def _read_state(
+    path: Path, kind: str, meta: dict[str, Any], *, trust: bool, cancel: CancelToken | None
+) -> tuple[dict[str, torch.Tensor] | nn.Module, str]:
+    """(name -> tensor state, format) of a safetensors/torch file, or (module, "module") when a
+    trusted file holds a whole module."""
+    if kind == "safetensors":
+        with _gc_paused():
+            state, header_meta, widened = _load_safetensors(path)
+        meta["safetensors_metadata"] = header_meta
+        if widened:
+            meta["float8_converted"] = widened
+            meta.setdefault("notes", []).append(
+                f"{len(widened)} float8 tensor{'s' if len(widened) > 1 else ''} "
+                f"({escape_name(next(iter(widened)))}"
+                f"{', ...' if len(widened) > 1 else ''}) converted to float32 for analysis"
+            )
+        return state, "safetensors"
+    obj = _torch_load_weights_only(
+        path,
+        trust=trust,
+        kind="torch zip file" if kind == "torch_zip" else "pickle file",
+        sniffed=kind,
+    )
+    _check(cancel)
+    if isinstance(obj, nn.Module):
+        return obj, "module"
+    if isinstance(obj, Mapping) and isinstance(obj.get("model"), nn.Module):
+        return obj["model"], "module"
+    found = _tensor_mapping(obj)
+    if not found:
+        raise ModelLoadError(
+            f"the file holds a {type(obj).__name__} without any tensors",
+            path=path,
+            hint="save model.state_dict() or the model itself",
         )
-    elif kind == "pt2":
-        names = _zip_names(path) or []
-        module, extra = _load_pt2(path, names, trust)
-        meta.update(extra)
-        args = extra.get("example_args")
-        if args and len(args) == 1 and isinstance(args[0], torch.Tensor):
-            example = args[0]
-        loaded = LoadedModel(module, "pt2", str(path), name, example_input=example, metadata=meta)
-    else:
-        header_meta: dict[str, str] = {}
-        if kind == "safetensors" and _is_packed_archive(path):
-            loaded = _open_packed(path, trust=trust, base=base)
-            note_nonfinite(loaded)
-            progress(1.0, f"opened {loaded.name}")
-            return loaded
-        if kind == "safetensors":
-            with _gc_paused():
-                state, header_meta, widened = _load_safetensors(path)
-            fmt = "safetensors"
-            meta["safetensors_metadata"] = header_meta
-            if widened:
-                meta["float8_converted"] = widened
-                meta.setdefault("notes", []).append(
-                    f"{len(widened)} float8 tensor{'s' if len(widened) > 1 else ''} "
-                    f"({escape_name(next(iter(widened)))}"
-                    f"{', ...' if len(widened) > 1 else ''}) converted to float32 for analysis"
-                )
-        else:
-            obj = _torch_load_weights_only(
-                path,
-                trust=trust,
-                kind="torch zip file" if kind == "torch_zip" else "pickle file",
-                sniffed=kind,
-            )
-            _check(cancel)
-            if isinstance(obj, nn.Module) or (
-                isinstance(obj, Mapping) and isinstance(obj.get("model"), nn.Module)
-            ):
-                module = obj if isinstance(obj, nn.Module) else obj["model"]
-                if architecture is not None:
-                    raise ModelLoadError(
-                        "an architecture only applies to weights-only files; this file "
-                        "holds a whole module",
-                        path=path,
-                        hint="drop the architecture option",
-                    )
-                if isinstance(module, torch.jit.ScriptModule):
-                    loaded = LoadedModel(
-                        module.eval(), "torchscript", str(path), name, metadata=meta
-                    )
-                else:
-                    loaded = LoadedModel(module.eval(), "eager", str(path), name, metadata=meta)
-                note_nonfinite(loaded)
-                progress(1.0, f"opened {name}")
-                return loaded
-            found = _tensor_mapping(obj)
-            if not found:
-                raise ModelLoadError(
-                    f"the file holds a {type(obj).__name__} without any tensors",
-                    path=path,
-                    hint="save model.state_dict() or the model itself",
-                )
-            state = found
-            fmt = "state_dict"
-            if isinstance(obj, Mapping) and found is not obj:
-                meta["checkpoint_keys"] = sorted(
-                    str(k) for k in obj if not isinstance(obj[k], torch.Tensor)
-                )
-        state, prefix = _strip_wrapper_prefix(state)
-        if prefix:
-            meta["stripped_prefix"] = prefix
-        _check(cancel)
+    if isinstance(obj, Mapping) and found is not obj:
+        meta["checkpoint_keys"] = sorted(
+            str(k) for k in obj if not isinstance(obj[k], torch.Tensor)
+        )
+    return found, "state_dict"
+
+
+def _open_weights(
+    path: Path,
+    kind: str,
+    meta: dict[str, Any],
+    *,
+    trust: bool,
+    architecture: str | None,
+    cancel: CancelToken | None,
+) -> LoadedModel:
+    """A state dict / safetensors / (trusted) pickled-module file."""
+    state, fmt = _read_state(path, kind, meta, trust=trust, cancel=cancel)
+    name = path.stem
+    if isinstance(state, nn.Module):
         if architecture is not None:
-            module, arch = _with_architecture(state, architecture, path)
-            spec = DEMOS[arch]
-            _, test = digits_split(spec.input_kind)
-            meta.update({"architecture": f"demo:{arch}", "input_kind": spec.input_kind})
-            loaded = LoadedModel(
-                module,
-                fmt,
-                str(path),
-                name,
-                example_input=test.x[:8].clone(),
-                weights_only=False,
-                task="classification",
-                num_classes=spec.num_classes,
-                metadata=meta,
+            raise ModelLoadError(
+                "an architecture only applies to weights-only files; this file holds a whole "
+                "module",
+                path=path,
+                hint="drop the architecture option",
             )
-        else:
-            with _gc_paused():
-                module = WeightsOnlyModule(state, source=str(path), consume=True)
-            loaded = LoadedModel(module, fmt, str(path), name, weights_only=True, metadata=meta)
-    note_nonfinite(loaded)
-    progress(1.0, f"opened {name}")
-    return loaded
+        fmt = "torchscript" if isinstance(state, torch.jit.ScriptModule) else "eager"
+        return LoadedModel(state.eval(), fmt, str(path), name, metadata=meta)
+    state, prefix = _strip_wrapper_prefix(state)
+    if prefix:
+        meta["stripped_prefix"] = prefix
+    _check(cancel)
+    if architecture is None:
+        with _gc_paused():
+            module = WeightsOnlyModule(state, source=str(path), consume=True)
+        return LoadedModel(module, fmt, str(path), name, weights_only=True, metadata=meta)
+    module, arch = _with_architecture(state, architecture, path)
+    spec = DEMOS[arch]
+    _, test = digits_split(spec.input_kind)
+    meta.update({"architecture": f"demo:{arch}", "input_kind": spec.input_kind})
+    return LoadedModel(
+        module,
+        fmt,
+        str(path),
+        name,
+        example_input=test.x[:8].clone(),
+        weights_only=False,
+        task="classification",
+        num_classes=spec.num_classes,
+        metadata=meta,
+    )
 
 
 # --------------------------------------------------------------------------- running
