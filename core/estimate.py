@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
@@ -261,6 +262,31 @@ def preview(stats: ModelStats, plan: CompressionPlan) -> PlanPreview:
         The plan names a layer the model does not have, or a layer uses a gradient criterion
         but the statistics hold no gradients.
     """
+    prunable = _prunable(stats, plan)
+    member_set, global_threshold, global_count = _global_pool(stats, plan, prunable)
+    partial = []
+    coded: dict[str, TensorSpec] = {}
+    state_shapes = {st.name: (tuple(st.shape), st.dtype) for st in stats.state}
+    for layer in prunable:
+        ts = stats.tensors[layer.name]
+        cfg = plan.config_for(layer.name)
+        if layer.name in member_set:
+            pruning = _global_member_pruning(ts, cfg, global_threshold, global_count)
+        else:
+            pruning = _layer_pruning(layer.name, ts, cfg)
+        row, spec = _layer_row(layer, ts, cfg, pruning)
+        if spec is not None:
+            coded[spec.name] = spec
+        if not cfg.skip and cfg.quant.bias_bits is not None:
+            bias = _bias_spec(layer, state_shapes, cfg.quant.bias_bits, bool(cfg.quant.symmetric))
+            if bias is not None:
+                coded[bias.name] = bias
+        partial.append(row)
+    return _assemble(stats, plan, partial, coded)
+
+
+def _prunable(stats: ModelStats, plan: CompressionPlan) -> list:
+    """The layers the preview covers; a plan naming unknown layers is refused."""
     known = {layer.name for layer in stats.layers}
     unknown = sorted(set(plan.layer_overrides) - known)
     if unknown:
@@ -274,7 +300,13 @@ def preview(stats: ModelStats, plan: CompressionPlan) -> PlanPreview:
             raise CompressionError(
                 f"layer {layer.name!r} has no statistics", hint="analyze the model again"
             )
+    return prunable
 
+
+def _global_pool(
+    stats: ModelStats, plan: CompressionPlan, prunable: list
+) -> tuple[set[str], float | None, dict[str, int]]:
+    """(members, shared threshold, exact count per member) of the default's global pool."""
     members = [layer.name for layer in prunable if plan.is_global_member(layer.name)]
     global_threshold: float | None = None
     global_count: dict[str, int] = {}
@@ -294,114 +326,138 @@ def preview(stats: ModelStats, plan: CompressionPlan) -> PlanPreview:
             global_count = dict(zip(members, counts, strict=True))
         else:
             global_threshold = pool.snap(dprune.threshold)
-    member_set = set(members)
+    return set(members), global_threshold, global_count
 
-    partial = []
-    coded: dict[str, TensorSpec] = {}
-    state_shapes = {st.name: (tuple(st.shape), st.dtype) for st in stats.state}
-    for layer in prunable:
-        ts = stats.tensors[layer.name]
-        cfg = plan.config_for(layer.name)
-        prune, quant = cfg.prune, cfg.quant
-        numel = ts.numel
-        shape = tuple(int(s) for s in layer.shape)
-        method, scope, threshold, count = "none", "layer", None, None
-        pruned, pruned_energy, structured = 0, 0.0, False
-        if not cfg.skip and prune.active:
-            method = prune.method
-            if prune_method(method).semi_structured:
-                pruned = nm_pruned_count(shape, prune.n, prune.m)
-                pruned_energy = _nm_pruned_energy(ts.scores["magnitude"], prune.n, prune.m, pruned)
-            else:
-                if method in GRADIENT_METHODS and ts.grad is None:
-                    raise _gradient_error(layer.name, method)
-                index = ts.scores[method]
-                if layer.name in member_set:
-                    scope, threshold = "global", global_threshold
-                    count = global_count.get(layer.name)
-                elif prune.mode == "sparsity":
-                    count = target_count(index.n, index.nonfinite, prune.sparsity)
-                    threshold = index_threshold(index, count)
-                else:
-                    threshold = index.snap(prune.threshold)
-                assert threshold is not None
-                if count is None:
-                    pruned = index.count_below(threshold) * index.unit
-                    pruned_energy = index.energy_below(threshold)
-                else:
-                    pruned = count * index.unit
-                    pruned_energy = energy_for_count(index, count)
-                structured = method in STRUCTURED_METHODS
-        nnz = numel - pruned
-        bits = quant.bits if (not cfg.skip and quant.active) else None
-        symmetric = bool(quant.symmetric) if bits else False
-        per_channel = bool(quant.per_channel) if bits else False
-        group = quant.group_size if bits else None
-        qnoise = 0.0
-        step_sq = 0.0
-        if bits:
-            step_sq = _mean_step_sq(ts, bits, symmetric, per_channel)
-            qnoise = max(nnz - ts.nonfinite, 0) * step_sq / 12.0
-        noise = pruned_energy + qnoise
-        if bits or method != "none":
-            coded[str(layer.tensor)] = TensorSpec(
-                str(layer.tensor),
-                shape,
-                nnz,
-                bits=bits,
-                symmetric=symmetric,
-                per_channel=per_channel,
-                structured=structured and nnz < numel,
-                dtype=ts.dtype,
-                group_size=group,
-            )
-        if not cfg.skip and quant.bias_bits is not None:
-            bias = _bias_spec(layer, state_shapes, quant.bias_bits, bool(quant.symmetric))
-            if bias is not None:
-                coded[bias.name] = bias
-        # entropy bound of this tensor's payload
-        itemsize = ST_DTYPES.get(ts.dtype, 4)
-        if bits:
-            mag = ts.scores["magnitude"]
-            kept_t = threshold if (method == "magnitude" and threshold is not None) else 0.0
-            kbins, kcounts = mag.kept_bins(kept_t)
-            step = _entropy_step(ts, bits, symmetric, per_channel)
-            h_mag, p_nonzero = code_entropy(kbins, kcounts, step)
-            value_bits = nnz * (h_mag + p_nonzero * _h2(ts.neg_fraction))
-            n_params = n_quant_params(shape, per_channel=per_channel, group_size=group)
-            side = quant_param_bytes(bits, n_params, symmetric=symmetric)
-        else:
-            value_bits = nnz * 8.0 * itemsize
-            side = 0
-        if structured and ts.rows:
-            # a row mask: one binary symbol per output channel
-            mask_bits = ts.rows * _h2(nnz / numel) if 0 < nnz < numel else 0.0
-        else:
-            mask_bits = numel * _h2(nnz / numel) if 0 < nnz < numel else 0.0
-        entropy = math.ceil((value_bits + mask_bits) / 8.0) + side
-        partial.append(
-            dict(
-                name=layer.name,
-                tensor=str(layer.tensor),
-                method=method,
-                scope=scope,
-                threshold=threshold,
-                numel=numel,
-                nnz=nnz,
-                sparsity=pruned / numel if numel else 0.0,
-                bits=bits,
-                symmetric=symmetric,
-                per_channel=per_channel,
-                dense_bytes=4 * numel,
-                entropy_bytes=int(entropy),
-                sqnr_db=_sqnr(ts.sumsq, noise),
-                signal=ts.sumsq,
-                noise=noise,
-                skip=cfg.skip,
-                count=count,
-            )
+
+@dataclass(frozen=True)
+class _Pruning:
+    """What the plan's pruning does to one layer (before quantization)."""
+
+    method: str = "none"
+    scope: str = "layer"
+    threshold: float | None = None
+    count: int | None = None
+    pruned: int = 0
+    pruned_energy: float = 0.0
+    structured: bool = False
+
+
+def _from_index(
+    index: Any, method: str, scope: str, threshold: float, count: int | None
+) -> _Pruning:
+    if count is None:
+        pruned = index.count_below(threshold) * index.unit
+        energy = index.energy_below(threshold)
+    else:
+        pruned = count * index.unit
+        energy = energy_for_count(index, count)
+    return _Pruning(method, scope, threshold, count, pruned, energy, method in STRUCTURED_METHODS)
+
+
+def _global_member_pruning(
+    ts: Any, cfg: Any, threshold: float | None, counts: dict[str, int]
+) -> _Pruning:
+    method = cfg.prune.method
+    assert threshold is not None
+    return _from_index(ts.scores[method], method, "global", threshold, counts.get(ts.layer.name))
+
+
+def _layer_pruning(name: str, ts: Any, cfg: Any) -> _Pruning:
+    prune = cfg.prune
+    if cfg.skip or not prune.active:
+        return _Pruning()
+    method = prune.method
+    if prune_method(method).semi_structured:
+        shape = tuple(int(s) for s in ts.layer.shape)
+        pruned = nm_pruned_count(shape, prune.n, prune.m)
+        energy = _nm_pruned_energy(ts.scores["magnitude"], prune.n, prune.m, pruned)
+        return _Pruning(method, pruned=pruned, pruned_energy=energy)
+    if method in GRADIENT_METHODS and ts.grad is None:
+        raise _gradient_error(name, method)
+    index = ts.scores[method]
+    count = None
+    if prune.mode == "sparsity":
+        count = target_count(index.n, index.nonfinite, prune.sparsity)
+        threshold = index_threshold(index, count)
+    else:
+        threshold = index.snap(prune.threshold)
+    assert threshold is not None
+    return _from_index(index, method, "layer", threshold, count)
+
+
+def _layer_row(layer: Any, ts: Any, cfg: Any, pr: _Pruning) -> tuple[dict, TensorSpec | None]:
+    """The preview row of one layer and the archive spec of its coded tensor (if coded)."""
+    quant = cfg.quant
+    numel = ts.numel
+    shape = tuple(int(s) for s in layer.shape)
+    nnz = numel - pr.pruned
+    bits = quant.bits if (not cfg.skip and quant.active) else None
+    symmetric = bool(quant.symmetric) if bits else False
+    per_channel = bool(quant.per_channel) if bits else False
+    group = quant.group_size if bits else None
+    qnoise = 0.0
+    if bits:
+        step_sq = _mean_step_sq(ts, bits, symmetric, per_channel)
+        qnoise = max(nnz - ts.nonfinite, 0) * step_sq / 12.0
+    noise = pr.pruned_energy + qnoise
+    spec = None
+    if bits or pr.method != "none":
+        spec = TensorSpec(
+            str(layer.tensor),
+            shape,
+            nnz,
+            bits=bits,
+            symmetric=symmetric,
+            per_channel=per_channel,
+            structured=pr.structured and nnz < numel,
+            dtype=ts.dtype,
+            group_size=group,
         )
+    # entropy bound of this tensor's payload
+    itemsize = ST_DTYPES.get(ts.dtype, 4)
+    if bits:
+        mag = ts.scores["magnitude"]
+        kept_t = pr.threshold if (pr.method == "magnitude" and pr.threshold is not None) else 0.0
+        kbins, kcounts = mag.kept_bins(kept_t)
+        step = _entropy_step(ts, bits, symmetric, per_channel)
+        h_mag, p_nonzero = code_entropy(kbins, kcounts, step)
+        value_bits = nnz * (h_mag + p_nonzero * _h2(ts.neg_fraction))
+        n_params = n_quant_params(shape, per_channel=per_channel, group_size=group)
+        side = quant_param_bytes(bits, n_params, symmetric=symmetric)
+    else:
+        value_bits = nnz * 8.0 * itemsize
+        side = 0
+    # a row mask is one binary symbol per output channel
+    symbols = ts.rows if (pr.structured and ts.rows) else numel
+    mask_bits = symbols * _h2(nnz / numel) if 0 < nnz < numel else 0.0
+    entropy = math.ceil((value_bits + mask_bits) / 8.0) + side
+    row = dict(
+        name=layer.name,
+        tensor=str(layer.tensor),
+        method=pr.method,
+        scope=pr.scope,
+        threshold=pr.threshold,
+        numel=numel,
+        nnz=nnz,
+        sparsity=pr.pruned / numel if numel else 0.0,
+        bits=bits,
+        symmetric=symmetric,
+        per_channel=per_channel,
+        dense_bytes=4 * numel,
+        entropy_bytes=int(entropy),
+        sqnr_db=_sqnr(ts.sumsq, noise),
+        signal=ts.sumsq,
+        noise=noise,
+        skip=cfg.skip,
+        count=pr.count,
+    )
+    return row, spec
 
+
+def _assemble(
+    stats: ModelStats, plan: CompressionPlan, partial: list[dict], coded: dict[str, TensorSpec]
+) -> PlanPreview:
+    """Archive bytes for every state tensor (coded or raw), then the totals."""
     specs = []
     raw_bytes = 0
     seen = set()
