@@ -50,6 +50,8 @@ import torch
 from torch import nn
 
 from core.errors import CompressionError, DataError, WorkbenchError
+from core.methods import prune_methods
+from core.methods import score_tensor as registry_score
 from core.model import LayerInfo, LoadedModel
 from core.packed import SAFETENSORS_DTYPES
 from core.plan import GRADIENT_METHODS, SCORE_ALIASES
@@ -71,7 +73,9 @@ INF_EDGE = 0x7F80
 _CHUNK = 1 << 20
 
 #: Criteria with a score index (``nm`` and ``none`` need none).
-SCORE_METHODS = ("magnitude", "gradient_stability", "taylor", "channel_l1", "channel_l2")
+SCORE_METHODS = tuple(
+    m.name for m in prune_methods() if m.score is not None and m.score_alias is None
+)
 
 #: Float value of every valid edge (``edge index << 16`` read as float32), as float64.
 EDGE_VALUES = (
@@ -432,74 +436,9 @@ def _rows(weight: torch.Tensor) -> torch.Tensor:
     return weight.reshape(weight.shape[0], math.prod(weight.shape[1:]))
 
 
-#: Values per block of the channel L1 pass (a reused 16 MiB buffer).
-_NORM_BLOCK = 1 << 22
-
-
-def _block_rows(cols: int) -> int:
-    return max(1, _NORM_BLOCK // max(cols, 1))
-
-
-def _channel_norm(rows: torch.Tensor, order: int) -> torch.Tensor:
-    """Per-row L1 or L2 norm (the channel scores).
-
-    L1 goes block by block through a reused buffer: ``vector_norm(ord=1)`` and a full-size
-    ``abs()`` temporary are both several times slower on large tensors.
-    """
-    if order == 2:
-        return torch.linalg.vector_norm(rows, 2, dim=1)
-    out = torch.empty(rows.shape[0], dtype=rows.dtype)
-    step = _block_rows(rows.shape[1])
-    buf = torch.empty((min(step, rows.shape[0]), rows.shape[1]), dtype=rows.dtype)
-    for i in range(0, rows.shape[0], step):
-        part = rows[i : i + step]
-        b = buf[: part.shape[0]]
-        torch.abs(part, out=b)
-        torch.sum(b, dim=1, out=out[i : i + step])
-    return out
-
-
 def score_tensor(method: str, weight: torch.Tensor, grad: GradientStats | None) -> torch.Tensor:
-    """The importance score the pruning rule thresholds (pruned iff ``score < threshold``).
-
-    Parameters
-    ----------
-    method
-        One of `SCORE_METHODS`.
-    weight
-        The tensor being pruned (any float dtype; scores are float32).
-    grad
-        Gradient statistics of ``weight``; required by ``gradient_stability`` and ``taylor``.
-
-    Returns
-    -------
-    torch.Tensor
-        float32 scores, ``>= 0`` (NaN where the weight or its gradient is NaN): the weight's
-        shape for per-weight methods, ``(shape[0],)`` for channel methods.
-    """
-    w = weight.detach()
-    if w.dtype != torch.float32:
-        w = w.to(torch.float32)
-    if method == "magnitude":
-        return w.abs()
-    if method in ("channel_l1", "channel_l2"):
-        return _channel_norm(_rows(w.contiguous()), 1 if method == "channel_l1" else 2)
-    if method in GRADIENT_METHODS:
-        if grad is None:
-            raise CompressionError(
-                f"method {method!r} needs gradient statistics",
-                hint="load data and run the analysis with gradients, or use magnitude pruning",
-            )
-        if tuple(grad.mean.shape) != tuple(w.shape):
-            raise CompressionError(
-                f"gradient statistics of shape {tuple(grad.mean.shape)} do not match the "
-                f"weight's shape {tuple(w.shape)}",
-                hint="analyze this model again",
-            )
-        if method == "gradient_stability":
-            return torch.maximum(grad.mean.abs(), grad.std)
-        return w.abs() * torch.hypot(grad.mean, grad.std)
-    raise ValueError(f"method {method!r} has no score (methods with scores: {SCORE_METHODS})")
+    """The importance score of ``method`` (the method registry's score function)."""
+    return registry_score(method, weight, grad)
 
 
 # ---------------------------------------------------------------------------------------
