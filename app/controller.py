@@ -24,7 +24,7 @@ from app.failures import log_unexpected, unexpected_message
 from app.workers import JobRunner
 from core.edits import Edit, ReplacePlan
 from core.errors import Cancelled, UntrustedPickleError, WorkbenchError
-from core.plan import CompressionPlan, LayerConfig, RecoveryConfig
+from core.plan import CompressionPlan, LayerConfig, RecoveryConfig, starting_plan
 from core.progress import CancelToken, ProgressFn
 from core.session import EDIT_TARGETS, JOB_KINDS, SUPERSEDES, Evaluation, Job, Session
 
@@ -350,7 +350,7 @@ class Controller(QObject):
             if self._baseline_of is not self.stats:
                 # Once per analysis: the same archive with an empty plan, so "Before" counts
                 # what "After" counts (buffers, header), not just the fp32 parameters.
-                self.baseline_bytes = preview(self.stats, CompressionPlan()).packed_bytes
+                self.baseline_bytes = preview(self.stats, starting_plan()).packed_bytes
                 self._baseline_of = self.stats
             self.preview = preview(self.stats, self.plan)
             self.preview_error = ""

@@ -49,7 +49,7 @@ from core import RESOURCES
 from core.edits import Edit, SetPrune, SetPruneTarget, SetQuant, SetSkip
 from core.errors import WorkbenchError
 from core.methods import prune_method
-from core.plan import CompressionPlan, RecoveryConfig, simple_plan
+from core.plan import CompressionPlan, RecoveryConfig, simple_plan, starting_plan
 
 DEMOS = (("demo:mlp", "Digits MLP (LeNet-300-100)"), ("demo:cnn", "Digits CNN (LeNet-5)"))
 
@@ -973,7 +973,7 @@ class MainWindow(QMainWindow):
         self.controller.evaluate()
 
     def _on_actResetPlan_triggered(self) -> None:
-        plan = CompressionPlan(recovery=self.controller.plan.recovery)
+        plan = starting_plan().with_recovery(self.controller.plan.recovery)
         self.controller.set_plan(plan)
 
     def _on_actMethods_triggered(self) -> None:

@@ -492,14 +492,36 @@ def _plan_from_dict(data: Any) -> CompressionPlan:
     )
 
 
+#: The defaults every front end starts from (`starting_plan`, `simple_plan`): one magnitude
+#: threshold pooled over the model, asymmetric per-channel scales. Chosen by measurement
+#: (one-shot, demo MLP and CNN at 80%/6, 90%/4 and 70%/3 bits): a global pool beat per-layer
+#: targets in every case (e.g. CNN 70%/3: 69.4% vs 36.5% accuracy), asymmetric per-channel
+#: scales were best or within a point except where their extra scale bytes matter on tiny
+#: layers. Before, the window started per-layer/symmetric/per-tensor and the CLI like this.
+DEFAULT_SCOPE = "global"
+DEFAULT_SYMMETRIC = False
+DEFAULT_PER_CHANNEL = True
+
+
+def starting_plan() -> CompressionPlan:
+    """An empty plan (nothing compressed) whose untouched settings are the shared defaults,
+    so the first slider move in the window means what ``--sparsity``/``--bits`` mean."""
+    return CompressionPlan(
+        default=LayerConfig(
+            prune=PruneConfig(scope=DEFAULT_SCOPE),
+            quant=QuantConfig(symmetric=DEFAULT_SYMMETRIC, per_channel=DEFAULT_PER_CHANNEL),
+        )
+    )
+
+
 def simple_plan(
     sparsity: float = 0.0,
     bits: int | None = None,
     method: str = "magnitude",
     *,
-    scope: str = "global",
-    symmetric: bool = False,
-    per_channel: bool = True,
+    scope: str = DEFAULT_SCOPE,
+    symmetric: bool = DEFAULT_SYMMETRIC,
+    per_channel: bool = DEFAULT_PER_CHANNEL,
 ) -> CompressionPlan:
     """The plan behind ``workbench compress --sparsity S --bits B --method M``.
 

@@ -40,7 +40,7 @@ from typing import Any
 from core.edits import Edit, ReplacePlan, ResetLayers, SetRecovery, apply_edit, protect_output
 from core.errors import CompressionError, RecipeError, WorkbenchError
 from core.methods import prune_method
-from core.plan import CompressionPlan, LayerConfig, RecoveryConfig
+from core.plan import CompressionPlan, LayerConfig, RecoveryConfig, starting_plan
 from core.progress import CancelToken, ProgressFn, no_progress, scaled
 
 #: What an edit applies to: the selected layers, or the whole model (default + overrides).
@@ -225,7 +225,7 @@ class Session:
         self.test: Any = None
         self.data_name = ""
         self.stats: Any = None
-        self.history = PlanHistory(CompressionPlan())
+        self.history = PlanHistory(starting_plan())
         self.selection: tuple[str, ...] = ()
         self.target = "model"
         self.result: Any = None
@@ -478,7 +478,7 @@ class Session:
             self.train, self.test = data if data is not None else (None, None)
             self.data_name = "built-in digits" if data is not None else ""
             self._fill_example_input()
-            start = self.checked_plan(plan or CompressionPlan(), source=recipe_path)
+            start = self.checked_plan(plan or starting_plan(), source=recipe_path)
             self.history = PlanHistory(start)
             prunable = [layer.name for layer in layers if layer.prunable]
             self.selection = (prunable[0],) if prunable else ()

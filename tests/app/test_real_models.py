@@ -24,7 +24,7 @@ from app.widgets.runs_view import CompareDialog, compare_plans, damage, pareto_f
 from app.widgets.size_view import OTHERS, TOP_N
 from app.widgets.summary_panel import summary_texts
 from core.edits import SetQuant
-from core.plan import CompressionPlan, simple_plan
+from core.plan import CompressionPlan, simple_plan, starting_plan
 from core.session import RunRecord
 
 TIMEOUT = 120_000
@@ -239,7 +239,7 @@ def test_quantization_grid_drawn_sparsely_when_denser_than_pixels(qtbot, window,
     pixels = window.histograms.plot.getPlotItem().vb.width()
     assert 0 < drawn <= pixels / 4 and drawn < 255
     assert "every" in window.histograms.caption.text()
-    c.edit(SetQuant(layers=(), bits=3))
+    c.edit(SetQuant(layers=(), bits=3, symmetric=True, per_channel=False))
     xs, _ = window.histograms.levels.getData()
     assert len(xs) // 2 == 2**3 - 1  # symmetric 3 bit: all 7 levels fit
 
@@ -263,7 +263,7 @@ def test_kept_text_is_not_cut(qtbot, window, resnet50_file):
 def test_with_no_plan_after_equals_before(qtbot, window, resnet50_file):
     open_ready(qtbot, window, resnet50_file)
     c = window.controller
-    assert c.plan == CompressionPlan()
+    assert c.plan == starting_plan()
     texts = window.summary.texts()
     assert c.preview.packed_bytes <= c.baseline_bytes
     assert texts["packed"] == texts["dense"] and texts["ratio"] == "1.0×"
