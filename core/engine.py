@@ -22,6 +22,7 @@ from dataclasses import dataclass, field, replace
 import torch
 from torch import nn
 
+from core.edits import protect_output
 from core.errors import CompressionError
 from core.methods import prune_method
 from core.model import LayerInfo, LoadedModel
@@ -32,7 +33,6 @@ from core.plan import (
     STRUCTURED_METHODS,
     CompressionPlan,
     LayerConfig,
-    PruneConfig,
 )
 from core.progress import CancelToken, ProgressFn, no_progress
 from core.pruning import (
@@ -237,20 +237,13 @@ def output_layer(loaded: LoadedModel, layers) -> str | None:
 
 
 def protect_output_layer(plan: CompressionPlan, loaded: LoadedModel, layers) -> CompressionPlan:
-    """``plan`` with the output layer exempt from the default's channel pruning.
-
-    Pruning whole rows of the layer that produces the logits deletes classes (a zero row can
-    never win), which nobody asks for with a model-wide channel setting. The exemption is an
-    explicit override (quantization kept), so the preview, the recipe and the result agree.
-    A layer the plan already configures is left as it is.
-    """
+    """``plan`` with the output layer exempt from the default's channel pruning: the rule of
+    `core.edits.protect_output`, on the output layer `output_layer` finds by running the model
+    (only when the default prunes channels; that search costs a forward pass)."""
     default = plan.default
     if default.skip or default.prune.method not in STRUCTURED_METHODS or not default.prune.active:
         return plan
-    name = output_layer(loaded, layers)
-    if name is None or name in plan.layer_overrides:
-        return plan
-    return plan.with_layer(name, replace(default, prune=PruneConfig()))
+    return protect_output(plan, output_layer(loaded, layers))
 
 
 # ---------------------------------------------------------------------------------------

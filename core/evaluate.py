@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from core.errors import CompressionError
-from core.model import LoadedModel
+from core.model import LoadedModel, first_tensor
 from core.progress import CancelToken, ProgressFn, no_progress
 
 
@@ -51,25 +51,6 @@ class EvalResult:
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
-
-
-def first_tensor(out: Any) -> torch.Tensor:
-    """The primary tensor of a model output (tensors, tuples/lists, dicts, namedtuples)."""
-    if isinstance(out, torch.Tensor):
-        return out
-    if isinstance(out, dict):
-        out = list(out.values())
-    if isinstance(out, tuple | list):
-        for item in out:
-            if isinstance(item, torch.Tensor | tuple | list | dict):
-                try:
-                    return first_tensor(item)
-                except CompressionError:
-                    continue
-    raise CompressionError(
-        f"the model returned {type(out).__name__}, not a tensor",
-        hint="evaluation and fine-tuning need a model whose output is a tensor",
-    )
 
 
 @contextmanager

@@ -146,7 +146,7 @@ def quantizers() -> tuple[Quantizer, ...]:
 # --------------------------------------------------------------------------- scores
 
 
-def _rows(weight: torch.Tensor) -> torch.Tensor:
+def channel_rows(weight: torch.Tensor) -> torch.Tensor:
     """The ``(output channels, rest)`` view every channel statistic is taken over."""
     if weight.ndim == 0:
         return weight.reshape(1, 1)
@@ -160,7 +160,7 @@ _NORM_BLOCK = 1 << 22
 def _channel_l1(w: torch.Tensor, grad: Any = None) -> torch.Tensor:
     """Per-row L1 norm, block by block through a reused buffer (``vector_norm(ord=1)`` and a
     full-size ``abs()`` temporary are both several times slower on large tensors)."""
-    rows = _rows(w.contiguous())
+    rows = channel_rows(w.contiguous())
     out = torch.empty(rows.shape[0], dtype=rows.dtype)
     step = max(1, _NORM_BLOCK // max(rows.shape[1], 1))
     buf = torch.empty((min(step, rows.shape[0]), rows.shape[1]), dtype=rows.dtype)
@@ -173,7 +173,7 @@ def _channel_l1(w: torch.Tensor, grad: Any = None) -> torch.Tensor:
 
 
 def _channel_l2(w: torch.Tensor, grad: Any = None) -> torch.Tensor:
-    return torch.linalg.vector_norm(_rows(w.contiguous()), 2, dim=1)
+    return torch.linalg.vector_norm(channel_rows(w.contiguous()), 2, dim=1)
 
 
 def _magnitude(w: torch.Tensor, grad: Any = None) -> torch.Tensor:

@@ -7,6 +7,8 @@ from typing import Any
 
 import torch
 
+from core.errors import CompressionError
+
 #: Formats `LoadedModel.format` can take.
 FORMATS = ("demo", "eager", "torchscript", "pt2", "state_dict", "safetensors", "hf")
 
@@ -86,7 +88,7 @@ def forward(loaded: LoadedModel, x: torch.Tensor) -> torch.Tensor:
     fixed = loaded.metadata.get("fixed_batch")
     n = int(x.shape[0])
     if not fixed or n == fixed:
-        return _first_tensor(loaded.module(x))
+        return first_tensor(loaded.module(x))
     outs = []
     for start in range(0, n, fixed):
         chunk = x[start : start + fixed]
@@ -94,13 +96,24 @@ def forward(loaded: LoadedModel, x: torch.Tensor) -> torch.Tensor:
         if real < fixed:
             pad = chunk[-1:].expand(fixed - real, *chunk.shape[1:])
             chunk = torch.cat([chunk, pad])
-        outs.append(_first_tensor(loaded.module(chunk))[:real])
+        outs.append(first_tensor(loaded.module(chunk))[:real])
     return torch.cat(outs)
 
 
-def _first_tensor(out: Any) -> torch.Tensor:
-    if isinstance(out, (tuple, list)) and out and isinstance(out[0], torch.Tensor):
-        out = out[0]
-    if not isinstance(out, torch.Tensor):
-        raise TypeError(f"the model returned a {type(out).__name__}, not a tensor")
-    return out
+def first_tensor(out: Any) -> torch.Tensor:
+    """The primary tensor of a model output (tensors, tuples/lists, dicts, namedtuples)."""
+    if isinstance(out, torch.Tensor):
+        return out
+    if isinstance(out, dict):
+        out = list(out.values())
+    if isinstance(out, tuple | list):
+        for item in out:
+            if isinstance(item, torch.Tensor | tuple | list | dict):
+                try:
+                    return first_tensor(item)
+                except CompressionError:
+                    continue
+    raise CompressionError(
+        f"the model returned {type(out).__name__}, not a tensor",
+        hint="evaluation and fine-tuning need a model whose output is a tensor",
+    )

@@ -50,9 +50,9 @@ import torch
 from torch import nn
 
 from core.errors import CompressionError, DataError, WorkbenchError
-from core.methods import prune_methods
+from core.methods import channel_rows, prune_methods
 from core.methods import score_tensor as registry_score
-from core.model import LayerInfo, LoadedModel
+from core.model import LayerInfo, LoadedModel, first_tensor
 from core.packed import SAFETENSORS_DTYPES
 from core.plan import GRADIENT_METHODS, SCORE_ALIASES
 from core.progress import CancelToken, ProgressFn, no_progress, scaled
@@ -429,13 +429,6 @@ class ModelStats:
 # ---------------------------------------------------------------------------------------
 # scores
 # ---------------------------------------------------------------------------------------
-def _rows(weight: torch.Tensor) -> torch.Tensor:
-    """The ``(output channels, rest)`` view every channel statistic is taken over."""
-    if weight.ndim == 0:
-        return weight.reshape(1, 1)
-    return weight.reshape(weight.shape[0], math.prod(weight.shape[1:]))
-
-
 def score_tensor(method: str, weight: torch.Tensor, grad: GradientStats | None) -> torch.Tensor:
     """The importance score of ``method`` (the method registry's score function)."""
     return registry_score(method, weight, grad)
@@ -636,7 +629,7 @@ def _tensor_stats(
     w = w.contiguous()
     flat = w.reshape(-1)
     n = flat.numel()
-    rows2d = _rows(w)
+    rows2d = channel_rows(w)
     if n > SMALL_MAX:
         signed, _, zeros = radix_counts(flat)
         mag = _fold(signed)
@@ -657,10 +650,12 @@ def _tensor_stats(
     if nonfinite:
         finite_mask = torch.isfinite(flat)
         fin = flat[finite_mask]
-        clean2d = _rows(torch.where(finite_mask, flat, torch.zeros_like(flat)).reshape(w.shape))
+        clean2d = channel_rows(
+            torch.where(finite_mask, flat, torch.zeros_like(flat)).reshape(w.shape)
+        )
         row_sq = torch.linalg.vector_norm(clean2d, 2, dim=1).to(torch.float64).square()
         big = torch.finfo(torch.float32).max
-        fmask2d = _rows(finite_mask.reshape(w.shape))
+        fmask2d = channel_rows(finite_mask.reshape(w.shape))
         row_min = torch.where(fmask2d, rows2d, torch.full_like(rows2d, big)).amin(dim=1)
         row_max = torch.where(fmask2d, rows2d, torch.full_like(rows2d, -big)).amax(dim=1)
         empty_rows = ~fmask2d.any(dim=1)
@@ -805,7 +800,7 @@ def _small_tensor_stats(
     counts stay exact.
     """
     n = a.size
-    rows = _rows(w).shape[0]
+    rows = channel_rows(w).shape[0]
     r2 = a.reshape(rows, n // rows)
     l1 = score_tensor("channel_l1", w, None).numpy()
     l2 = score_tensor("channel_l2", w, None).numpy().astype(np.float64)
@@ -862,14 +857,13 @@ def _named_tensors(module: nn.Module) -> dict[str, torch.Tensor]:
 
 
 def _logits(out: object) -> torch.Tensor:
-    if isinstance(out, tuple | list) and out and isinstance(out[0], torch.Tensor):
-        out = out[0]
-    if not isinstance(out, torch.Tensor):
+    try:
+        return first_tensor(out)
+    except CompressionError:
         raise DataError(
             f"the model returned a {type(out).__name__}, not a tensor of class scores",
             hint="gradient criteria need a classifier (outputs of shape (N, classes))",
-        )
-    return out
+        ) from None
 
 
 def gradient_stats(

@@ -129,15 +129,6 @@ _INT_OPS = {
     "BININT2",
     "STOP",
 }
-_STR_OPS = {
-    "SHORT_BINUNICODE",
-    "BINUNICODE",
-    "BINUNICODE8",
-    "UNICODE",
-    "STRING",
-    "BINSTRING",
-    "SHORT_BINSTRING",
-}
 #: Modules whose globals torch's own state-dict pickles reference.
 TORCH_GLOBAL_ROOTS = ("torch.", "collections.", "_codecs.", "numpy.core.multiarray._reconstruct")
 
@@ -156,7 +147,10 @@ def _scan_pickle(fh: Any) -> tuple[list[str], list[str]]:
             elif op.name in ("GLOBAL", "INST") and isinstance(arg, str):
                 names.append(arg.replace(" ", "."))
             elif op.name == "STACK_GLOBAL":
+                # Only resolvable when the two strings come right before it; "?" is never allowed.
                 names.append(".".join(strings[-2:]) if len(strings) >= 2 else "?")
+            elif op.name in ("EXT1", "EXT2", "EXT4"):
+                names.append("?copyreg-extension")
     except Exception as exc:  # pickletools raises ValueError/EOFError/etc. on junk
         raise ValueError(str(exc)) from None
     return names, ops
@@ -206,22 +200,7 @@ def pickle_globals_of(data: bytes) -> list[str]:
 
     Raises ``ValueError`` when the bytes are not a single valid pickle stream.
     """
-    names: list[str] = []
-    strings: list[str] = []
-    try:
-        for op, arg, _ in pickletools.genops(io.BytesIO(data)):
-            if op.name in _STR_OPS and isinstance(arg, (str, bytes)):
-                strings.append(arg if isinstance(arg, str) else arg.decode("latin-1"))
-            elif op.name in ("GLOBAL", "INST") and isinstance(arg, str):
-                names.append(arg.replace(" ", "."))
-            elif op.name == "STACK_GLOBAL":
-                # Only resolvable when the two strings come right before it; "?" is never allowed.
-                names.append(".".join(strings[-2:]) if len(strings) >= 2 else "?")
-            elif op.name in ("EXT1", "EXT2", "EXT4"):
-                names.append("?copyreg-extension")
-    except Exception as exc:  # pickletools raises ValueError/EOFError/etc. on junk
-        raise ValueError(str(exc)) from None
-    return names
+    return _scan_pickle(io.BytesIO(data))[0]
 
 
 def _tensor_global(name: str) -> bool:

@@ -103,6 +103,55 @@ class Encoder(nn.Module):
         return nn.functional.normalize(self.net(x), dim=-1)
 
 
+class Bottleneck(nn.Module):
+    """torchvision's ResNet bottleneck: 1x1, 3x3, 1x1 convs with BatchNorm, a shortcut."""
+
+    def __init__(self, cin: int, width: int, stride: int, downsample: bool):
+        super().__init__()
+        cout = 4 * width
+        self.conv1 = nn.Conv2d(cin, width, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(width)
+        self.conv2 = nn.Conv2d(width, width, 3, stride=stride, padding=1, bias=False)
+        self.bn2 = nn.BatchNorm2d(width)
+        self.conv3 = nn.Conv2d(width, cout, 1, bias=False)
+        self.bn3 = nn.BatchNorm2d(cout)
+        self.downsample = (
+            nn.Sequential(nn.Conv2d(cin, cout, 1, stride=stride, bias=False), nn.BatchNorm2d(cout))
+            if downsample
+            else nn.Identity()
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = torch.relu(self.bn1(self.conv1(x)))
+        out = torch.relu(self.bn2(self.conv2(out)))
+        out = self.bn3(self.conv3(out))
+        return torch.relu(out + self.downsample(x))
+
+
+class ResNet50(nn.Module):
+    """torchvision's ResNet-50 layout (107 layers: 53 conv, 53 BN, fc) with ``base`` channels in
+    the stem (64: the real 25.6M parameters; small bases for fast tests)."""
+
+    def __init__(self, base: int = 64, classes: int = 1000):
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, base, 7, stride=2, padding=3, bias=False)
+        self.bn1 = nn.BatchNorm2d(base)
+        cin, stages = base, []
+        for i, blocks in enumerate((3, 4, 6, 3)):
+            width, layers = base * 2**i, []
+            for j in range(blocks):
+                layers.append(Bottleneck(cin, width, 2 if (j == 0 and i > 0) else 1, j == 0))
+                cin = 4 * width
+            stages.append(nn.Sequential(*layers))
+        self.layer1, self.layer2, self.layer3, self.layer4 = stages
+        self.fc = nn.Linear(cin, classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = torch.relu(self.bn1(self.conv1(x)))
+        x = self.layer4(self.layer3(self.layer2(self.layer1(x))))
+        return self.fc(torch.flatten(nn.functional.adaptive_avg_pool2d(x, 1), 1))
+
+
 def example_input(model: nn.Module, batch: int = 4, seed: int = 0) -> torch.Tensor:
     g = torch.Generator().manual_seed(seed)
     if isinstance(model, TinyTransformer):

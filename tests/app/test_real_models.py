@@ -26,63 +26,15 @@ from app.widgets.summary_panel import summary_texts
 from core.edits import SetQuant
 from core.plan import CompressionPlan, simple_plan, starting_plan
 from core.session import RunRecord
+from tests.models import ResNet50
 
 TIMEOUT = 120_000
-
-
-class Bottleneck(nn.Module):
-    def __init__(self, cin: int, width: int, stride: int, downsample: bool):
-        super().__init__()
-        cout = 4 * width
-        self.conv1 = nn.Conv2d(cin, width, 1, bias=False)
-        self.bn1 = nn.BatchNorm2d(width)
-        self.conv2 = nn.Conv2d(width, width, 3, stride=stride, padding=1, bias=False)
-        self.bn2 = nn.BatchNorm2d(width)
-        self.conv3 = nn.Conv2d(width, cout, 1, bias=False)
-        self.bn3 = nn.BatchNorm2d(cout)
-        self.downsample = (
-            nn.Sequential(nn.Conv2d(cin, cout, 1, stride=stride, bias=False), nn.BatchNorm2d(cout))
-            if downsample
-            else nn.Identity()
-        )
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = torch.relu(self.bn1(self.conv1(x)))
-        out = torch.relu(self.bn2(self.conv2(out)))
-        out = self.bn3(self.conv3(out))
-        return torch.relu(out + self.downsample(x))
-
-
-class ResNet50Shaped(nn.Module):
-    """torchvision's ResNet-50 layout with ``base`` instead of 64 channels."""
-
-    def __init__(self, base: int = 4, classes: int = 10):
-        super().__init__()
-        self.conv1 = nn.Conv2d(3, base, 7, stride=2, padding=3, bias=False)
-        self.bn1 = nn.BatchNorm2d(base)
-        cin = base
-        stages = []
-        for i, blocks in enumerate((3, 4, 6, 3)):
-            width = base * 2**i
-            layers = []
-            for j in range(blocks):
-                stride = 2 if (j == 0 and i > 0) else 1
-                layers.append(Bottleneck(cin, width, stride, downsample=j == 0))
-                cin = 4 * width
-            stages.append(nn.Sequential(*layers))
-        self.layer1, self.layer2, self.layer3, self.layer4 = stages
-        self.fc = nn.Linear(cin, classes)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = torch.relu(self.bn1(self.conv1(x)))
-        x = self.layer4(self.layer3(self.layer2(self.layer1(x))))
-        return self.fc(torch.flatten(nn.functional.adaptive_avg_pool2d(x, 1), 1))
 
 
 def save_resnet50_shaped(path: str) -> None:
     """Build the model and save it as TorchScript (run in a child process, see below)."""
     torch.manual_seed(0)
-    model = ResNet50Shaped().eval()
+    model = ResNet50(base=4, classes=10).eval()
     with torch.no_grad():
         # Trained-looking BatchNorm statistics (not the init's 0/1), so buffers are real data.
         for m in model.modules():
