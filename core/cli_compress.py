@@ -16,7 +16,7 @@ from typing import Any
 import torch
 
 from core.cli_plan import add_target_options, planned_plan, record_planning
-from core.errors import CompressionError, RecipeError
+from core.errors import RecipeError
 from core.plan import (
     METHOD_HELP,
     PRUNE_METHODS,
@@ -290,12 +290,6 @@ def _pipeline(
         ),
         progress,
     )[0]
-    if not any(p.numel() and p.is_floating_point() for p in loaded.module.parameters()):
-        raise CompressionError(
-            "the model has no weights to compress",
-            path=args.model,
-            hint="it has 0 floating-point parameters; check that this is the right file",
-        )
     # Fail before minutes of work when the plan or a requested format cannot run here.
     session.check_runnable()
     check_formats(

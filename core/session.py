@@ -606,10 +606,16 @@ class Session:
         return plan.with_recovery(replace(plan.recovery, epochs=0))
 
     def check_runnable(self) -> None:
-        """Refuse, before any work, a plan this model cannot run: gradient criteria on a
+        """Refuse, before any work, a plan this model cannot run: no weights at all, gradient criteria on a
         weights-only checkpoint; fine-tuning without a forward pass (strict sessions)."""
         if self.model is None:
             raise WorkbenchError("open a model first")
+        if not any(p.numel() and p.is_floating_point() for p in self.model.module.parameters()):
+            raise CompressionError(
+                "the model has no weights to compress",
+                path=self.model.source,
+                hint="it has 0 floating-point parameters; check that this is the right file",
+            )
         if self.needs_gradients() and not self.model.can_run:
             raise CompressionError(
                 "gradient criteria (taylor, gradient_stability) need a forward pass; this is a "
