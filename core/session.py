@@ -606,8 +606,8 @@ class Session:
         return plan.with_recovery(replace(plan.recovery, epochs=0))
 
     def check_runnable(self) -> None:
-        """Refuse, before any work, a plan this model cannot run: no weights at all, gradient criteria on a
-        weights-only checkpoint; fine-tuning without a forward pass (strict sessions)."""
+        """Refuse, before any work, a plan this model cannot run: no weights at all; gradient
+        criteria on a weights-only checkpoint; fine-tuning without a forward pass (strict)."""
         if self.model is None:
             raise WorkbenchError("open a model first")
         if not any(p.numel() and p.is_floating_point() for p in self.model.module.parameters()):
