@@ -27,8 +27,6 @@ from core.plan import (
 )
 from core.progress import ProgressFn
 
-#: Files in the output directory that are never overwritten without ``--force``.
-PROTECTED = ("recipe.json", "report.json", "report.html")
 DEFAULT_FORMATS = ("packed",)
 
 
@@ -199,13 +197,6 @@ def _plan_from_args(args: argparse.Namespace) -> CompressionPlan:
     return plan.with_recovery(recovery)
 
 
-def _owned() -> tuple[str, ...]:
-    """Names a compress run writes or makes stale (refused without ``--force``, else replaced)."""
-    from core.export import FILE_NAMES
-
-    return (*FILE_NAMES.values(), *PROTECTED)
-
-
 def _random_inputs(loaded, n: int = 64):
     """Random inputs shaped like the model's example input (fidelity without data)."""
     from core.data import make_dataset
@@ -250,13 +241,14 @@ def run(args: argparse.Namespace) -> int:
     """
     from core.export import parse_formats
     from core.outdir import output_dir
+    from core.outputs import owned_names
 
     plan = _plan_from_args(args)
     formats = parse_formats(args.format)
     _check_target_args(args)
     out = Path(args.out)
     progress = _say(args.quiet)
-    with output_dir(out, force=args.force, owned=_owned()) as stage:
+    with output_dir(out, force=args.force, owned=owned_names()) as stage:
         report = _pipeline(args, plan, formats, stage, out, progress)
     print(_summary_line(args.model, report, out))
     return 0
