@@ -2,7 +2,7 @@
 
 `compress` works on a clone of the model; the caller's model is never touched, also when the
 run is cancelled at any point. Thresholds and, for a target sparsity, exact per-layer counts
-(`core.selection`) come from `core.estimate.preview` and scores from `core.stats.score_tensor`,
+(`core.selection`) come from `core.estimate.pruning_targets` (what `core.estimate.preview` shows) and scores from `core.stats.score_tensor`,
 the same functions the live preview uses, so the sparsity the user saw is exactly the sparsity
 applied. Quantization runs after pruning with the keep mask, so
 pruned weights stay exactly zero.
@@ -19,6 +19,7 @@ import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -42,7 +43,7 @@ from core.pruning import (
     remove_channels_,
     threshold_mask,
 )
-from core.quantization import QuantizedTensor, dequantize, quantize
+from core.quantization import QuantizedTensor, dequantize, quantize, quantize_stack
 
 #: Formats whose module is a plain eager ``nn.Module`` (channels can be removed physically).
 EAGER_FORMATS = ("eager", "demo")
@@ -284,13 +285,43 @@ def layer_mask(
 # ---------------------------------------------------------------------------------------
 # measurement
 # ---------------------------------------------------------------------------------------
+#: Tensors above this many elements are measured in chunks (`_sqnr_sums_chunked`).
+_SQNR_CHUNK = 1 << 22
+
+
+def _sqnr_sums_chunked(
+    original: torch.Tensor, aligned: torch.Tensor, final: torch.Tensor
+) -> tuple[float, float, float]:
+    """(signal, removed, error) energies of `_sqnr` in float64 chunks: a few tens of MB of
+    temporaries instead of four float64 copies of a 10**8-weight tensor."""
+
+    def sum_sq(t: torch.Tensor) -> float:
+        flat = t.detach().reshape(-1)
+        return sum(
+            float(flat[s : s + _SQNR_CHUNK].double().square_().sum())
+            for s in range(0, flat.numel(), _SQNR_CHUNK)
+        )
+
+    sig = sum_sq(original)
+    removed = 0.0 if aligned is original else max(sig - sum_sq(aligned), 0.0)
+    a, f = aligned.detach().reshape(-1), final.detach().reshape(-1)
+    err = removed + sum(
+        float((f[s : s + _SQNR_CHUNK].double() - a[s : s + _SQNR_CHUNK]).square_().sum())
+        for s in range(0, f.numel(), _SQNR_CHUNK)
+    )
+    return sig, removed, err
+
+
 def _sqnr(original: torch.Tensor, aligned: torch.Tensor, final: torch.Tensor) -> float:
     """SQNR of ``final`` against ``original``; weights removed from the shape count as error."""
-    o = original.detach().double()
-    a = aligned.detach().double()
-    sig = float(o.pow(2).sum())
-    removed = max(sig - float(a.pow(2).sum()), 0.0)
-    err = float((final.detach().double() - a).pow(2).sum()) + removed
+    if max(original.numel(), final.numel()) > _SQNR_CHUNK:
+        sig, removed, err = _sqnr_sums_chunked(original, aligned, final)
+    else:
+        o = original.detach().double()
+        a = aligned.detach().double()
+        sig = float(o.pow(2).sum())
+        removed = max(sig - float(a.pow(2).sum()), 0.0)
+        err = float((final.detach().double() - a).pow(2).sum()) + removed
     if err == 0.0:
         return math.inf
     if sig == 0.0:
@@ -389,6 +420,165 @@ def _check(cancel: CancelToken | None) -> None:
         cancel.check()
 
 
+#: Tensors up to this many elements that share a shape and a plan setting are compressed
+#: together (checkpoints with 10**5 tiny tensors); at least `_GROUP_MIN` of them.
+_GROUP_MAX = 4096
+_GROUP_MIN = 8
+
+
+def _groupable(cfg: LayerConfig) -> bool:
+    """Settings `_compress_group` applies exactly as the one-layer path does: element-wise
+    scores without gradients or calibration, no bias quantization."""
+    if cfg.skip or cfg.quant.bias_bits is not None:
+        return False
+    if not cfg.prune.active:
+        return True
+    method = prune_method(cfg.prune.method)
+    return (
+        SCORE_ALIASES.get(method.name, method.name) == "magnitude"
+        and not method.needs_calibration
+        and not method.semi_structured
+        and not method.structured
+    )
+
+
+def _small_groups(
+    layers: list[LayerInfo], plan: CompressionPlan, tensors: Mapping[str, torch.Tensor]
+) -> list[list[LayerInfo]]:
+    """Layers to compress together: same shape, dtype and setting, small, `_groupable`."""
+    groups: dict[tuple, list[LayerInfo]] = {}
+    for layer in layers:
+        w = tensors.get(str(layer.tensor))
+        if w is None or w.ndim < 1 or not 0 < w.numel() <= _GROUP_MAX:
+            continue
+        if w.dtype != torch.float32:
+            continue
+        cfg = plan.config_for(layer.name)
+        if _groupable(cfg):
+            groups.setdefault((tuple(w.shape), w.dtype, cfg), []).append(layer)
+    out = []
+    for members in groups.values():
+        if len(members) >= _GROUP_MIN:
+            step = max(_GROUP_MIN, (1 << 18) // max(tensors[str(members[0].tensor)].numel(), 1))
+            out.extend(members[i : i + step] for i in range(0, len(members), step))
+    return out
+
+
+def _group_masks(
+    w: torch.Tensor, cfg: LayerConfig, thresholds: list[float | None], counts: list[int | None]
+) -> torch.Tensor | None:
+    """`layer_mask` of each ``w[i]`` (magnitude scores), in one pass; ``None``: no pruning."""
+    if not cfg.prune.active:
+        return None
+    b = w.shape[0]
+    scores = w.detach().abs().reshape(b, -1).to(torch.float32)
+    if all(c is not None for c in counts):
+        # `count_mask`: non-finite first, then by value, ties by flat index (stable sort)
+        a = scores.numpy()
+        key = np.where(np.isfinite(a), a, np.float32(-1.0))
+        order = np.argsort(key, axis=1, kind="stable")
+        ranks = np.empty_like(order)
+        np.put_along_axis(ranks, order, np.arange(a.shape[1])[None, :].repeat(b, 0), axis=1)
+        keep = ranks >= np.asarray(counts, dtype=np.int64)[:, None]
+        return torch.from_numpy(keep).reshape(w.shape)
+    keep = torch.ones(scores.shape, dtype=torch.bool)
+    for i, (t, c) in enumerate(zip(thresholds, counts, strict=True)):
+        if c is not None:
+            from core.selection import count_mask
+
+            keep[i] = count_mask(scores[i], c)
+        elif t is not None:
+            keep[i] = threshold_mask(scores[i], t)
+    return keep.reshape(w.shape)
+
+
+def _compress_group(
+    members: list[LayerInfo],
+    cfg: LayerConfig,
+    current: Mapping[str, torch.Tensor],
+    thresholds: Mapping[str, float | None],
+    counts: Mapping[str, int | None],
+) -> tuple[dict[str, torch.Tensor], dict[str, QuantizedTensor], dict[str, LayerReport]]:
+    """Masks, codes and reports of a `_small_groups` group, equal to the one-layer path
+    (`layer_mask`, `quantize`, `_report`) up to the summation order of the SQNR sums."""
+    names = [str(layer.tensor) for layer in members]
+    live = [current[n] for n in names]
+    w = torch.stack([t.detach() for t in live])
+    original = w.clone()
+    mask = _group_masks(
+        w, cfg, [thresholds.get(m.name) for m in members], [counts.get(m.name) for m in members]
+    )
+    masks: dict[str, torch.Tensor] = {}
+    quantized: dict[str, QuantizedTensor] = {}
+    if mask is not None:
+        masks = dict(zip(names, mask.unbind(0), strict=True))
+    qts: list[QuantizedTensor | None] = [None] * len(members)
+    if cfg.quant.active:
+        got, deq = quantize_stack(
+            w,
+            cfg.quant.bits,  # type: ignore[arg-type]
+            symmetric=cfg.quant.symmetric,
+            per_channel=cfg.quant.per_channel,
+            mask=mask,
+            group_size=cfg.quant.group_size,
+        )
+        final = deq.to(w.dtype)
+        qts = list(got)
+        quantized = dict(zip(names, got, strict=True))
+    elif mask is not None:
+        final = w * mask.to(w.dtype)
+    else:
+        final = w
+    with torch.no_grad():
+        for t, f in zip(live, final.unbind(0), strict=True):
+            t.copy_(f)
+    b = len(members)
+    o = original.reshape(b, -1).double()
+    f = final.reshape(b, -1).double()
+    sig = o.pow(2).sum(dim=1).tolist()
+    err = (f - o).pow(2).sum(dim=1).tolist()
+    nnz = torch.count_nonzero(final.reshape(b, -1), dim=1).tolist()
+    numel = int(w[0].numel())
+    shape = tuple(int(x) for x in w.shape[1:])
+    pruned = mask is not None
+    reports = {}
+    for i, layer in enumerate(members):
+        qt = qts[i]
+        sqnr = (
+            math.inf
+            if err[i] == 0.0
+            else (-math.inf if sig[i] == 0.0 else 10.0 * math.log10(sig[i] / err[i]))
+        )
+        packed = tensor_packed_bytes(
+            numel,
+            nnz[i],
+            qt.bits if qt is not None else None,
+            int(qt.scale.numel()) if qt is not None else 0,
+            structured_rows=None,
+            symmetric=bool(qt.symmetric) if qt is not None else False,
+        )
+        reports[layer.name] = LayerReport(
+            name=layer.name,
+            tensor=str(layer.tensor),
+            type=layer.type,
+            shape=shape,
+            numel=numel,
+            nnz=nnz[i],
+            sparsity=1.0 - nnz[i] / numel,
+            method=cfg.prune.method if pruned else "none",
+            threshold=thresholds.get(layer.name) if pruned else None,
+            bits=qt.bits if qt is not None else None,
+            symmetric=bool(qt.symmetric) if qt is not None else False,
+            per_channel=bool(qt.per_channel) if qt is not None else False,
+            sqnr_db=sqnr,
+            dense_bytes=4 * numel,
+            packed_bytes=int(packed),
+            original_numel=numel,
+            skipped=cfg.skip,
+        )
+    return masks, quantized, reports
+
+
 def compress(
     loaded: LoadedModel,
     plan: CompressionPlan,
@@ -408,7 +598,7 @@ def compress(
         Per-layer pruning and quantization settings.
     stats
         `core.stats.ModelStats` of ``loaded`` (from `core.stats.analyze`); supplies thresholds
-        (via `core.estimate.preview`) and gradient statistics.
+        (via `core.estimate.pruning_targets`) and gradient statistics.
     progress, cancel
         Progress callback and cancel token, checked between layers.
     calibration
@@ -432,7 +622,7 @@ def compress(
         When ``cancel`` fires; the original is untouched and nothing is returned.
     """
     from core import second_order
-    from core.estimate import preview
+    from core.estimate import pruning_targets
     from core.model_io import clone_model
 
     _check_plan(loaded, plan, stats)
@@ -441,9 +631,9 @@ def compress(
         second_order.check_calibration(loaded, calibration)
     _check(cancel)
     progress(0.0, "computing thresholds")
-    pv = preview(stats, plan)
-    thresholds = {lp.name: lp.threshold for lp in pv.layers}
-    counts = {lp.name: lp.count for lp in pv.layers}
+    targets = pruning_targets(stats, plan)
+    thresholds = {name: t for name, (t, _) in targets.items()}
+    counts = {name: c for name, (_, c) in targets.items()}
     _check(cancel)
     progress(0.02, "copying the model")
     work = clone_model(loaded)
@@ -454,11 +644,22 @@ def compress(
     originals: dict[str, torch.Tensor] = {}
     masks: dict[str, torch.Tensor] = {}
     tensors = named_tensors(module)
+    source = named_tensors(loaded.module)
+    # groups of small same-shape tensors are done in one pass each (`_compress_group`)
+    reshaping = plan.remove_channels and _uses_channels(plan, layers)
+    grouped = [] if (calibrated or reshaping) else _small_groups(layers, plan, tensors)
+    in_group = {layer.name for members in grouped for layer in members}
     for i, layer in enumerate(layers):
+        if layer.name in in_group:
+            continue
         _check(cancel)
         progress(0.05 + 0.35 * i / n, f"pruning {layer.name}")
         w = _tensor(tensors, layer.tensor, where=layer.name)
-        originals[layer.tensor] = w.detach().clone()
+        # ``loaded`` is never modified: its tensor is the original (no third copy of the
+        # weights at 10**8-10**9 of them); a clone only where the copy's names differ.
+        o = source.get(layer.tensor)
+        same = o is not None and o.shape == w.shape and o.dtype == w.dtype
+        originals[layer.tensor] = o.detach() if same else w.detach().clone()
         cfg = plan.config_for(layer.name)
         if cfg.skip or not cfg.prune.active:
             continue
@@ -478,6 +679,16 @@ def compress(
     quantized: dict[str, QuantizedTensor] = {}
     reports = []
     current = named_tensors(module)
+    group_reports: dict[str, LayerReport] = {}
+    for g, members in enumerate(grouped):
+        _check(cancel)
+        progress(0.4 + 0.1 * g / len(grouped), f"compressing {members[0].name} and others")
+        gm, gq, gr = _compress_group(
+            members, plan.config_for(members[0].name), current, thresholds, counts
+        )
+        masks.update(gm)
+        quantized.update(gq)
+        group_reports.update(gr)
     recon = None
     if calibrated:
         recon = second_order.Reconstructor(
@@ -487,6 +698,9 @@ def compress(
     else:
         order = layers
     for i, layer in enumerate(order):
+        if layer.name in group_reports:
+            reports.append(group_reports[layer.name])
+            continue
         _check(cancel)
         progress(0.5 + 0.5 * i / n, f"quantizing {layer.name}")
         cfg = plan.config_for(layer.name)

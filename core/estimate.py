@@ -196,6 +196,72 @@ def code_entropy(bins: np.ndarray, counts: np.ndarray, delta: float) -> tuple[fl
     return entropy, nonzero
 
 
+class _KeptHistogram:
+    """``code_entropy(*index.kept_bins(t), delta)`` for any ``t`` and ``delta``, equal to it
+    bit for bit but from arrays built once per index.
+
+    `code_entropy` builds the piecewise-linear CDF over every kept bin and integrates it at
+    the cell edges; only the points up to the last cell edge (and one beyond) change the
+    interpolated values, the kept counts are the stored cumulative counts minus the pruned
+    ones (integers in float64, so the same values as the cumsum), and the bins above the last
+    cell are a suffix of the ascending bins. A call is O(cells + log bins), not O(bins).
+    """
+
+    def __init__(self, index: ScoreIndex):
+        self.index = index
+        a, b = _BIN_LO[index.bins], _BIN_HI[index.bins]
+        self.a, self.b = a, b
+        self.xp = np.empty(2 * a.size)
+        self.xp[0::2], self.xp[1::2] = a, b
+        cum = index.bin_cum.astype(np.float64)
+        self.fp = np.empty(2 * a.size)
+        self.fp[0::2], self.fp[1::2] = cum[:-1], cum[1:]
+        self.counts = np.diff(index.bin_cum).astype(np.float64)
+        self._upper: tuple[int, float, np.ndarray] | None = None  # the last cells' edges
+
+    def code_entropy(self, threshold: float, delta: float) -> tuple[float, float]:
+        index = self.index
+        cum_i = index.bin_cum
+        # ScoreIndex.kept_bins: first kept bin j, the first one's count reduced by `below`
+        below = index.count_below(threshold) - index.nonfinite
+        j = int(np.searchsorted(cum_i, below, side="right")) - 1
+        j = min(max(j, 0), len(index.bins))
+        if j >= len(index.bins):
+            return 0.0, 0.0
+        total = float(cum_i[-1] - below)
+        if total <= 0.0 or not delta > 0.0 or not math.isfinite(delta):
+            return 0.0, 0.0
+        a, b = self.a[j:], self.b[j:]
+        cells = int(min(math.ceil(float(b[-1]) / delta + 0.5), _CELL_LIMIT))
+        if self._upper is None or self._upper[:2] != (cells, delta):
+            self._upper = (cells, delta, (np.arange(1, cells + 1) - 0.5) * delta)
+        upper = self._upper[2]
+        xp = self.xp[2 * j :]
+        end = min(int(np.searchsorted(xp, upper[-1], side="right")) + 1, xp.size)
+        fp = self.fp[2 * j : 2 * j + end] - float(below)
+        fp[0] = 0.0
+        cdf = np.interp(upper, xp[:end], fp)
+        masses = np.empty_like(cdf)  # np.diff(cdf, prepend=0.0), without its overhead
+        masses[0] = cdf[0]
+        np.subtract(cdf[1:], cdf[:-1], out=masses[1:])
+        p = masses[masses > 0.0] / total
+        entropy = float(-(p * np.log2(p)).sum())
+        nonzero = 1.0 - float(masses[0]) / total
+        if total - cdf[-1] > 0.0:
+            cut = float(upper[-1])
+            s = int(np.searchsorted(b, cut, side="right"))  # b ascending: b > cut is b[s:]
+            counts = self.counts[j + s :].copy()
+            if s == 0:
+                counts[0] = float(cum_i[j + 1] - below)
+            lo = np.maximum(a[s:], cut)
+            width = b[s:] - lo
+            pm = counts * (width / (b[s:] - a[s:])) / total
+            ok = pm > 0.0
+            spread = np.maximum(width[ok], delta)
+            entropy += float(-(pm[ok] * np.log2(pm[ok] * delta / spread)).sum())
+        return entropy, nonzero
+
+
 def _nm_pruned_energy(mag: ScoreIndex, n: int, m: int, pruned: int) -> float:
     """Expected energy of the ``n`` smallest ``|w|`` of every group of ``m``.
 
@@ -262,27 +328,136 @@ def preview(stats: ModelStats, plan: CompressionPlan) -> PlanPreview:
         The plan names a layer the model does not have, or a layer uses a gradient criterion
         but the statistics hold no gradients.
     """
+    return _preview(stats, plan, None)
+
+
+class PreviewCache:
+    """`preview` for one `ModelStats`, reusing what the last plans already computed.
+
+    A slider step changes one field of the plan; this keeps, per layer, its pruning (keyed by
+    its prune settings, or for members of the global pool by the shared threshold and its
+    count), its preview row and archive specs (keyed by its config and pruning), the global
+    pool's counts (keyed by the default's prune settings and the members), each archive
+    tensor's bytes and layout entry (keyed by its spec), and per-layer arrays that make the
+    entropy of the kept weights O(cells + log bins) instead of O(bins) (`_KeptHistogram`).
+    Every number is computed by the same code from the same inputs as `preview`, so
+    ``PreviewCache(stats).preview(plan) == preview(stats, plan)`` field for field
+    (tests/core/test_estimate_cache.py). Not thread-safe: one cache per thread.
+    """
+
+    #: Entries per table before it is emptied (a drag adds one per layer per step).
+    MAX_ENTRIES = 1 << 14
+
+    def __init__(self, stats: ModelStats):
+        self.stats = stats
+        self._state_shapes = {st.name: (tuple(st.shape), st.dtype) for st in stats.state}
+        self._raw_specs = [
+            TensorSpec(st.name, st.shape, math.prod(st.shape), dtype=st.dtype)
+            for st in stats.state
+        ]
+        self._pools: dict = {}
+        self._prunings: dict = {}
+        self._rows: dict = {}
+        self._parts: dict = {}
+        self._kept: dict[str, _KeptHistogram] = {}
+
+    def preview(self, plan: CompressionPlan) -> PlanPreview:
+        """Same as ``preview(self.stats, plan)``."""
+        for table in (self._pools, self._prunings, self._rows, self._parts):
+            if len(table) > self.MAX_ENTRIES:
+                table.clear()
+        return _preview(self.stats, plan, self)
+
+    def _global_pool(self, plan: CompressionPlan, prunable: list):
+        members = tuple(layer.name for layer in prunable if plan.is_global_member(layer.name))
+        key = (plan.default.prune, plan.default.skip, members)
+        hit = self._pools.get(key)
+        if hit is None:
+            hit = self._pools[key] = _global_pool(self.stats, plan, prunable)
+        return hit
+
+    def _layer_pruning(self, name: str, ts: Any, cfg: Any) -> _Pruning:
+        key = (name, cfg.prune, cfg.skip)
+        hit = self._prunings.get(key)
+        if hit is None:
+            hit = self._prunings[key] = _layer_pruning(name, ts, cfg)
+        return hit
+
+    def _layer(self, layer: Any, ts: Any, cfg: Any, pr: _Pruning):
+        key = (layer.name, cfg, pr)
+        hit = self._rows.get(key)
+        if hit is None:
+            kept = self._kept.get(layer.name)
+            if kept is None:
+                kept = self._kept[layer.name] = _KeptHistogram(ts.scores["magnitude"])
+            hit = self._rows[key] = _layer_entry(layer, ts, cfg, pr, self._state_shapes, kept)
+        return hit
+
+
+def _layer_entry(
+    layer: Any,
+    ts: Any,
+    cfg: Any,
+    pruning: _Pruning,
+    state_shapes: dict[str, tuple[tuple[int, ...], str]],
+    kept: _KeptHistogram | None = None,
+) -> tuple[dict, TensorSpec | None, TensorSpec | None]:
+    """(preview row, spec of the coded weight, spec of the coded bias) of one layer."""
+    row, spec = _layer_row(layer, ts, cfg, pruning, kept)
+    bias = None
+    if not cfg.skip and cfg.quant.bias_bits is not None:
+        bias = _bias_spec(layer, state_shapes, cfg.quant.bias_bits, bool(cfg.quant.symmetric))
+    return row, spec, bias
+
+
+def _preview(stats: ModelStats, plan: CompressionPlan, cache: PreviewCache | None) -> PlanPreview:
     prunable = _prunable(stats, plan)
-    member_set, global_threshold, global_count = _global_pool(stats, plan, prunable)
+    if cache is None:
+        member_set, global_threshold, global_count = _global_pool(stats, plan, prunable)
+        state_shapes = {st.name: (tuple(st.shape), st.dtype) for st in stats.state}
+    else:
+        member_set, global_threshold, global_count = cache._global_pool(plan, prunable)
+        state_shapes = cache._state_shapes
     partial = []
     coded: dict[str, TensorSpec] = {}
-    state_shapes = {st.name: (tuple(st.shape), st.dtype) for st in stats.state}
     for layer in prunable:
         ts = stats.tensors[layer.name]
         cfg = plan.config_for(layer.name)
         if layer.name in member_set:
             pruning = _global_member_pruning(ts, cfg, global_threshold, global_count)
-        else:
+        elif cache is None:
             pruning = _layer_pruning(layer.name, ts, cfg)
-        row, spec = _layer_row(layer, ts, cfg, pruning)
+        else:
+            pruning = cache._layer_pruning(layer.name, ts, cfg)
+        if cache is None:
+            row, spec, bias = _layer_entry(layer, ts, cfg, pruning, state_shapes)
+        else:
+            row, spec, bias = cache._layer(layer, ts, cfg, pruning)
         if spec is not None:
             coded[spec.name] = spec
-        if not cfg.skip and cfg.quant.bias_bits is not None:
-            bias = _bias_spec(layer, state_shapes, cfg.quant.bias_bits, bool(cfg.quant.symmetric))
-            if bias is not None:
-                coded[bias.name] = bias
+        if bias is not None:
+            coded[bias.name] = bias
         partial.append(row)
-    return _assemble(stats, plan, partial, coded)
+    return _assemble(stats, plan, partial, coded, cache)
+
+
+def pruning_targets(
+    stats: ModelStats, plan: CompressionPlan
+) -> dict[str, tuple[float | None, int | None]]:
+    """``{layer: (threshold, count)}``: what `preview` reports as each layer's ``threshold``
+    and ``count``, without the size and error estimates (what the engine needs)."""
+    prunable = _prunable(stats, plan)
+    member_set, global_threshold, global_count = _global_pool(stats, plan, prunable)
+    out: dict[str, tuple[float | None, int | None]] = {}
+    for layer in prunable:
+        ts = stats.tensors[layer.name]
+        cfg = plan.config_for(layer.name)
+        if layer.name in member_set:
+            pr = _global_member_pruning(ts, cfg, global_threshold, global_count)
+        else:
+            pr = _layer_pruning(layer.name, ts, cfg)
+        out[layer.name] = (pr.threshold, pr.count)
+    return out
 
 
 def _prunable(stats: ModelStats, plan: CompressionPlan) -> list:
@@ -385,8 +560,12 @@ def _layer_pruning(name: str, ts: Any, cfg: Any) -> _Pruning:
     return _from_index(index, method, "layer", threshold, count)
 
 
-def _layer_row(layer: Any, ts: Any, cfg: Any, pr: _Pruning) -> tuple[dict, TensorSpec | None]:
-    """The preview row of one layer and the archive spec of its coded tensor (if coded)."""
+def _layer_row(
+    layer: Any, ts: Any, cfg: Any, pr: _Pruning, kept: _KeptHistogram | None = None
+) -> tuple[dict, TensorSpec | None]:
+    """The preview row of one layer and the archive spec of its coded tensor (if coded).
+
+    ``kept``: the layer's `_KeptHistogram` (same entropy, computed faster) if one is kept."""
     quant = cfg.quant
     numel = ts.numel
     shape = tuple(int(s) for s in layer.shape)
@@ -418,9 +597,12 @@ def _layer_row(layer: Any, ts: Any, cfg: Any, pr: _Pruning) -> tuple[dict, Tenso
     if bits:
         mag = ts.scores["magnitude"]
         kept_t = pr.threshold if (pr.method == "magnitude" and pr.threshold is not None) else 0.0
-        kbins, kcounts = mag.kept_bins(kept_t)
         step = _entropy_step(ts, bits, symmetric, per_channel)
-        h_mag, p_nonzero = code_entropy(kbins, kcounts, step)
+        if kept is None:
+            kbins, kcounts = mag.kept_bins(kept_t)
+            h_mag, p_nonzero = code_entropy(kbins, kcounts, step)
+        else:
+            h_mag, p_nonzero = kept.code_entropy(kept_t, step)
         value_bits = nnz * (h_mag + p_nonzero * _h2(ts.neg_fraction))
         n_params = n_quant_params(shape, per_channel=per_channel, group_size=group)
         side = quant_param_bytes(bits, n_params, symmetric=symmetric)
@@ -455,22 +637,30 @@ def _layer_row(layer: Any, ts: Any, cfg: Any, pr: _Pruning) -> tuple[dict, Tenso
 
 
 def _assemble(
-    stats: ModelStats, plan: CompressionPlan, partial: list[dict], coded: dict[str, TensorSpec]
+    stats: ModelStats,
+    plan: CompressionPlan,
+    partial: list[dict],
+    coded: dict[str, TensorSpec],
+    cache: PreviewCache | None = None,
 ) -> PlanPreview:
-    """Archive bytes for every state tensor (coded or raw), then the totals."""
+    """Archive bytes for every state tensor (coded or raw), then the totals. ``partial``'s
+    rows are only read (a `PreviewCache` keeps them)."""
     specs = []
     raw_bytes = 0
     seen = set()
-    for st in stats.state:
+    for i, st in enumerate(stats.state):
         seen.add(st.name)
         spec = coded.get(st.name)
         if spec is None:
-            spec = TensorSpec(st.name, st.shape, math.prod(st.shape), dtype=st.dtype)
+            if cache is None:
+                spec = TensorSpec(st.name, st.shape, math.prod(st.shape), dtype=st.dtype)
+            else:
+                spec = cache._raw_specs[i]
             raw_bytes += math.prod(st.shape) * ST_DTYPES.get(st.dtype, 4)
         specs.append(spec)
     specs.extend(spec for name, spec in coded.items() if name not in seen)
     meta = archive_metadata(plan, source=stats.source, source_format=stats.format)
-    archive = estimate_archive_bytes(specs, meta)
+    archive = estimate_archive_bytes(specs, meta, parts=None if cache is None else cache._parts)
 
     layers = []
     for row in partial:
@@ -480,7 +670,7 @@ def _assemble(
         else:
             packed = row["numel"] * ST_DTYPES.get(stats.tensors[row["name"]].dtype, 4)
         if tensor not in coded:
-            row["entropy_bytes"] = packed
+            row = {**row, "entropy_bytes": packed}
         layers.append(LayerPreview(packed_bytes=int(packed), **row))
 
     total_numel = sum(lp.numel for lp in layers)

@@ -255,22 +255,22 @@ class CompressionPlan:
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "overrides", tuple(sorted(self.overrides, key=lambda kv: kv[0])))
+        # lookups by name in O(1) (a planned model may override 10**5 layers); not a field,
+        # so equality, hashing and `dataclasses.replace` ignore it
+        object.__setattr__(self, "_by_name", dict(self.overrides))
 
     # -- queries -------------------------------------------------------------------------
     @property
     def layer_overrides(self) -> dict[str, LayerConfig]:
-        return dict(self.overrides)
+        return dict(self._by_name)
 
     def config_for(self, layer: str) -> LayerConfig:
         """Effective config of ``layer`` (its override, else the default)."""
-        for name, cfg in self.overrides:
-            if name == layer:
-                return cfg
-        return self.default
+        return self._by_name.get(layer, self.default)
 
     def is_global_member(self, layer: str) -> bool:
         """True when ``layer`` takes part in the default's global-scope pruning pool."""
-        if self.layer_overrides.get(layer) is not None:
+        if layer in self._by_name:
             return False
         d = self.default
         return (not d.skip) and d.prune.active and d.prune.scope == "global"

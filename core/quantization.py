@@ -30,7 +30,8 @@ from core.plan import MAX_BITS, MIN_BITS, QuantConfig
 class QuantizedTensor:
     """Integer codes plus the affine parameters to restore a float tensor.
 
-    ``codes`` has the weight's shape, dtype int32. ``scale`` (float32) and ``zero_point``
+    ``codes`` has the weight's shape, dtype `code_dtype` (uint8 up to 8 bits, else int32: a
+    10**9-weight model's 8-bit codes take 1 GB, not 4). ``scale`` (float32) and ``zero_point``
     (int32) have shape ``(1,)`` per-tensor, ``(shape[0],)`` per-channel or
     ``(shape[0] * n_groups(shape, group_size),)`` group-wise. ``mask`` (bool, same
     shape) marks kept weights; ``None`` means dense.
@@ -55,6 +56,11 @@ class QuantizedTensor:
 
     def dequantize(self) -> torch.Tensor:
         return dequantize(self)
+
+
+def code_dtype(bits: int) -> torch.dtype:
+    """Dtype `quantize` stores ``bits``-bit codes in (unsigned, ``< 2**bits``)."""
+    return torch.uint8 if bits <= 8 else torch.int32
 
 
 def _broadcast(p: torch.Tensor, ndim: int) -> torch.Tensor:
@@ -176,13 +182,33 @@ def quantize(
     scale, zp = quant_params(
         w, bits, symmetric=symmetric, per_channel=per_channel, mask=mask, group_size=group_size
     )
-    w32 = torch.nan_to_num(w.detach().to(torch.float32), nan=0.0, posinf=0.0, neginf=0.0)
     s = expand_params(scale, w.shape, group_size)
     z = expand_params(zp, w.shape, group_size)
     qmin = 1 if symmetric else 0
-    q = torch.clamp(torch.round(w32 / s) + z, qmin, 2**bits - 1).to(torch.int32)
-    if mask is not None:
-        q = torch.where(mask, q, z.to(torch.int32).expand_as(q))
+    dtype = code_dtype(bits)
+
+    def codes(wp: torch.Tensor, sp: torch.Tensor, zp_: torch.Tensor, mp: torch.Tensor | None):
+        w32 = torch.nan_to_num(wp.detach().to(torch.float32), nan=0.0, posinf=0.0, neginf=0.0)
+        q = torch.clamp(torch.round(w32 / sp) + zp_, qmin, 2**bits - 1).to(dtype)
+        if mp is not None:
+            q = torch.where(mp, q, zp_.to(dtype).expand_as(q))
+        return q
+
+    if w.numel() > _DEQUANT_CHUNK and w.ndim >= 1 and w.shape[0] > 1:
+        # Block of rows by block of rows (the same values): a few tens of MB of float
+        # temporaries instead of five tensor-sized ones at 10**8 weights.
+        q = torch.empty(w.shape, dtype=dtype)
+        step = max(1, _DEQUANT_CHUNK // max(1, w[0].numel()))
+        for r0 in range(0, int(w.shape[0]), step):
+            rs = slice(r0, r0 + step)
+            q[rs] = codes(
+                w[rs],
+                s if s.ndim == 0 else s[rs],
+                z if z.ndim == 0 else z[rs],
+                None if mask is None else mask[rs],
+            )
+    else:
+        q = codes(w, s, z, mask)
     return QuantizedTensor(
         codes=q,
         scale=scale,
@@ -195,11 +221,100 @@ def quantize(
     )
 
 
+def quantize_stack(
+    w: torch.Tensor,
+    bits: int,
+    *,
+    symmetric: bool = True,
+    per_channel: bool = False,
+    mask: torch.Tensor | None = None,
+    group_size: int | None = None,
+) -> tuple[list[QuantizedTensor], torch.Tensor]:
+    """`quantize` of each ``w[i]`` of a stack of same-shape tensors (``w.ndim >= 2``), equal
+    to calling it one by one, and the stack dequantized.
+
+    One pass for a group of small tensors (a checkpoint may hold 10**5 of them): per-tensor
+    parameters are per-row parameters of the ``(B, numel)`` view, per-channel ones of the
+    ``(B * rows, rest)`` view, and groups are groups of the same rows.
+    """
+    b = w.shape[0]
+    shape = w.shape[1:]
+    rows, cols = _rows_cols(shape)
+    if group_size is None and not per_channel:
+        view = (b, rows * cols)
+    else:
+        view = (b * rows, cols)
+    w2 = w.reshape(view)
+    m2 = None if mask is None else mask.reshape(view)
+    q = quantize(
+        w2,
+        bits,
+        symmetric=symmetric,
+        per_channel=True,
+        mask=m2,
+        group_size=group_size,
+    )
+    codes = q.codes.reshape(w.shape).unbind(0)
+    scale = q.scale.reshape(b, -1).unbind(0)
+    zp = q.zero_point.reshape(b, -1).unbind(0)
+    masks = [None] * b if mask is None else mask.unbind(0)
+    out = [
+        QuantizedTensor(
+            codes=codes[i],
+            scale=scale[i],
+            zero_point=zp[i],
+            bits=bits,
+            symmetric=symmetric,
+            per_channel=per_channel,
+            mask=masks[i],
+            group_size=group_size,
+        )
+        for i in range(b)
+    ]
+    return out, dequantize(q).reshape(w.shape)
+
+
+#: Tensors above this many elements are dequantized in blocks of rows (`_dequantize_rows`).
+_DEQUANT_CHUNK = 1 << 22
+
+
+def _dequantize_rows(qt: QuantizedTensor) -> torch.Tensor:
+    """`dequantize` block of rows by block of rows, into one float32 output: the same values
+    (every element is computed alike), with a few tens of MB of temporaries instead of five
+    tensor-sized ones (10**8-weight Embeddings)."""
+    shape = qt.codes.shape
+    rows = int(shape[0])
+    step = max(1, _DEQUANT_CHUNK // max(1, math.prod(int(s) for s in shape[1:])))
+    out = torch.empty(shape, dtype=torch.float32)
+
+    def params(p: torch.Tensor, r0: int) -> torch.Tensor:
+        # one value per tensor, or per row / per row's groups, in row-major order
+        return p if p.numel() == 1 else p.reshape(rows, -1)[r0 : r0 + step].reshape(-1)
+
+    for r0 in range(0, rows, step):
+        part = QuantizedTensor(
+            codes=qt.codes[r0 : r0 + step],
+            scale=params(qt.scale, r0),
+            zero_point=params(qt.zero_point, r0),
+            bits=qt.bits,
+            symmetric=qt.symmetric,
+            per_channel=qt.per_channel,
+            mask=None if qt.mask is None else qt.mask[r0 : r0 + step],
+            group_size=qt.group_size,
+        )
+        out[r0 : r0 + step] = dequantize(part)
+    return out
+
+
 def dequantize(qt: QuantizedTensor) -> torch.Tensor:
     """Float32 tensor ``(codes - zero_point) * scale``; masked-out positions are exactly 0."""
+    shape = qt.codes.shape
+    if qt.codes.numel() > _DEQUANT_CHUNK and len(shape) >= 1 and shape[0] > 1:
+        return _dequantize_rows(qt)
     s = expand_params(qt.scale, qt.codes.shape, qt.group_size)
     z = expand_params(qt.zero_point, qt.codes.shape, qt.group_size)
-    w = (qt.codes - z).to(torch.float32) * s
+    # int32 first: uint8 codes minus a 0-d zero point would stay uint8 and wrap around
+    w = (qt.codes.to(torch.int32) - z).to(torch.float32) * s
     if qt.mask is not None:
         w = torch.where(qt.mask, w, torch.zeros_like(w))
     return w

@@ -29,6 +29,11 @@ HTML_HISTOGRAMS = 64
 
 def _finite(value: Any) -> Any:
     """JSON-safe: non-finite floats become None (recursively)."""
+    t = type(value)
+    if t is float:
+        return value if math.isfinite(value) else None
+    if t is str or t is int or t is bool or value is None:
+        return value
     if isinstance(value, float):
         return value if math.isfinite(value) else None
     if isinstance(value, dict):
@@ -38,6 +43,31 @@ def _finite(value: Any) -> Any:
     if isinstance(value, Path):
         return str(value)
     return value
+
+
+#: Above this many entries a list is written one entry per line, each entry compact: the
+#: indenting encoder is pure Python (seconds for a report of 10**5 layers).
+_COMPACT_LIST = 200
+
+
+def dumps(data: Any) -> str:
+    """``report.json`` text: indented, with long lists (per-layer tables) one entry a line."""
+
+    def long(v: Any) -> bool:
+        return isinstance(v, list) and len(v) > _COMPACT_LIST
+
+    if not isinstance(data, dict) or not any(long(v) for v in data.values()):
+        return json.dumps(data, indent=2, allow_nan=False) + "\n"
+    parts = []
+    for k, v in data.items():
+        key = json.dumps(str(k))
+        if long(v):
+            body = ",\n".join("    " + json.dumps(x, allow_nan=False) for x in v)
+            parts.append(f"  {key}: [\n{body}\n  ]")
+        else:
+            inner = json.dumps(v, indent=2, allow_nan=False).replace("\n", "\n  ")
+            parts.append(f"  {key}: {inner}")
+    return "{\n" + ",\n".join(parts) + "\n}\n"
 
 
 def fp32_bytes(module: torch.nn.Module) -> int:
@@ -410,7 +440,7 @@ def write_report(
     out.mkdir(parents=True, exist_ok=True)
     data = report_data(result, evals=evals, exports=exports, extra=extra)
     json_path, html_path = out / "report.json", out / "report.html"
-    text = json.dumps(data, indent=2, allow_nan=False) + "\n"
+    text = dumps(data)
     atomic_write(json_path, [text.encode("utf-8")], force=force)
     atomic_write(html_path, [render_html(result, data).encode("utf-8")], force=force)
     return json_path, html_path
@@ -441,7 +471,7 @@ def update_report(result: Any, out_dir: str | Path, exports: Sequence[Any]) -> P
         data["compressed_bytes"] = packed["bytes_on_disk"]
         data["compression_ratio"] = data["original_bytes"] / packed["bytes_on_disk"]
     data = _finite(data)
-    text = json.dumps(data, indent=2, allow_nan=False) + "\n"
+    text = dumps(data)
     atomic_write(json_path, [text.encode("utf-8")], force=True)
     atomic_write(
         json_path.with_name("report.html"),

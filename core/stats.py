@@ -741,13 +741,14 @@ def _make_stats(
     sumsq: float,
     neg_fraction: float,
     dtype: str,
+    derived: tuple[float, float, float, float] | None = None,
 ) -> TensorStats:
+    """``derived``: `_channel_figures` when the caller has them (batched analysis)."""
     lo, hi, mean, std = moments
     hist, hist_log = hists
     # methods that threshold the same score share its index (no second build)
     scores.update({m: scores[a] for m, a in SCORE_ALIASES.items() if a in scores})
-    absmax = np.maximum(np.abs(rmin), np.abs(rmax))
-    span = np.maximum(rmax, 0.0) - np.minimum(rmin, 0.0)
+    absmax_sq, range_sq, log_absmax, log_range = derived or _channel_figures(rmin, rmax)
     return TensorStats(
         layer=layer,
         numel=n,
@@ -766,12 +767,42 @@ def _make_stats(
         row_max=rmax,
         sumsq=sumsq,
         neg_fraction=neg_fraction,
-        mean_absmax_sq=float(np.mean(absmax * absmax)) if absmax.size else 0.0,
-        mean_range_sq=float(np.mean(span * span)) if span.size else 0.0,
-        log_absmax=_mean_log(absmax),
-        log_range=_mean_log(span),
+        mean_absmax_sq=absmax_sq,
+        mean_range_sq=range_sq,
+        log_absmax=log_absmax,
+        log_range=log_range,
         dtype=dtype,
     )
+
+
+def _channel_figures(rmin: np.ndarray, rmax: np.ndarray) -> tuple[float, float, float, float]:
+    """Mean squared channel absmax and range, and the mean logs of both (non-zero channels)."""
+    absmax = np.maximum(np.abs(rmin), np.abs(rmax))
+    span = np.maximum(rmax, 0.0) - np.minimum(rmin, 0.0)
+    return (
+        float(np.mean(absmax * absmax)) if absmax.size else 0.0,
+        float(np.mean(span * span)) if span.size else 0.0,
+        _mean_log(absmax),
+        _mean_log(span),
+    )
+
+
+def _channel_figures_rows(rmin: np.ndarray, rmax: np.ndarray) -> list[tuple[float, ...] | None]:
+    """`_channel_figures` of each row of ``(B, rows)`` extremes, equal to it row by row
+    (per-row reductions along the contiguous axis sum the same way); rows with a zero or
+    non-finite channel (whose logs skip entries) come back ``None``."""
+    absmax = np.maximum(np.abs(rmin), np.abs(rmax))
+    span = np.maximum(rmax, 0.0) - np.minimum(rmin, 0.0)
+    a2 = np.mean(absmax * absmax, axis=1)
+    s2 = np.mean(span * span, axis=1)
+    clean = (np.isfinite(absmax) & (absmax > 0) & np.isfinite(span) & (span > 0)).all(axis=1)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        la = np.log(absmax).mean(axis=1)
+        ls = np.log(span).mean(axis=1)
+    return [
+        (float(a2[r]), float(s2[r]), float(la[r]), float(ls[r])) if clean[r] else None
+        for r in range(absmax.shape[0])
+    ]
 
 
 def _np_histogram(v: np.ndarray, bins: int = HIST_BINS) -> Histogram:
@@ -840,6 +871,226 @@ def _small_tensor_stats(
         negatives / n,
         dtype,
     )
+
+
+#: Tensors up to this many elements are analysed together, one numpy pass per group of the
+#: same shape (checkpoints with 10**5-10**6 tiny tensors: per-call overhead is the cost).
+BATCH_MAX = 4096
+#: Smallest group worth stacking.
+BATCH_MIN = 8
+
+
+def _sorted_indices(s: np.ndarray, en: np.ndarray, unit: int) -> list[ScoreIndex]:
+    """`_sorted_index` of every row of the finite ``(B, m)`` scores ``s`` (float32) with
+    energies ``en`` (float64), equal to calling it row by row."""
+    b, m = s.shape
+    order = np.argsort(s, axis=1, kind="stable")
+    vals = np.take_along_axis(s, order, axis=1)
+    ven = np.take_along_axis(en, order, axis=1)
+    vcum = np.zeros((b, m + 1), dtype=np.float64)
+    np.cumsum(ven, axis=1, out=vcum[:, 1:])
+    flat_bins = ((vals.view(np.uint32) >> np.uint32(16)) & np.uint32(0x7FFF)).reshape(-1)
+    edge = np.ones(b * m, dtype=bool)
+    edge[1:] = flat_bins[1:] != flat_bins[:-1]
+    edge[::m] = True
+    starts = np.flatnonzero(edge)
+    counts = np.diff(np.append(starts, b * m)).astype(np.int64)
+    benergy = np.add.reduceat(ven.reshape(-1), starts)
+    bins = flat_bins[starts].astype(np.int32)
+    cuts = np.searchsorted(starts, np.arange(b + 1) * m)
+    lens = np.diff(cuts)
+    # each row's bins laid out left-aligned in a zero-padded (B, widest + 1) table: a
+    # cumulative sum along axis 1 is then, per row, the sequential sum `_cum` makes alone
+    width = int(lens.max())
+    col = np.arange(starts.size) - np.repeat(cuts[:-1], lens)
+    row = np.repeat(np.arange(b), lens)
+    ctab = np.zeros((b, width + 1), dtype=np.int64)
+    etab = np.zeros((b, width + 1), dtype=np.float64)
+    ctab[row, col + 1] = counts
+    etab[row, col + 1] = benergy
+    np.cumsum(ctab, axis=1, out=ctab)
+    np.cumsum(etab, axis=1, out=etab)
+    return [
+        ScoreIndex(
+            n=m,
+            unit=unit,
+            nonfinite=0,
+            nonfinite_energy=0.0,
+            bins=bins[cuts[r] : cuts[r + 1]],
+            bin_cum=ctab[r, : lens[r] + 1],
+            bin_energy=etab[r, : lens[r] + 1],
+            values=vals[r],
+            value_energy=vcum[r],
+        )
+        for r in range(b)
+    ]
+
+
+def _range_rows(lo: np.ndarray, hi: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """`_range` of finite row extremes, element by element."""
+    flat = hi <= lo
+    pad = np.maximum(np.abs(lo) * 1e-3, 1e-12)
+    return np.where(flat, lo - pad, lo), np.where(flat, hi + pad, hi)
+
+
+def _hist_rows(v: np.ndarray, valid: np.ndarray | None, bins: int = HIST_BINS) -> list[Histogram]:
+    """`_np_histogram` of each row of ``v`` (restricted to ``valid`` where given)."""
+    b, m = v.shape
+    if valid is None:
+        lo, hi = v.min(axis=1), v.max(axis=1)
+        has = np.ones(b, dtype=bool)
+    else:
+        lo = np.where(valid, v, np.inf).min(axis=1)
+        hi = np.where(valid, v, -np.inf).max(axis=1)
+        has = valid.any(axis=1)
+        lo, hi = np.where(has, lo, 0.0), np.where(has, hi, 1.0)
+    lo, hi = _range_rows(lo.astype(np.float64), hi.astype(np.float64))
+    factor = bins / (hi - lo)
+    with np.errstate(invalid="ignore"):  # -inf logs of zeros: not ``valid``, dropped below
+        idx = ((v.astype(np.float64) - lo[:, None]) * factor[:, None]).astype(np.int64)
+    np.clip(idx, 0, bins - 1, out=idx)
+    idx += (np.arange(b, dtype=np.int64) * bins)[:, None]
+    sel = idx.reshape(-1) if valid is None else idx[valid]
+    counts = np.bincount(sel, minlength=b * bins).reshape(b, bins)
+    edges = np.linspace(lo, hi, bins + 1, axis=1)
+    empty_edges = np.linspace(0.0, 1.0, bins + 1)
+    return [
+        Histogram(edges[r], counts[r]) if has[r] else Histogram(empty_edges, counts[r])
+        for r in range(b)
+    ]
+
+
+def _batch_small_stats(
+    layers: Sequence[LayerInfo], ws: Sequence[torch.Tensor], dtypes: Sequence[str]
+) -> list[TensorStats | None]:
+    """`_tensor_stats` of same-shape small tensors without gradients, stacked: equal to the
+    one-by-one results. Rows holding NaN/Inf come back as ``None`` (done one by one)."""
+    shape = tuple(ws[0].shape)
+    stacked = torch.stack([w.detach() for w in ws]).to(torch.float32)
+    b = stacked.shape[0]
+    n = math.prod(shape)
+    rows = channel_rows(ws[0]).shape[0]
+    unit = n // rows if rows else 1
+    a = stacked.reshape(b, n).numpy()
+    finite = np.isfinite(a).all(axis=1)
+    out: list[TensorStats | None] = [None] * b
+    keep = np.flatnonzero(finite)
+    if keep.size == 0 or n == 0 or rows == 0:
+        return out
+    if keep.size < b:
+        a = a[keep]
+        stacked = stacked[torch.from_numpy(keep)]
+    r3 = stacked.reshape(a.shape[0], rows, unit)
+    # the channel scores exactly as the registry computes them (abs + sum, vector_norm)
+    l1 = torch.abs(r3).sum(dim=2).numpy()
+    l2 = torch.linalg.vector_norm(r3, 2, dim=2).numpy()
+    ok = np.isfinite(l1).all(axis=1) & np.isfinite(l2).all(axis=1)
+    if not ok.all():  # norms that overflow float32: one by one
+        keep, a, l1, l2 = keep[ok], a[ok], l1[ok], l2[ok]
+        if keep.size == 0:
+            return out
+    k = a.shape[0]
+    l2_64 = l2.astype(np.float64)
+    row_sq = l2_64 * l2_64
+    a3 = a.reshape(k, rows, unit)
+    row_min, row_max = a3.min(axis=2), a3.max(axis=2)
+    zeros = n - np.count_nonzero(a, axis=1)
+    negatives = np.count_nonzero(np.signbit(a), axis=1)
+    mean = a.sum(axis=1, dtype=np.float64) / n
+    sumsq = row_sq.sum(axis=1)
+    var = sumsq / n - mean * mean
+    with np.errstate(divide="ignore"):
+        logs = np.log10(np.abs(a))
+    hists = _hist_rows(a, None)
+    hists_log = _hist_rows(logs, a != 0)
+    a64 = a.astype(np.float64)
+    mags = _sorted_indices(np.abs(a), a64 * a64, 1)
+    l2s = _sorted_indices(l2, row_sq, unit)
+    l1s = _sorted_indices(l1, row_sq, unit)
+    rmin64, rmax64 = row_min.astype(np.float64), row_max.astype(np.float64)
+    figures = _channel_figures_rows(rmin64, rmax64)
+    for j, i in enumerate(keep):
+        v = float(var[j])
+        m = float(mean[j])
+        if v <= 1e-6 * m * m:  # cancellation: recompute directly
+            v = float(np.var(a[j], dtype=np.float64))
+        scores = {"magnitude": mags[j], "channel_l2": l2s[j], "channel_l1": l1s[j]}
+        out[i] = _make_stats(
+            layers[i],
+            n,
+            (float(rmin64[j].min()), float(rmax64[j].max()), m, math.sqrt(max(v, 0.0))),
+            0,
+            int(zeros[j]),
+            (hists[j], hists_log[j]),
+            scores,
+            None,
+            rmin64[j],
+            rmax64[j],
+            float(sumsq[j]),
+            int(negatives[j]) / n,
+            dtypes[i],
+            figures[j],  # type: ignore[arg-type]
+        )
+    return out
+
+
+def _all_tensor_stats(
+    layers: Sequence[LayerInfo],
+    named: Mapping[str, torch.Tensor],
+    grads: Mapping[str, GradientStats],
+    dtypes: Mapping[str, str],
+    *,
+    source: object,
+    progress: ProgressFn,
+    cancel: CancelToken | None,
+) -> dict[str, TensorStats]:
+    """`_tensor_stats` of every layer in ``layers``; small same-shape tensors without gradient
+    statistics go through `_batch_small_stats` in groups."""
+    for layer in layers:
+        assert layer.tensor is not None
+        if layer.tensor not in named:
+            raise WorkbenchError(
+                f"layer {layer.name!r}: tensor {layer.tensor!r} is not in the model",
+                path=source,
+            )
+    groups: dict[tuple[int, ...], list[int]] = {}
+    for i, layer in enumerate(layers):
+        w = named[layer.tensor]  # type: ignore[index]
+        if (
+            layer.tensor not in grads
+            and 0 < w.numel() <= BATCH_MAX
+            and w.dtype in (torch.float16, torch.bfloat16, torch.float32)
+        ):
+            groups.setdefault(tuple(w.shape), []).append(i)
+    done: dict[int, TensorStats] = {}
+    total = max(len(layers), 1)
+    for idx in groups.values():
+        if len(idx) < BATCH_MIN:
+            continue
+        step = max(BATCH_MIN, (1 << 18) // max(named[layers[idx[0]].tensor].numel(), 1))  # type: ignore[index]
+        for s in range(0, len(idx), step):
+            if cancel is not None:
+                cancel.check()
+            part = idx[s : s + step]
+            progress(len(done) / total, f"statistics of {layers[part[0]].name} and others")
+            got = _batch_small_stats(
+                [layers[i] for i in part],
+                [named[layers[i].tensor] for i in part],  # type: ignore[index]
+                [dtypes.get(layers[i].tensor, "F32") for i in part],  # type: ignore[arg-type]
+            )
+            done.update({i: st for i, st in zip(part, got, strict=True) if st is not None})
+    tensors: dict[str, TensorStats] = {}
+    for i, layer in enumerate(layers):
+        st = done.get(i)
+        if st is None:
+            if cancel is not None:
+                cancel.check()
+            progress(i / total, f"statistics of {layer.name}")
+            t = layer.tensor
+            assert t is not None
+            st = _tensor_stats(layer, named[t], grads.get(t), dtypes.get(t, "F32"))
+        tensors[layer.name] = st
+    return tensors
 
 
 def _mean_log(x: np.ndarray) -> float:
@@ -1057,21 +1308,15 @@ def analyze(
             progress=scaled(progress, 0.0, split),
             cancel=cancel,
         )
-    tensors: dict[str, TensorStats] = {}
-    total = max(len(prunable), 1)
-    for i, layer in enumerate(prunable):
-        if cancel is not None:
-            cancel.check()
-        progress(split + (1.0 - split) * i / total, f"statistics of {layer.name}")
-        assert layer.tensor is not None
-        if layer.tensor not in named:
-            raise WorkbenchError(
-                f"layer {layer.name!r}: tensor {layer.tensor!r} is not in the model",
-                path=loaded.source,
-            )
-        tensors[layer.name] = _tensor_stats(
-            layer, named[layer.tensor], grads.get(layer.tensor), dtypes.get(layer.tensor, "F32")
-        )
+    tensors = _all_tensor_stats(
+        prunable,
+        named,
+        grads,
+        dtypes,
+        source=loaded.source,
+        progress=scaled(progress, split, 1.0),
+        cancel=cancel,
+    )
     if cancel is not None:
         cancel.check()
     progress(1.0, "analysis done")

@@ -20,9 +20,13 @@ from core.outdir import atomic_write
 from core.packed.bytemodel import (
     CHECKSUM_HEX,
     CODED_DTYPES,
+    INDEX_BITS,
     ArchiveEstimate,
+    PatternChoice,
     TensorSpec,
+    _ceil_bytes,
     _json,
+    _value_bytes,
     archive_metadata,
     build_header,
     estimate_archive_bytes,
@@ -39,6 +43,8 @@ from core.packed.codec import (
     actual_pattern,
     encode_pattern,
     pack_bits,
+    relidx_may_win,
+    scramble_order,
     scrambled_positions,
 )
 from core.progress import CancelToken, ProgressFn, no_progress, scaled
@@ -122,7 +128,12 @@ def _encode_tensor(
     m = _mask_np(qt.mask if (qt is not None and qt.mask is not None) else mask, shape)
     nnz = numel if m is None else int(m.sum())
     # the scrambled positions are needed to size and to write the index: compute them once
-    spos = scrambled_positions(m) if (m is not None and 0 < nnz < numel) else None
+    # (only where a relative index can win: the argsort behind it is 3x int64 of the tensor)
+    spos = (
+        scrambled_positions(m)
+        if (m is not None and 0 < nnz < numel and relidx_may_win(m, nnz))
+        else None
+    )
     if qt is None:
         itemsize = value.element_size()
         choice = actual_pattern(m, None, itemsize, spos)
@@ -218,6 +229,219 @@ def _encode_tensor(
     return entry, parts, rec, spec
 
 
+#: Quantized tensors up to this many elements sharing shape and quantizer settings are
+#: encoded together (checkpoints with 10**5 tiny tensors); at least `_GROUP_MIN` of them.
+_GROUP_MAX = 4096
+_GROUP_MIN = 8
+
+
+def _group_key(value: torch.Tensor, qt: QuantizedTensor | None, mask: torch.Tensor | None):
+    if qt is None or value.dtype != torch.float32 or value.ndim < 1:
+        return None
+    if not 0 < value.numel() <= _GROUP_MAX or tuple(qt.codes.shape) != tuple(value.shape):
+        return None
+    m = qt.mask if qt.mask is not None else mask
+    if m is not None and tuple(m.shape) != tuple(value.shape):
+        return None
+    return (
+        tuple(value.shape),
+        int(qt.bits),
+        bool(qt.symmetric),
+        bool(qt.per_channel),
+        qt.group_size,
+        m is not None,
+        int(qt.scale.numel()),
+    )
+
+
+def _relidx_costs(spos_rows: np.ndarray, cols: np.ndarray, b: int) -> list[tuple[int, int, int]]:
+    """`relidx_cost` of each row's kept scrambled positions (``cols`` of rows ``spos_rows``)."""
+    prev = np.empty_like(cols)
+    if cols.size:
+        prev[0] = -1
+        prev[1:] = np.where(spos_rows[1:] == spos_rows[:-1], cols[:-1], -1)
+    gaps = cols - prev - 1
+    nnz = np.bincount(spos_rows, minlength=b)
+    best_cost = np.full(b, np.iinfo(np.int64).max, dtype=np.int64)
+    best_k = np.zeros(b, dtype=np.int64)
+    best_entries = np.zeros(b, dtype=np.int64)
+    for k in INDEX_BITS:
+        entries = np.bincount(spos_rows, weights=gaps // ((1 << k) - 1), minlength=b)
+        entries = entries.astype(np.int64) + nnz
+        cost = (entries * k + 7) // 8
+        better = cost < best_cost
+        best_cost = np.where(better, cost, best_cost)
+        best_k = np.where(better, k, best_k)
+        best_entries = np.where(better, entries, best_entries)
+    return [
+        (int(c), int(k), int(e)) for c, k, e in zip(best_cost, best_k, best_entries, strict=True)
+    ]
+
+
+def _encode_group(
+    names: list[str],
+    values: list[torch.Tensor],
+    qts: list[QuantizedTensor],
+    masks: list[torch.Tensor | None],
+    *,
+    entropy: bool,
+) -> list[tuple[list, list[bytes], TensorRecord, TensorSpec]]:
+    """`_check_restores` + `_encode_tensor` of quantized tensors sharing a `_group_key`, in
+    one numpy pass: the same bytes, records and specs as one by one."""
+    q0 = qts[0]
+    b = len(names)
+    shape = tuple(int(s) for s in values[0].shape)
+    numel = values[0].numel()
+    bits = int(q0.bits)
+    group = q0.group_size
+    dtype = "F32"
+    value2 = torch.stack([v.detach() for v in values]).reshape(b, numel)
+    codes_t = torch.stack([q.codes for q in qts]).reshape(b, numel)
+    scale_t = torch.stack([q.scale.reshape(-1) for q in qts]).to(torch.float32)
+    zp_t = torch.stack([q.zero_point.reshape(-1) for q in qts])
+    eff = [q.mask if q.mask is not None else m for q, m in zip(qts, masks, strict=True)]
+    has_mask = eff[0] is not None
+    mask_t = torch.stack([m.to(torch.bool) for m in eff]).reshape(b, numel) if has_mask else None  # type: ignore[union-attr]
+    # _check_restores: dequantize the stack (per-row parameters of the same views `quantize_stack`
+    # uses) and compare with the weights
+    rows, cols = (shape[0], numel // shape[0])
+    view = (b, numel) if (group is None and not q0.per_channel) else (b * rows, cols)
+    stacked_qt = QuantizedTensor(
+        codes=codes_t.reshape(view),
+        scale=scale_t.reshape(-1),
+        zero_point=zp_t.reshape(-1),
+        bits=bits,
+        symmetric=q0.symmetric,
+        per_channel=True,
+        mask=None if mask_t is None else mask_t.reshape(view),
+        group_size=group,
+    )
+    restored = dequantize(stacked_qt).reshape(b, numel)
+    same = (restored == value2).all(dim=1)
+    if not bool(same.all()):
+        i = int(torch.nonzero(~same)[0])
+        _check_restores(names[i], values[i], qts[i], masks[i])  # raises the one-tensor error
+    if (q0.per_channel or group) and int(scale_t.shape[1]) != n_quant_params(
+        shape, per_channel=q0.per_channel, group_size=group
+    ):
+        raise ExportError(
+            f"tensor {names[0]!r}: {int(scale_t.shape[1])} scales do not fit its shape {shape}"
+        )
+    zp = zp_t.to(torch.int64).numpy()
+    if q0.symmetric and not (zp == 2 ** (bits - 1)).all():
+        i = int(np.flatnonzero(~(zp == 2 ** (bits - 1)).all(axis=1))[0])
+        raise ExportError(f"tensor {names[i]!r}: symmetric codes need zero point {2 ** (bits - 1)}")
+    codes = codes_t.to(torch.int64).numpy()
+    scale_bytes = scale_t.contiguous().numpy().astype("<f4")
+    m = mask_t.numpy() if mask_t is not None else None
+    if m is not None:
+        zfull = (
+            expand_params(zp_t.reshape(-1), torch.Size(view), group).expand(view).reshape(b, numel)
+        )
+        codes = np.where(m, codes, zfull.to(torch.int64).numpy())
+        nnz = m.sum(axis=1)
+        rows_m = m.reshape(b, rows, cols)
+        structured = (rows_m.all(axis=2) | ~rows_m.any(axis=2)).all(axis=1)
+        order = scramble_order(numel)
+        srow, scol = np.nonzero(m[:, order])
+        costs = _relidx_costs(srow, scol, b)
+        scuts = np.searchsorted(srow, np.arange(b + 1))
+        bitmaps = np.packbits(m, axis=1, bitorder="little")
+    else:
+        nnz = np.full(b, numel)
+    levels = 1 << bits
+    offs = (np.arange(b, dtype=np.int64) * levels)[:, None]
+    # code histograms (entropy bounds): of all positions, and of the kept ones
+    hist_all = np.bincount((codes + offs).reshape(-1), minlength=b * levels).reshape(b, levels)
+    hist_kept = (
+        hist_all
+        if m is None
+        else np.bincount((codes + offs)[m], minlength=b * levels).reshape(b, levels)
+    )
+    out = []
+    for i in range(b):
+        choice = PatternChoice("d", 0, 0)
+        mi = None
+        k_nnz = int(nnz[i])
+        if m is not None:
+            mi = m[i].reshape(shape)
+            cands = [PatternChoice("d", 0, numel)]
+            if k_nnz < numel:
+                cands.append(PatternChoice("b", _ceil_bytes(numel), k_nnz))
+                if structured[i]:
+                    cands.append(PatternChoice("c", _ceil_bytes(shape[0]), k_nnz))
+                cost, k, entries = costs[i]
+                cands.append(PatternChoice("r", cost, k_nnz, k, entries))
+            choice = min(cands, key=lambda c: c.pattern_bytes + _value_bytes(c.values, bits, 0))
+        if choice.kind == "d":
+            flat_codes = codes[i]
+            pattern = b""
+        else:
+            flat_codes = codes[i][m[i]]  # type: ignore[index]
+            if choice.kind == "b":
+                pattern = bitmaps[i].tobytes()
+            elif choice.kind == "r":
+                spos = scol[scuts[i] : scuts[i + 1]]
+                pattern = encode_pattern(mi, choice, spos)  # type: ignore[arg-type]
+            else:
+                pattern = encode_pattern(mi, choice)  # type: ignore[arg-type]
+        if m is not None and choice.kind == "d":
+            pattern = b""
+        packed_codes = pack_bits(flat_codes, bits)
+        zbytes = None
+        if entropy:
+            z = _zstd_codes(flat_codes, bits)
+            if len(z) < len(packed_codes):
+                packed_codes, zbytes = z, len(z)
+        parts = [
+            pattern,
+            packed_codes,
+            scale_bytes[i].tobytes(),
+            b"" if q0.symmetric else pack_bits(zp[i], bits),
+        ]
+        entry = layout_entry(
+            names[i],
+            shape,
+            dtype,
+            bits=bits,
+            symmetric=q0.symmetric,
+            per_channel=q0.per_channel,
+            pattern=choice,
+            zstd_bytes=zbytes,
+            group_size=group,
+        )
+        is_structured = bool(m is not None and structured[i])
+        spec = TensorSpec(
+            names[i],
+            shape,
+            k_nnz,
+            bits=bits,
+            symmetric=q0.symmetric,
+            per_channel=q0.per_channel,
+            structured=is_structured,
+            dtype=dtype,
+            group_size=group,
+        )
+        h = hist_all[i] if choice.kind == "d" else hist_kept[i]
+        c = h[h > 0]
+        ent = float(-(c * np.log2(c / flat_codes.size)).sum()) if flat_codes.size else 0.0
+        pat_ent = _pattern_entropy_bits(mi, choice, parts[0])
+        ent_bytes = math.ceil((ent + pat_ent) / 8) + len(parts[2]) + len(parts[3])
+        rec = TensorRecord(
+            names[i],
+            shape,
+            dtype,
+            bits,
+            choice.kind,
+            k_nnz,
+            sum(map(len, parts)),
+            ent_bytes,
+            zbytes is not None,
+        )
+        out.append((entry, parts, rec, spec))
+    return out
+
+
 def _mask_structured(m: np.ndarray | None) -> bool:
     return m is not None and _row_structured(m)
 
@@ -264,7 +488,36 @@ def pack_result(
             hint="the compression result is inconsistent; re-run the compression",
         )
     layout, parts, records, specs = [], [], [], []
+    groups: dict[tuple, list[str]] = {}
+    for name, value in state.items():
+        key = _group_key(value, quantized.get(name), masks.get(name))
+        if key is not None:
+            groups.setdefault(key, []).append(name)
+    encoded: dict[str, tuple[list, list[bytes], TensorRecord, TensorSpec]] = {}
+    for members in groups.values():
+        if len(members) < _GROUP_MIN:
+            continue
+        for s in range(0, len(members), 4096):
+            if cancel is not None:
+                cancel.check()
+            chunk = members[s : s + 4096]
+            progress(len(encoded) / max(len(state), 1), f"packing {chunk[0]} and others")
+            got = _encode_group(
+                chunk,
+                [state[n] for n in chunk],
+                [quantized[n] for n in chunk],
+                [masks.get(n) for n in chunk],
+                entropy=entropy,
+            )
+            encoded.update(zip(chunk, got, strict=True))
     for i, (name, value) in enumerate(state.items()):
+        if name in encoded:
+            entry, p, rec, spec = encoded[name]
+            layout.append(entry)
+            parts.extend(p)
+            records.append(rec)
+            specs.append(spec)
+            continue
         if cancel is not None:
             cancel.check()
         progress(i / max(len(state), 1), f"packing {name}")

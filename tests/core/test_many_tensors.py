@@ -195,3 +195,218 @@ def test_many_one_element_tensors_inventory_and_nonfinite():
     rows = inventory(loaded)
     assert [r.tensor for r in rows] == list(state)
     assert not any(r.prunable for r in rows)  # 1-D weights: norm-like, not compressible
+
+
+# ---------------------------------------------------------------------------------------
+# batched analysis / compression / packing of small same-shape tensors
+# ---------------------------------------------------------------------------------------
+def _same(x, y, path=""):
+    """Field-by-field equality of stats/records (arrays by value and dtype, floats exactly)."""
+    import dataclasses
+    import math
+
+    if isinstance(x, np.ndarray) or isinstance(y, np.ndarray):
+        x, y = np.asarray(x), np.asarray(y)
+        assert x.dtype == y.dtype and x.shape == y.shape, path
+        assert np.array_equal(x, y, equal_nan=True), path
+    elif dataclasses.is_dataclass(x):
+        for f in dataclasses.fields(x):
+            _same(getattr(x, f.name), getattr(y, f.name), f"{path}.{f.name}")
+    elif isinstance(x, dict):
+        assert x.keys() == y.keys(), path
+        for k in x:
+            _same(x[k], y[k], f"{path}/{k}")
+    elif isinstance(x, float):
+        assert x == y or (math.isnan(x) and math.isnan(y)), (path, x, y)
+    else:
+        assert x == y, (path, x, y)
+
+
+def _odd_tensors(shape, count, seed):
+    """Small tensors with the awkward contents: zeros, constants, ties, NaN, fp16, overflow."""
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for j in range(count):
+        w = torch.randn(shape, generator=g) * float(10 ** ((j % 7) - 3))
+        kind = j % 8
+        if kind == 1:
+            w = torch.zeros(shape)
+        elif kind == 2:
+            w = torch.full(shape, 0.5)
+        elif kind == 3:
+            w[w.abs() < w.abs().mean()] = 0
+        elif kind == 4:
+            w = w.round()
+        elif kind == 5:
+            w.view(-1)[0] = float("nan")
+        elif kind == 6:
+            w = w.half()
+        elif kind == 7:
+            w = torch.full(shape, 3e37) * torch.randn(shape, generator=g).sign()
+        out.append(w)
+    return out
+
+
+@pytest.mark.parametrize("shape", [(4, 4), (8, 3, 3, 3), (16,), (1, 5), (3, 1), (64, 64)])
+def test_batched_statistics_equal_one_by_one(shape):
+    from core import stats as S
+    from core.model import LayerInfo
+
+    ws = _odd_tensors(shape, 40, seed=len(shape))
+    layers = [
+        LayerInfo(f"l{j}", "Linear", f"l{j}.weight", shape, w.numel(), 4 * w.numel(), True)
+        for j, w in enumerate(ws)
+    ]
+    got = S._batch_small_stats(layers, ws, ["F32"] * len(ws))
+    batched = 0
+    for layer, w, g in zip(layers, ws, got, strict=True):
+        if g is None:  # NaN or overflowing norms: done one by one by the caller
+            assert not torch.isfinite(w).all() or float(w.abs().max()) > 1e30
+            continue
+        batched += 1
+        _same(g, S._tensor_stats(layer, w, None, "F32"), layer.name)
+    assert batched >= 30
+
+
+def _mixed_checkpoint(tmp_path):
+    g = torch.Generator().manual_seed(0)
+    st = {f"a{i}.weight": torch.randn(4, 6, generator=g) * (i + 1) for i in range(40)}
+    st.update({f"b{i}.weight": torch.randn(8, 3, 3, 3, generator=g) for i in range(12)})
+    st["a5.weight"][0, 0] = 0
+    st["a6.weight"][:] = 0
+    st["a7.weight"][1] = 1.0
+    st["big.weight"] = torch.randn(60, 80, generator=g)
+    path = tmp_path / "mixed.safetensors"
+    save_file(st, str(path))
+    return load_model(path)
+
+
+_GROUP_PLANS = [
+    ("magnitude", "sparsity", 0.5, {"bits": 8}),
+    ("magnitude", "sparsity", 0.97, {"bits": 4, "symmetric": False, "per_channel": True}),
+    ("magnitude", "threshold", 0.0, {"bits": 3}),
+    ("none", "sparsity", 0.0, {"bits": 4, "per_channel": True, "group_size": 32}),
+    ("magnitude", "sparsity", 0.3, {}),
+]
+
+
+def _plan(method, mode, sparsity, quant, scope="layer"):
+    from core.plan import CompressionPlan, LayerConfig, PruneConfig, QuantConfig
+
+    prune = PruneConfig(method=method, mode=mode, sparsity=sparsity, threshold=0.7, scope=scope)
+    return CompressionPlan(default=LayerConfig(prune=prune, quant=QuantConfig(**quant)))
+
+
+@pytest.mark.parametrize("scope", ["layer", "global"])
+def test_grouped_compression_and_packing_equal_one_by_one(tmp_path, monkeypatch, scope):
+    """The engine's `_compress_group` and the writer's `_encode_group` give the same weights,
+    masks, codes, reports and archive bytes as the one-layer paths."""
+    import dataclasses
+    import math
+
+    from core import engine
+    from core.packed import writer
+    from core.stats import analyze
+
+    loaded = _mixed_checkpoint(tmp_path)
+    stats = analyze(loaded)
+    for method, mode, sparsity, quant in _GROUP_PLANS:
+        plan = _plan(method, mode, sparsity, quant, scope if mode == "sparsity" else "layer")
+        monkeypatch.setattr(engine, "_GROUP_MIN", 8)
+        a = engine.compress(loaded, plan, stats)
+        monkeypatch.setattr(engine, "_GROUP_MIN", 10**9)
+        b = engine.compress(loaded, plan, stats)
+        sa, sb = a.compressed.module.state_dict(), b.compressed.module.state_dict()
+        assert all(torch.equal(sa[k], sb[k]) for k in sa)
+        assert a.masks.keys() == b.masks.keys()
+        assert all(torch.equal(a.masks[k], b.masks[k]) for k in a.masks)
+        assert a.quantized.keys() == b.quantized.keys()
+        for k, qa in a.quantized.items():
+            qb = b.quantized[k]
+            for f in ("codes", "scale", "zero_point"):
+                assert torch.equal(getattr(qa, f), getattr(qb, f)), (k, f)
+        for ra, rb in zip(a.layers, b.layers, strict=True):
+            da, db = dataclasses.asdict(ra), dataclasses.asdict(rb)
+            qa, qb = da.pop("sqnr_db"), db.pop("sqnr_db")
+            assert da == db
+            # the SQNR sums run over a stack: equal up to summation order
+            assert qa == qb or math.isclose(qa, qb, rel_tol=1e-9)
+        for entropy in (False, True):
+            monkeypatch.setattr(writer, "_GROUP_MIN", 8)
+            pa = writer.pack_result(a, entropy=entropy)
+            monkeypatch.setattr(writer, "_GROUP_MIN", 10**9)
+            pb = writer.pack_result(a, entropy=entropy)
+            assert pa[0] == pb[0] and pa[1] == pb[1] and pa[2] == pb[2] and pa[3] == pb[3]
+
+
+def test_quantize_stack_equals_quantize():
+    import itertools
+
+    from core.quantization import dequantize, quantize, quantize_stack
+
+    g = torch.Generator().manual_seed(1)
+    for shape in [(4, 4), (3, 5, 2), (16, 1), (2, 70)]:
+        for bits, sym, per_channel, group, masked in itertools.product(
+            [2, 8], [True, False], [False, True], [None, 32], [False, True]
+        ):
+            scales = torch.logspace(-3, 3, 12).reshape(12, *([1] * len(shape)))
+            w = torch.randn((12, *shape), generator=g) * scales
+            w[3] = 0
+            w[4].view(-1)[0] = float("nan")
+            mask = (torch.rand(w.shape, generator=g) > 0.5) if masked else None
+            if mask is not None:
+                mask[5] = False
+            qts, deq = quantize_stack(
+                w, bits, symmetric=sym, per_channel=per_channel, mask=mask, group_size=group
+            )
+            for i in range(12):
+                ref = quantize(
+                    w[i],
+                    bits,
+                    symmetric=sym,
+                    per_channel=per_channel,
+                    mask=None if mask is None else mask[i],
+                    group_size=group,
+                )
+                for f in ("codes", "scale", "zero_point"):
+                    assert torch.equal(getattr(ref, f), getattr(qts[i], f))
+                assert torch.equal(dequantize(ref), deq[i])
+
+
+def test_report_json_of_many_layers_is_the_same_json():
+    from core.report import dumps
+
+    data = {
+        "model": "m",
+        "layers": [{"name": f"l{i}", "sqnr_db": None, "shape": [4, 4]} for i in range(500)],
+        "exports": [{"format": "packed", "bytes": 12}],
+        "nested": {"a": [1, 2], "b": "x\ny"},
+    }
+    text = dumps(data)
+    assert json.loads(text) == data
+    assert text.count("\n") > 500  # one layer per line, not one giant line
+    small = {"a": 1, "b": {"c": [1, 2]}}
+    assert dumps(small) == json.dumps(small, indent=2) + "\n"
+
+
+def test_compress_of_many_tiny_tensors_end_to_end(tmp_path):
+    """2*10**4 tiny tensors through the CLI: the batched paths, a loadable archive with the
+    planned sparsity (the speed itself is measured in bench/bench_many_tensors.py)."""
+    from core.cli import main
+    from core.model_io import load_packed
+
+    g = torch.Generator().manual_seed(3)
+    st = {f"t{i}.weight": torch.randn(4, 4, generator=g) for i in range(20000)}
+    st["odd.weight"] = torch.randn(5, 7, generator=g)
+    src = tmp_path / "many.safetensors"
+    save_file(st, str(src))
+    out = tmp_path / "out"
+    rc = main(["compress", str(src), "--sparsity", "0.5", "--bits", "8", "--out", str(out)])
+    assert rc == 0
+    report = json.loads((out / "report.json").read_text())
+    assert len(report["layers"]) == 20001
+    restored = load_packed(out / "model.packed.safetensors", base=src)
+    sd = restored.module.state_dict()
+    zeros = sum(int((sd[k] == 0).sum()) for k in st)
+    total = sum(v.numel() for v in st.values())
+    assert abs(zeros / total - 0.5) < 0.01
