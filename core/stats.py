@@ -64,6 +64,14 @@ if TYPE_CHECKING:
 SMALL_MAX = 65536
 #: Bins of the signed and log10 weight histograms shown by the GUI.
 HIST_BINS = 128
+
+
+def hist_bins(n: int) -> int:
+    """Display bins of a tensor of ``n`` values: `HIST_BINS`, fewer for tiny tensors (a
+    checkpoint of 10**5 4x4 tensors would otherwise hold 4 KiB of empty bins per tensor)."""
+    return min(HIST_BINS, max(n, 8))
+
+
 #: Radix bins of a non-negative float32: the top 16 bits with the sign bit clear.
 RADIX_BINS = 32768
 #: Edge index of +inf. Edges ``0 .. INF_EDGE`` are valid thresholds; bins ``>= INF_EDGE`` hold
@@ -686,9 +694,9 @@ def _tensor_stats(
         lo = hi = mean = std = 0.0
 
     if n <= SMALL_MAX:
-        hist = histogram(fin)
+        hist = histogram(fin, hist_bins(n))
         nonzero = fin[fin != 0]
-        hist_log = histogram(torch.log10(nonzero.abs()))
+        hist_log = histogram(torch.log10(nonzero.abs()), hist_bins(n))
     else:
         hist, hist_log = _radix_histograms(signed, lo, hi, zeros)
     neg_fraction = negatives / nfin if nfin else 0.5
@@ -844,7 +852,8 @@ def _small_tensor_stats(
     if var <= 1e-6 * mean * mean:  # cancellation: recompute directly
         var = float(np.var(a, dtype=np.float64))
     nonzero = a[a != 0] if zeros else a
-    hists = (_np_histogram(a), _np_histogram(np.log10(np.abs(nonzero))))
+    bins = hist_bins(n)
+    hists = (_np_histogram(a, bins), _np_histogram(np.log10(np.abs(nonzero)), bins))
     a64 = a.astype(np.float64)
     unit = n // rows
     scores: dict[str, ScoreIndex] = {
@@ -1001,8 +1010,8 @@ def _batch_small_stats(
     var = sumsq / n - mean * mean
     with np.errstate(divide="ignore"):
         logs = np.log10(np.abs(a))
-    hists = _hist_rows(a, None)
-    hists_log = _hist_rows(logs, a != 0)
+    hists = _hist_rows(a, None, hist_bins(n))
+    hists_log = _hist_rows(logs, a != 0, hist_bins(n))
     a64 = a.astype(np.float64)
     mags = _sorted_indices(np.abs(a), a64 * a64, 1)
     l2s = _sorted_indices(l2, row_sq, unit)
