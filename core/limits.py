@@ -515,34 +515,14 @@ class SafetensorsEntry(NamedTuple):
             return default
 
 
-def safetensors_header(
-    path: str | Path,
-    *,
-    supported: Iterable[str],
-    error: ErrorType = ModelLoadError,
-) -> tuple[dict[str, dict[str, Any]], dict[str, str]]:
-    """Read and check a safetensors header before any tensor is touched.
-
-    Checks: the 8-byte length (at most `MAX_HEADER_BYTES` and inside the file), JSON limits
-    (`load_json`, duplicate keys refused), string-only ``__metadata__``, and per tensor a
-    ``supported`` dtype, a valid shape (`check_shape`) and ``data_offsets`` that lie inside the
-    data section, match ``numel * itemsize`` and do not overlap another tensor's.
-
-    Returns
-    -------
-    (entries, metadata)
-        ``name -> SafetensorsEntry`` (read like a dict: ``e["dtype"]``, ``e["shape"]`` (tuple),
-        ``e["data_offsets"]`` (tuple)) and ``__metadata__``.
-    """
-    p = Path(path)
-    allowed = {d for d in supported if d in SAFETENSORS_ITEMSIZE}
-    hint = "copy or download the file again"
+def _read_header_text(path: Path, error: ErrorType, hint: str) -> tuple[str, int]:
+    """``(header JSON text, bytes of the data section)`` of a safetensors file."""
     try:
-        file_bytes = p.stat().st_size
-        with p.open("rb") as fh:
+        file_bytes = path.stat().st_size
+        with path.open("rb") as fh:
             head = fh.read(8)
             if len(head) < 8:
-                raise error("the safetensors file is truncated (no header)", path=p, hint=hint)
+                raise error("the safetensors file is truncated (no header)", path=path, hint=hint)
             n = int.from_bytes(head, "little")
             if n > MAX_HEADER_BYTES or 8 + n > file_bytes:
                 raise error(
@@ -552,27 +532,28 @@ def safetensors_header(
                         if n > MAX_HEADER_BYTES
                         else f" in a {_fmt_bytes(file_bytes)} file (truncated or corrupt)"
                     ),
-                    path=p,
+                    path=path,
                     hint=hint,
                 )
             raw = fh.read(n)
     except OSError as exc:
-        raise error(f"cannot be read ({exc.strerror or exc})", path=p, hint=hint) from None
+        raise error(f"cannot be read ({exc.strerror or exc})", path=path, hint=hint) from None
     try:
-        text = raw.decode("utf-8")
+        return raw.decode("utf-8"), file_bytes - 8 - n
     except UnicodeDecodeError:
-        raise error("the safetensors header is not UTF-8 text", path=p, hint=hint) from None
-    del raw
-    data_bytes = file_bytes - 8 - n
+        raise error("the safetensors header is not UTF-8 text", path=path, hint=hint) from None
+
+
+def _entry_builder(allowed: set[str], data_bytes: int) -> Callable[[list[tuple[str, Any]]], Any]:
+    """The JSON parser's ``object_pairs_hook``: a well-formed tensor entry becomes a
+    `SafetensorsEntry` at once (a header can list 10**6 tensors; dicts of lists would cost
+    ~700 B each). Anything else stays a dict and gets the full checks of `_checked_entry`."""
     itemsize = SAFETENSORS_ITEMSIZE
     dtype_names = {d: d for d in allowed}  # one shared string per dtype, not one per tensor
     shapes: dict[tuple[int, ...], tuple[int, ...]] = {}  # one shared tuple per shape
     entry_keys = {"dtype", "shape", "data_offsets"}
 
     def compact(items: list[tuple[str, Any]]) -> Any:
-        # Called by the parser for every JSON object: a well-formed tensor entry becomes a
-        # SafetensorsEntry at once (a header can list 10**6 tensors; dicts of lists would
-        # cost ~700 B each). Anything else stays a dict and gets the full checks below.
         if len(items) == 3:
             d = dict(items)
             if d.keys() == entry_keys:
@@ -601,6 +582,84 @@ def safetensors_header(
                         )
         return unique_pairs(items)
 
+    return compact
+
+
+def _checked_entry(
+    name: str,
+    info: Any,
+    allowed: set[str],
+    data_bytes: int,
+    p: Path,
+    error: ErrorType,
+    hint: str,
+) -> SafetensorsEntry:
+    """The full checks of one header entry the fast path did not accept; names the problem."""
+    shown = escape_name(name)[:80]
+    if not isinstance(info, dict) or not {"dtype", "shape", "data_offsets"} <= set(info):
+        raise error(
+            f"tensor {shown!r} has no dtype/shape/data_offsets in the header",
+            path=p,
+            hint=hint,
+        )
+    dtype = info["dtype"]
+    if dtype not in allowed:
+        raise error(
+            f"tensor {shown!r} has dtype {str(dtype)[:20]!r}, which the workbench does not "
+            f"support (supported: {', '.join(sorted(allowed))})",
+            path=p,
+            hint="convert the tensors to one of these dtypes (e.g. float32) and save again",
+        )
+    shape = check_shape(info["shape"], f"tensor {shown!r}", p, error=error)
+    offsets = info["data_offsets"]
+    if (
+        not isinstance(offsets, list)
+        or len(offsets) != 2
+        or not all(isinstance(o, int) and not isinstance(o, bool) for o in offsets)
+        or not 0 <= offsets[0] <= offsets[1] <= data_bytes
+    ):
+        raise error(
+            f"tensor {shown!r} has data_offsets {str(offsets)[:60]} outside the "
+            f"{_fmt_bytes(data_bytes)} data section",
+            path=p,
+            hint=hint,
+        )
+    start, end = offsets
+    need = math.prod(shape) * SAFETENSORS_ITEMSIZE[dtype]
+    if end - start != need:
+        raise error(
+            f"tensor {shown!r} of shape {list(shape)} {dtype} needs {need:,} bytes but its "
+            f"data_offsets span {end - start:,}",
+            path=p,
+            hint=hint,
+        )
+    # Valid after all (e.g. a dimension too large for the fast checks).
+    return SafetensorsEntry(dtype, shape, start, end)
+
+
+def safetensors_header(
+    path: str | Path,
+    *,
+    supported: Iterable[str],
+    error: ErrorType = ModelLoadError,
+) -> tuple[dict[str, dict[str, Any]], dict[str, str]]:
+    """Read and check a safetensors header before any tensor is touched.
+
+    Checks: the 8-byte length (at most `MAX_HEADER_BYTES` and inside the file), JSON limits
+    (`load_json`, duplicate keys refused), string-only ``__metadata__``, and per tensor a
+    ``supported`` dtype, a valid shape (`check_shape`) and ``data_offsets`` that lie inside the
+    data section, match ``numel * itemsize`` and do not overlap another tensor's.
+
+    Returns
+    -------
+    (entries, metadata)
+        ``name -> SafetensorsEntry`` (read like a dict: ``e["dtype"]``, ``e["shape"]`` (tuple),
+        ``e["data_offsets"]`` (tuple)) and ``__metadata__``.
+    """
+    p = Path(path)
+    allowed = {d for d in supported if d in SAFETENSORS_ITEMSIZE}
+    hint = "copy or download the file again"
+    text, data_bytes = _read_header_text(p, error, hint)
     header = load_json(
         text,
         what="the safetensors header",
@@ -609,7 +668,7 @@ def safetensors_header(
         unique_keys=True,
         error=error,
         hint=hint,
-        object_pairs_hook=compact,
+        object_pairs_hook=_entry_builder(allowed, data_bytes),
     )
     del text
     if not isinstance(header, dict):
@@ -624,55 +683,11 @@ def safetensors_header(
     starts: list[int] = []
     ends: list[int] = []
     for name, info in header.items():
-        if type(info) is SafetensorsEntry:  # checked by `compact`
-            if info.end > info.start:
-                starts.append(info.start)
-                ends.append(info.end)
-            continue
-        # Anything unusual takes the full checks below, which name the problem.
-        shown = escape_name(name)[:80]
-        if not isinstance(info, dict) or not {"dtype", "shape", "data_offsets"} <= set(info):
-            raise error(
-                f"tensor {shown!r} has no dtype/shape/data_offsets in the header",
-                path=p,
-                hint=hint,
-            )
-        dtype = info["dtype"]
-        if dtype not in allowed:
-            raise error(
-                f"tensor {shown!r} has dtype {str(dtype)[:20]!r}, which the workbench does not "
-                f"support (supported: {', '.join(sorted(allowed))})",
-                path=p,
-                hint="convert the tensors to one of these dtypes (e.g. float32) and save again",
-            )
-        shape = check_shape(info["shape"], f"tensor {shown!r}", p, error=error)
-        offsets = info["data_offsets"]
-        if (
-            not isinstance(offsets, list)
-            or len(offsets) != 2
-            or not all(isinstance(o, int) and not isinstance(o, bool) for o in offsets)
-            or not 0 <= offsets[0] <= offsets[1] <= data_bytes
-        ):
-            raise error(
-                f"tensor {shown!r} has data_offsets {str(offsets)[:60]} outside the "
-                f"{_fmt_bytes(data_bytes)} data section",
-                path=p,
-                hint=hint,
-            )
-        start, end = offsets
-        need = math.prod(shape) * SAFETENSORS_ITEMSIZE[dtype]
-        if end - start != need:
-            raise error(
-                f"tensor {shown!r} of shape {list(shape)} {dtype} needs {need:,} bytes but its "
-                f"data_offsets span {end - start:,}",
-                path=p,
-                hint=hint,
-            )
-        # Valid after all (e.g. a dimension too large for the fast checks).
-        header[name] = SafetensorsEntry(dtype, shape, start, end)
-        if end > start:
-            starts.append(start)
-            ends.append(end)
+        if type(info) is not SafetensorsEntry:  # not accepted by the fast path
+            info = header[name] = _checked_entry(name, info, allowed, data_bytes, p, error, hint)
+        if info.end > info.start:
+            starts.append(info.start)
+            ends.append(info.end)
     if len(starts) > 1:
         # Sorted by (start, end), no span may begin before the previous one ends.
         s_arr = np.asarray(starts, dtype=np.int64)

@@ -143,10 +143,53 @@ def report_data(
 # ---------------------------------------------------------------------------------------
 # SVG histograms
 # ---------------------------------------------------------------------------------------
+#: Tensors above this many elements are histogrammed in chunks (`_histogram_pair_chunked`).
+_PAIR_CHUNK = 1 << 22
+
+
+def _histogram_pair_chunked(
+    before: torch.Tensor, after: torch.Tensor, mask: torch.Tensor | None, bins: int
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """`histogram_pair` in chunks of `_PAIR_CHUNK` elements (the same edges and counts: min/max
+    and binning are per element), with a few tens of MB of float64 temporaries instead of
+    about eight copies of a 10**8-weight tensor."""
+    b_flat = before.detach().reshape(-1)
+    a_flat = after.detach().reshape(-1)
+    m_flat = mask.reshape(-1) if (mask is not None and mask.shape == after.shape) else None
+
+    def b_chunks():
+        for s in range(0, b_flat.numel(), _PAIR_CHUNK):
+            c = b_flat[s : s + _PAIR_CHUNK].double().numpy()
+            yield c[np.isfinite(c)]
+
+    def a_chunks():
+        for s in range(0, a_flat.numel(), _PAIR_CHUNK):
+            c = a_flat[s : s + _PAIR_CHUNK].double()
+            c = c[m_flat[s : s + _PAIR_CHUNK]] if m_flat is not None else c[c != 0]
+            c = c.numpy()
+            yield c[np.isfinite(c)]
+
+    lo, hi = math.inf, -math.inf
+    for chunks in (b_chunks, a_chunks):
+        for c in chunks():
+            if c.size:
+                lo, hi = min(lo, float(c.min())), max(hi, float(c.max()))
+    if lo > hi:  # no finite value at all: the range of np.zeros(1)
+        lo = hi = 0.0
+    if hi <= lo:
+        lo, hi = lo - 0.5, hi + 0.5
+    edges = np.linspace(lo, hi, bins + 1)
+    hb = sum((np.histogram(c, edges)[0] for c in b_chunks()), np.zeros(bins, dtype=np.int64))
+    ha = sum((np.histogram(c, edges)[0] for c in a_chunks()), np.zeros(bins, dtype=np.int64))
+    return edges, hb, ha
+
+
 def histogram_pair(
     before: torch.Tensor, after: torch.Tensor, mask: torch.Tensor | None, bins: int = HIST_BINS
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Shared-edge histograms of the original weights and the kept compressed weights."""
+    if max(before.numel(), after.numel()) > _PAIR_CHUNK:
+        return _histogram_pair_chunked(before, after, mask, bins)
     b = before.detach().double().reshape(-1).numpy()
     a = after.detach().double().reshape(-1)
     if mask is not None and mask.shape == after.shape:
@@ -249,28 +292,9 @@ def _deployed_cell(dep: Mapping[str, Any] | None) -> str:
     return "<br>".join([head + flag, *lats])
 
 
-def render_html(result: Any, data: Mapping[str, Any]) -> str:
-    """The report page for ``result`` and its `report_data`."""
+def _html_exports(parts: list[str], data: Mapping[str, Any]) -> None:
+    """Sizes, fidelity and latency of each exported file."""
     e = html.escape
-    orig_bytes = data["original_bytes"]
-    cards = [
-        ("model", e(str(data["model"]))),
-        ("fp32 size", f"{orig_bytes:,} B"),
-        ("packed size", f"{data['compressed_bytes']:,} B" if data["compressed_bytes"] else "–"),
-        ("compression", _fmt(data["compression_ratio"], ".1f") + "×"),
-        ("sparsity", _pct(data["sparsity"])),
-        ("accuracy", f"{_pct(data['accuracy_before'])} → {_pct(data['accuracy_after'])}"),
-    ]
-    parts = [
-        "<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'>",
-        f"<title>Compression report – {e(str(data['model']))}</title><style>{_CSS}</style></head><body>",
-        f"<h1>Compression report</h1><p class='muted'>{e(data['generated'])} · source format "
-        f"{e(str(data['model_format']))}</p>",
-        "<div class='cards'>"
-        + "".join(f"<div class='card'>{k}<b>{v}</b></div>" for k, v in cards)
-        + "</div>",
-    ]
-    # sizes and latency per format
     parts.append("<h2>Exports</h2>")
     if data["exports"]:
         parts.append(
@@ -279,7 +303,7 @@ def render_html(result: Any, data: Mapping[str, Any]) -> str:
             "<th>note</th></tr>"
         )
         for ex in data["exports"]:
-            ratio = orig_bytes / ex["bytes_on_disk"] if ex["bytes_on_disk"] else None
+            ratio = data["original_bytes"] / ex["bytes_on_disk"] if ex["bytes_on_disk"] else None
             parts.append(
                 _row(
                     [
@@ -303,7 +327,11 @@ def render_html(result: Any, data: Mapping[str, Any]) -> str:
         parts.append("</table>")
     else:
         parts.append("<p class='muted'>No exports were written.</p>")
-    # accuracy and fidelity
+
+
+def _html_accuracy(parts: list[str], data: Mapping[str, Any]) -> None:
+    """Accuracy and output fidelity, before and after."""
+    e = html.escape
     parts.append("<h2>Accuracy and fidelity</h2>")
     ev = data["evaluation"]
     if ev.get("before") or ev.get("after"):
@@ -343,7 +371,11 @@ def render_html(result: Any, data: Mapping[str, Any]) -> str:
         )
     else:
         parts.append("<p class='muted'>Not evaluated (no data or no forward pass).</p>")
-    # per-layer table
+
+
+def _html_layers(parts: list[str], data: Mapping[str, Any]) -> None:
+    """The per-layer table."""
+    e = html.escape
     parts.append(
         "<h2>Layers</h2><table><tr><th>layer</th><th>type</th><th>shape</th><th>method</th>"
         "<th>sparsity</th><th>nnz</th><th>bits</th><th>SQNR dB</th><th>fp32 B</th>"
@@ -374,7 +406,11 @@ def render_html(result: Any, data: Mapping[str, Any]) -> str:
             )
         )
     parts.append("</table>")
-    # histograms
+
+
+def _html_histograms(parts: list[str], result: Any) -> None:
+    """Weight histograms of the largest `HTML_HISTOGRAMS` layers (original and kept)."""
+    e = html.escape
     parts.append(
         "<h2>Weight histograms</h2><p class='legend muted'>count on a square-root scale"
         "<span style='background:#9aa4b1'></span>original"
@@ -401,6 +437,33 @@ def render_html(result: Any, data: Mapping[str, Any]) -> str:
             f"{_pct(layer.sparsity)} pruned</span></h3>{svg_histogram(edges, hb, ha)}</div>"
         )
     parts.append("</div>")
+
+
+def render_html(result: Any, data: Mapping[str, Any]) -> str:
+    """The report page for ``result`` and its `report_data`."""
+    e = html.escape
+    orig_bytes = data["original_bytes"]
+    cards = [
+        ("model", e(str(data["model"]))),
+        ("fp32 size", f"{orig_bytes:,} B"),
+        ("packed size", f"{data['compressed_bytes']:,} B" if data["compressed_bytes"] else "–"),
+        ("compression", _fmt(data["compression_ratio"], ".1f") + "×"),
+        ("sparsity", _pct(data["sparsity"])),
+        ("accuracy", f"{_pct(data['accuracy_before'])} → {_pct(data['accuracy_after'])}"),
+    ]
+    parts = [
+        "<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'>",
+        f"<title>Compression report – {e(str(data['model']))}</title><style>{_CSS}</style></head><body>",
+        f"<h1>Compression report</h1><p class='muted'>{e(data['generated'])} · source format "
+        f"{e(str(data['model_format']))}</p>",
+        "<div class='cards'>"
+        + "".join(f"<div class='card'>{k}<b>{v}</b></div>" for k, v in cards)
+        + "</div>",
+    ]
+    _html_exports(parts, data)
+    _html_accuracy(parts, data)
+    _html_layers(parts, data)
+    _html_histograms(parts, result)
     parts.append(
         "<h2>Recipe</h2><pre>" + e(json.dumps(data["recipe"], indent=2)) + "</pre></body></html>"
     )

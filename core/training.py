@@ -139,80 +139,130 @@ def finetune(
         When ``cancel`` fires; nothing is modified.
     """
     from core.engine import measure_result
-    from core.model_io import clone_model
 
-    require_forward(result.compressed, "fine-tuning")
-    if train.y is None:
-        require_forward(result.original, "fine-tuning without labels (the original gives targets)")
-    if len(train) == 0:
-        raise CompressionError("the training data set is empty", path=getattr(train, "name", None))
-    teacher: LoadedModel = result.original
-    if cfg.distill:
-        require_forward(teacher, "distillation")
-    teacher_needed = cfg.distill or train.y is None or (val is not None and val.y is None)
-    student = clone_model(result.compressed)
-    module = student.module
-    params = dict(module.named_parameters())
-    missing = sorted((set(result.masks) | set(result.quantized)) - set(params))
-    if missing:
-        raise CompressionError(
-            f"compressed tensor {missing[0]!r} is not a parameter of the model",
-            hint="fine-tuning updates parameters; this tensor is a constant of the graph",
-        )
-    compressed_names = sorted(set(result.masks) | set(result.quantized))
-    qcfgs = {n: _quant_cfg(qt) for n, qt in result.quantized.items()}
-    masters: dict[str, torch.Tensor] = {}
-    for name in compressed_names:
-        masters[name] = params[name].detach().clone().float()
-    plain = [p for n, p in params.items() if n not in masters and p.dtype.is_floating_point]
-    grad_flags = {n: p.requires_grad for n, p in params.items()}
-    try:
-        for p in params.values():
-            if p.dtype.is_floating_point:
-                p.requires_grad_(True)
-    except RuntimeError as exc:
-        raise CompressionError(
-            f"the model's parameters cannot be trained ({exc})",
-            path=student.source,
-            hint="export the model with trainable parameters or fine-tune the eager model",
-        ) from None
-    master_list = list(masters.values())
-    for t in master_list:
-        t.requires_grad_(True)
-    fixed = fixed_batch(student)
-    if teacher_needed and fixed is None:
-        fixed = fixed_batch(teacher)
-    opt = torch.optim.Adam(plain + master_list, lr=cfg.lr)
-    n_batches = len(train) // fixed if fixed else math.ceil(len(train) / cfg.batch_size)
-    if n_batches == 0:
-        raise CompressionError(
-            f"the model only accepts batches of {fixed} samples; the training set has {len(train)}",
-            hint="provide more training samples",
-        )
-    total_steps = max(cfg.epochs * n_batches, 1)
-    # Cosine decay to zero: the last epochs settle the weights onto the quantization grid
-    # instead of jumping between codes, which matters at 3-5 bits.
-    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=total_steps)
-    masks = {n: m.to(torch.bool) for n, m in result.masks.items()}
+    trainer = _Trainer(result, train, val, cfg, cancel)
+    with trainer.modes():
+        trainer.load_weights()
+        best_score = trainer.val_score() if trainer.has_val else None
+        best_state = trainer.snapshot()
+        for epoch in range(cfg.epochs):
+            trainer.epoch(epoch, progress)
+            if trainer.has_val:
+                trainer.load_weights()
+                score = trainer.val_score()
+                if score > best_score:
+                    best_score, best_state = score, trainer.snapshot()
+            else:
+                best_state = trainer.snapshot()
+        trainer.restore(best_state)
+    return measure_result(trainer.finish())
 
-    def load_weights() -> None:
+
+class _Trainer:
+    """The state of one `finetune` run: float32 master copies of the compressed tensors
+    (trained with straight-through gradients, projected onto mask and grid before every
+    forward pass), the optimizer and its cosine schedule, and the loss and validation score."""
+
+    def __init__(self, result, train, val, cfg: RecoveryConfig, cancel: CancelToken | None):
+        from core.model_io import clone_model
+
+        require_forward(result.compressed, "fine-tuning")
+        if train.y is None:
+            require_forward(
+                result.original, "fine-tuning without labels (the original gives targets)"
+            )
+        if len(train) == 0:
+            raise CompressionError(
+                "the training data set is empty", path=getattr(train, "name", None)
+            )
+        self.result, self.train, self.val, self.cfg, self.cancel = result, train, val, cfg, cancel
+        self.teacher: LoadedModel = result.original
+        if cfg.distill:
+            require_forward(self.teacher, "distillation")
+        self.teacher_needed = cfg.distill or train.y is None or (val is not None and val.y is None)
+        self.student = clone_model(result.compressed)
+        self.module = self.student.module
+        self.params = dict(self.module.named_parameters())
+        missing = sorted((set(result.masks) | set(result.quantized)) - set(self.params))
+        if missing:
+            raise CompressionError(
+                f"compressed tensor {missing[0]!r} is not a parameter of the model",
+                hint="fine-tuning updates parameters; this tensor is a constant of the graph",
+            )
+        compressed_names = sorted(set(result.masks) | set(result.quantized))
+        self.qcfgs = {n: _quant_cfg(qt) for n, qt in result.quantized.items()}
+        self.masters: dict[str, torch.Tensor] = {
+            name: self.params[name].detach().clone().float() for name in compressed_names
+        }
+        plain = [
+            p for n, p in self.params.items() if n not in self.masters and p.dtype.is_floating_point
+        ]
+        self.grad_flags = {n: p.requires_grad for n, p in self.params.items()}
+        try:
+            for p in self.params.values():
+                if p.dtype.is_floating_point:
+                    p.requires_grad_(True)
+        except RuntimeError as exc:
+            raise CompressionError(
+                f"the model's parameters cannot be trained ({exc})",
+                path=self.student.source,
+                hint="export the model with trainable parameters or fine-tune the eager model",
+            ) from None
+        master_list = list(self.masters.values())
+        for t in master_list:
+            t.requires_grad_(True)
+        fixed = fixed_batch(self.student)
+        if self.teacher_needed and fixed is None:
+            fixed = fixed_batch(self.teacher)
+        self.fixed = fixed
+        self.opt = torch.optim.Adam(plain + master_list, lr=cfg.lr)
+        n_batches = len(train) // fixed if fixed else math.ceil(len(train) / cfg.batch_size)
+        if n_batches == 0:
+            raise CompressionError(
+                f"the model only accepts batches of {fixed} samples; the training set has "
+                f"{len(train)}",
+                hint="provide more training samples",
+            )
+        self.total_steps = max(cfg.epochs * n_batches, 1)
+        # Cosine decay to zero: the last epochs settle the weights onto the quantization grid
+        # instead of jumping between codes, which matters at 3-5 bits.
+        self.sched = torch.optim.lr_scheduler.CosineAnnealingLR(self.opt, T_max=self.total_steps)
+        self.masks = {n: m.to(torch.bool) for n, m in result.masks.items()}
+        probe_x, _, _ = next(iter(batches_for(train, min(cfg.batch_size, len(train)), fixed)))
+        with torch.no_grad(), eval_mode(self.module):
+            self.classifier = is_classifier_output(
+                self.student, self.forward(probe_x), train.y is not None
+            )
+        self.has_val = val is not None and len(val) > 0
+        self.step = 0
+
+    def modes(self):
+        """Eval mode for student and (when needed) teacher, gradients on, for the whole run."""
+        from contextlib import ExitStack
+
+        stack = ExitStack()
+        stack.enter_context(eval_mode(self.module))
+        stack.enter_context(
+            eval_mode(self.teacher.module) if self.teacher_needed else nullcontext()
+        )
+        stack.enter_context(torch.set_grad_enabled(True))
+        return stack
+
+    def load_weights(self) -> None:
         with torch.no_grad():
-            for name, master in masters.items():
-                value, _ = _project(master, masks.get(name), qcfgs.get(name))
-                params[name].copy_(value.to(params[name].dtype))
+            for name, master in self.masters.items():
+                value, _ = _project(master, self.masks.get(name), self.qcfgs.get(name))
+                self.params[name].copy_(value.to(self.params[name].dtype))
 
-    def forward(x: torch.Tensor) -> torch.Tensor:
-        return first_tensor(module(x))
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return first_tensor(self.module(x))
 
-    probe_x, _, _ = next(iter(batches_for(train, min(cfg.batch_size, len(train)), fixed)))
-    with torch.no_grad(), eval_mode(module):
-        classifier = is_classifier_output(student, forward(probe_x), train.y is not None)
-
-    def batch_loss(x: torch.Tensor, y: torch.Tensor | None, real: int) -> torch.Tensor:
-        out = forward(x)[:real]
+    def batch_loss(self, x: torch.Tensor, y: torch.Tensor | None, real: int) -> torch.Tensor:
+        cfg = self.cfg
+        out = self.forward(x)[:real]
         if cfg.distill or y is None:
             with torch.no_grad():
-                t_out = first_tensor(teacher.module(x)).detach()[:real]
+                t_out = first_tensor(self.teacher.module(x)).detach()[:real]
         if cfg.distill:
             return distillation_loss(
                 out,
@@ -220,102 +270,95 @@ def finetune(
                 y,
                 temperature=cfg.temperature,
                 alpha=cfg.alpha,
-                classifier=classifier,
+                classifier=self.classifier,
             )
         if y is None:
             # No labels: the original model's predictions are the targets.
-            y = t_out.argmax(dim=1) if classifier else t_out
-        return task_loss(out, y, classifier=classifier)
+            y = t_out.argmax(dim=1) if self.classifier else t_out
+        return task_loss(out, y, classifier=self.classifier)
 
-    def val_score() -> tuple[float, float]:
+    def val_score(self) -> tuple[float, float]:
         """(accuracy or -inf, -loss): higher is better, compared lexicographically."""
         correct = 0
         total_loss = 0.0
         n = 0
+        val = self.val
         with torch.no_grad():
-            for x, y, real in batches_for(val, max(cfg.batch_size, 256), fixed):
-                if cancel is not None:
-                    cancel.check()
-                out = forward(x)[:real]
-                if y is not None and classifier:
+            for x, y, real in batches_for(val, max(self.cfg.batch_size, 256), self.fixed):
+                if self.cancel is not None:
+                    self.cancel.check()
+                out = self.forward(x)[:real]
+                if y is not None and self.classifier:
                     correct += int((out.argmax(dim=1) == y.reshape(-1)).sum())
-                total_loss += float(batch_loss(x, y, real)) * real
+                total_loss += float(self.batch_loss(x, y, real)) * real
                 n += real
-        acc = correct / n if (val.y is not None and classifier and n) else -math.inf
+        acc = correct / n if (val.y is not None and self.classifier and n) else -math.inf
         return acc, -total_loss / max(n, 1)
 
-    def snapshot() -> dict[str, torch.Tensor]:
-        state = {n: t.detach().clone() for n, t in masters.items()}
-        state.update({n: p.detach().clone() for n, p in params.items() if n not in masters})
+    def snapshot(self) -> dict[str, torch.Tensor]:
+        state = {n: t.detach().clone() for n, t in self.masters.items()}
+        state.update(
+            {n: p.detach().clone() for n, p in self.params.items() if n not in self.masters}
+        )
         return state
 
-    def restore(state: dict[str, torch.Tensor]) -> None:
+    def restore(self, state: dict[str, torch.Tensor]) -> None:
         with torch.no_grad():
             for n, t in state.items():
-                (masters[n] if n in masters else params[n]).copy_(t)
+                (self.masters[n] if n in self.masters else self.params[n]).copy_(t)
 
-    has_val = val is not None and len(val) > 0
-    step = 0
-    teacher_ctx = eval_mode(teacher.module) if teacher_needed else nullcontext()
-    with eval_mode(module), teacher_ctx, torch.set_grad_enabled(True):
-        load_weights()
-        best_score = val_score() if has_val else None
-        best_state = snapshot()
-        for epoch in range(cfg.epochs):
-            for x, y, real in batches_for(
-                train, cfg.batch_size, fixed, shuffle=True, seed=epoch, pad=False
-            ):
-                if cancel is not None:
-                    cancel.check()
-                load_weights()
-                opt.zero_grad(set_to_none=True)
-                for p in params.values():
-                    p.grad = None
-                loss = batch_loss(x, y, real)
-                if not torch.isfinite(loss):
-                    raise CompressionError(
-                        f"the loss became {float(loss)} in epoch {epoch + 1}",
-                        hint="lower the learning rate",
-                    )
-                loss.backward()
-                for name, master in masters.items():
-                    g = params[name].grad
-                    # Straight-through: d loss / d master := d loss / d quantized weight,
-                    # zero where pruned so pruned weights never move.
-                    master.grad = None if g is None else g.detach().float()
-                    if master.grad is not None and name in masks:
-                        master.grad.mul_(masks[name])
-                opt.step()
-                sched.step()
-                with torch.no_grad():
-                    for name, master in masters.items():
-                        if name in masks:
-                            master.mul_(masks[name])
-                step += 1
-                progress(
-                    step / total_steps,
-                    f"epoch {epoch + 1}/{cfg.epochs}, batch loss {float(loss.detach()):.4f}",
+    def epoch(self, epoch: int, progress: ProgressFn) -> None:
+        """One pass over the training data (shuffled with the epoch as seed)."""
+        cfg = self.cfg
+        for x, y, real in batches_for(
+            self.train, cfg.batch_size, self.fixed, shuffle=True, seed=epoch, pad=False
+        ):
+            if self.cancel is not None:
+                self.cancel.check()
+            self.load_weights()
+            self.opt.zero_grad(set_to_none=True)
+            for p in self.params.values():
+                p.grad = None
+            loss = self.batch_loss(x, y, real)
+            if not torch.isfinite(loss):
+                raise CompressionError(
+                    f"the loss became {float(loss)} in epoch {epoch + 1}",
+                    hint="lower the learning rate",
                 )
-            if has_val:
-                load_weights()
-                score = val_score()
-                if score > best_score:
-                    best_score, best_state = score, snapshot()
-            else:
-                best_state = snapshot()
-        restore(best_state)
-    for n, p in params.items():
-        p.grad = None
-        p.requires_grad_(grad_flags[n])
-    quantized: dict[str, QuantizedTensor] = {}
-    with torch.no_grad():
-        for name, master in masters.items():
-            value, qt = _project(master.detach(), masks.get(name), qcfgs.get(name))
-            params[name].copy_(value.to(params[name].dtype))
-            if qt is not None:
-                quantized[name] = qt
-    tuned = replace(result, compressed=student, quantized=quantized)
-    return measure_result(tuned)
+            loss.backward()
+            for name, master in self.masters.items():
+                g = self.params[name].grad
+                # Straight-through: d loss / d master := d loss / d quantized weight,
+                # zero where pruned so pruned weights never move.
+                master.grad = None if g is None else g.detach().float()
+                if master.grad is not None and name in self.masks:
+                    master.grad.mul_(self.masks[name])
+            self.opt.step()
+            self.sched.step()
+            with torch.no_grad():
+                for name, master in self.masters.items():
+                    if name in self.masks:
+                        master.mul_(self.masks[name])
+            self.step += 1
+            progress(
+                self.step / self.total_steps,
+                f"epoch {epoch + 1}/{cfg.epochs}, batch loss {float(loss.detach()):.4f}",
+            )
+
+    def finish(self):
+        """The result with the trained weights projected onto mask and grid (codes included);
+        the parameters' gradient flags as they were."""
+        for n, p in self.params.items():
+            p.grad = None
+            p.requires_grad_(self.grad_flags[n])
+        quantized: dict[str, QuantizedTensor] = {}
+        with torch.no_grad():
+            for name, master in self.masters.items():
+                value, qt = _project(master.detach(), self.masks.get(name), self.qcfgs.get(name))
+                self.params[name].copy_(value.to(self.params[name].dtype))
+                if qt is not None:
+                    quantized[name] = qt
+        return replace(self.result, compressed=self.student, quantized=quantized)
 
 
 #: Share of the training data held out to pick the best fine-tuning checkpoint.
