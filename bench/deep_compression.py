@@ -314,8 +314,23 @@ def main(argv: list[str] | None = None) -> int:
     print(text)
     if not args.no_write:
         (ROOT / "docs").mkdir(exist_ok=True)
-        (ROOT / "docs" / "results.md").write_text(text, encoding="utf-8")
+        path = ROOT / "docs" / "results.md"
+        old = path.read_text(encoding="utf-8") if path.is_file() else ""
+        path.write_text(_keep_marked_sections(text, old), encoding="utf-8")
     return status
+
+
+def _keep_marked_sections(new: str, old: str) -> str:
+    """``new`` followed by every ``<!-- name:begin --> ... <!-- name:end -->`` section of ``old``
+    that ``new`` does not have: other benchmarks (plan_demos, bench_second_order,
+    deploy_ensemble) own those sections and rewrite only them."""
+    import re
+
+    kept = []
+    for m in re.finditer(r"<!-- ([\w-]+):begin -->.*?<!-- \1:end -->", old, flags=re.S):
+        if f"<!-- {m.group(1)}:begin -->" not in new:
+            kept.append(m.group(0))  # each section carries its own heading
+    return new.rstrip("\n") + "\n" + "".join("\n" + k + "\n" for k in kept)
 
 
 if __name__ == "__main__":
