@@ -36,6 +36,8 @@ JOB_TITLES = {
     "finetune": "Fine-tune",
     "evaluate": "Evaluate",
     "export": "Export",
+    "ensemble": "Ensemble",
+    "scan": "Scan sensitivity",
 }
 
 __all__ = ["JOB_KINDS", "JOB_TITLES", "SUPERSEDES", "Controller", "Evaluation"]
@@ -64,6 +66,12 @@ class Controller(QObject):
     statusMessaged = Signal(str)
     trustRequested = Signal(str)  # a model source that needs the user's trust to unpickle
     runRecorded = Signal(object)  # core.session.RunRecord
+    scanReady = Signal(object)  # core.sensitivity.SensitivityScan | None
+    pinsChanged = Signal(object)  # frozenset of layer names the solver keeps as they are
+    solved = Signal(object)  # core.solver.Solution of the last target step
+    devicesLoaded = Signal(tuple)  # names of the device catalogue's profiles
+    deviceChanged = Signal(object)  # core.devices.DeviceProfile | None
+    exportTargets = Signal(object)  # {"device": ..., "cost": ...} blocks of the last export
 
     def __init__(self, parent: QObject | None = None, *, runner: JobRunner | None = None):
         super().__init__(parent)
@@ -207,6 +215,11 @@ class Controller(QObject):
     evaluation = property(lambda self: self.session.evaluation)
     exports = property(lambda self: self.session.exports)
     runs = property(lambda self: self.session.runs)
+    sensitivity = property(lambda self: self.session.sensitivity)
+    pins = property(lambda self: self.session.pins)
+    device = property(lambda self: self.session.device)
+    devices = property(lambda self: self.session.devices)
+    export_targets = property(lambda self: self.session.export_targets)
     result_stale = property(lambda self: self.session.result_stale)
     can_undo = property(lambda self: self.session.history.can_undo)
     can_redo = property(lambda self: self.session.history.can_redo)
@@ -241,6 +254,12 @@ class Controller(QObject):
                 "exported": self.exported,
                 "notice": self.statusMessaged,
                 "run_recorded": self.runRecorded,
+                "scan_ready": self.scanReady,
+                "pins_changed": self.pinsChanged,
+                "solved": self.solved,
+                "devices_loaded": self.devicesLoaded,
+                "device_changed": self.deviceChanged,
+                "export_targets": self.exportTargets,
             }.get(event)
             if event == "history_changed":
                 self.historyChanged.emit(*payload)
@@ -340,7 +359,7 @@ class Controller(QObject):
         self.session.redo()
 
     def _update_preview(self) -> None:
-        from core.estimate import preview
+        from core.estimate import PreviewCache
 
         if self.stats is None:
             self.preview = None
@@ -350,9 +369,11 @@ class Controller(QObject):
             if self._baseline_of is not self.stats:
                 # Once per analysis: the same archive with an empty plan, so "Before" counts
                 # what "After" counts (buffers, header), not just the fp32 parameters.
-                self.baseline_bytes = preview(self.stats, starting_plan()).packed_bytes
+                # A slider step re-estimates only what it changed (equal to `preview`).
+                self._previews = PreviewCache(self.stats)
+                self.baseline_bytes = self._previews.preview(starting_plan()).packed_bytes
                 self._baseline_of = self.stats
-            self.preview = preview(self.stats, self.plan)
+            self.preview = self._previews.preview(self.plan)
             self.preview_error = ""
         except WorkbenchError as exc:
             # Mid-drag a dialog per mouse move would be unusable: keep the last numbers and
@@ -426,17 +447,110 @@ class Controller(QObject):
         return self._run(self.session.evaluate, "Evaluate")
 
     def export(
-        self, formats: Sequence[str], out_dir: str, *, force: bool = False, report: bool = True
+        self,
+        formats: Sequence[str],
+        out_dir: str,
+        *,
+        force: bool = False,
+        report: bool = True,
+        price: float | None = None,
+        concurrency: int = 1,
     ) -> int | None:
         """Write the compressed model in ``formats`` plus recipe and report into ``out_dir``
-        (the folder's other files are kept; the new ones appear together or not at all)."""
+        (the folder's other files are kept; the new ones appear together or not at all),
+        run the deployed check of every written file, and, with a device chosen or an
+        instance ``price`` (USD/h), compute the report's device and cost blocks."""
         return self._run(
             lambda: self.session.export(
-                formats, out_dir, force=force, merge_existing=True, report=report
+                formats,
+                out_dir,
+                force=force,
+                merge_existing=True,
+                report=report,
+                price=price,
+                concurrency=concurrency,
             ),
             "Export",
             subject=str(out_dir),
         )
+
+    # ------------------------------------------------------------------ sensitivity
+    def scan(self, **kw: Any) -> int | None:
+        """Scan per-layer sensitivity in a worker (`core.session.Session.scan`; a repeated
+        scan of the same model and data comes from the disk cache)."""
+        return self._run(lambda: self.session.scan(**kw), "Scan sensitivity")
+
+    def plan_to_target(
+        self, target: Any, *, merge: bool = False, exact: bool = False, verify: bool = True
+    ) -> Any:
+        """Re-solve the plan for ``target`` from the cached scan (one undoable edit; drag
+        steps ``merge`` and skip the size check, ``verify=False``); an unreachable target
+        goes to the status bar. Returns the `core.solver.Solution` or None."""
+        try:
+            return self.session.plan_to_target(target, merge=merge, exact=exact, verify=verify)
+        except WorkbenchError as exc:
+            self.statusMessaged.emit(str(exc))
+            return None
+
+    def set_pins(self, names: Sequence[str]) -> None:
+        """Layers whose settings the solver keeps (it plans the others around them)."""
+        try:
+            self.session.set_pins(names)
+        except WorkbenchError as exc:
+            self.statusMessaged.emit(str(exc))
+
+    def frontier_points(self) -> list[dict[str, Any]]:
+        """The predicted frontier in the run history's units
+        (`core.session.Session.frontier_points`; [] without a scan)."""
+        try:
+            return self.session.frontier_points()
+        except WorkbenchError as exc:
+            self.statusMessaged.emit(f"Predicted frontier unavailable: {exc}")
+            return []
+
+    def target_range(self) -> tuple[int, int] | None:
+        """(dense bytes, smallest reachable archive bytes) for the target control."""
+        try:
+            return self.session.target_range()
+        except WorkbenchError as exc:
+            self.statusMessaged.emit(str(exc))
+            return None
+
+    # ------------------------------------------------------------------ deployment target
+    def load_devices(self, path: str | None = None) -> bool:
+        """Offer the profiles of a device catalogue (default: the shipped one); a bad file
+        becomes a dialog naming it."""
+        try:
+            self.session.load_devices(path)
+        except WorkbenchError as exc:
+            self.errorRaised.emit("Device profiles", str(exc), "")
+            return False
+        if path:
+            self.statusMessaged.emit(f"Device profiles loaded from {path}")
+        return True
+
+    def set_device(self, name: str | None) -> None:
+        """Judge the live estimate against the device profile ``name`` (None: no device)."""
+        try:
+            self.session.set_device(name or None)
+        except WorkbenchError as exc:
+            self.errorRaised.emit("Device profiles", str(exc), "")
+
+    def device_fit(self) -> dict[str, Any] | None:
+        """The chosen device's verdict on the current live estimate (packed bytes + peak
+        activations, measured once per model), or None without a device or an estimate."""
+        if self.preview is None:
+            return None
+        return self.session.device_fit(self.preview.packed_bytes)
+
+    def recheck_exports(self) -> int | None:
+        """Run the deployed check again on the exported files as they are on disk now."""
+        return self._run(self.session.recheck_exports, "Check exported files")
+
+    def build_ensemble(self, run_ids: Sequence[int]) -> int | None:
+        """Build an ensemble of the chosen runs' plans in a worker; it joins the run history
+        as a run of kind "ensemble"."""
+        return self._run(lambda: self.session.ensemble(list(run_ids)), "Ensemble")
 
     @property
     def closing(self) -> bool:

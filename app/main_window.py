@@ -35,13 +35,15 @@ from superqt.utils import qthrottled
 
 from app.controller import JOB_TITLES, Controller
 from app.failures import log_unexpected, unexpected_message
+from app.widgets.device_panel import DevicePicker
 from app.widgets.export_dialog import ExportDialog
 from app.widgets.histogram_view import HistogramView
 from app.widgets.jobs_panel import JobStatus, RecoveryPanel, ResultsPanel, action_button
 from app.widgets.layer_table import OVERRIDE_MARK, LayerTable
 from app.widgets.prune_panel import PrunePanel
 from app.widgets.quant_panel import QuantPanel
-from app.widgets.runs_view import RunsView
+from app.widgets.runs_view import RunsView, ensemble_members
+from app.widgets.sensitivity_view import SensitivityUI
 from app.widgets.size_view import SizeView
 from app.widgets.summary_panel import SummaryPanel
 from app.workers import warm_up_engine
@@ -115,6 +117,8 @@ class MainWindow(QMainWindow):
         self._build_menus()
         self._build_docks()
         self._connect()
+        # Sensitivity dock, Target tab and Scan action (app/widgets/sensitivity_view.py).
+        self.sensitivity_ui = SensitivityUI(self)
         self._restore_layout()
         self._update_actions()
         warm_up_engine()
@@ -154,6 +158,8 @@ class MainWindow(QMainWindow):
         v.addWidget(self.summary)
         scope_form = QFormLayout()
         scope_form.addRow("Apply edits to", self.scope)
+        self.device_picker = DevicePicker(self)
+        scope_form.addRow("Target device", self.device_picker)
         v.addLayout(scope_form)
         v.addWidget(self.scope_note)
         # One tab per control group: every group is reachable without scrolling at 1366x768
@@ -295,6 +301,14 @@ class MainWindow(QMainWindow):
         file_menu.addAction(self.act_save_recipe)
         file_menu.addSeparator()
         file_menu.addAction(self.act_export)
+        self.act_recheck = file_menu.addAction(
+            "C&heck exported files again", self._on_actRecheck_triggered
+        )
+        self.act_recheck.setObjectName("actRecheckExports")
+        self.act_load_devices = file_menu.addAction(
+            "Load &device profiles…", self._on_actLoadDevices_triggered
+        )
+        self.act_load_devices.setObjectName("actLoadDevices")
         file_menu.addSeparator()
         file_menu.addAction(self.act_quit)
         edit = bar.addMenu("&Edit")
@@ -302,9 +316,13 @@ class MainWindow(QMainWindow):
         edit.addAction(self.act_redo)
         edit.addSeparator()
         edit.addAction(self.act_reset_plan)
-        run = bar.addMenu("&Run")
+        run = self.run_menu = bar.addMenu("&Run")
         for act in (self.act_analyze, self.act_compress, self.act_finetune, self.act_evaluate):
             run.addAction(act)
+        self.act_ensemble = run.addAction(
+            "Build &ensemble from selected runs…", self._on_actEnsemble_triggered
+        )
+        self.act_ensemble.setObjectName("actEnsemble")
         run.addSeparator()
         run.addAction(self.act_cancel)
         self.view_menu = bar.addMenu("&View")
@@ -391,6 +409,20 @@ class MainWindow(QMainWindow):
         c.runRecorded.connect(self._on_controller_runRecorded)
         c.layersChanged.connect(self._on_controller_layersChanged)
         self.runs_view.planRequested.connect(self._on_runsView_planRequested)
+        # Deployment target: device chooser, deployed-check results, cost, ensembles.
+        c.devicesLoaded.connect(self._on_controller_devicesLoaded)
+        c.deviceChanged.connect(self._on_controller_deviceChanged)
+        c.previewUpdated.connect(self._refresh_device_fit)
+        c.exportTargets.connect(self.results.set_targets)
+        self.device_picker.deviceChosen.connect(self._on_devicePicker_deviceChosen)
+        self.device_picker.loadRequested.connect(self._on_actLoadDevices_triggered)
+        self.runs_view.ensembleRequested.connect(self._on_runsView_ensembleRequested)
+        saved_device = self.settings.value("device/name", "")
+        catalogue = str(self.settings.value("device/catalogue", "") or "")
+        if not (catalogue and Path(catalogue).is_file() and c.load_devices(catalogue)):
+            c.load_devices()
+        if saved_device and saved_device in c.devices:
+            c.set_device(saved_device)
         c.dragFinished.connect(self.layer_table.resort)
         c.jobStarted.connect(self._on_controller_jobStarted)
         c.jobProgressed.connect(self._on_controller_jobProgressed)
@@ -417,6 +449,9 @@ class MainWindow(QMainWindow):
         q.symmetricToggled.connect(self._on_quant_symmetricToggled)
         q.perChannelToggled.connect(self._on_quant_perChannelToggled)
         q.biasBitsChosen.connect(self._on_quant_biasBitsChosen)
+        q.groupSizeChosen.connect(self._on_quant_groupSizeChosen)
+        q.methodChosen.connect(self._on_quant_methodChosen)
+        q.biasCorrectionToggled.connect(self._on_quant_biasCorrectionToggled)
         q.editFinished.connect(self._end_drag)
         self.recovery.recoveryEdited.connect(c.set_recovery)
         self.histograms.thresholdDragged.connect(self._on_histograms_thresholdDragged)
@@ -572,6 +607,10 @@ class MainWindow(QMainWindow):
         # Methods without a score of their own (none, N:M) show the magnitude range.
         key = method if prune_method(method).has_score else "magnitude"
         names = c.targets() or tuple(stats.tensors)
+        # Fixed for these stats, method and layers: a slider step does not recompute it.
+        memo = getattr(self, "_threshold_max_of", None)
+        if memo is not None and memo[0] is stats and memo[1:3] == (key, names):
+            return memo[3]
         best = 0.0
         for name in names:
             ts = stats.tensors.get(name)
@@ -581,6 +620,7 @@ class MainWindow(QMainWindow):
             if index is not None and index.n:
                 # The smallest threshold that prunes every score is the top of the range.
                 best = max(best, float(index.threshold_for_count(index.n)))
+        self._threshold_max_of = (stats, key, names, best or 1.0)
         return best or 1.0
 
     def _refresh_controls(self) -> None:
@@ -675,6 +715,7 @@ class MainWindow(QMainWindow):
         self.act_finetune.setEnabled(settled and can_run and c.train is not None)
         self.act_evaluate.setEnabled(settled and can_run and c.test is not None)
         self.act_export.setEnabled(settled)
+        self.act_recheck.setEnabled(settled and bool(c.exports) and not c.busy("export"))
         self.act_save_recipe.setEnabled(model is not None)
         self.act_load_recipe.setEnabled(model is not None)
         self.act_cancel.setEnabled(c.busy())
@@ -889,6 +930,15 @@ class MainWindow(QMainWindow):
     def _on_quant_biasBitsChosen(self, bits) -> None:
         self._edit(SetQuant, bias_bits=bits)
 
+    def _on_quant_groupSizeChosen(self, size) -> None:
+        self._edit(SetQuant, group_size=size)
+
+    def _on_quant_methodChosen(self, method: str) -> None:
+        self._edit(SetQuant, method=method)
+
+    def _on_quant_biasCorrectionToggled(self, on: bool) -> None:
+        self._edit(SetQuant, bias_correction=on)
+
     # ------------------------------------------------------------------ actions
     def _last_dir(self, key: str) -> str:
         return str(self.settings.value(f"dirs/{key}", str(Path.home())))
@@ -947,18 +997,66 @@ class MainWindow(QMainWindow):
             directory=str(self.settings.value("export/folder", default_dir)),
             checked=checked,
             can_run=c.result.original.can_run,
+            price=float(self.settings.value("export/price", 0.0) or 0.0),
+            concurrency=int(self.settings.value("export/concurrency", 1) or 1),
             parent=self,
         )
         if dialog.exec() != ExportDialog.DialogCode.Accepted:
             return
         self.settings.setValue("export/formats", dialog.formats())
         self.settings.setValue("export/folder", dialog.directory())
+        self.settings.setValue("export/price", dialog.price.value())
+        self.settings.setValue("export/concurrency", dialog.instance_concurrency())
         c.export(
             dialog.formats(),
             dialog.directory(),
             force=dialog.force,
             report=dialog.report.isChecked(),
+            price=dialog.instance_price(),
+            concurrency=dialog.instance_concurrency(),
         )
+
+    # ------------------------------------------------------------------ deployment target
+    def _on_controller_devicesLoaded(self, names: tuple) -> None:
+        devices = self.controller.devices
+        self.device_picker.set_devices(names, [devices[n].description for n in names])
+
+    def _on_controller_deviceChanged(self, device) -> None:
+        self.device_picker.set_current(device.name if device is not None else None)
+        self.settings.setValue("device/name", device.name if device is not None else "")
+        self._refresh_device_fit()
+
+    def _on_devicePicker_deviceChosen(self, name) -> None:
+        self.controller.set_device(name)
+
+    def _refresh_device_fit(self, *_args) -> None:
+        self.summary.set_device_fit(self.controller.device_fit())
+
+    def _on_actLoadDevices_triggered(self) -> None:
+        path, _ = QFileDialog.getOpenFileName(
+            self, "Load device profiles", self._last_dir("devices"), "Device catalogue (*.json)"
+        )
+        if path:
+            self._remember_dir("devices", path)
+            if self.controller.load_devices(path):
+                self.settings.setValue("device/catalogue", path)
+
+    def _on_actRecheck_triggered(self) -> None:
+        self.controller.recheck_exports()
+
+    def _on_actEnsemble_triggered(self) -> None:
+        self._on_runsView_ensembleRequested(ensemble_members(self.runs_view.selected_runs()))
+
+    def _on_runsView_ensembleRequested(self, runs: list) -> None:
+        if len(runs) < 2:
+            self.show_error(
+                "Ensemble",
+                "Select two or more runs with different plans in the Runs tab, then build "
+                "an ensemble of them.",
+            )
+            return
+        self.runs_dock.raise_()
+        self.controller.build_ensemble([r.id for r in runs])
 
     def _on_actAnalyze_triggered(self) -> None:
         self.controller.analyze()

@@ -270,13 +270,16 @@ def check_records(
     data: Any = None,
     *,
     files: Mapping[str, Path] | None = None,
+    progress: Callable[[float, str], None] | None = None,
+    cancel: Any = None,
     **kw: Any,
 ) -> tuple[list[Any], list[str]]:
     """Run `check_file` on every deployable record; return the updated records and warnings.
 
     ``files``: format -> where the file is now (a staging folder), when the records already
     name their final place. Records of other formats (state_dict, safetensors, hf) and models
-    without a forward pass are returned unchanged.
+    without a forward pass are returned unchanged. ``progress(fraction, message)`` is told
+    which file is checked; ``cancel`` (a `core.progress.CancelToken`) is checked between files.
     """
     if not result.compressed.can_run:
         return list(records), []
@@ -292,10 +295,14 @@ def check_records(
             "deployed check skipped: no held-out data or example input (give --data FILE)"
         ]
     out, warnings = [], []
-    for rec in records:
+    for i, rec in enumerate(records):
         if rec.format not in DEPLOYABLE_FORMATS:
             out.append(rec)
             continue
+        if cancel is not None:
+            cancel.check()
+        if progress is not None:
+            progress(i / len(records), f"checking the deployed {rec.format} file")
         path = (files or {}).get(rec.format, rec.path)
         info = check_file(rec.format, path, result, data, **kw)
         if info["warning"]:

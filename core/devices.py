@@ -23,6 +23,7 @@ from __future__ import annotations
 import json
 import math
 import re
+import threading
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -249,10 +250,14 @@ def peak_activation_bytes(module: torch.nn.Module, x: torch.Tensor) -> int:
     bound covers)."""
     peak = 0
     handles = []
+    # The window measures on the UI thread while a worker may run the same module (an
+    # evaluation): only this thread's forward pass counts.
+    owner = threading.get_ident()
 
     def hook(_mod: Any, inputs: Any, output: Any) -> None:
         nonlocal peak
-        peak = max(peak, _tensor_bytes(inputs) + _tensor_bytes(output))
+        if threading.get_ident() == owner:
+            peak = max(peak, _tensor_bytes(inputs) + _tensor_bytes(output))
 
     for mod in module.modules():
         if not any(True for _ in mod.children()):
@@ -357,6 +362,49 @@ def device_block(
     }
 
 
+def estimate_fit(
+    profile: DeviceProfile, weights_bytes: int, activation_bytes: int | None
+) -> dict[str, Any]:
+    """Whether a plan's live estimate fits ``profile`` (the window's "fits / does not fit").
+
+    ``weights_bytes``: the packed size the plan gives (the smallest file the workbench
+    writes; stored on the device and, for runtimes reading weights in place, its memory).
+    ``activation_bytes``: `peak_activation_bytes` at batch 1, None when it cannot be
+    measured (weights-only model; only weights are judged then). The same rules as
+    `device_block`: weights + activations against ``memory``, or weights against
+    ``weight_memory`` and activations against ``memory`` when the profile has one; the file
+    against ``storage``. Returns ``fits``, ``reasons``, ``memory_needed_bytes`` and
+    ``memory_bytes`` (what the needed memory is compared with).
+    """
+    acts = activation_bytes or 0
+    reasons = []
+    if profile.weight_memory is None:
+        need = weights_bytes + acts
+        if need > profile.memory:
+            reasons.append(f"weights + activations {need:,} B > memory {profile.memory:,} B")
+    else:
+        need = acts
+        if weights_bytes > profile.weight_memory:
+            reasons.append(
+                f"weights {weights_bytes:,} B > weight memory {profile.weight_memory:,} B"
+            )
+        if acts > profile.memory:
+            reasons.append(f"activations {acts:,} B > memory {profile.memory:,} B")
+    if weights_bytes > profile.storage:
+        reasons.append(f"file {weights_bytes:,} B > storage {profile.storage:,} B")
+    return {
+        "device": profile.name,
+        "fits": not reasons,
+        "reasons": reasons,
+        "weights_bytes": int(weights_bytes),
+        "activation_bytes": activation_bytes,
+        "memory_needed_bytes": int(need),
+        "memory_bytes": profile.memory,
+        "weight_memory_bytes": profile.weight_memory,
+        "storage_bytes": profile.storage,
+    }
+
+
 def fits_line(block: Mapping[str, Any]) -> str:
     """One terminal line: ``device rpi4: fits (onnx-int8, ...)`` or why not."""
     name = block["profile"]["name"]
@@ -375,6 +423,7 @@ __all__ = [
     "DeviceProfile",
     "DeviceProfileError",
     "device_block",
+    "estimate_fit",
     "fits_line",
     "get_device",
     "load_devices",

@@ -125,27 +125,43 @@ class SetPrune(Edit):
 
 @dataclass(frozen=True)
 class SetQuant(Edit):
-    """Set any of the quantization fields (``bits=None`` turns quantization off)."""
+    """Set any of the quantization fields (``bits=None`` turns quantization off).
+
+    Group-wise scales refine per-channel ones: choosing a group size turns per-channel on, and
+    turning per-channel off drops the group size (so the result is always a valid config).
+    """
 
     bits: Any = KEEP
     symmetric: Any = KEEP
     per_channel: Any = KEEP
     bias_bits: Any = KEEP
+    method: Any = KEEP
+    group_size: Any = KEEP
+    bias_correction: Any = KEEP
     kind: ClassVar[str] = "set_quant"
 
     def change(self, cfg: LayerConfig) -> LayerConfig:
+        per_channel, group_size = self.per_channel, self.group_size
+        if group_size not in (KEEP, None):
+            per_channel = True
+        elif per_channel is False:
+            group_size = None
         q = _set(
             cfg.quant,
             bits=self.bits,
             symmetric=self.symmetric,
-            per_channel=self.per_channel,
+            per_channel=per_channel,
             bias_bits=self.bias_bits,
+            method=self.method,
+            group_size=group_size,
+            bias_correction=self.bias_correction,
         )
         return replace(cfg, quant=q)
 
     def merge_key(self) -> str | None:
         # Dragging the bit-width slider is one step, like the sparsity slider.
-        only_bits = all(getattr(self, f) == KEEP for f in ("symmetric", "per_channel", "bias_bits"))
+        others = ("symmetric", "per_channel", "bias_bits", "method", "group_size", "bias_correction")
+        only_bits = all(getattr(self, f) == KEEP for f in others)
         return f"bits:{','.join(self.layers)}" if only_bits and self.bits != KEEP else None
 
 
@@ -192,9 +208,35 @@ class ReplacePlan(Edit):
         return cfg
 
 
+@dataclass(frozen=True)
+class SolvedPlan(ReplacePlan):
+    """Make the budget solver's ``plan`` the plan (`core.session.Session.plan_to_target`).
+
+    Records what was asked (``target``: `core.solver.Target.to_dict` items as pairs) and the
+    layers kept fixed (``pinned``). The steps of one target-slider drag share a merge key, so
+    a drag is one undo step like any other slider's.
+    """
+
+    target: tuple[tuple[str, Any], ...] = ()
+    pinned: tuple[str, ...] = ()
+    kind: ClassVar[str] = "solved_plan"
+
+    def merge_key(self) -> str | None:
+        return "solve"
+
+
 EDIT_TYPES: dict[str, type[Edit]] = {
     cls.kind: cls
-    for cls in (SetPruneTarget, SetPrune, SetQuant, SetSkip, ResetLayers, SetRecovery, ReplacePlan)
+    for cls in (
+        SetPruneTarget,
+        SetPrune,
+        SetQuant,
+        SetSkip,
+        ResetLayers,
+        SetRecovery,
+        ReplacePlan,
+        SolvedPlan,
+    )
 }
 
 
@@ -216,6 +258,10 @@ def edit_from_dict(data: Any) -> Edit:
             value = tuple(value)
         elif key == "plan":
             value = CompressionPlan.from_dict(value)
+        elif key in ("target", "pinned"):
+            if not isinstance(value, list):
+                raise RecipeError(f"edit.{key}: expected a list")
+            value = tuple(tuple(v) if isinstance(v, list) else v for v in value)
         elif key == "recovery":
             value = CompressionPlan.from_dict({"recovery": value}).recovery
         kwargs[key] = value
@@ -324,6 +370,7 @@ __all__ = [
     "ResetLayers",
     "SetRecovery",
     "ReplacePlan",
+    "SolvedPlan",
     "EDIT_TYPES",
     "edit_from_dict",
     "apply_edit",

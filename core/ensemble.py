@@ -278,6 +278,83 @@ def run_ensemble(
     return result
 
 
+def ensemble_of_plans(
+    loaded: Any,
+    plans: list[Any],
+    stats: Any,
+    train: Any,
+    test: Any,
+    *,
+    progress: ProgressFn = no_progress,
+    cancel: CancelToken | None = None,
+) -> dict[str, Any]:
+    """An ensemble whose members are given plans (the runs a user picked in the window).
+
+    Each plan is applied as a compress run applies it (`core.training.compress_and_finetune`
+    with its own recovery on the `recovery_split` of ``train``; recovery is dropped when there
+    is no training data), and the members' averaged predictions (`predict`) are scored on
+    ``test`` against the labels and the original.
+
+    Returns
+    -------
+    dict
+        ``members`` (per plan: ``payload_bytes``, the packed-payload estimate a run records,
+        ``sparsity``, ``accuracy``, ``agreement``), ``ensemble`` (``payload_bytes``: the
+        members' sum, ``accuracy``, ``agreement``, ``samples``) and ``original`` (its score).
+    """
+    from core.evaluate import require_forward
+    from core.training import compress_and_finetune, recovery_split
+
+    require_forward(loaded, "an ensemble")
+    if len(plans) < 2:
+        raise RecipeError(
+            f"an ensemble needs at least 2 members, got {len(plans)}",
+            hint="select two or more runs",
+        )
+    if test is None:
+        raise CompressionError(
+            "scoring an ensemble needs held-out data", path=loaded.source, hint="open data first"
+        )
+    tune = train is not None and any(p.recovery.epochs > 0 for p in plans)
+    fit, val = recovery_split(train) if tune else (None, None)
+    k = len(plans)
+    members, entries = [], []
+    for i, plan in enumerate(plans):
+        sub = scaled(progress, i / (k + 1), (i + 1) / (k + 1))
+        sub(0.0, f"member {i + 1}/{k}")
+        if plan.recovery.epochs > 0 and fit is None:
+            plan = plan.with_recovery(replace(plan.recovery, epochs=0))
+        res = compress_and_finetune(
+            loaded,
+            plan,
+            fit if plan.recovery.epochs > 0 else None,
+            val if plan.recovery.epochs > 0 else None,
+            stats=stats,
+            progress=sub,
+            cancel=cancel,
+            calibration=train,
+        )
+        members.append(res)
+        entries.append(
+            {
+                "payload_bytes": _estimate(res),
+                "sparsity": res.sparsity,
+                **_score([res.compressed.module], test, loaded.module),
+            }
+        )
+    progress(k / (k + 1), "scoring the ensemble")
+    if cancel is not None:
+        cancel.check()
+    ens = _score([m.compressed.module for m in members], test, loaded.module)
+    out = {
+        "members": entries,
+        "ensemble": {"payload_bytes": sum(e["payload_bytes"] for e in entries), **ens},
+        "original": _score([loaded.module], test, loaded.module),
+    }
+    progress(1.0, "ensemble scored")
+    return out
+
+
 def _winner(ens: dict[str, Any], one: dict[str, Any]) -> str:
     key = "accuracy" if ens.get("accuracy") is not None else "agreement"
     if ens.get(key) is None or one.get(key) is None:
@@ -315,4 +392,12 @@ def summary_lines(res: dict[str, Any]) -> list[str]:
     return lines
 
 
-__all__ = ["EnsembleSpec", "bootstrap", "match_single", "predict", "run_ensemble", "summary_lines"]
+__all__ = [
+    "EnsembleSpec",
+    "bootstrap",
+    "ensemble_of_plans",
+    "match_single",
+    "predict",
+    "run_ensemble",
+    "summary_lines",
+]

@@ -117,7 +117,9 @@ def write_into(
         from core.deploy import check_records
 
         progress(0.9, "checking the deployed files")
-        records, warnings = check_records(records, result, data)
+        records, warnings = check_records(
+            records, result, data, progress=scaled(progress, 0.9, 1.0), cancel=cancel
+        )
     # Records name each file where it will be once the staging folder is committed.
     records = [replace(r, path=out / r.path.name) for r in records]
     pause_point("exported")

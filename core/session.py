@@ -48,15 +48,27 @@ EDIT_TARGETS = ("model", "selection")
 
 #: Starting a job of kind K cancels and drops the running jobs of these kinds: their results
 #: would describe a model, data set or plan that is no longer current.
-JOB_KINDS = ("load", "data", "analyze", "compress", "finetune", "evaluate", "export")
+JOB_KINDS = (
+    "load",
+    "data",
+    "analyze",
+    "compress",
+    "finetune",
+    "evaluate",
+    "export",
+    "ensemble",
+    "scan",
+)
 SUPERSEDES: dict[str, tuple[str, ...]] = {
     "load": JOB_KINDS,
-    "data": ("data", "analyze", "finetune", "evaluate"),
-    "analyze": ("analyze",),
+    "data": ("data", "analyze", "finetune", "evaluate", "ensemble", "scan"),
+    "analyze": ("analyze", "scan"),
     "compress": ("compress", "finetune", "evaluate", "export"),
     "finetune": ("finetune", "evaluate", "export"),
     "evaluate": ("evaluate",),
     "export": ("export",),
+    "ensemble": ("ensemble",),
+    "scan": ("scan",),
 }
 
 Listener = Callable[[str, Any], None]
@@ -86,9 +98,12 @@ class RunRecord:
     accuracy_after: float | None = None
     fidelity: dict[str, float] = field(default_factory=dict)
     data_name: str = ""
+    #: kind "ensemble": the ids of the runs whose plans are its members (payload: their sum).
+    members: tuple[int, ...] = ()
 
     def to_dict(self) -> dict[str, Any]:
         return {
+            **({"members": list(self.members)} if self.members else {}),
             "id": self.id,
             "kind": self.kind,
             "plan": self.plan.to_dict(),
@@ -119,6 +134,7 @@ class RunRecord:
                 accuracy_after=data.get("accuracy_after"),
                 fidelity=dict(data.get("fidelity") or {}),
                 data_name=str(data.get("data_name", "")),
+                members=tuple(int(i) for i in data.get("members") or ()),
             )
         except (KeyError, TypeError, ValueError) as exc:
             raise RecipeError(f"run: missing or malformed field ({exc})") from None
@@ -235,6 +251,22 @@ class Session:
         self.exports: list[Any] = []
         self.runs: list[RunRecord] = []
         self._run_ids = itertools.count(1)
+        # Deployment target (`set_device`): the chosen profile, its catalogue, the peak
+        # activation bytes measured once per model (`peak_activations`), and the device /
+        # cost blocks of the last export.
+        self.device: Any = None
+        self.devices: dict[str, Any] = {}
+        self.devices_path: str | None = None
+        self._activations: tuple[Any, int | None] | None = None
+        self.export_targets: dict[str, Any] = {}
+        # Sensitivity (`scan`, `plan_to_target`): the last scan of this model and data, the
+        # layers the solver must leave as they are, the solver's option tables for the
+        # current scan/stats/pins (built once, re-solved per target step) and the last
+        # solution.
+        self.sensitivity: Any = None
+        self.pins: frozenset[str] = frozenset()
+        self._problem: tuple[Any, Any] | None = None
+        self.solution: Any = None
 
     # ------------------------------------------------------------------ events
     def subscribe(self, listener: Listener) -> None:
@@ -386,6 +418,73 @@ class Session:
         """Whether the plan changed since the current result was requested."""
         return self.result is not None and self.result_plan != self.plan
 
+    # ------------------------------------------------------------------ deployment target
+    def load_devices(self, path: str | Path | None = None) -> dict[str, Any]:
+        """Read a device catalogue (default: the shipped one) and offer its profiles; the
+        chosen device is kept when the new catalogue has a profile of that name."""
+        from core.devices import load_devices
+
+        self.devices = load_devices(path)
+        self.devices_path = None if path is None else str(path)
+        name = self.device.name if self.device is not None else None
+        device = self.devices.get(name) if name else None
+        self._emit("devices_loaded", tuple(self.devices))
+        if device != self.device:
+            self.device = device
+            self._emit("device_changed", device)
+        return self.devices
+
+    def set_device(self, name: str | None) -> None:
+        """Judge plans against the profile ``name`` of the catalogue (None: no device)."""
+        if name and not self.devices:
+            self.load_devices()
+        if name and name not in self.devices:
+            from core.devices import DeviceProfileError
+
+            raise DeviceProfileError(
+                f"no device {name!r} in the catalogue",
+                path=self.devices_path,
+                hint=f"choose from {', '.join(self.devices)}",
+            )
+        device = self.devices[name] if name else None
+        if device != self.device:
+            self.device = device
+            self._emit("device_changed", device)
+
+    def peak_activations(self) -> int | None:
+        """Peak activation bytes of one forward pass at batch 1 (`core.devices.
+        peak_activation_bytes`) on the model's example input, else a held-out sample; measured
+        once per model and cached. None for a model without a forward pass or input."""
+        model = self.model
+        if model is None:
+            return None
+        if self._activations is not None and self._activations[0] is model:
+            return self._activations[1]
+        x = model.example_input
+        if x is None and self.test is not None:
+            x = self.test.x
+        value = None
+        import torch
+
+        if model.can_run and isinstance(x, torch.Tensor) and x.shape[0] > 0:
+            from core.devices import peak_activation_bytes
+
+            try:
+                value = peak_activation_bytes(model.module, x[:1])
+            except Exception as exc:  # noqa: BLE001 - a model that cannot run batch 1
+                self.notice(f"Peak activations not measured ({type(exc).__name__}: {exc})")
+        self._activations = (model, value)
+        return value
+
+    def device_fit(self, weights_bytes: int | None) -> dict[str, Any] | None:
+        """Does a plan of ``weights_bytes`` (the live estimate's packed size) plus the peak
+        activations fit the chosen device? (`core.devices.estimate_fit`; None: no device.)"""
+        if self.device is None or weights_bytes is None:
+            return None
+        from core.devices import estimate_fit
+
+        return estimate_fit(self.device, int(weights_bytes), self.peak_activations())
+
     # ------------------------------------------------------------------ jobs
     def _job(self, kind: str, description: str, fn: Any, done: Any) -> Job:
         job = Job(next(self._ids), kind, description, fn, done)
@@ -480,6 +579,7 @@ class Session:
             self._fill_example_input()
             start = self.checked_plan(plan or starting_plan(), source=recipe_path)
             self.history = PlanHistory(start)
+            self._forget_scan()
             prunable = [layer.name for layer in layers if layer.prunable]
             self.selection = (prunable[0],) if prunable else ()
             self._emit("model_loaded", loaded)
@@ -548,6 +648,7 @@ class Session:
             self.train, self.test, self.data_name = payload
             self.evaluation = None
             self._fill_example_input()
+            self._forget_scan()
             self._emit("data_loaded", self.data_description())
             self._emit("evaluated", None)
 
@@ -583,6 +684,199 @@ class Session:
 
         what = "Analyzing weights and gradients" if data is not None else "Analyzing weights"
         return self._job("analyze", what, fn, done)
+
+    # ------------------------------------------------------------------ sensitivity
+    def _forget_scan(self) -> None:
+        """A new model or data set: the scan, the pins and the solver tables are stale."""
+        had = self.sensitivity is not None or bool(self.pins)
+        self.sensitivity, self.solution, self._problem = None, None, None
+        self.pins = frozenset()
+        if had:
+            self._emit("scan_ready", None)
+            self._emit("pins_changed", self.pins)
+
+    def scan(
+        self,
+        *,
+        method: str = "magnitude",
+        levels: Sequence[Any] | None = None,
+        max_samples: int | None = None,
+        cache: bool = True,
+        cache_dir: str | Path | None = None,
+    ) -> Job:
+        """Per-layer sensitivity (`core.sensitivity.scan`) on the held-out split, as
+        ``workbench scan`` measures it; a data-free estimate (`proxy_scan`) without data or a
+        forward pass. A repeated scan of the same model, data and grid reads the disk cache."""
+        from core.sensitivity import MAX_SAMPLES, scan
+
+        model, stats = self.model, self.stats
+        if model is None or stats is None:
+            raise WorkbenchError("wait until the model is analysed, then scan it")
+        data = self.test if model.can_run else None
+        samples = MAX_SAMPLES if max_samples is None else int(max_samples)
+        plan, pins = self.plan, self.pins
+
+        def fn(progress: ProgressFn, cancel: CancelToken):
+            from core.solver import build_problem
+
+            result = scan(
+                model,
+                stats,
+                data,
+                method=method,
+                levels=levels,
+                max_samples=samples,
+                cache=cache,
+                cache_dir=cache_dir,
+                progress=scaled(progress, 0, 0.8),
+                cancel=cancel,
+            )
+            # The solver's tables and the predicted frontier, here rather than on the first
+            # target step (a second or two for hundreds of layers).
+            progress(0.8, "building the solver's option tables")
+            scanned = {c.name for c in result.layers}
+            pinned = {n: plan.config_for(n) for n in sorted(pins) if n in scanned}
+            problem = build_problem(stats, result, pinned=pinned)
+            cancel.check()
+            memo: dict[str, Any] = {}
+            progress(0.9, "predicting the size/damage frontier")
+            _frontier_points(stats, result, problem, memo, plan)
+            key = (result, stats, tuple(sorted(pinned.items())))
+            return result, (key, (problem, memo))
+
+        def done(payload: Any) -> None:
+            result, prepared = payload
+            self.sensitivity, self.solution, self._problem = result, None, prepared
+            # Pins of layers the scan does not cover (not prunable) mean nothing to the solver.
+            scanned = {c.name for c in result.layers}
+            if not self.pins <= scanned:
+                self.set_pins(self.pins & scanned)
+            self._emit("scan_ready", result)
+
+        what = "Scanning layer sensitivity" if data is not None else "Estimating sensitivity"
+        return self._job("scan", what, fn, done)
+
+    def set_pins(self, names: Sequence[str]) -> None:
+        """Layers whose current settings the solver keeps (`plan_to_target` plans around
+        them). Unknown names are refused."""
+        pins = frozenset(names)
+        unknown = sorted(n for n in pins if self.layers and n not in self.layer_names)
+        if unknown:
+            raise RecipeError(
+                f"pin: the model has no layer {unknown[0]!r}",
+                hint="`workbench inspect MODEL` lists the layer names",
+            )
+        if pins != self.pins:
+            self.pins = pins
+            self._emit("pins_changed", pins)
+
+    def _solver_problem(self, pinned: dict[str, LayerConfig]) -> Any:
+        """The solver's option tables for the current scan, statistics and pins (built once:
+        one `core.estimate.preview` per level; every target step re-uses them)."""
+        from core.solver import build_problem
+
+        pins = tuple(sorted(pinned.items()))
+        old = self._problem[0] if self._problem is not None else None
+        # The same scan and statistics objects (identity: a new analysis is a new object).
+        if (
+            old is None
+            or old[0] is not self.sensitivity
+            or old[1] is not self.stats
+            or old[2] != pins
+        ):
+            key = (self.sensitivity, self.stats, pins)
+            problem = build_problem(self.stats, self.sensitivity, pinned=pinned)
+            # memo: what `core.solver.quick_plan` learns about this problem (configs, sizes).
+            self._problem = (key, (problem, {}))
+        return self._problem[1]
+
+    def plan_to_target(
+        self,
+        target: Any,
+        pins: Sequence[str] | None = None,
+        *,
+        merge: bool = False,
+        exact: bool = False,
+        verify: bool = True,
+    ) -> Any:
+        """Re-solve the per-layer plan for ``target`` (`core.solver.Target`) from the cached
+        scan and make it the plan as one `SolvedPlan` edit (undoable); returns the
+        `core.solver.Solution`.
+
+        ``pins`` (default: `pins`) are layers whose current settings stay as they are.
+        ``merge``: one step of a drag (consecutive steps form one undo step). The default is
+        the live path (`core.solver.quick_plan`: grid levels, the archive size checked with a
+        preview); ``verify=False`` skips that check (a drag step: the size is predicted from
+        the last checked plan; the release verifies); ``exact`` runs
+        `core.solver.plan_for_target` with its continuous sparsity fill.
+        Raises `WorkbenchError` without a scan and `CompressionError` when the target is out
+        of reach (the message names the smallest reachable size).
+        """
+        from core.edits import SolvedPlan
+        from core.solver import plan_for_target, quick_plan
+
+        if self.sensitivity is None or self.stats is None:
+            raise WorkbenchError("scan the model first (Scan sensitivity)")
+        if pins is not None:
+            self.set_pins(pins)
+        pinned = {n: self.plan.config_for(n) for n in sorted(self.pins)}
+        problem, memo = self._solver_problem(pinned)
+        if exact:
+            sol = plan_for_target(
+                self.stats, self.sensitivity, target, base=self.plan, problem=problem
+            )
+        else:
+            sol = quick_plan(
+                self.stats,
+                self.sensitivity,
+                target,
+                problem=problem,
+                base=self.plan,
+                memo=memo,
+                verify=verify,
+            )
+        edit = SolvedPlan(
+            plan=sol.plan,
+            target=tuple(target.to_dict().items()),
+            pinned=tuple(sorted(self.pins)),
+        )
+        self.solution = sol
+        self.edit(edit, merge=merge)
+        self._emit("solved", sol)
+        return sol
+
+    def frontier(self, points: int = 12) -> list[Any]:
+        """The solver's predicted size/damage trade-off for the current scan and pins
+        (`core.solver.frontier`, grid levels only as in `plan_to_target`)."""
+        from core.solver import quick_frontier
+
+        if self.sensitivity is None or self.stats is None:
+            return []
+        pinned = {n: self.plan.config_for(n) for n in sorted(self.pins)}
+        problem, memo = self._solver_problem(pinned)
+        return quick_frontier(
+            self.stats, self.sensitivity, problem, points=points, base=self.plan, memo=memo
+        )
+
+    def frontier_points(self) -> list[dict[str, Any]]:
+        """The predicted frontier in the run history's units (`_frontier_points`; computed
+        once per scan and pins, by the scan job for the pins it started with)."""
+        if self.sensitivity is None or self.stats is None:
+            return []
+        pinned = {n: self.plan.config_for(n) for n in sorted(self.pins)}
+        problem, memo = self._solver_problem(pinned)
+        return _frontier_points(self.stats, self.sensitivity, problem, memo, self.plan)
+
+    def target_range(self) -> tuple[int, int] | None:
+        """``(dense fp32 bytes, smallest archive bytes the scanned levels allow)`` for the
+        current scan and pins (the span of the target-size control); None without a scan."""
+        from core.solver import smallest_plan
+
+        if self.sensitivity is None or self.stats is None:
+            return None
+        pinned = {n: self.plan.config_for(n) for n in sorted(self.pins)}
+        problem, _ = self._solver_problem(pinned)
+        return problem.dense_bytes, smallest_plan(self.stats, problem)[1]
 
     def _recovery_plan(self) -> CompressionPlan:
         """The plan to run: recovery dropped (lenient) or refused (strict) without data."""
@@ -778,9 +1072,17 @@ class Session:
         merge_existing: bool = True,
         report: bool = True,
         entropy: bool = False,
+        price: float | None = None,
+        concurrency: int = 1,
     ) -> Job:
         """Write the result in ``formats`` plus recipe and report, as one complete directory
-        (`core.outputs.write_outputs`)."""
+        (`core.outputs.write_outputs`, which runs the deployed check of every written file).
+
+        With a chosen device (`set_device`) and/or an instance ``price`` (USD per hour,
+        ``concurrency`` batches in flight) the report gains the ``device`` / ``cost`` blocks
+        the CLI writes for ``--device`` / ``--instance-price``; they are also kept in
+        `export_targets` for the window, report or not.
+        """
         from core.outputs import write_outputs
 
         result = self.result
@@ -797,6 +1099,27 @@ class Session:
             }
         )
         formats = list(formats)
+        profile = self.device
+        sample = data.x if data is not None else result.original.example_input
+        if price is not None and not (price >= 0 and concurrency >= 1):
+            raise RecipeError(
+                f"instance price {price} / concurrency {concurrency}: need a price >= 0 (USD "
+                "per hour) and a concurrency >= 1"
+            )
+        targets: dict[str, Any] = {}
+
+        def blocks(records: list[Any]) -> dict[str, Any]:
+            # The same blocks as `workbench compress --device/--instance-price`.
+            if not targets:
+                if profile is not None:
+                    from core.devices import device_block
+
+                    targets["device"] = device_block(profile, result, records, sample)
+                if price is not None:
+                    from core.deploy import cost_block
+
+                    targets["cost"] = cost_block(price, evals, records, concurrency=concurrency)
+            return dict(targets)
 
         def fn(progress: ProgressFn, cancel: CancelToken):
             records, _ = write_outputs(
@@ -810,18 +1133,153 @@ class Session:
                 merge_existing=merge_existing,
                 report=report,
                 entropy=entropy,
+                report_extra=blocks,
                 progress=progress,
                 cancel=cancel,
             )
+            blocks(records)  # computed once: in the report, or here without one
             progress(1.0, "exported")
             return records
 
         def done(records: Any) -> None:
+            self.export_targets = dict(targets)
             self.exports = list(records)
+            self._emit("export_targets", self.export_targets)
             self._emit("exported", self.exports)
             self.notice(f"Exported {len(self.exports)} file(s).")
+            for rec in self.exports:
+                warning = (rec.deployed or {}).get("warning")
+                if warning:
+                    self.notice(f"warning: {warning}")
 
         return self._job("export", f"Exporting to {out_dir}", fn, done)
+
+    def recheck_exports(self) -> Job:
+        """Run the deployed check (`core.deploy.check_records`) again on the files of the last
+        export as they are on disk now (e.g. after a file was converted or edited by hand)."""
+        from core.deploy import check_records
+
+        result, records, data = self.result, list(self.exports), self.test
+        if result is None or not records:
+            raise WorkbenchError("export the model first, then check the exported files")
+        gone = [r.path for r in records if not Path(r.path).is_file()]
+        if gone:
+            from core.errors import ExportError
+
+            raise ExportError(
+                "the exported file is no longer there", path=gone[0], hint="export again"
+            )
+
+        def fn(progress: ProgressFn, cancel: CancelToken):
+            checked, _ = check_records(records, result, data, progress=progress, cancel=cancel)
+            progress(1.0, "checked")
+            return checked
+
+        def done(checked: Any) -> None:
+            self.exports = list(checked)
+            self._emit("exported", self.exports)
+            flagged = [r for r in self.exports if (r.deployed or {}).get("deployed_mismatch")]
+            self.notice(
+                f"Checked {len(self.exports)} exported file(s): {len(flagged)} flagged."
+                if flagged
+                else f"Checked {len(self.exports)} exported file(s): all match the simulation."
+            )
+
+        return self._job("export", "Checking the exported files", fn, done)
+
+    def ensemble(self, run_ids: Sequence[int]) -> Job:
+        """Build an ensemble of the plans of the runs ``run_ids`` (`core.ensemble.
+        ensemble_of_plans`) and record it as a run of kind ``"ensemble"`` whose payload is the
+        members' total and whose accuracy is the averaged prediction's."""
+        from core.ensemble import ensemble_of_plans
+
+        by_id = {r.id: r for r in self.runs}
+        missing = [i for i in run_ids if i not in by_id]
+        if missing:
+            raise WorkbenchError(f"no run {missing[0]} in the history")
+        if self.model is None or self.stats is None:
+            raise WorkbenchError("wait until the model is analysed")
+        chosen = [by_id[i] for i in run_ids]
+        plans = [self.checked_plan(r.plan, lenient=False) for r in chosen]
+        ids = tuple(r.id for r in chosen)
+        model, stats, train, test = self.model, self.stats, self.train, self.test
+        if len(plans) < 2:
+            raise RecipeError("an ensemble needs at least 2 runs", hint="select two or more runs")
+        if test is None or not model.can_run:
+            raise CompressionError(
+                "an ensemble is scored on held-out data with a model that runs",
+                path=model.source,
+                hint="open data first",
+            )
+
+        def fn(progress: ProgressFn, cancel: CancelToken):
+            start = time.perf_counter()
+            out = ensemble_of_plans(
+                model, plans, stats, train, test, progress=progress, cancel=cancel
+            )
+            return out, time.perf_counter() - start
+
+        def done(payload: Any) -> None:
+            out, seconds = payload
+            ens, orig = out["ensemble"], out["original"]
+            sparsities = [m["sparsity"] for m in out["members"]]
+            record = RunRecord(
+                id=next(self._run_ids),
+                kind="ensemble",
+                plan=plans[0],
+                seconds=float(seconds),
+                sparsity=sum(sparsities) / len(sparsities),
+                payload_bytes=int(ens["payload_bytes"]),
+                accuracy_before=orig["accuracy"],
+                accuracy_after=ens["accuracy"],
+                fidelity={} if ens["agreement"] is None else {"agreement": ens["agreement"]},
+                data_name=self.data_name,
+                members=ids,
+            )
+            self.runs.append(record)
+            self._emit("run_recorded", record)
+            self.notice(
+                f"Ensemble of runs {' + '.join(map(str, ids))}: "
+                f"{ens['payload_bytes']:,} B payload in total"
+                + (
+                    f", accuracy {100 * ens['accuracy']:.2f}%"
+                    if ens["accuracy"] is not None
+                    else ""
+                )
+            )
+
+        what = f"Ensemble of runs {', '.join(map(str, ids))}"
+        return self._job("ensemble", what, fn, done)
+
+
+def _frontier_points(
+    stats: Any, scan: Any, problem: Any, memo: dict[str, Any], base: CompressionPlan
+) -> list[dict[str, Any]]:
+    """`core.solver.quick_frontier` (12 points) in the run history's units, cached in
+    ``memo``: per point the compressed layers' payload bytes (as `RunRecord.payload_bytes`
+    counts them), the archive bytes, the predicted accuracy drop (points; labelled scans),
+    relative L2 error of the outputs (unlabelled scans: the square root of the summed error
+    energy), cosine, and whether the curves are a data-free estimate."""
+    from core.estimate import preview
+    from core.solver import quick_frontier
+
+    if "frontier_points" not in memo:
+        out = []
+        for sol in quick_frontier(stats, scan, problem, points=12, base=base, memo=memo):
+            p = sol.predicted
+            payload = sum(lp.packed_bytes for lp in preview(stats, sol.plan).layers)
+            out.append(
+                {
+                    "payload_bytes": int(payload),
+                    "archive_bytes": p["bytes"],
+                    "accuracy_drop": p["accuracy_drop"],
+                    "rel_l2": None if scan.metric == "loss" else float(p["damage"]) ** 0.5,
+                    "cosine": p["cosine"],
+                    "estimate": scan.estimate,
+                }
+            )
+        memo["frontier_points"] = out
+    return list(memo["frontier_points"])
 
 
 def _layer_sum(result: Any, key: str) -> int | None:

@@ -126,6 +126,8 @@ class Problem:
     sparsity: np.ndarray
     pinned: Mapping[str, LayerConfig]
     dense_bytes: int
+    #: Rounding rule / group size every quantized level uses (``quant_template``).
+    quant: tuple[tuple[str, Any], ...] = ()
 
 
 @dataclass(frozen=True)
@@ -182,12 +184,27 @@ def _bias_bytes(
     return 0
 
 
+def quant_template(cfg: LayerConfig, quant: Mapping[str, Any] | None) -> LayerConfig:
+    """``cfg`` with the user's rounding rule and group size (``{"method": "gptq",
+    "group_size": 64}``) on its quantizer, when it quantizes. A group size implies scales per
+    output channel and group, so per-tensor levels become grouped ones (same bytes as the
+    per-channel level of that width; their scanned damage, measured with one scale, is the
+    more pessimistic of the two)."""
+    if not quant or not cfg.quant.active:
+        return cfg
+    fields = dict(quant)
+    if fields.get("group_size") is not None:
+        fields["per_channel"] = True
+    return replace(cfg, quant=replace(cfg.quant, **fields))
+
+
 def build_problem(
     stats: Any,
     scan: SensitivityScan,
     *,
     pinned: Mapping[str, LayerConfig] | None = None,
     min_bits: int | None = None,
+    quant: Mapping[str, Any] | None = None,
 ) -> Problem:
     """Cost (archive bytes of weight + bias) and damage of every (layer, level).
 
@@ -215,9 +232,10 @@ def build_problem(
     acc = np.zeros((n, k))
     cos = np.zeros((n, k))
     for j, level in enumerate(levels):
-        pv = preview(stats, CompressionPlan(default=level.config(scan.method)))
+        cfg = quant_template(level.config(scan.method), quant)
+        pv = preview(stats, CompressionPlan(default=cfg))
         weight = {lp.name: lp.packed_bytes for lp in pv.layers}
-        bias_bits = level.config(scan.method).quant.bias_bits
+        bias_bits = cfg.quant.bias_bits
         narrow = min_bits is not None and level.bits is not None and level.bits < min_bits
         for i, curve in enumerate(curves):
             if narrow or curve.point(level) is None:
@@ -245,6 +263,7 @@ def build_problem(
         sparsity=sparsity,
         pinned=pinned,
         dense_bytes=4 * int(stats.total_params),
+        quant=tuple(sorted((quant or {}).items())),
     )
 
 
@@ -390,7 +409,7 @@ def _config(problem: Problem, j: int, sparsity: float | None = None) -> LayerCon
     level = problem.levels[j]
     if sparsity is not None:
         level = replace(level, sparsity=round(float(sparsity), 4))
-    return level.config(problem.method)
+    return quant_template(level.config(problem.method), dict(problem.quant))
 
 
 def make_plan(
@@ -624,6 +643,7 @@ def plan_for_target(
     budget: int | None = None,
     problem: Problem | None = None,
     min_bits: int | None = None,
+    quant: Mapping[str, Any] | None = None,
 ) -> Solution:
     """Solve for ``target`` (see module docstring).
 
@@ -642,6 +662,9 @@ def plan_for_target(
     budget
         Byte budget to solve for instead of the target's (verification rounds shrink it when
         the archive on disk came out larger than predicted).
+    quant
+        Rounding rule / group size for every quantized level (`quant_template`, e.g.
+        ``{"method": "gptq", "group_size": 64}``); the byte model counts the group scales.
 
     Raises
     ------
@@ -650,7 +673,7 @@ def plan_for_target(
     """
     t0 = time.perf_counter()
     factors = dict(factors or {})
-    problem = problem or build_problem(stats, scan, pinned=pinned, min_bits=min_bits)
+    problem = problem or build_problem(stats, scan, pinned=pinned, min_bits=min_bits, quant=quant)
     goal = target.budget(problem.dense_bytes)
     solve_for = budget if budget is not None else goal
     warnings: list[str] = []
@@ -756,10 +779,11 @@ def frontier(
     pinned: Mapping[str, LayerConfig] | None = None,
     base: CompressionPlan | None = None,
     min_bits: int | None = None,
+    quant: Mapping[str, Any] | None = None,
 ) -> list[Solution]:
     """Predicted size/damage trade-off: ``points`` plans at budgets spaced geometrically from
     the smallest reachable archive to the dense one (duplicates dropped)."""
-    problem = build_problem(stats, scan, pinned=pinned, min_bits=min_bits)
+    problem = build_problem(stats, scan, pinned=pinned, min_bits=min_bits, quant=quant)
     _, small = smallest_plan(stats, problem)
     dense_choice = np.argmin(
         np.where(np.isfinite(problem.cost), problem.damage + 1e-12 * problem.cost, np.inf), axis=1
@@ -878,10 +902,11 @@ def plan_and_verify(
     min_bits: int | None = None,
     progress: ProgressFn = no_progress,
     cancel: CancelToken | None = None,
+    quant: Mapping[str, Any] | None = None,
 ) -> tuple[Solution, Measurement]:
     """Solve, compress, measure; refit the damage factors (and shrink the byte budget when the
     archive on disk came out over it) and re-solve, at most ``rounds`` times."""
-    problem = build_problem(stats, scan, pinned=pinned, min_bits=min_bits)
+    problem = build_problem(stats, scan, pinned=pinned, min_bits=min_bits, quant=quant)
     factors: dict[str, float] = {}
     goal = target.budget(problem.dense_bytes)
     budget = goal
@@ -936,3 +961,173 @@ def plan_and_verify(
     sol = replace(sol, factors=factors, rounds=tuple(history))
     progress(1.0, "verified")
     return sol, meas
+
+
+# ---------------------------------------------------------------------------------------
+# the live path (the window's target slider)
+# ---------------------------------------------------------------------------------------
+def _quick_configs(problem: Problem, memo: dict[str, Any]) -> list[LayerConfig]:
+    """One `LayerConfig` per level of ``problem`` (built once per problem, kept in ``memo``)."""
+    if "configs" not in memo:
+        memo["configs"] = [_config(problem, j) for j in range(len(problem.levels))]
+    return memo["configs"]
+
+
+def _quick_make_plan(
+    problem: Problem, choice: np.ndarray, memo: dict[str, Any], base: CompressionPlan | None
+) -> CompressionPlan:
+    """`make_plan` for grid levels only, with the per-level configs built once: the most
+    chosen level is the default, the other layers and the pinned ones are overrides."""
+    configs = _quick_configs(problem, memo)
+    common = int(np.argmax(np.bincount(choice, minlength=len(configs))))
+    overrides = [
+        (name, configs[j])
+        for name, j in zip(problem.names, choice.tolist(), strict=True)
+        if j != common
+    ]
+    overrides.extend(problem.pinned.items())
+    plan = CompressionPlan(default=configs[common], overrides=tuple(overrides))
+    if base is not None:
+        plan = replace(plan, recovery=base.recovery)
+    return plan
+
+
+def quick_plan(
+    stats: Any,
+    scan: SensitivityScan,
+    target: Target,
+    *,
+    problem: Problem,
+    base: CompressionPlan | None = None,
+    factors: Mapping[str, float] | None = None,
+    memo: dict[str, Any] | None = None,
+    verify: bool = True,
+) -> Solution:
+    """`plan_for_target` for one step of a slider drag: grid levels only.
+
+    The knapsack is solved on the prebuilt ``problem``. With ``verify`` the candidate's
+    archive is sized with `core.estimate.preview`; when it comes out over the budget the limit
+    drops below the candidate's layer bytes by the excess and the knapsack is solved again
+    (at most 6 rounds); if none fits, the smallest plan is returned. Without ``verify`` (drag
+    steps) no preview runs: the archive is predicted as the chosen levels' bytes plus the
+    bytes outside them measured on the last verified plan (kept in ``memo``, one dict per
+    problem) plus a safety margin, so a step costs a knapsack solve; the release verifies.
+    The continuous sparsity fill of `plan_for_target` (dozens of previews) is left out, so
+    the plan may sit a little further under the budget. A quality target alone goes to
+    `plan_for_target` (no fill there).
+    """
+    t0 = time.perf_counter()
+    memo = {} if memo is None else memo
+    goal = target.budget(problem.dense_bytes)
+    if goal is None:
+        return plan_for_target(stats, scan, target, base=base, problem=problem, factors=factors)
+    factors = dict(factors or {})
+    rows = np.arange(len(problem.names))
+    cheapest = np.argmin(problem.cost, axis=1)
+    if "small" not in memo:
+        small_plan = _quick_make_plan(problem, cheapest, memo, base)
+        memo["small"] = small = _total(stats, small_plan)
+        # Bytes outside the scanned layers' options: the rest of the archive and its header,
+        # which grows with the overrides in the recipe and the layout of pruned tensors
+        # (14.4-22.6 KB over 1.5-40x on 200 layers). Drag steps assume the largest seen on a
+        # verified plan, so they err towards smaller archives.
+        memo["outside"] = memo["outside0"] = small - int(problem.cost[rows, cheapest].sum())
+    small = memo["small"]
+    if small > goal:
+        raise CompressionError(
+            f"a {goal:,}-byte archive is not reachable: the smallest plan the scanned levels "
+            f"allow is {small:,} bytes ({problem.dense_bytes / small:.1f}x)",
+            hint=f"ask for at least {small:,} bytes (ratio "
+            f"{math.floor(10 * problem.dense_bytes / small) / 10:g} or less)",
+        )
+    margin = max(1, int(MARGIN * goal))
+    primary = problem.damage if target.min_cosine is None else problem.cos_loss
+    outside = int(memo["outside"])
+
+    def predicted_size(choice: np.ndarray) -> int:
+        return int(problem.cost[rows, choice].sum()) + outside
+
+    choice, how, total = cheapest, "smallest", small
+    plan = None
+    limit = goal - margin - outside
+    if not verify:
+        for _ in range(4):
+            found, solver = solve(primary, problem.cost, limit)
+            if found is None:
+                break
+            size = predicted_size(found)
+            if size <= goal - margin:
+                choice, how, total = found, f"{solver}, predicted size", size
+                break
+            limit = min(limit, int(problem.cost[rows, found].sum())) - (size - goal) - margin
+        plan = _quick_make_plan(problem, choice, memo, base)
+    else:
+        # Start from the smallest plan's outside bytes (as `plan_for_target` does) and shrink.
+        limit = goal - margin - int(memo["outside0"])
+        for _ in range(6):
+            found, solver = solve(primary, problem.cost, limit)
+            if found is None:
+                break
+            candidate = _quick_make_plan(problem, found, memo, base)
+            size = _total(stats, candidate)
+            layer_bytes = int(problem.cost[rows, found].sum())
+            memo["outside"] = max(int(memo["outside"]), size - layer_bytes)
+            if size <= goal:
+                choice, how, total, plan = found, solver, size, candidate
+                break
+            # Below this candidate's own layer bytes by the excess: the next one differs.
+            limit = min(limit, layer_bytes) - (size - goal) - margin
+        if plan is None:
+            plan = _quick_make_plan(problem, cheapest, memo, base)
+    acc_base = scan.baseline.get("acc")
+    predicted, table = _predict(
+        problem,
+        choice,
+        {},
+        total,
+        factors,
+        scan.metric,
+        1.0 if acc_base is None else float(acc_base),
+    )
+    warnings = ["damage is a data-free estimate (weights-only curves)"] if scan.estimate else []
+    return Solution(
+        plan=plan,
+        predicted=predicted,
+        choices=tuple(table),
+        target=target,
+        budget=goal,
+        factors=factors,
+        solver=how,
+        seconds=time.perf_counter() - t0,
+        warnings=tuple(warnings),
+    )
+
+
+def quick_frontier(
+    stats: Any,
+    scan: SensitivityScan,
+    problem: Problem,
+    *,
+    points: int = 12,
+    base: CompressionPlan | None = None,
+    memo: dict[str, Any] | None = None,
+) -> list[Solution]:
+    """`frontier` from verified `quick_plan` solutions (grid levels, no continuous fill):
+    the predicted size/damage trade-off at ``points`` budgets spaced geometrically from the
+    smallest reachable archive to the least damaged one, duplicates dropped."""
+    memo = {} if memo is None else memo
+    _, small = smallest_plan(stats, problem)
+    dense_choice = np.argmin(
+        np.where(np.isfinite(problem.cost), problem.damage + 1e-12 * problem.cost, np.inf), axis=1
+    )
+    big = _total(stats, make_plan(problem, dense_choice))
+    budgets = np.unique(np.geomspace(small, max(big, small + 1), points).astype(int))
+    out: list[Solution] = []
+    seen = set()
+    for b in budgets:
+        sol = quick_plan(stats, scan, Target(bytes=int(b)), problem=problem, base=base, memo=memo)
+        if sol.plan in seen:
+            continue
+        seen.add(sol.plan)
+        out.append(sol)
+    return out

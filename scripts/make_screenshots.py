@@ -3,6 +3,10 @@
 Each shot runs ``workbench MODEL --screenshot PATH`` in a fresh process with a throw-away
 settings file, so the user's saved layout never leaks into the pictures. Headless machines
 render offscreen. Usage: ``.venv/bin/python scripts/make_screenshots.py``.
+
+The sensitivity shot (`SCRIPTED`) drives the window in its own fresh process
+(``make_screenshots.py --sensitivity PATH --settings INI``): demo:mlp, Scan, a target-ratio
+step, the Sensitivity dock and the Target tab raised, at 1366x768.
 """
 
 from __future__ import annotations
@@ -23,7 +27,63 @@ SHOTS = (
 )
 
 
+#: (file name, script option) of the shots this script drives itself.
+SCRIPTED = (("sensitivity.png", "--sensitivity"),)
+#: Window size of the scripted shots (the smallest screen the layout is made for).
+SCRIPTED_SIZE = (1366, 768)
+
+
+def sensitivity_shot(path: str, settings_path: str, ratio: float = 12.0) -> int:
+    """Open demo:mlp, scan it, plan for ``ratio`` with the Target slider, select the largest
+    layer and save the window with the Sensitivity dock and the Target tab in front."""
+    sys.path.insert(0, str(ROOT))
+    from PySide6.QtCore import QTimer
+    from PySide6.QtWidgets import QApplication
+
+    from app.__main__ import make_settings
+    from app.main_window import MainWindow
+
+    app = QApplication.instance() or QApplication([])
+    window = MainWindow(make_settings(settings_path))
+    window.resize(*SCRIPTED_SIZE)
+    window.show()
+    c, ui = window.controller, window.sensitivity_ui
+    state = {"code": 1}
+
+    def finish(code: int) -> None:
+        state["code"] = code
+        c.shutdown()
+        app.quit()
+
+    def on_finished(kind: str, outcome: str) -> None:
+        if outcome == "failed":
+            finish(1)
+        elif kind == "analyze" and outcome == "done" and c.sensitivity is None:
+            ui.scan()
+        elif kind == "scan" and outcome == "done":
+            ui.panel.set_ratio(ratio)
+            window._end_drag()
+            c.set_selection(("fc1", "fc2"))
+            window.control_tabs.setCurrentWidget(ui.panel)
+            ui.dock.raise_()
+            QTimer.singleShot(500, save)
+
+    def save() -> None:
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        ok = window.grab().save(path, "PNG")
+        print(f"saved {path}" if ok else f"could not write {path}")
+        finish(0 if ok else 1)
+
+    c.jobFinished.connect(on_finished)
+    QTimer.singleShot(600_000, lambda: finish(1))
+    window.open_model("demo:mlp")
+    app.exec()
+    return state["code"]
+
+
 def main() -> int:
+    if len(sys.argv) == 5 and sys.argv[1] == "--sensitivity" and sys.argv[3] == "--settings":
+        return sensitivity_shot(sys.argv[2], sys.argv[4])
     OUT.mkdir(parents=True, exist_ok=True)
     env = dict(os.environ)
     if not env.get("DISPLAY") and not env.get("WAYLAND_DISPLAY"):
@@ -37,6 +97,18 @@ def main() -> int:
                 "app.launcher",
                 *args,
                 "--screenshot",
+                str(OUT / name),
+                "--settings",
+                str(Path(tmp) / f"{name}.ini"),
+            ]
+            print("$", " ".join(cmd[1:]))
+            proc = subprocess.run(cmd, cwd=ROOT, env=env, timeout=600)
+            failed += proc.returncode != 0
+        for name, option in SCRIPTED:
+            cmd = [
+                sys.executable,
+                str(Path(__file__).resolve()),
+                option,
                 str(OUT / name),
                 "--settings",
                 str(Path(tmp) / f"{name}.ini"),

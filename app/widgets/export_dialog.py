@@ -9,6 +9,7 @@ from PySide6.QtWidgets import (
     QCheckBox,
     QDialog,
     QDialogButtonBox,
+    QDoubleSpinBox,
     QFileDialog,
     QGridLayout,
     QGroupBox,
@@ -17,6 +18,7 @@ from PySide6.QtWidgets import (
     QLineEdit,
     QMessageBox,
     QPushButton,
+    QSpinBox,
     QVBoxLayout,
 )
 
@@ -53,6 +55,8 @@ class ExportDialog(QDialog):
         directory: str,
         checked: Sequence[str] = ("packed",),
         can_run: bool = True,
+        price: float | None = None,
+        concurrency: int = 1,
         parent=None,
     ):
         super().__init__(parent)
@@ -83,6 +87,39 @@ class ExportDialog(QDialog):
         row.addWidget(browse)
         self.report = QCheckBox("Also write report.json and report.html", self)
         self.report.setChecked(True)
+        # Cloud cost: from the deployed files' measured latency (core.deploy.cost_block).
+        self.price = QDoubleSpinBox(self)
+        self.price.setObjectName("instancePrice")
+        self.price.setRange(0.0, 1000.0)
+        self.price.setDecimals(3)
+        self.price.setSingleStep(0.1)
+        self.price.setPrefix("$")
+        self.price.setSuffix(" / h")
+        self.price.setSpecialValueText("no cost estimate")
+        self.price.setValue(price or 0.0)
+        self.price.setToolTip(
+            "Instance price in USD per hour: the results show the cost per million "
+            "inferences before (original, PyTorch) and after (cheapest deployed file)"
+        )
+        self.concurrency = QSpinBox(self)
+        self.concurrency.setObjectName("concurrency")
+        self.concurrency.setRange(1, 1024)
+        self.concurrency.setValue(max(1, concurrency))
+        self.concurrency.setToolTip(
+            "Batches served at once on the instance (1: the latency was measured with all "
+            "threads, so the machine is already busy)"
+        )
+        cost_row = QHBoxLayout()
+        cost_row.addWidget(QLabel("Instance price", self))
+        cost_row.addWidget(self.price, 1)
+        cost_row.addWidget(QLabel("Concurrency", self))
+        cost_row.addWidget(self.concurrency)
+        self.deploy_note = QLabel(
+            "Every written file that runs here is checked on the held-out data: accuracy, "
+            "latency (median, p10-p90) and a flag when it differs from the in-app model.",
+            self,
+        )
+        self.deploy_note.setWordWrap(True)
         self.buttons = QDialogButtonBox(
             QDialogButtonBox.StandardButton.Ok | QDialogButtonBox.StandardButton.Cancel, self
         )
@@ -93,6 +130,8 @@ class ExportDialog(QDialog):
         layout.addWidget(group)
         layout.addLayout(row)
         layout.addWidget(self.report)
+        layout.addLayout(cost_row)
+        layout.addWidget(self.deploy_note)
         layout.addWidget(self.buttons)
 
     def formats(self) -> list[str]:
@@ -100,6 +139,14 @@ class ExportDialog(QDialog):
 
     def directory(self) -> str:
         return self.folder.text().strip()
+
+    def instance_price(self) -> float | None:
+        """USD per hour, or None when no cost estimate is wanted (the spin box at 0)."""
+        value = self.price.value()
+        return value if value > 0 else None
+
+    def instance_concurrency(self) -> int:
+        return self.concurrency.value()
 
     def confirm_overwrite(self, existing: list[Path]) -> bool:
         """Ask the user; a separate method so tests can answer it."""

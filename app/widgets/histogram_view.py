@@ -30,6 +30,7 @@ from PySide6.QtWidgets import (
 from superqt.utils import signals_blocked
 
 from app import style
+from app.widgets.quiet_slot import QuietSlot
 
 TITLE_SIZE = "10pt"
 
@@ -159,6 +160,7 @@ class HistogramView(QWidget):
         pi = self.plot.getPlotItem()
         no_si_prefix(self.plot)
         self._level_stride = 1
+        self._levels_xy: tuple[np.ndarray, np.ndarray] | None = None  # what `levels` shows
         self.band = pg.LinearRegionItem(
             values=(0, 0),
             movable=False,
@@ -244,7 +246,8 @@ class HistogramView(QWidget):
         layout.setContentsMargins(0, 0, 0, 0)
         layout.addLayout(bar)
         layout.addWidget(splitter, 1)
-        layout.addWidget(self.caption)
+        # (in a slot: a new caption per slider step must not lay out the window again)
+        layout.addWidget(QuietSlot(self.caption, height=self.caption.height()))
         self.apply_theme()
         self._redraw_all()
 
@@ -396,7 +399,7 @@ class HistogramView(QWidget):
             or not math.isfinite(ts.min)
             or not math.isfinite(ts.max)
         ):
-            self.levels.setData([], [])
+            self._set_levels(np.zeros(0), np.zeros(0))
             return
         levels = quant_levels(float(ts.min), float(ts.max), self._bits, self._symmetric)
         if self.abs_axis.isChecked():
@@ -404,7 +407,7 @@ class HistogramView(QWidget):
             levels = np.log10(mags) if mags.size else mags
         x, y = self.curve.getData()
         if levels.size == 0:
-            self.levels.setData([], [])
+            self._set_levels(np.zeros(0), np.zeros(0))
             return
         # Denser than the pixels: every k-th level, so the histogram stays visible.
         view_span = float(np.ptp(x)) if x is not None and len(x) > 1 else 0.0
@@ -419,6 +422,15 @@ class HistogramView(QWidget):
         top = float(np.max(y)) if y is not None and len(y) else 1.0
         xs = np.repeat(levels, 2)
         ys = np.tile([0.0, top], levels.size)
+        self._set_levels(xs, ys)
+
+    def _set_levels(self, xs: np.ndarray, ys: np.ndarray) -> None:
+        """Draw the grid lines, unless they are already drawn (a sparsity drag moves the
+        threshold, not the grid: re-setting equal data costs a re-layout and a repaint)."""
+        last = self._levels_xy
+        if last is not None and np.array_equal(last[0], xs) and np.array_equal(last[1], ys):
+            return
+        self._levels_xy = (xs, ys)
         self.levels.setData(xs, ys)
 
     def _update_caption(self) -> None:

@@ -7,7 +7,7 @@ from dataclasses import replace
 from pathlib import Path
 
 from PySide6.QtCore import Qt, QUrl, Signal
-from PySide6.QtGui import QDesktopServices
+from PySide6.QtGui import QBrush, QColor, QDesktopServices
 from PySide6.QtWidgets import (
     QCheckBox,
     QDoubleSpinBox,
@@ -184,6 +184,112 @@ class RecoveryPanel(QGroupBox):
         self.recoveryEdited.emit(cfg)
 
 
+#: Columns of the exported-files table: (title, tooltip).
+EXPORT_COLUMNS = (
+    ("Format", "Export format"),
+    ("On disk", "Bytes of the file on disk"),
+    (
+        "Deployed acc.",
+        "Accuracy of the exported file itself on the held-out data (agreement with the "
+        "in-app model when the data has no labels)",
+    ),
+    (
+        "Latency median (p10-p90)",
+        "Time of one forward pass of the file at batch 1 (onnxruntime for ONNX, PyTorch "
+        "otherwise): median and 10th-90th percentile over repeats",
+    ),
+    (
+        "Check",
+        "ok: the file behaves like the in-app simulation; MISMATCH: its accuracy differs by "
+        "more than the margin or its outputs drift (hover for the numbers)",
+    ),
+    ("File", "Where the file was written"),
+)
+#: Start of the check column's text for a flagged file.
+MISMATCH = "MISMATCH"
+
+
+def _ms(stats) -> str:
+    return f"{stats['median']:.3g} ms ({stats['p10']:.3g}-{stats['p90']:.3g})"
+
+
+def export_row(rec) -> dict[str, str]:
+    """The texts of ``rec``'s row in the exported-files table (also used by tests)."""
+    dep = rec.deployed or {}
+    lat = dep.get("latency_ms") or {}
+    sizes = sorted(lat, key=lambda k: int(k.split("_")[1]))
+    if sizes:
+        first = lat[sizes[0]]
+        latency = _ms(first) + ("" if sizes[0] == "batch_1" else f" @{sizes[0][6:]}")
+        latency_tip = "\n".join(f"batch {k[6:]}: {_ms(lat[k])}" for k in sizes)
+    elif rec.latency_ms is not None:
+        latency, latency_tip = f"{rec.latency_ms:.3g} ms", "export-time median (no spread)"
+    else:
+        latency, latency_tip = "n/a", "the file was not run here"
+    acc, sim = dep.get("accuracy"), dep.get("simulated_accuracy")
+    if acc is not None:
+        quality = percent(acc, 2)
+        quality_tip = f"in-app simulation: {percent(sim, 2)} on {dep.get('samples')} samples"
+    elif dep.get("agreement") is not None:
+        quality = f"{percent(dep['agreement'], 2)} agr."
+        quality_tip = "top-1 agreement with the in-app model (no labels)"
+    elif dep:
+        quality, quality_tip = f"rel. L2 {dep['rel_l2']:.2g}", "output error vs the in-app model"
+    else:
+        quality, quality_tip = "n/a", "no deployed check for this format"
+    if not dep:
+        check, check_tip = "—", "not checked (format not runnable here, or no data)"
+    elif dep.get("deployed_mismatch"):
+        diff = "" if acc is None or sim is None else f" {100 * (acc - sim):+.2f} pp"
+        check, check_tip = f"{MISMATCH}{diff}", dep.get("warning") or ""
+    else:
+        check = "ok"
+        check_tip = (
+            f"within {100 * dep['margin']:g} pp of the simulation; rel. L2 error "
+            f"{dep['rel_l2']:.2g}, max |diff| {dep['max_abs_diff']:.2g}"
+        )
+    return {
+        "format": rec.format,
+        "bytes": human_bytes(rec.bytes_on_disk),
+        "quality": quality,
+        "quality_tip": quality_tip,
+        "latency": latency,
+        "latency_tip": latency_tip,
+        "check": check,
+        "check_tip": check_tip,
+    }
+
+
+def targets_text(targets) -> str:
+    """One line per block: the device verdict and the cost per million inferences."""
+    lines = []
+    device = targets.get("device")
+    if device:
+        from core.devices import fits_line
+
+        lines.append(fits_line(device))
+    cost = targets.get("cost")
+    if cost:
+        price = cost["instance_price_per_hour_usd"]
+        before, after = cost.get("before"), cost.get("after")
+
+        def usd(entry) -> str:
+            return "n/a" if not entry else f"${entry['usd_per_million']:.4g}"
+
+        line = f"cost per million inferences at ${price:g}/h: {usd(before)} before -> {usd(after)}"
+        if after:
+            line += f" after ({after['measured']})"
+        if not before:
+            line += "; Evaluate first for the before figure"
+        lines.append(line)
+    return "\n".join(lines)
+
+
+def _bold(font):
+    font.setBold(True)
+    return font
+
+
 def _cell(text: str, tip: str = "") -> QTableWidgetItem:
     item = QTableWidgetItem(text)
     item.setFlags(Qt.ItemFlag.ItemIsEnabled | Qt.ItemFlag.ItemIsSelectable)
@@ -228,18 +334,10 @@ class ResultsPanel(QGroupBox):
         self.table.setMinimumHeight(
             20 * len(self.EVAL_ROWS) + self.table.horizontalHeader().sizeHint().height() + 4
         )
-        self.exports = QTableWidget(0, 5, self)
+        self.exports = QTableWidget(0, len(EXPORT_COLUMNS), self)
         self.exports.setObjectName("exportsTable")
-        self.exports.setHorizontalHeaderLabels(
-            ["Format", "On disk", "Max |diff|", "Latency", "File"]
-        )
-        tips = (
-            "Export format",
-            "Bytes of the file on disk",
-            "Largest output difference vs the compressed PyTorch model on the data",
-            "Median time of one forward pass (onnxruntime for ONNX, PyTorch otherwise)",
-            "Where the file was written",
-        )
+        self.exports.setHorizontalHeaderLabels([title for title, _ in EXPORT_COLUMNS])
+        tips = [tip for _, tip in EXPORT_COLUMNS]
         for col, tip in enumerate(tips):
             self.exports.horizontalHeaderItem(col).setToolTip(tip)
         self.exports.setToolTip("Double-click a file to open its folder")
@@ -254,7 +352,15 @@ class ResultsPanel(QGroupBox):
         layout.addWidget(self.note)
         tables = QHBoxLayout()
         tables.addWidget(self.table, 1)
-        tables.addWidget(self.exports, 1)
+        exports = QVBoxLayout()
+        exports.addWidget(self.exports, 1)
+        self.targets = QLabel(self)
+        self.targets.setObjectName("exportTargets")
+        self.targets.setWordWrap(True)
+        self.targets.setTextInteractionFlags(Qt.TextInteractionFlag.TextSelectableByMouse)
+        self.targets.setVisible(False)
+        exports.addWidget(self.targets)
+        tables.addLayout(exports, 1)
         layout.addLayout(tables, 1)
         self.stale = QLabel(
             "The plan has changed since this compression: press Compress to update.", self
@@ -333,19 +439,31 @@ class ResultsPanel(QGroupBox):
             QDesktopServices.openUrl(QUrl.fromLocalFile(str(folder)))
 
     def set_exports(self, records) -> None:
+        """One row per exported file: bytes on disk and the deployed check of the file itself
+        (accuracy or fidelity, latency median with p10-p90, the mismatch flag)."""
         self._export_paths = [str(rec.path) for rec in records]
         self.exports.setRowCount(len(records))
         for row, rec in enumerate(records):
-            diff = "n/a" if rec.max_abs_diff is None else f"{rec.max_abs_diff:.2e}"
-            latency = "n/a" if rec.latency_ms is None else f"{rec.latency_ms:.2f} ms"
-            self.exports.setItem(row, 0, _cell(rec.format, rec.note))
-            self.exports.setItem(
-                row, 1, _cell(human_bytes(rec.bytes_on_disk), f"{rec.bytes_on_disk:,} bytes")
-            )
-            self.exports.setItem(row, 2, _cell(diff))
-            self.exports.setItem(row, 3, _cell(latency))
-            self.exports.setItem(row, 4, _cell(str(rec.path), str(rec.path)))
+            texts = export_row(rec)
+            self.exports.setItem(row, 0, _cell(texts["format"], rec.note))
+            self.exports.setItem(row, 1, _cell(texts["bytes"], f"{rec.bytes_on_disk:,} bytes"))
+            self.exports.setItem(row, 2, _cell(texts["quality"], texts["quality_tip"]))
+            self.exports.setItem(row, 3, _cell(texts["latency"], texts["latency_tip"]))
+            flag = _cell(texts["check"], texts["check_tip"])
+            if texts["check"].startswith(MISMATCH):
+                flag.setForeground(QBrush(QColor("#c62828")))
+                flag.setFont(_bold(flag.font()))
+            self.exports.setItem(row, 4, flag)
+            self.exports.setItem(row, 5, _cell(str(rec.path), str(rec.path)))
         self.exports.resizeColumnsToContents()
+        if not records:
+            self.set_targets({})
+
+    def set_targets(self, targets) -> None:
+        """The last export's device and cost blocks (`core.session.Session.export`)."""
+        text = targets_text(targets or {})
+        self.targets.setText(text)
+        self.targets.setVisible(bool(text))
 
 
 def action_button(action, parent=None) -> QToolButton:

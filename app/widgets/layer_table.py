@@ -61,6 +61,13 @@ NAME_ROLE = Qt.ItemDataRole.UserRole + 2
 OVERRIDE_ROLE = Qt.ItemDataRole.UserRole + 3
 #: Drawn before the name of a layer with its own settings.
 OVERRIDE_MARK = "◆"
+#: Drawn before the name of a layer the target solver keeps as it is (pinned).
+PIN_MARK = "⚑"
+_DISPLAY = Qt.ItemDataRole.DisplayRole
+_ALIGNMENT = Qt.ItemDataRole.TextAlignmentRole
+_FOREGROUND = Qt.ItemDataRole.ForegroundRole
+_FONT = Qt.ItemDataRole.FontRole
+_RIGHT = int(Qt.AlignmentFlag.AlignRight | Qt.AlignmentFlag.AlignVCenter)
 _ROLES = frozenset(
     (
         SORT_ROLE,
@@ -82,6 +89,7 @@ class LayerTableModel(QAbstractTableModel):
         self._layers: tuple = ()
         self._preview: dict[str, object] = {}
         self._overrides: frozenset[str] = frozenset()
+        self._pins: frozenset[str] = frozenset()
         # Display strings per row, rebuilt once per preview: the view asks for every visible
         # cell and role on each repaint, which during a slider drag is every step.
         self._cells: list[tuple[str, ...]] = []
@@ -101,6 +109,21 @@ class LayerTableModel(QAbstractTableModel):
             )
             for layer in self._layers
         ]
+        if self._pins:
+            self._cells = [
+                (f"{PIN_MARK} {cells[0]}", *cells[1:]) if layer.name in self._pins else cells
+                for layer, cells in zip(self._layers, self._cells, strict=True)
+            ]
+
+    def set_pins(self, names) -> None:
+        """Mark (⚑) the layers the target solver keeps as they are (no-op when unchanged)."""
+        names = frozenset(names)
+        if names == self._pins:
+            return
+        self._pins = names
+        self._rebuild_cells()
+        if self._layers:
+            self.dataChanged.emit(self.index(0, 0), self.index(len(self._layers) - 1, 0))
 
     def set_overrides(self, names) -> None:
         """Mark the layers ``names`` as having their own settings (no-op when unchanged)."""
@@ -112,13 +135,22 @@ class LayerTableModel(QAbstractTableModel):
         if self._layers:
             self.dataChanged.emit(self.index(0, 0), self.index(len(self._layers) - 1, 0))
 
-    def set_preview(self, preview) -> None:
+    def set_preview(self, preview, *, changed_only: bool = False) -> None:
+        """Show ``preview``'s numbers. ``changed_only``: signal only the cells whose text
+        changed (one dataChanged per run of rows), so a view repaints just those; a
+        whole-model drag changes the prunable rows' numbers, not the norms' rows or Bits."""
+        old = self._cells
         self._preview = {} if preview is None else {lp.name: lp for lp in preview.layers}
         self._rebuild_cells()
-        if self._layers:
+        if not self._layers:
+            return
+        if not changed_only or len(old) != len(self._cells):
             self.dataChanged.emit(
                 self.index(0, 3), self.index(len(self._layers) - 1, len(COLUMNS) - 1)
             )
+            return
+        for top, bottom, first, last in changed_runs(old, self._cells):
+            self.dataChanged.emit(self.index(top, first), self.index(bottom, last))
 
     def layer(self, row: int):
         return self._layers[row]
@@ -148,9 +180,16 @@ class LayerTableModel(QAbstractTableModel):
         return None
 
     def data(self, index: QModelIndex | QPersistentModelIndex, role=Qt.ItemDataRole.DisplayRole):
-        if role == Qt.ItemDataRole.DisplayRole:
+        if role == _DISPLAY:
             return self._cells[index.row()][index.column()]
         if role not in _ROLES or not index.isValid():
+            return None
+        # The roles a repaint asks of every visible cell first, without the lookups below.
+        if role == _ALIGNMENT:
+            return _RIGHT if index.column() >= 2 else None
+        if role == _FOREGROUND:
+            return None if self._layers[index.row()].prunable else self._muted()
+        if role == _FONT and index.column() != 0:
             return None
         layer = self._layers[index.row()]
         lp = self._preview.get(layer.name)
@@ -183,6 +222,8 @@ class LayerTableModel(QAbstractTableModel):
                 tip += " — not compressed by default (norms, biases-only layers)"
             if layer.name in self._overrides:
                 tip += f" — {OVERRIDE_MARK} has its own settings (not the model default)"
+            if layer.name in self._pins:
+                tip += f" — {PIN_MARK} pinned: the target solver keeps its settings"
             if lp is not None and lp.skip:
                 tip += " — skipped by the plan"
             return tip
@@ -238,6 +279,24 @@ class LayerTableModel(QAbstractTableModel):
             v = float(lp.sqnr_db)
             return 1e9 if math.isinf(v) and v > 0 else v
         return 0
+
+
+def changed_runs(
+    old: Sequence[tuple[str, ...]], new: Sequence[tuple[str, ...]]
+) -> list[tuple[int, int, int, int]]:
+    """``(top, bottom, first column, last column)`` per run of consecutive rows whose cells
+    differ between ``old`` and ``new`` (same row count) over the same span of columns."""
+    runs: list[tuple[int, int, int, int]] = []
+    for row, (a, b) in enumerate(zip(old, new, strict=True)):
+        if a == b:
+            continue
+        cols = [c for c, (x, y) in enumerate(zip(a, b, strict=True)) if x != y]
+        first, last = cols[0], cols[-1]
+        if runs and runs[-1][1] == row - 1 and runs[-1][2:] == (first, last):
+            runs[-1] = (runs[-1][0], row, first, last)
+        else:
+            runs.append((row, row, first, last))
+    return runs
 
 
 class _Proxy(QSortFilterProxyModel):
@@ -417,7 +476,8 @@ class LayerTable(QWidget):
 
     def set_preview(self, preview) -> None:
         first = preview is not None and not self.model._preview
-        self.model.set_preview(preview)
+        # The grouped tree re-reads every cell on any change: one signal for it.
+        self.model.set_preview(preview, changed_only=not self.tree_model.live)
         if first:
             # Once per model, not per slider step: sizing columns measures every cell.
             self._fit_columns()
@@ -425,6 +485,10 @@ class LayerTable(QWidget):
     def set_overrides(self, names) -> None:
         """Mark (◆, bold) the layers that have their own settings."""
         self.model.set_overrides(names)
+
+    def set_pins(self, names) -> None:
+        """Mark (⚑) the layers pinned for the target solver."""
+        self.model.set_pins(names)
 
     def selected_names(self) -> tuple[str, ...]:
         rows = self.view.selectionModel().selectedRows()

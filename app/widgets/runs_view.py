@@ -35,7 +35,8 @@ from app.style import human_bytes, percent
 COLUMNS = ("#", "Kind", "Payload", "Sparsity", "Acc. after", "Damage", "Time")
 TOOLTIPS = (
     "Run number in this session",
-    "compress, fine-tune or evaluate",
+    "compress, fine-tune, evaluate, or ensemble (of the runs in brackets: its payload is "
+    "their total, its accuracy the averaged prediction's; a ★ on the plot)",
     "Bytes of the compressed layers' payload (codes, masks, scales)",
     "Fraction of zeros over the compressed weights",
     "Accuracy of the compressed model on the held-out data (after Evaluate)",
@@ -45,6 +46,18 @@ TOOLTIPS = (
 )
 #: Colour of the Pareto front line and of the points on it.
 FRONT_COLOR = style.THRESHOLD_COLOR
+#: Colour of the solver's predicted frontier (from the sensitivity scan).
+PREDICTED_COLOR = style.LEVEL_COLOR
+
+
+def predicted_value(point: dict, kind: str) -> float | None:
+    """A predicted frontier point's damage in the runs' unit ``kind`` (`damage`), or None
+    where the scan predicts nothing comparable (``1 - agreement``)."""
+    if kind == "accuracy lost (pp)":
+        return point.get("accuracy_drop")
+    if kind == "relative L2 error":
+        return point.get("rel_l2")
+    return None
 
 
 def damage(record) -> tuple[float, str] | None:
@@ -72,6 +85,17 @@ def pareto_front(points: Sequence[tuple[float, float]]) -> list[int]:
             front.append(i)
             best = points[i][1]
     return front
+
+
+def ensemble_members(runs: Sequence) -> list:
+    """The runs an ensemble of ``runs`` is built from: ensembles left out, and one run per
+    plan (an evaluate run repeats its compress run's plan), first kept."""
+    out, plans = [], []
+    for run in runs:
+        if run.kind != "ensemble" and run.plan not in plans:
+            out.append(run)
+            plans.append(run.plan)
+    return out
 
 
 def describe_config(cfg) -> str:
@@ -156,6 +180,7 @@ class RunsView(QWidget):
     "Restore plan") to ask for that run's plan; select two rows and press "Compare"."""
 
     planRequested = Signal(object)  # RunRecord whose plan should become current
+    ensembleRequested = Signal(list)  # RunRecords to build an ensemble of
 
     def __init__(self, parent=None):
         super().__init__(parent)
@@ -185,6 +210,13 @@ class RunsView(QWidget):
         self.compare.setObjectName("compareRuns")
         self.compare.setToolTip("Select two runs: list the layers whose settings differ")
         self.compare.clicked.connect(self._on_compare_clicked)
+        self.ensemble = QPushButton("Ensemble…", self)
+        self.ensemble.setObjectName("ensembleRuns")
+        self.ensemble.setToolTip(
+            "Select two or more runs: build an ensemble of their plans (averaged predictions) "
+            "and add it to the history"
+        )
+        self.ensemble.clicked.connect(self._on_ensemble_clicked)
         self.note = QLabel("Compress and Evaluate to fill the history.", self)
         self.note.setWordWrap(True)
 
@@ -215,8 +247,26 @@ class RunsView(QWidget):
         self.highlight = pg.ScatterPlotItem(
             size=16, pen=pg.mkPen(style.AFTER_COLOR, width=2), brush=pg.mkBrush(None)
         )
-        for item in (self.front, self.points, self.highlight):
+        # Ensemble runs: a star over their point (size = the members' total payload).
+        self.ensemble_points = pg.ScatterPlotItem(
+            size=18,
+            symbol="star",
+            pen=pg.mkPen(style.AFTER_COLOR, width=1),
+            brush=pg.mkBrush(style.AFTER_COLOR),
+        )
+        for item in (self.front, self.points, self.ensemble_points, self.highlight):
             self.plot.addItem(item)
+        # The solver's predicted frontier (`set_frontier`), dashed, under the measured runs.
+        self.predicted = pg.PlotDataItem(
+            pen=pg.mkPen(PREDICTED_COLOR, width=2, style=Qt.PenStyle.DashLine),
+            symbol="x",
+            symbolSize=8,
+            symbolPen=pg.mkPen(PREDICTED_COLOR),
+            symbolBrush=pg.mkBrush(PREDICTED_COLOR),
+        )
+        self.predicted.setZValue(-1)
+        self.plot.addItem(self.predicted)
+        self._frontier: list[dict] = []
 
         left = QWidget(self)
         v = QVBoxLayout(left)
@@ -226,6 +276,7 @@ class RunsView(QWidget):
         buttons = QHBoxLayout()
         buttons.addWidget(self.restore)
         buttons.addWidget(self.compare)
+        buttons.addWidget(self.ensemble)
         buttons.addStretch(1)
         v.addLayout(buttons)
         self.splitter = QSplitter(Qt.Orientation.Horizontal, self)
@@ -252,9 +303,10 @@ class RunsView(QWidget):
             for row, run in enumerate(self._runs):
                 dmg = damage(run)
                 acc = run.accuracy_after
+                members = getattr(run, "members", ())
                 texts = (
                     str(run.id),
-                    run.kind,
+                    f"{run.kind} ({'+'.join(map(str, members))})" if members else run.kind,
                     human_bytes(run.payload_bytes),
                     percent(run.sparsity, 2),
                     percent(acc) if acc is not None else "—",
@@ -304,9 +356,73 @@ class RunsView(QWidget):
             r for r, _, _ in chosen
         ]
 
+    def set_frontier(self, points: Sequence[dict]) -> None:
+        """The solver's predicted size/damage trade-off from the sensitivity scan (dicts of
+        `app.controller.Controller.frontier_points`), drawn dashed beside the runs in their
+        damage unit; [] hides it."""
+        self._frontier = list(points)
+        self._redraw()
+
+    def frontier_xy(self) -> tuple[np.ndarray, np.ndarray]:
+        """The predicted frontier as drawn: (payload KiB, damage) arrays (empty when hidden)."""
+        x, y = self.predicted.getData()
+        if x is None:
+            return np.zeros(0), np.zeros(0)
+        return np.asarray(x), np.asarray(y)
+
+    def _draw_frontier(self, rows: Sequence[int]) -> None:
+        """Draw the predicted frontier in the damage unit of the plotted runs (with no run
+        plotted: accuracy lost for labelled scans, else the relative L2 error)."""
+        measured = damage(self._runs[rows[0]]) if rows else None
+        if measured is not None:
+            kind = measured[1]
+        elif self._frontier and self._frontier[0].get("accuracy_drop") is not None:
+            kind = "accuracy lost (pp)"
+        else:
+            kind = "relative L2 error"
+        pts = sorted(
+            (p["payload_bytes"] / 1024.0, predicted_value(p, kind))
+            for p in self._frontier
+            if p.get("payload_bytes") and predicted_value(p, kind) is not None
+        )
+        title = (
+            f"Size vs damage: ● runs, <span style='color:{FRONT_COLOR.name()}'>— Pareto "
+            "front</span> (click a point to restore its plan)"
+        )
+        tip = ""
+        if pts:
+            xy = np.asarray(pts, dtype=np.float64)
+            self.predicted.setData(xy[:, 0], xy[:, 1])
+            estimate = any(p.get("estimate") for p in self._frontier)
+            # Short: the plot is narrow beside the table; the tooltip says the rest.
+            title = (
+                f"● runs <span style='color:{FRONT_COLOR.name()}'>— front</span> "
+                f"<span style='color:{PREDICTED_COLOR.name()}'>- - predicted"
+                + (" (estimate)" if estimate else "")
+                + "</span>"
+            )
+            tip = (
+                "Dots: measured runs (click one to restore its plan); red: their Pareto front; "
+                "green dashed: the plans the target solver predicts from the sensitivity scan, "
+                "before fine-tuning" + (" (data-free estimate)" if estimate else "")
+            )
+            if not rows:
+                self.plot.setLabel("left", f"damage: {kind}")
+        else:
+            self.predicted.setData([], [])
+        self.plot.setTitle(title, size="9pt")
+        self.plot.setToolTip(tip)
+
     def _redraw(self) -> None:
         pts, rows = self._points()
         self._plotted = rows
+        self._draw_frontier(rows)
+        stars = [p for p, r in zip(pts, rows, strict=True) if self._runs[r].kind == "ensemble"]
+        if stars:
+            xy_stars = np.asarray(stars, dtype=np.float64)
+            self.ensemble_points.setData(x=xy_stars[:, 0], y=xy_stars[:, 1])
+        else:
+            self.ensemble_points.setData([], [])
         if not pts:
             self.points.setData([], [])
             self.front.setData([], [])
@@ -338,9 +454,12 @@ class RunsView(QWidget):
             self.highlight.setData([], [])
 
     def _update_buttons(self) -> None:
-        n = len(self.selected_runs())
-        self.restore.setEnabled(n == 1)
+        chosen = self.selected_runs()
+        n = len(chosen)
+        # An ensemble has several plans: nothing single to restore.
+        self.restore.setEnabled(n == 1 and chosen[0].kind != "ensemble")
         self.compare.setEnabled(n == 2)
+        self.ensemble.setEnabled(len(ensemble_members(chosen)) >= 2)
 
     # ------------------------------------------------------------------ slots
     def _on_table_itemSelectionChanged(self) -> None:
@@ -348,8 +467,13 @@ class RunsView(QWidget):
         self._update_buttons()
 
     def _on_table_cellDoubleClicked(self, row: int, _col: int) -> None:
-        if 0 <= row < len(self._runs):
+        if 0 <= row < len(self._runs) and self._runs[row].kind != "ensemble":
             self.planRequested.emit(self._runs[row])
+
+    def _on_ensemble_clicked(self) -> None:
+        chosen = ensemble_members(self.selected_runs())
+        if len(chosen) >= 2:
+            self.ensembleRequested.emit(chosen)
 
     def _on_restore_clicked(self) -> None:
         chosen = self.selected_runs()
@@ -360,7 +484,8 @@ class RunsView(QWidget):
         """Act as a click on the scatter point of table row ``row``: select it, restore it."""
         if 0 <= row < len(self._runs):
             self.table.selectRow(row)
-            self.planRequested.emit(self._runs[row])
+            if self._runs[row].kind != "ensemble":
+                self.planRequested.emit(self._runs[row])
 
     def _on_points_sigClicked(self, _item, spots, _event=None) -> None:
         if len(spots):

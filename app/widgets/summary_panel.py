@@ -7,6 +7,7 @@ from PySide6.QtGui import QFont
 from PySide6.QtWidgets import QGridLayout, QGroupBox, QLabel, QSizePolicy
 
 from app.style import decibels, human_bytes, human_count, percent, ratio
+from app.widgets.quiet_slot import QuietSlot
 
 ROWS = (
     (
@@ -57,6 +58,37 @@ def summary_texts(preview, before_bytes: int | None = None) -> dict[str, str]:
 KEPT_INDEX = [key for key, _, _ in ROWS].index("nonzeros")
 
 
+def device_fit_text(fit) -> tuple[str, str]:
+    """``(text, tooltip)`` of the device line for `core.devices.estimate_fit`'s verdict (None:
+    no device chosen -> empty text)."""
+    if fit is None:
+        return "", ""
+    acts = fit["activation_bytes"]
+    acts_txt = "activations not measured" if acts is None else f"{human_bytes(acts)} activations"
+    head = "fits" if fit["fits"] else "does not fit"
+    weights, memory = human_bytes(fit["weights_bytes"]), human_bytes(fit["memory_bytes"])
+    if fit.get("weight_memory_bytes") is None:
+        text = (
+            f"{fit['device']}: {head} ({weights} weights + {acts_txt}; needs "
+            f"{human_bytes(fit['memory_needed_bytes'])} of {memory} memory)"
+        )
+    else:
+        # Weights read in place from their own store (a microcontroller's flash).
+        text = (
+            f"{fit['device']}: {head} ({weights} weights of "
+            f"{human_bytes(fit['weight_memory_bytes'])} weight memory; {acts_txt} of "
+            f"{memory} memory)"
+        )
+    tip = (
+        "Weights: the packed size of this plan; activations: peak input+output bytes of one "
+        "layer at batch 1, measured once on the example input. Checked against the device's "
+        "memory (weight memory where it has one) and storage."
+    )
+    if fit["reasons"]:
+        tip = "Does not fit: " + "; ".join(fit["reasons"]) + "\n\n" + tip
+    return text, tip
+
+
 class SummaryPanel(QGroupBox):
     def __init__(self, parent=None):
         super().__init__("Live estimate", parent)
@@ -89,16 +121,32 @@ class SummaryPanel(QGroupBox):
                 sample = "999.99 KiB"
                 row, col = divmod(i if i < KEPT_INDEX else i - 1, 2)
                 span = 1
-            label.setMinimumWidth(label.fontMetrics().horizontalAdvance(sample) + 4)
+            width = label.fontMetrics().horizontalAdvance(sample) + 4
             grid.addWidget(name, row, 2 * col)
-            grid.addWidget(label, row, 2 * col + 1, 1, span)
+            # In a slot: a new number must not lay out the dock (and window) again.
+            grid.addWidget(QuietSlot(label, min_width=width), row, 2 * col + 1, 1, span)
             self.labels[key] = label
         grid.setColumnStretch(1, 1)
         grid.setColumnStretch(3, 1)
         self.note = QLabel(self)
         self.note.setWordWrap(True)
         grid.addWidget(self.note, len(ROWS) // 2 + 1, 0, 1, 4)
+        # "fits / does not fit" on the chosen device (empty and hidden without one).
+        self.device = QLabel(self)
+        self.device.setObjectName("summary_device")
+        self.device.setWordWrap(True)
+        self.device.setVisible(False)
+        grid.addWidget(self.device, len(ROWS) // 2 + 2, 0, 1, 4)
         self.set_preview(None)
+
+    def set_device_fit(self, fit) -> None:
+        """Show `core.devices.estimate_fit`'s verdict (None: no device chosen)."""
+        text, tip = device_fit_text(fit)
+        self.device.setText(text)
+        self.device.setToolTip(tip)
+        color = "" if fit is None else ("#2e7d32" if fit["fits"] else "#c62828")
+        self.device.setStyleSheet(f"color: {color}; font-weight: bold;" if color else "")
+        self.device.setVisible(bool(text))
 
     def set_preview(self, preview, note: str = "", before_bytes: int | None = None) -> None:
         for key, text in summary_texts(preview, before_bytes).items():

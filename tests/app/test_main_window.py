@@ -570,6 +570,38 @@ def test_prune_steps_and_bias_bits_controls_edit_the_plan(qtbot, window):
     assert combo.currentData() is None
 
 
+def test_group_size_rounding_and_bias_correction_controls_edit_the_plan(qtbot, window):
+    """The quantizer registry's rounding rules, group sizes and bias correction are plan edits
+    from the window (undoable), and the panel shows a loaded config."""
+    from core.methods import quantizers
+
+    open_ready(qtbot, window, "demo:mlp")
+    c = window.controller
+    q = window.quant_panel
+    q.bits.setValue(4)
+    q.per_channel.setChecked(False)
+    assert [q.method.itemData(i) for i in range(q.method.count())] == [
+        m.name for m in quantizers()
+    ]
+    q.group_size.setCurrentIndex(q.group_size.findData(64))
+    assert c.plan.default.quant.group_size == 64
+    assert c.plan.default.quant.per_channel  # groups refine per-channel scales
+    assert q.per_channel.isChecked()
+    q.per_channel.setChecked(False)  # dropping per-channel drops the groups
+    assert c.plan.default.quant.group_size is None
+    assert q.group_size.currentData() is None
+    q.method.setCurrentIndex(q.method.findData("gptq"))
+    assert c.plan.default.quant.method == "gptq"
+    q.bias_correction.setChecked(True)
+    assert c.plan.default.quant.bias_correction
+    c.undo()
+    assert not c.plan.default.quant.bias_correction
+    assert not q.bias_correction.isChecked()
+    c.undo()
+    assert c.plan.default.quant.method == "rtn"
+    assert q.method.currentData() == "rtn"
+
+
 def test_model_wide_channel_pruning_keeps_the_logits_layer(qtbot, window):
     from core.engine import protect_output_layer
 

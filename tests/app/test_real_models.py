@@ -229,7 +229,12 @@ def test_stale_banner_does_not_shift_the_layout(qtbot, window):
     c = window.controller
     c.set_plan(simple_plan(0.5, 6, "magnitude"))
     c.compress()
-    qtbot.waitUntil(lambda: c.result is not None and not c.busy(), timeout=TIMEOUT)
+    # the evaluation that follows a compress fills the results panel too: wait for it
+    qtbot.waitUntil(
+        lambda: c.result is not None and c.evaluation is not None and not c.busy(),
+        timeout=TIMEOUT,
+    )
+    qtbot.wait(50)
     table = window.results.table
     before = table.mapTo(window, table.rect().topLeft())
     assert window.results.stale.isHidden()
@@ -261,6 +266,7 @@ def test_every_control_group_reachable_without_scrolling_at_1366x768(qtbot, wind
         "Pruning",
         "Quantization",
         "Recovery",
+        "Target",
     ]
     viewport = window.controls_scroll.viewport()
     for i in range(tabs.count()):
