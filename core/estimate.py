@@ -2,7 +2,8 @@
 
 `preview` reads only the precomputed `core.stats.ModelStats`: every number is a lookup in a
 `core.stats.ScoreIndex` or a closed form over a handful of stored sums, so it runs on the UI
-thread while a slider moves.
+thread while a slider moves. `PreviewCache` gives the same results and re-estimates only what
+a plan edit changed (the window keeps one per analysis).
 
 What is exact and what is estimated
 -----------------------------------
@@ -209,14 +210,13 @@ class _KeptHistogram:
 
     def __init__(self, index: ScoreIndex):
         self.index = index
-        a, b = _BIN_LO[index.bins], _BIN_HI[index.bins]
-        self.a, self.b = a, b
-        self.xp = np.empty(2 * a.size)
-        self.xp[0::2], self.xp[1::2] = a, b
+        n = index.bins.size
+        self.xp = np.empty(2 * n)
+        self.xp[0::2], self.xp[1::2] = _BIN_LO[index.bins], _BIN_HI[index.bins]
+        self.a, self.b = self.xp[0::2], self.xp[1::2]  # views: 32 bytes per bin in all
         cum = index.bin_cum.astype(np.float64)
-        self.fp = np.empty(2 * a.size)
+        self.fp = np.empty(2 * n)
         self.fp[0::2], self.fp[1::2] = cum[:-1], cum[1:]
-        self.counts = np.diff(index.bin_cum).astype(np.float64)
         self._upper: tuple[int, float, np.ndarray] | None = None  # the last cells' edges
 
     def code_entropy(self, threshold: float, delta: float) -> tuple[float, float]:
@@ -250,7 +250,7 @@ class _KeptHistogram:
         if total - cdf[-1] > 0.0:
             cut = float(upper[-1])
             s = int(np.searchsorted(b, cut, side="right"))  # b ascending: b > cut is b[s:]
-            counts = self.counts[j + s :].copy()
+            counts = np.diff(cum_i[j + s :]).astype(np.float64)
             if s == 0:
                 counts[0] = float(cum_i[j + 1] - below)
             lo = np.maximum(a[s:], cut)
@@ -331,8 +331,38 @@ def preview(stats: ModelStats, plan: CompressionPlan) -> PlanPreview:
     return _preview(stats, plan, None)
 
 
+class _Recent:
+    """A dict of what the current preview used, falling back to what the previous one used
+    (`rotate` between previews drops the rest). Cached objects thus die young: an unbounded
+    cache would pile up long-lived objects that the garbage collector's full passes walk
+    (a ~90 ms pause in the middle of a drag)."""
+
+    __slots__ = ("old", "new")
+
+    def __init__(self) -> None:
+        self.old: dict = {}
+        self.new: dict = {}
+
+    def rotate(self) -> None:
+        self.old, self.new = self.new, {}
+
+    def get(self, key: Any) -> Any:
+        hit = self.new.get(key)
+        if hit is None:
+            hit = self.old.get(key)
+            if hit is not None:
+                self.new[key] = hit
+        return hit
+
+    def __setitem__(self, key: Any, value: Any) -> None:
+        self.new[key] = value
+
+    def __len__(self) -> int:
+        return len(self.new)
+
+
 class PreviewCache:
-    """`preview` for one `ModelStats`, reusing what the last plans already computed.
+    """`preview` for one `ModelStats`, reusing what the previous plan already computed.
 
     A slider step changes one field of the plan; this keeps, per layer, its pruning (keyed by
     its prune settings, or for members of the global pool by the shared threshold and its
@@ -342,30 +372,26 @@ class PreviewCache:
     entropy of the kept weights O(cells + log bins) instead of O(bins) (`_KeptHistogram`).
     Every number is computed by the same code from the same inputs as `preview`, so
     ``PreviewCache(stats).preview(plan) == preview(stats, plan)`` field for field
-    (tests/core/test_estimate_cache.py). Not thread-safe: one cache per thread.
+    (tests/core/test_estimate_cache.py). Only the previous plan's entries are kept (a slider
+    step compares with the step before). Not thread-safe: one cache per thread.
     """
-
-    #: Entries per table before it is emptied (a drag adds one per layer per step).
-    MAX_ENTRIES = 1 << 14
 
     def __init__(self, stats: ModelStats):
         self.stats = stats
         self._state_shapes = {st.name: (tuple(st.shape), st.dtype) for st in stats.state}
         self._raw_specs = [
-            TensorSpec(st.name, st.shape, math.prod(st.shape), dtype=st.dtype)
-            for st in stats.state
+            TensorSpec(st.name, st.shape, math.prod(st.shape), dtype=st.dtype) for st in stats.state
         ]
-        self._pools: dict = {}
-        self._prunings: dict = {}
-        self._rows: dict = {}
-        self._parts: dict = {}
-        self._kept: dict[str, _KeptHistogram] = {}
+        self._pools = _Recent()
+        self._prunings = _Recent()
+        self._rows = _Recent()
+        self._parts = _Recent()
+        self._kept: dict[str, _KeptHistogram] = {}  # arrays only, one per quantized layer
 
     def preview(self, plan: CompressionPlan) -> PlanPreview:
         """Same as ``preview(self.stats, plan)``."""
         for table in (self._pools, self._prunings, self._rows, self._parts):
-            if len(table) > self.MAX_ENTRIES:
-                table.clear()
+            table.rotate()
         return _preview(self.stats, plan, self)
 
     def _global_pool(self, plan: CompressionPlan, prunable: list):
@@ -388,7 +414,7 @@ class PreviewCache:
         hit = self._rows.get(key)
         if hit is None:
             kept = self._kept.get(layer.name)
-            if kept is None:
+            if kept is None and not cfg.skip and cfg.quant.active:  # (entropy of codes only)
                 kept = self._kept[layer.name] = _KeptHistogram(ts.scores["magnitude"])
             hit = self._rows[key] = _layer_entry(layer, ts, cfg, pr, self._state_shapes, kept)
         return hit

@@ -68,14 +68,15 @@ def count_mask(scores: torch.Tensor, count: int) -> torch.Tensor:
     if flat.dtype != torch.float32:
         flat = flat.to(torch.float32)
     finite = torch.isfinite(flat)
-    nonfinite = n - int(finite.sum())
+    # count_nonzero, not sum(): a bool sum makes an int64 copy (8 bytes per weight)
+    nonfinite = n - int(torch.count_nonzero(finite))
     if count <= nonfinite:
         return finite.reshape(scores.shape)
     values = flat[finite] if nonfinite else flat
     kf = count - nonfinite
     v = torch.kthvalue(values, kf).values  # the largest finite score pruned
     prune = flat < v
-    extra = kf - int(prune.sum())
+    extra = kf - int(torch.count_nonzero(prune))
     if extra > 0:
         ties = torch.nonzero(flat == v).reshape(-1)[:extra]
         prune[ties] = True
@@ -144,7 +145,8 @@ def global_counts(
     count
         Total to prune (`target_count` of the pool), non-finite scores included.
     pool
-        ``ScoreIndex.pooled(members)`` if already built (only its sorted values are used).
+        ``ScoreIndex.pooled(members)`` if already built (its sorted values, or its merged
+        bins and counts: the boundary bin is then found without merging the members again).
 
     Returns
     -------
@@ -159,6 +161,8 @@ def global_counts(
         return [int(x) for x in nonfinite], 0.0
     if all(m.values is not None for m in members):
         values = [m.values for m in members]
+        if len(values) == 1:  # one tensor prunes exactly its kf smallest (the ties need no count)
+            return [int(nonfinite[0]) + kf], _value_threshold(values[0], kf)
         cat = np.concatenate(values) if len(values) > 1 else values[0]
         merged = pool.values if pool is not None and pool.values is not None else np.sort(cat)
         v = merged[kf - 1]
@@ -166,6 +170,8 @@ def global_counts(
         ties = _segment_sums(cat == v, finite)
         taken = below + _fill(kf - int(below.sum()), ties)
         return [int(x) for x in nonfinite + taken], _value_threshold(merged, kf)
+    if pool is not None:
+        return _pooled_bin_counts(members, pool, nonfinite, kf)
     sizes = np.array([m.bins.size for m in members], dtype=np.int64)
     bins = np.concatenate([m.bins for m in members])
     counts = np.concatenate([np.diff(m.bin_cum) for m in members])
@@ -177,6 +183,29 @@ def global_counts(
     pooled_below = int(cum[j - 1]) if j else 0
     below = _segment_sums(np.where(bins < boundary, counts, 0), sizes)
     inside = _segment_sums(np.where(bins == boundary, counts, 0), sizes)
+    quota = kf - pooled_below
+    taken = below + _fill(quota, inside)
+    threshold = _bin_threshold(boundary, int(cum[j]) - pooled_below, quota)
+    return [int(x) for x in nonfinite + taken], threshold
+
+
+def _pooled_bin_counts(
+    members: Sequence[ScoreIndex], pool: ScoreIndex, nonfinite: np.ndarray, kf: int
+) -> tuple[list[int], float]:
+    """`global_counts`' radix case from the pooled index (its bins are the members' merged
+    bins, its ``bin_cum`` their pooled counts): one ``searchsorted`` per member instead of
+    merging every member's bins again, with the same counts and threshold."""
+    cum = pool.bin_cum[1:]
+    j = int(np.searchsorted(cum, kf, side="left"))
+    boundary = int(pool.bins[j])
+    pooled_below = int(cum[j - 1]) if j else 0
+    below = np.zeros(len(members), dtype=np.int64)
+    inside = np.zeros(len(members), dtype=np.int64)
+    for i, m in enumerate(members):
+        k = int(np.searchsorted(m.bins, boundary, side="left"))
+        below[i] = m.bin_cum[k]
+        if k < m.bins.size and int(m.bins[k]) == boundary:
+            inside[i] = m.bin_cum[k + 1] - m.bin_cum[k]
     quota = kf - pooled_below
     taken = below + _fill(quota, inside)
     threshold = _bin_threshold(boundary, int(cum[j]) - pooled_below, quota)

@@ -4,9 +4,12 @@ Each shot runs ``workbench MODEL --screenshot PATH`` in a fresh process with a t
 settings file, so the user's saved layout never leaks into the pictures. Headless machines
 render offscreen. Usage: ``.venv/bin/python scripts/make_screenshots.py``.
 
-The sensitivity shot (`SCRIPTED`) drives the window in its own fresh process
-(``make_screenshots.py --sensitivity PATH --settings INI``): demo:mlp, Scan, a target-ratio
-step, the Sensitivity dock and the Target tab raised, at 1366x768.
+The ResNet-50 shots open the tests' 107-layer ResNet-50-shaped model (generated as TorchScript
+into a temporary folder) at 1366x768 and 1920x1080. The scripted shots (`SCRIPTED`) drive the
+window in their own fresh process (``make_screenshots.py --sensitivity|--runs PATH --settings
+INI``): demo:mlp, Scan, then a target-ratio step with the Sensitivity dock and the Target tab
+raised, or four compress runs at different target ratios with the Runs dock (Pareto front and
+predicted frontier) raised, at 1366x768.
 """
 
 from __future__ import annotations
@@ -27,8 +30,15 @@ SHOTS = (
 )
 
 
+#: (file name, extra arguments) on a generated 107-layer ResNet-50-shaped model (TorchScript
+#: file written into the temporary folder as ``RESNET50``), at the two usual screen sizes.
+RESNET_SHOTS = (
+    ("resnet50-1366.png", ["--select", "layer3.0.conv2", "--size", "1366x768"]),
+    ("resnet50-1920.png", ["--select", "layer3.0.conv2", "--size", "1920x1080"]),
+)
+
 #: (file name, script option) of the shots this script drives itself.
-SCRIPTED = (("sensitivity.png", "--sensitivity"),)
+SCRIPTED = (("sensitivity.png", "--sensitivity"), ("runs.png", "--runs"))
 #: Window size of the scripted shots (the smallest screen the layout is made for).
 SCRIPTED_SIZE = (1366, 768)
 
@@ -81,16 +91,89 @@ def sensitivity_shot(path: str, settings_path: str, ratio: float = 12.0) -> int:
     return state["code"]
 
 
+def runs_shot(
+    path: str, settings_path: str, ratios: tuple[float, ...] = (4.0, 8.0, 16.0, 30.0)
+) -> int:
+    """Open demo:mlp with its data, scan it, then compress (one shot, no fine-tuning) at each
+    target ratio of ``ratios`` from the Target slider; save the window with the Runs dock (size
+    vs damage of every run, the Pareto front and the solver's predicted frontier) in front."""
+    sys.path.insert(0, str(ROOT))
+    from PySide6.QtCore import QTimer
+    from PySide6.QtWidgets import QApplication
+
+    from app.__main__ import make_settings
+    from app.main_window import MainWindow
+
+    app = QApplication.instance() or QApplication([])
+    window = MainWindow(make_settings(settings_path))
+    window.resize(*SCRIPTED_SIZE)
+    window.show()
+    c, ui = window.controller, window.sensitivity_ui
+    state = {"code": 1, "left": list(ratios)}
+
+    def finish(code: int) -> None:
+        state["code"] = code
+        c.shutdown()
+        app.quit()
+
+    def next_run() -> None:
+        if not state["left"]:
+            window.runs_dock.raise_()
+            QTimer.singleShot(500, save)
+            return
+        ui.panel.set_ratio(state["left"].pop(0))
+        window._end_drag()
+        c.compress()
+
+    def on_finished(kind: str, outcome: str) -> None:
+        if outcome == "failed":
+            finish(1)
+        elif kind == "analyze" and outcome == "done" and c.sensitivity is None:
+            ui.scan()
+        elif kind == "scan" and outcome == "done":
+            next_run()
+        elif kind == "evaluate" and outcome == "done" and c.result is not None:
+            QTimer.singleShot(0, next_run)
+
+    def save() -> None:
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        ok = window.grab().save(path, "PNG")
+        print(f"saved {path}" if ok else f"could not write {path}")
+        finish(0 if ok else 1)
+
+    c.jobFinished.connect(on_finished)
+    QTimer.singleShot(600_000, lambda: finish(1))
+    window.open_model("demo:mlp")
+    app.exec()
+    return state["code"]
+
+
+def _resnet50(folder: Path) -> Path:
+    """The tests' 107-layer ResNet-50-shaped model, saved as TorchScript into ``folder``."""
+    path = folder / "resnet50_shaped.ts.pt"
+    code = (
+        "import sys; sys.path.insert(0, sys.argv[2]); "
+        "from tests.app.test_real_models import save_resnet50_shaped; "
+        "save_resnet50_shaped(sys.argv[1])"
+    )
+    subprocess.run([sys.executable, "-c", code, str(path), str(ROOT)], check=True, timeout=600)
+    return path
+
+
 def main() -> int:
     if len(sys.argv) == 5 and sys.argv[1] == "--sensitivity" and sys.argv[3] == "--settings":
         return sensitivity_shot(sys.argv[2], sys.argv[4])
+    if len(sys.argv) == 5 and sys.argv[1] == "--runs" and sys.argv[3] == "--settings":
+        return runs_shot(sys.argv[2], sys.argv[4])
     OUT.mkdir(parents=True, exist_ok=True)
     env = dict(os.environ)
     if not env.get("DISPLAY") and not env.get("WAYLAND_DISPLAY"):
         env["QT_QPA_PLATFORM"] = "offscreen"
     failed = 0
     with tempfile.TemporaryDirectory() as tmp:
-        for name, args in SHOTS:
+        resnet = str(_resnet50(Path(tmp)))
+        shots = list(SHOTS) + [(name, [resnet, *args]) for name, args in RESNET_SHOTS]
+        for name, args in shots:
             cmd = [
                 sys.executable,
                 "-m",

@@ -346,41 +346,56 @@ def _spec_itemsize(spec: TensorSpec) -> int:
     return ST_DTYPES.get(spec.dtype, 4)
 
 
+def _tensor_part(s: TensorSpec) -> tuple[int, list]:
+    """``(payload bytes, layout entry)`` of one tensor in the archive."""
+    rows = s.shape[0] if (s.structured and len(s.shape) >= 1) else None
+    itemsize = _spec_itemsize(s)
+    choice = choose_pattern(s.numel, s.nnz, s.bits, structured_rows=rows, itemsize=itemsize)
+    size = tensor_packed_bytes(
+        s.numel,
+        s.nnz,
+        s.bits,
+        s.n_params,
+        structured_rows=rows,
+        symmetric=s.symmetric,
+        itemsize=itemsize,
+    )
+    entry = layout_entry(
+        s.name,
+        s.shape,
+        s.dtype,
+        bits=s.bits,
+        symmetric=s.symmetric,
+        per_channel=s.per_channel and s.bits is not None,
+        pattern=choice,
+        group_size=s.group_size if s.bits is not None else None,
+    )
+    return size, entry
+
+
 def estimate_archive_bytes(
-    specs: Sequence[TensorSpec], metadata: Mapping[str, str]
+    specs: Sequence[TensorSpec],
+    metadata: Mapping[str, str],
+    *,
+    parts: dict[TensorSpec, tuple[int, list]] | None = None,
 ) -> ArchiveEstimate:
     """Expected size of the archive the writer produces for these tensors and metadata.
 
     Uses `tensor_packed_bytes` per tensor and builds the exact header JSON with the expected
-    layout (only relative-index stream lengths are expectations).
+    layout (only relative-index stream lengths are expectations). ``parts``: a dict the caller
+    keeps between calls (`core.estimate.PreviewCache`); each spec's bytes and layout entry are
+    looked up there and stored when missing (the entries are shared: read them, never edit).
     """
     sizes: dict[str, int] = {}
     layout = []
     for s in specs:
-        rows = s.shape[0] if (s.structured and len(s.shape) >= 1) else None
-        itemsize = _spec_itemsize(s)
-        choice = choose_pattern(s.numel, s.nnz, s.bits, structured_rows=rows, itemsize=itemsize)
-        sizes[s.name] = tensor_packed_bytes(
-            s.numel,
-            s.nnz,
-            s.bits,
-            s.n_params,
-            structured_rows=rows,
-            symmetric=s.symmetric,
-            itemsize=itemsize,
-        )
-        layout.append(
-            layout_entry(
-                s.name,
-                s.shape,
-                s.dtype,
-                bits=s.bits,
-                symmetric=s.symmetric,
-                per_channel=s.per_channel and s.bits is not None,
-                pattern=choice,
-                group_size=s.group_size if s.bits is not None else None,
-            )
-        )
+        part = None if parts is None else parts.get(s)
+        if part is None:
+            part = _tensor_part(s)
+            if parts is not None:
+                parts[s] = part
+        sizes[s.name] = part[0]
+        layout.append(part[1])
     blob = sum(sizes.values())
     header = archive_overhead_bytes(
         [s.name for s in specs], metadata, layout=layout, blob_bytes=blob
