@@ -33,6 +33,9 @@ What is exact and what is estimated
   while their measured error after compression is typically lower than this bound.
 * With ``remove_channels`` the archive also loses the consumers' input columns, which the
   preview does not model: it counts the pruned channels as masked rows (an upper bound).
+
+Why one module of this size: `preview` and `PreviewCache` must compute every number with the
+same functions (the cache is tested bit for bit against the uncached path), so both live here.
 """
 
 from __future__ import annotations

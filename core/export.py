@@ -13,6 +13,9 @@ ONNX graph with onnxruntime's quantization tools so it is smaller and faster in 
 Why one module of this size: one writer per format plus the shared verification (run the
 written file, compare outputs) and the all-formats-first check; each writer is short, the
 shared parts would otherwise be imported back and forth.
+
+Why one module of this size: every export format follows the same write-atomically / reload /
+compare / time protocol; the per-format writers are short and share that protocol's helpers.
 """
 
 from __future__ import annotations

@@ -42,6 +42,10 @@ Element counts
 Why one module of this size: the caps of every reader (zip members, safetensors headers, packed
 layouts, JSON depth, npz members) come from one policy (ratio to the file and free memory) that
 must stay consistent across them.
+
+Why one module of this size: every reader's resource limits (zip, zstd, safetensors headers,
+JSON, shapes) live together so a limit is defined once and the hostile-file tests have one place
+to point at.
 """
 
 from __future__ import annotations

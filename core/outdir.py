@@ -30,6 +30,9 @@ known point.
 Why one module of this size: the single-file atomic write, the directory transaction, the lock
 and the signal handling must agree on one protocol (staging name, commit order, recovery of an
 interrupted swap).
+
+Why one module of this size: the staging directory, its lock, signal handling and recovery of a
+killed run form one protocol; splitting it would scatter its invariants.
 """
 
 from __future__ import annotations

@@ -36,6 +36,9 @@ an interrupted scan resumes with the layers still missing.
 
 Why one module of this size: the level grid, activation caching and suffix replay, the data-
 free proxy and the on-disk cache are one measurement and are tested as one.
+
+Why one module of this size: the scan, its on-disk cache (keys, resume) and the data-free proxy
+produce the same `SensitivityScan` and share the level grid and cache layout.
 """
 
 from __future__ import annotations

@@ -26,6 +26,11 @@ looking and can fix it.
 Why one module of this size: it is the one owner of the state and the rules both front ends
 share (plan history, edit target, supersede table, run history and each pipeline step); the
 steps are short and read best beside the state they change.
+
+Why one module of this size: the session is the single owner of plan, history and jobs for every
+front end; its job bodies (open, analyse, compress, scan, export, ensemble) are short and each
+needs the session's private state, so splitting them would only move that state into globals or
+back-references.
 """
 
 from __future__ import annotations

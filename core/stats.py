@@ -36,6 +36,11 @@ Why one module of this size: the score indices (sorted scores for small tensors,
 histograms for large ones), the histograms and the gradient statistics are built in the same
 passes over each tensor and must agree bin for bin with what core.estimate and core.selection
 look up.
+
+Why one module of this size: the histograms, the radix and sorted score indices, the batched
+small-tensor path and `analyze` share private layouts (radix bins, `_cum`, `_sorted_index`) that
+must stay bit-identical between the one-tensor and batched paths; splitting them would export
+those internals.
 """
 
 from __future__ import annotations
