@@ -18,6 +18,7 @@ import copy
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
+from typing import Any
 
 import numpy as np
 import torch
@@ -641,33 +642,22 @@ def compress(
     module = work.module
     layers = [layer for layer in stats.layers if layer.prunable and layer.tensor is not None]
     n = max(len(layers), 1)
-    originals: dict[str, torch.Tensor] = {}
-    masks: dict[str, torch.Tensor] = {}
     tensors = named_tensors(module)
-    source = named_tensors(loaded.module)
     # groups of small same-shape tensors are done in one pass each (`_compress_group`)
     reshaping = plan.remove_channels and _uses_channels(plan, layers)
     grouped = [] if (calibrated or reshaping) else _small_groups(layers, plan, tensors)
     in_group = {layer.name for members in grouped for layer in members}
-    for i, layer in enumerate(layers):
-        if layer.name in in_group:
-            continue
-        _check(cancel)
-        progress(0.05 + 0.35 * i / n, f"pruning {layer.name}")
-        w = _tensor(tensors, layer.tensor, where=layer.name)
-        # ``loaded`` is never modified: its tensor is the original (no third copy of the
-        # weights at 10**8-10**9 of them); a clone only where the copy's names differ.
-        o = source.get(layer.tensor)
-        same = o is not None and o.shape == w.shape and o.dtype == w.dtype
-        originals[layer.tensor] = o.detach() if same else w.detach().clone()
-        cfg = plan.config_for(layer.name)
-        if cfg.skip or not cfg.prune.active:
-            continue
-        ts = stats.tensors.get(layer.name)
-        grad = ts.grad if ts is not None else None
-        masks[layer.tensor] = layer_mask(
-            layer, cfg, w, thresholds.get(layer.name), grad, counts.get(layer.name)
-        )
+    originals, masks = _prune_layers(
+        [layer for layer in layers if layer.name not in in_group],
+        n,
+        plan,
+        stats,
+        tensors,
+        named_tensors(loaded.module),
+        (thresholds, counts),
+        progress,
+        cancel,
+    )
 
     removed: dict[str, list[int]] = {}
     aligned: dict[str, torch.Tensor] = {}
@@ -703,51 +693,16 @@ def compress(
             continue
         _check(cancel)
         progress(0.5 + 0.5 * i / n, f"quantizing {layer.name}")
-        cfg = plan.config_for(layer.name)
-        w = current[layer.tensor]
-        mask = masks.get(layer.tensor)
-        qt = None
-        with torch.no_grad():
-            bias = bias_name(layer, current)
-            if recon is not None and second_order.needs_calibration(cfg):
-                qt, mask = recon.apply_(
-                    layer, cfg, w, mask, current[bias] if bias is not None else None
-                )
-                if mask is not None:
-                    masks[layer.tensor] = mask
-                if qt is not None:
-                    quantized[layer.tensor] = qt
-            elif not cfg.skip and cfg.quant.active:
-                qt = quantize(
-                    w,
-                    cfg.quant.bits,
-                    symmetric=cfg.quant.symmetric,
-                    per_channel=cfg.quant.per_channel,
-                    mask=mask,
-                    group_size=cfg.quant.group_size,
-                )
-                w.copy_(dequantize(qt).to(w.dtype))
-                quantized[layer.tensor] = qt
-            elif mask is not None:
-                w.mul_(mask.to(w.dtype))
-            if not cfg.skip and cfg.quant.bias_bits is not None and bias is not None:
-                b = current[bias]
-                bqt = quantize(
-                    b, cfg.quant.bias_bits, symmetric=cfg.quant.symmetric, per_channel=False
-                )
-                b.copy_(dequantize(bqt).to(b.dtype))
-                quantized[bias] = bqt
-        original = originals[layer.tensor]
+        original = originals[str(layer.tensor)]
         reports.append(
-            _report(
+            _compress_layer(
                 layer,
-                cfg,
+                plan.config_for(layer.name),
+                current,
+                (masks, quantized),
+                recon,
+                (original, aligned.get(str(layer.tensor), original)),
                 thresholds.get(layer.name),
-                original,
-                aligned.get(layer.tensor, original),
-                w,
-                qt,
-                layer.tensor in masks,
             )
         )
     if recon is not None:
@@ -767,6 +722,112 @@ def compress(
         removed_channels=removed,
         aligned_original=aligned,
     )
+
+
+def _compress_layer(
+    layer: LayerInfo,
+    cfg: LayerConfig,
+    current: Mapping[str, torch.Tensor],
+    out: tuple[dict[str, torch.Tensor], dict[str, QuantizedTensor]],
+    recon: Any,
+    originals: tuple[torch.Tensor, torch.Tensor],
+    threshold: float | None,
+) -> LayerReport:
+    """Quantize (or reconstruct, with ``recon``) one pruned layer in place; record its mask and
+    codes in ``out`` (masks, quantized) and return its report."""
+    from core import second_order
+
+    masks, quantized = out
+    name = str(layer.tensor)
+    w = current[name]
+    mask = masks.get(name)
+    bias = bias_name(layer, current)
+    if recon is not None and second_order.needs_calibration(cfg):
+        with torch.no_grad():
+            qt, mask = recon.apply_(
+                layer, cfg, w, mask, current[bias] if bias is not None else None
+            )
+        if mask is not None:
+            masks[name] = mask
+    else:
+        qt = _quantize_layer(cfg, w, mask)
+    if qt is not None:
+        quantized[name] = qt
+    if not cfg.skip and cfg.quant.bias_bits is not None and bias is not None:
+        quantized[bias] = _quantize_bias(cfg, current[bias])
+    original, aligned = originals
+    return _report(layer, cfg, threshold, original, aligned, w, qt, name in masks)
+
+
+def _prune_layers(
+    layers: list[LayerInfo],
+    n: int,
+    plan: CompressionPlan,
+    stats,
+    tensors: Mapping[str, torch.Tensor],
+    source: Mapping[str, torch.Tensor],
+    targets: tuple[Mapping[str, float | None], Mapping[str, int | None]],
+    progress: ProgressFn,
+    cancel: CancelToken | None,
+) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """``(originals, masks)`` of ``layers``: each weight before compression and its keep mask
+    (`layer_mask`; none for skipped layers and layers without pruning)."""
+    thresholds, counts = targets
+    originals: dict[str, torch.Tensor] = {}
+    masks: dict[str, torch.Tensor] = {}
+    for i, layer in enumerate(layers):
+        _check(cancel)
+        progress(0.05 + 0.35 * i / n, f"pruning {layer.name}")
+        w = _tensor(tensors, layer.tensor, where=layer.name)
+        # ``loaded`` is never modified: its tensor is the original (no third copy of the
+        # weights at 10**8-10**9 of them); a clone only where the copy's names differ.
+        o = source.get(str(layer.tensor))
+        same = o is not None and o.shape == w.shape and o.dtype == w.dtype
+        originals[str(layer.tensor)] = o.detach() if same else w.detach().clone()  # type: ignore[union-attr]
+        cfg = plan.config_for(layer.name)
+        if cfg.skip or not cfg.prune.active:
+            continue
+        ts = stats.tensors.get(layer.name)
+        grad = ts.grad if ts is not None else None
+        masks[str(layer.tensor)] = layer_mask(
+            layer, cfg, w, thresholds.get(layer.name), grad, counts.get(layer.name)
+        )
+    return originals, masks
+
+
+def _quantize_layer(
+    cfg: LayerConfig, w: torch.Tensor, mask: torch.Tensor | None
+) -> QuantizedTensor | None:
+    """Quantize ``w`` in place (dequantized values) on its keep ``mask``, or only apply the
+    mask when the plan does not quantize it; the codes, if any."""
+    with torch.no_grad():
+        if not cfg.skip and cfg.quant.active:
+            qt = quantize(
+                w,
+                cfg.quant.bits,  # type: ignore[arg-type]
+                symmetric=cfg.quant.symmetric,
+                per_channel=cfg.quant.per_channel,
+                mask=mask,
+                group_size=cfg.quant.group_size,
+            )
+            w.copy_(dequantize(qt).to(w.dtype))
+            return qt
+        if mask is not None:
+            w.mul_(mask.to(w.dtype))
+    return None
+
+
+def _quantize_bias(cfg: LayerConfig, b: torch.Tensor) -> QuantizedTensor:
+    """Quantize a layer's bias in place to ``cfg.quant.bias_bits`` (per tensor)."""
+    with torch.no_grad():
+        bqt = quantize(
+            b,
+            cfg.quant.bias_bits,  # type: ignore[arg-type]
+            symmetric=cfg.quant.symmetric,
+            per_channel=False,
+        )
+        b.copy_(dequantize(bqt).to(b.dtype))
+    return bqt
 
 
 def _remove(
