@@ -48,6 +48,8 @@ TOOLTIPS = (
 )
 #: Widest the Type column is sized to (pixels); longer type names are elided.
 TYPE_MAX_WIDTH = 110
+#: Layers above which a model of nested modules opens grouped by module path.
+AUTO_GROUP = 30
 #: The Type column gives up width down to this before layer names are elided.
 TYPE_MIN_WIDTH = 56
 #: The widest text each number column shows (sizes the column once per model).
@@ -392,6 +394,11 @@ class LayerTable(QWidget):
             "click the arrows to fold blocks away"
         )
         self.grouped.toggled.connect(self._on_grouped_toggled)
+        # Until the user clicks it, grouping follows the model: on for models with more than
+        # `AUTO_GROUP` layers in nested modules (flat names like layer3.0.conv2 would be
+        # elided in a narrow dock), off otherwise.
+        self._grouping_chosen = False
+        self.grouped.clicked.connect(self._on_grouped_clicked)
         self.details = QLabel(self)
         self.details.setObjectName("layerDetails")
         self.details.setTextInteractionFlags(Qt.TextInteractionFlag.TextSelectableByMouse)
@@ -412,6 +419,12 @@ class LayerTable(QWidget):
         with signals_blocked(self.view.selectionModel()):
             self.model.set_layers(layers)
         self._fit_columns()
+        if not self._grouping_chosen:
+            nested = sum("." in str(layer.name) for layer in layers)
+            self.grouped.setChecked(len(layers) > AUTO_GROUP and nested > len(layers) // 2)
+
+    def _on_grouped_clicked(self, _checked: bool) -> None:
+        self._grouping_chosen = True
 
     def _fit_columns(self) -> None:
         """Size the columns to their contents, the layer name taking what is left."""
@@ -556,14 +569,24 @@ class LayerTable(QWidget):
         self.tree_model.live = on
         self.views.setCurrentWidget(self.tree if on else self.view)
         if on:
+            self._fit_tree_columns()
             self._select_in_tree(self.selected_names())
 
     def _on_treeModel_modelReset(self) -> None:
         self.tree.expandAll()
         self._select_in_tree(self.selected_names())
+        self._fit_tree_columns()
+
+    def _fit_tree_columns(self) -> None:
+        """The tree's value columns as wide as the table's (fitted to their contents); the
+        name column (indented by depth) takes the rest."""
         if self._type_width is not None:
             for col in range(1, len(COLUMNS)):
                 self.tree.header().resizeSection(col, self.view.horizontalHeader().sectionSize(col))
+        # The tree's names are short (conv1 under layer3.0) but indented by depth: the type
+        # column gives them its room (the type is in the details line and the tooltip).
+        self.tree.setIndentation(12)
+        self.tree.setColumnHidden(1, True)
 
     def tree_selected_names(self) -> tuple[str, ...]:
         rows = self.tree.selectionModel().selectedRows()

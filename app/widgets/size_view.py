@@ -12,6 +12,8 @@ from app import style
 #: Horizontal bars: at most this many layers get a name on the axis (the rest stay readable
 #: by hovering); a 200-layer transformer would otherwise print an unreadable wall of text.
 MAX_LABELLED = 60
+#: Pixels of height per named bar (a label line plus spacing).
+LABEL_PX = 15
 #: At most this many layers get a bar of their own (the largest, plus the selected ones);
 #: the rest are summed into one "others" bar, so 100-500 layers stay readable.
 TOP_N = 24
@@ -73,6 +75,7 @@ class SizeView(QWidget):
         )
         self.plot.addItem(self.selected)
         self._names: list[str] = []
+        self._ticks: list[tuple[int, str]] = []
         self._dense: np.ndarray = np.zeros(0)
         self._preview = None
         self._unit = "KiB"
@@ -89,6 +92,7 @@ class SizeView(QWidget):
         self._preview = preview
         if preview is None:
             self._names = []
+            self._ticks = []
             self.dense.setOpts(x0=[], y=[], width=[])
             self.packed.setOpts(x0=[], y=[], width=[])
             self.selected.setOpts(x0=[], y=[], width=[])
@@ -117,14 +121,33 @@ class SizeView(QWidget):
         self.dense.setOpts(x0=np.zeros(n), y=y - 0.2, width=dense, height=0.38)
         self.packed.setOpts(x0=np.zeros(n), y=y + 0.2, width=packed, height=0.38)
         if names != self._names:
-            step = max(1, int(np.ceil(n / MAX_LABELLED)))
-            self.plot.getAxis("left").setTicks([[(i, names[i]) for i in range(0, n, step)]])
-            self.plot.setYRange(-0.6, n - 0.4, padding=0)
             self._names = names
+            self._label_rows()
+            self.plot.setYRange(-0.6, n - 0.4, padding=0)
         if dense.size and (self._dense.shape != dense.shape or not np.allclose(self._dense, dense)):
             self.plot.setXRange(0, float(dense.max()) * 1.05, padding=0)
         self._dense = dense
         self.set_selection(selection)
+
+    def _label_rows(self) -> None:
+        """Name every k-th bar so labels never overlap: at most one per `LABEL_PX` pixels of
+        the plot's height (and never more than `MAX_LABELLED`)."""
+        n = len(self._names)
+        if not n:
+            return
+        height = self.plot.getViewBox().height() or self.plot.height()
+        fit = max(2, min(MAX_LABELLED, int(height // LABEL_PX)))
+        step = max(1, int(np.ceil(n / fit)))
+        # from the last bar (the "others" bar, always named) down
+        rows = list(range(n - 1, -1, -step))[::-1]
+        ticks = [(i, self._names[i]) for i in rows]
+        if ticks != self._ticks:
+            self._ticks = ticks
+            self.plot.getAxis("left").setTicks([ticks])
+
+    def resizeEvent(self, event) -> None:
+        super().resizeEvent(event)
+        self._label_rows()
 
     def set_selection(self, selection: tuple[str, ...]) -> None:
         if self._preview is not None and any(s not in self._names for s in selection):

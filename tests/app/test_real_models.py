@@ -385,3 +385,27 @@ def test_layer_tree_groups_by_module_path_filters_and_selects(qtbot, window, res
     c.set_selection(("layer4.1.conv3",))
     rows = lt.tree.selectionModel().selectedRows()
     assert [i.data(NAME_ROLE) for i in rows] == ["layer4.1.conv3"]
+
+
+def test_big_nested_model_opens_grouped_and_size_labels_do_not_overlap(
+    qtbot, window, resnet50_file
+):
+    """107 layers in nested modules: the layer list opens as a module tree (flat names would be
+    elided in the dock) unless the user chose otherwise; the size chart names at most one bar
+    per LABEL_PX pixels of its height, the "others" bar always."""
+    from app.widgets.size_view import LABEL_PX
+
+    window.resize(1366, 768)
+    open_ready(qtbot, window, resnet50_file)
+    table = window.layer_table
+    assert table.grouped.isChecked()
+    assert table.views.currentWidget() is table.tree
+    view = window.size_view
+    ticks = view._ticks
+    height = view.plot.getViewBox().height()
+    assert len(ticks) <= max(2, height // LABEL_PX)
+    assert ticks[-1][1] == view._names[-1]
+    table.grouped.click()  # the user's choice sticks for the next model
+    assert not table.grouped.isChecked()
+    open_ready(qtbot, window, "demo:mlp")
+    assert not table.grouped.isChecked()
