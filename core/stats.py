@@ -660,43 +660,10 @@ def _tensor_stats(
 
     l1 = score_tensor("channel_l1", w, None)
     l2 = score_tensor("channel_l2", w, None)
-    if nonfinite:
-        finite_mask = torch.isfinite(flat)
-        fin = flat[finite_mask]
-        clean2d = channel_rows(
-            torch.where(finite_mask, flat, torch.zeros_like(flat)).reshape(w.shape)
-        )
-        row_sq = torch.linalg.vector_norm(clean2d, 2, dim=1).to(torch.float64).square()
-        big = torch.finfo(torch.float32).max
-        fmask2d = channel_rows(finite_mask.reshape(w.shape))
-        row_min = torch.where(fmask2d, rows2d, torch.full_like(rows2d, big)).amin(dim=1)
-        row_max = torch.where(fmask2d, rows2d, torch.full_like(rows2d, -big)).amax(dim=1)
-        empty_rows = ~fmask2d.any(dim=1)
-        row_min = torch.where(empty_rows, torch.zeros_like(row_min), row_min)
-        row_max = torch.where(empty_rows, torch.zeros_like(row_max), row_max)
-    else:
-        fin = flat
-        row_sq = l2.to(torch.float64).square()
-        if rows2d.numel():
-            # amin and amax separately: the fused aminmax(dim=1) is much slower on CPU.
-            row_min, row_max = rows2d.amin(dim=1), rows2d.amax(dim=1)
-        else:
-            row_min = row_max = torch.zeros(rows2d.shape[0])
+    fin, row_sq, row_min, row_max = _finite_rows(w, flat, rows2d, l2, nonfinite)
     nfin = fin.numel()
-    total = float(fin.sum())
     sumsq = float(row_sq.sum())
-    if nfin:
-        if nonfinite:
-            lo, hi = (float(v) for v in torch.aminmax(fin))
-        else:
-            lo, hi = float(row_min.min()), float(row_max.max())
-        mean = total / nfin
-        var = sumsq / nfin - mean * mean
-        if var <= 1e-6 * mean * mean:  # cancellation: recompute directly
-            var = float(torch.var(fin.to(torch.float64), correction=0))
-        std = math.sqrt(max(var, 0.0))
-    else:
-        lo = hi = mean = std = 0.0
+    lo, hi, mean, std = _moments(fin, row_min, row_max, sumsq, nonfinite)
 
     if n <= SMALL_MAX:
         hist = histogram(fin, hist_bins(n))
@@ -738,6 +705,50 @@ def _tensor_stats(
         neg_fraction,
         dtype,
     )
+
+
+def _finite_rows(
+    w: torch.Tensor, flat: torch.Tensor, rows2d: torch.Tensor, l2: torch.Tensor, nonfinite: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(finite values, per-row sum of squares, row min, row max)`` over the finite values
+    (rows without any are 0)."""
+    if not nonfinite:
+        row_sq = l2.to(torch.float64).square()
+        if rows2d.numel():
+            # amin and amax separately: the fused aminmax(dim=1) is much slower on CPU.
+            return flat, row_sq, rows2d.amin(dim=1), rows2d.amax(dim=1)
+        zeros = torch.zeros(rows2d.shape[0])
+        return flat, row_sq, zeros, zeros
+    finite_mask = torch.isfinite(flat)
+    fin = flat[finite_mask]
+    clean2d = channel_rows(torch.where(finite_mask, flat, torch.zeros_like(flat)).reshape(w.shape))
+    row_sq = torch.linalg.vector_norm(clean2d, 2, dim=1).to(torch.float64).square()
+    big = torch.finfo(torch.float32).max
+    fmask2d = channel_rows(finite_mask.reshape(w.shape))
+    row_min = torch.where(fmask2d, rows2d, torch.full_like(rows2d, big)).amin(dim=1)
+    row_max = torch.where(fmask2d, rows2d, torch.full_like(rows2d, -big)).amax(dim=1)
+    empty_rows = ~fmask2d.any(dim=1)
+    row_min = torch.where(empty_rows, torch.zeros_like(row_min), row_min)
+    row_max = torch.where(empty_rows, torch.zeros_like(row_max), row_max)
+    return fin, row_sq, row_min, row_max
+
+
+def _moments(
+    fin: torch.Tensor, row_min: torch.Tensor, row_max: torch.Tensor, sumsq: float, nonfinite: int
+) -> tuple[float, float, float, float]:
+    """``(min, max, mean, population std)`` of the finite values ``fin``."""
+    nfin = fin.numel()
+    if not nfin:
+        return 0.0, 0.0, 0.0, 0.0
+    if nonfinite:
+        lo, hi = (float(v) for v in torch.aminmax(fin))
+    else:
+        lo, hi = float(row_min.min()), float(row_max.max())
+    mean = float(fin.sum()) / nfin
+    var = sumsq / nfin - mean * mean
+    if var <= 1e-6 * mean * mean:  # cancellation: recompute directly
+        var = float(torch.var(fin.to(torch.float64), correction=0))
+    return lo, hi, mean, math.sqrt(max(var, 0.0))
 
 
 def _make_stats(
@@ -1131,6 +1142,49 @@ def _logits(out: object) -> torch.Tensor:
         ) from None
 
 
+def _batch_gradients(
+    work: nn.Module,
+    xb: torch.Tensor,
+    yb: torch.Tensor | None,
+    targets: list[torch.Tensor],
+    where: str | None,
+) -> tuple[torch.Tensor | None, ...]:
+    """Gradients of the batch's mean cross-entropy with respect to ``targets``; without labels
+    the model's own argmax predictions (from the same forward pass) are the labels."""
+    with torch.enable_grad():
+        try:
+            raw = work(xb)
+        except WorkbenchError:
+            raise
+        except Exception as exc:  # the model's own code rejected the batch
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise DataError(
+                f"the model failed on a batch of shape {list(xb.shape)}: {first}",
+                path=where,
+                hint="check that the data matches the model's input",
+            ) from None
+        out = _logits(raw)
+        if out.ndim != 2 or not out.is_floating_point():
+            raise DataError(
+                f"the model's outputs have shape {list(out.shape)}, not (N, classes) "
+                "logits; gradient criteria need a classifier",
+                path=where,
+                hint="use magnitude or channel pruning for this model",
+            )
+        # Without labels the model's own predictions are the labels (what
+        # core.data.with_model_labels gives), taken from this same forward pass.
+        y = (out.detach().argmax(dim=1) if yb is None else yb).to(torch.int64).reshape(-1)
+        if y.numel() and (int(y.min()) < 0 or int(y.max()) >= out.shape[1]):
+            raise DataError(
+                f"labels must be in 0..{out.shape[1] - 1} for a model with "
+                f"{out.shape[1]} outputs, found {int(y.min())}..{int(y.max())}",
+                path=where,
+                hint="check the labels 'y' of the data file",
+            )
+        loss = nn.functional.cross_entropy(out, y)
+        return torch.autograd.grad(loss, targets, allow_unused=True)
+
+
 def gradient_stats(
     loaded: LoadedModel,
     data: Dataset,
@@ -1200,38 +1254,7 @@ def gradient_stats(
         progress(i / total, f"gradients: batch {i + 1} of {total}")
         for t in targets.values():
             t.grad = None
-        with torch.enable_grad():
-            try:
-                raw = work(xb)
-            except WorkbenchError:
-                raise
-            except Exception as exc:  # the model's own code rejected the batch
-                first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-                raise DataError(
-                    f"the model failed on a batch of shape {list(xb.shape)}: {first}",
-                    path=data.name,
-                    hint="check that the data matches the model's input",
-                ) from None
-            out = _logits(raw)
-            if out.ndim != 2 or not out.is_floating_point():
-                raise DataError(
-                    f"the model's outputs have shape {list(out.shape)}, not (N, classes) "
-                    "logits; gradient criteria need a classifier",
-                    path=data.name,
-                    hint="use magnitude or channel pruning for this model",
-                )
-            # Without labels the model's own predictions are the labels (what
-            # core.data.with_model_labels gives), taken from this same forward pass.
-            y = (out.detach().argmax(dim=1) if yb is None else yb).to(torch.int64).reshape(-1)
-            if y.numel() and (int(y.min()) < 0 or int(y.max()) >= out.shape[1]):
-                raise DataError(
-                    f"labels must be in 0..{out.shape[1] - 1} for a model with "
-                    f"{out.shape[1]} outputs, found {int(y.min())}..{int(y.max())}",
-                    path=data.name,
-                    hint="check the labels 'y' of the data file",
-                )
-            loss = nn.functional.cross_entropy(out, y)
-            grads = torch.autograd.grad(loss, list(targets.values()), allow_unused=True)
+        grads = _batch_gradients(work, xb, yb, list(targets.values()), data.name)
         count += 1
         # Welford's update in float64: stable even when the spread is tiny next to the mean.
         for (name, tensor), g in zip(targets.items(), grads, strict=True):
