@@ -178,23 +178,12 @@ def evaluate(
     require_forward(loaded, "evaluation")
     if reference is not None:
         require_forward(reference, "fidelity against the original")
-    has_labels = data.y is not None
     n = len(data)
     if n == 0:
         raise CompressionError("the evaluation data set is empty", path=getattr(data, "name", None))
-    correct = 0
-    agree = 0
-    err_sq = 0.0
-    ref_sq = 0.0
-    cos_sum = 0.0
-    seen = 0
-    classifier = False
-    first_batch: torch.Tensor | None = None
     hf = loaded.metadata.get("hf") if isinstance(loaded.metadata.get("hf"), dict) else {}
-    causal = hf.get("kind") == "causal_lm"
-    nll = 0.0
-    tokens = 0
-    token_agree = 0
+    tally = _Tally(loaded, data.y is not None, reference is not None, hf.get("kind") == "causal_lm")
+    first_batch: torch.Tensor | None = None
     fixed = fixed_batch(loaded)
     if reference is not None and fixed is None:
         fixed = fixed_batch(reference)
@@ -207,56 +196,84 @@ def evaluate(
                 if first_batch is None:
                     first_batch = x
                 out = first_tensor(loaded.module(x)).detach().float()[:real]
-                classifier = is_classifier_output(loaded, out, has_labels)
-                if has_labels and classifier:
-                    correct += int((out.argmax(dim=1) == y.reshape(-1).to(out.device)).sum())
+                ref = None
                 if reference is not None:
                     ref = first_tensor(reference.module(x)).detach().float()[:real]
-                    if ref.shape != out.shape:
-                        raise CompressionError(
-                            f"output shapes differ: {tuple(out.shape)} vs reference "
-                            f"{tuple(ref.shape)}"
-                        )
-                    if classifier:
-                        agree += int((out.argmax(dim=1) == ref.argmax(dim=1)).sum())
-                    err_sq += float((out - ref).double().pow(2).sum())
-                    ref_sq += float(ref.double().pow(2).sum())
-                    a = out.reshape(out.shape[0], -1).double()
-                    b = ref.reshape(ref.shape[0], -1).double()
-                    cos_sum += float(torch.nn.functional.cosine_similarity(a, b, dim=1).sum())
-                if causal:
-                    from core.hf import next_token_stats
-
-                    ref_out = ref if reference is not None else None
-                    batch_nll, batch_tokens, batch_agree = next_token_stats(out, x[:real], ref_out)
-                    nll, tokens, token_agree = (
-                        nll + batch_nll,
-                        tokens + batch_tokens,
-                        token_agree + batch_agree,
-                    )
-                seen += real
-                progress(min(seen / n, 1.0) * (0.9 if latency else 1.0), "evaluating")
+                tally.add(out, y, ref, x[:real])
+                progress(min(tally.seen / n, 1.0) * (0.9 if latency else 1.0), "evaluating")
     lat = None
     if latency and first_batch is not None:
         if cancel is not None:
             cancel.check()
         lat = measure_latency(loaded.module, first_batch)
         progress(1.0, "measured latency")
-    rel = None
-    if reference is not None:
-        rel = (err_sq**0.5) / ref_sq**0.5 if ref_sq > 0 else (0.0 if err_sq == 0 else float("inf"))
-    return EvalResult(
-        samples=seen,
-        accuracy=(correct / seen) if (has_labels and classifier) else None,
-        agreement=(agree / seen) if (reference is not None and classifier) else None,
-        rel_l2=rel,
-        cosine=(cos_sum / seen) if reference is not None else None,
-        latency_ms_per_batch=lat,
-        latency_batch=0 if first_batch is None else int(first_batch.shape[0]),
-        classifier=classifier,
-        perplexity=math.exp(nll / tokens) if causal and tokens else None,
-        next_token_agreement=(token_agree / tokens)
-        if causal and tokens and reference is not None
-        else None,
-        fidelity_metric=hf.get("fidelity"),
+    return tally.result(
+        lat, 0 if first_batch is None else int(first_batch.shape[0]), hf.get("fidelity")
     )
+
+
+class _Tally:
+    """Running sums of one `evaluate` pass: accuracy, agreement, output error and cosine
+    against the reference, and next-token statistics for causal language models."""
+
+    def __init__(self, loaded: LoadedModel, has_labels: bool, has_ref: bool, causal: bool):
+        self.loaded, self.has_labels, self.has_ref, self.causal = (
+            loaded,
+            has_labels,
+            has_ref,
+            causal,
+        )
+        self.correct = self.agree = self.seen = 0
+        self.err_sq = self.ref_sq = self.cos_sum = 0.0
+        self.classifier = False
+        self.nll = 0.0
+        self.tokens = self.token_agree = 0
+
+    def add(
+        self, out: torch.Tensor, y: torch.Tensor | None, ref: torch.Tensor | None, x: torch.Tensor
+    ) -> None:
+        self.classifier = is_classifier_output(self.loaded, out, self.has_labels)
+        if self.has_labels and self.classifier:
+            self.correct += int((out.argmax(dim=1) == y.reshape(-1).to(out.device)).sum())  # type: ignore[union-attr]
+        if ref is not None:
+            if ref.shape != out.shape:
+                raise CompressionError(
+                    f"output shapes differ: {tuple(out.shape)} vs reference {tuple(ref.shape)}"
+                )
+            if self.classifier:
+                self.agree += int((out.argmax(dim=1) == ref.argmax(dim=1)).sum())
+            self.err_sq += float((out - ref).double().pow(2).sum())
+            self.ref_sq += float(ref.double().pow(2).sum())
+            a = out.reshape(out.shape[0], -1).double()
+            b = ref.reshape(ref.shape[0], -1).double()
+            self.cos_sum += float(torch.nn.functional.cosine_similarity(a, b, dim=1).sum())
+        if self.causal:
+            from core.hf import next_token_stats
+
+            batch_nll, batch_tokens, batch_agree = next_token_stats(out, x, ref)
+            self.nll += batch_nll
+            self.tokens += batch_tokens
+            self.token_agree += batch_agree
+        self.seen += int(out.shape[0])
+
+    def result(self, lat: float | None, latency_batch: int, metric: Any) -> EvalResult:
+        seen, tokens = self.seen, self.tokens
+        rel = None
+        if self.has_ref:
+            err, ref = self.err_sq, self.ref_sq
+            rel = (err**0.5) / ref**0.5 if ref > 0 else (0.0 if err == 0 else float("inf"))
+        return EvalResult(
+            samples=seen,
+            accuracy=(self.correct / seen) if (self.has_labels and self.classifier) else None,
+            agreement=(self.agree / seen) if (self.has_ref and self.classifier) else None,
+            rel_l2=rel,
+            cosine=(self.cos_sum / seen) if self.has_ref else None,
+            latency_ms_per_batch=lat,
+            latency_batch=latency_batch,
+            classifier=self.classifier,
+            perplexity=math.exp(self.nll / tokens) if self.causal and tokens else None,
+            next_token_agreement=(self.token_agree / tokens)
+            if self.causal and tokens and self.has_ref
+            else None,
+            fidelity_metric=metric,
+        )
