@@ -379,21 +379,7 @@ def load_hf_folder(
             hint="the model type may need a newer transformers, or the folder is incomplete",
         ) from None
     arch = _architecture(config, path)
-    if config_dict.get("auto_map"):
-        cls = tf.AutoModel
-        auto_map = config_dict["auto_map"]
-        for key, ref in auto_map.items():
-            if isinstance(ref, str) and ref.endswith("." + arch) and hasattr(tf, key):
-                cls = getattr(tf, key)
-    else:
-        cls = getattr(tf, arch, None)
-        if cls is None or not hasattr(cls, "from_pretrained"):
-            raise ModelLoadError(
-                f"transformers {tf.__version__} has no model class {arch!r} (config.json "
-                "'architectures')",
-                path=path / CONFIG,
-                hint="install a transformers version that knows this architecture",
-            )
+    cls = _model_class(tf, arch, config_dict, path)
     if any(f.startswith("pytorch_model.bin") for f in files) and not any(
         f.startswith("model.safetensors") for f in files
     ):
@@ -423,13 +409,6 @@ def load_hf_folder(
     )
     tokenizer = load_tokenizer(path, required=False)
     module = HFForward(model, kind, pooling, normalize)
-    fidelity = {
-        "encoder": f"cosine of the pooled sentence embedding ({pooling_source}"
-        f"{', L2-normalised' if normalize else ''})",
-        "classifier": "accuracy (with labels) and top-1 agreement with the original",
-        "causal_lm": "perplexity and next-token agreement with the original",
-        "token_logits": "cosine of the per-token logits",
-    }[kind]
     channels = input_channels(tokenizer, config)
     example = example_input(tokenizer, config, channels)
     meta: dict[str, Any] = {
@@ -444,7 +423,7 @@ def load_hf_folder(
             "pooling_source": pooling_source or None,
             "tokenizer": tokenizer is not None,
             "weights": files,
-            "fidelity": fidelity,
+            "fidelity": _fidelity_text(kind, pooling_source, normalize),
             "channels": channels,
             "max_length": max_length(tokenizer, config),
         },
@@ -462,6 +441,37 @@ def load_hf_folder(
         num_classes=num_labels,
         metadata=meta,
     )
+
+
+def _model_class(tf: Any, arch: str, config_dict: dict[str, Any], path: Path) -> Any:
+    """The transformers class that builds ``arch``: the folder's own (``auto_map``, with
+    ``--trust``) or the library's."""
+    if config_dict.get("auto_map"):
+        cls = tf.AutoModel
+        for key, ref in config_dict["auto_map"].items():
+            if isinstance(ref, str) and ref.endswith("." + arch) and hasattr(tf, key):
+                cls = getattr(tf, key)
+        return cls
+    cls = getattr(tf, arch, None)
+    if cls is None or not hasattr(cls, "from_pretrained"):
+        raise ModelLoadError(
+            f"transformers {tf.__version__} has no model class {arch!r} (config.json "
+            "'architectures')",
+            path=path / CONFIG,
+            hint="install a transformers version that knows this architecture",
+        )
+    return cls
+
+
+def _fidelity_text(kind: str, pooling_source: str, normalize: bool) -> str:
+    """What the evaluation measures for a model of this kind (reports and the window)."""
+    return {
+        "encoder": f"cosine of the pooled sentence embedding ({pooling_source}"
+        f"{', L2-normalised' if normalize else ''})",
+        "classifier": "accuracy (with labels) and top-1 agreement with the original",
+        "causal_lm": "perplexity and next-token agreement with the original",
+        "token_logits": "cosine of the per-token logits",
+    }[kind]
 
 
 def _first(exc: BaseException) -> str:
