@@ -213,9 +213,30 @@ def _random_inputs(loaded, n: int = 64):
         else:
             x = torch.randn(shape, generator=g)
         x = x.to(ex.dtype)
+    elif ex.ndim >= 3:
+        # Integer channels (token ids / attention mask / token types of a Hugging Face
+        # model): each channel drawn within its own range, so a mask stays 0/1 and token
+        # types stay valid; ids up to the vocabulary when the model says how large it is.
+        x = torch.empty(shape, dtype=torch.int64)
+        vocab = _vocab_size(loaded)
+        for c in range(shape[1]):
+            lo, hi = int(ex[:, c].min()), int(ex[:, c].max())
+            if c == 0 and vocab:
+                lo, hi = 0, vocab - 1
+            x[:, c] = torch.randint(lo, hi + 1, (n, *shape[2:]), generator=g)
+        x = x.to(ex.dtype)
     else:
         x = torch.randint(0, int(ex.max()) + 1, shape, generator=g).to(ex.dtype)
     return make_dataset(x, None, name="random inputs")
+
+
+def _vocab_size(loaded) -> int | None:
+    """The vocabulary of a model opened from a Hugging Face folder, else ``None``."""
+    if not isinstance(loaded.metadata.get("hf"), dict):
+        return None
+    config = getattr(getattr(loaded.module, "hf", None), "config", None)
+    vocab = getattr(config, "vocab_size", None)
+    return int(vocab) if isinstance(vocab, int) and vocab > 0 else None
 
 
 def _say(quiet: bool) -> ProgressFn:

@@ -690,6 +690,8 @@ _ST_TORCH = {
 
 
 _ST_ITEMSIZE = {dtype: torch.empty(0, dtype=dtype).element_size() for dtype in _ST_TORCH.values()}
+#: Tensors of at least this many bytes are kept as views of the file's mapping (not copied).
+_MAPPED_MIN_BYTES = 1 << 20
 
 
 def _read_safetensors_data(
@@ -700,6 +702,9 @@ def _read_safetensors_data(
     Each tensor is a copy of exactly the bytes its ``data_offsets`` span (own storage, no
     alignment needed: the bytes are copied before they are reinterpreted), in file-offset
     order like ``safetensors.torch.load_file``. ``entries`` is emptied as the tensors are made.
+    Tensors of `_MAPPED_MIN_BYTES` or more whose data is aligned are instead views of a private
+    copy-on-write mapping of the file (writes never reach the file; 100M-1B weight models are
+    read layer by layer as they are used instead of copied whole up front).
     """
     order = sorted(entries, key=lambda name: entries[name][2:])  # (start, end)
     with path.open("rb") as fh:
@@ -712,9 +717,10 @@ def _read_safetensors_data(
                 dtype, shape, _, _ = entries[name]
                 tensors[name] = torch.empty(shape, dtype=_ST_TORCH[dtype])
             return tensors
-        # Copy-on-write mapping: writable for torch (nothing writes to it: every tensor is
-        # cloned out), and never more memory than the pages actually read.
+        # Copy-on-write mapping: writable for torch (a write to a large tensor viewing it
+        # stays private to this process), and never more memory than the pages actually read.
         mapped = mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_COPY)
+    kept = False
     try:
         empty, frombuffer = torch.empty, torch.frombuffer
         for name in order:
@@ -731,10 +737,17 @@ def _read_safetensors_data(
             )
             if len(shape) != 1:
                 raw = raw.reshape(shape)
-            tensors[name] = raw.clone()
+            if end - start >= _MAPPED_MIN_BYTES and (base + start) % _ST_ITEMSIZE[dtype] == 0:
+                # Large tensors stay views of the (private, copy-on-write) mapping: pages are
+                # read when a layer is used, and the load holds no second copy of the weights.
+                tensors[name] = raw
+                kept = True
+            else:
+                tensors[name] = raw.clone()
         raw = None  # the mapping cannot close while a tensor still points into it
     finally:
-        mapped.close()
+        if not kept:
+            mapped.close()  # else it closes with the last tensor viewing it
     return tensors
 
 
@@ -867,6 +880,8 @@ _NUMPY_FLOATS = (torch.float16, torch.float32, torch.float64)
 #: Tensors below this many elements are checked for NaN/Inf in batches of `_BATCH_TENSORS`.
 _BATCH_NUMEL = 4096
 _BATCH_TENSORS = 4096
+#: Large tensors are checked in chunks of this many elements.
+_CHUNK_NUMEL = 1 << 22
 
 
 def note_nonfinite(loaded: LoadedModel) -> dict[str, int]:
@@ -899,7 +914,13 @@ def note_nonfinite(loaded: LoadedModel) -> dict[str, int]:
             if numel < _BATCH_NUMEL:
                 small.setdefault(param.dtype, []).append((pname, param))
                 continue
-            bad = numel - int(torch.isfinite(param).sum())
+            # In chunks, counted with count_nonzero: ``isfinite(p).sum()`` makes a bool and an
+            # int64 temporary of the whole tensor (9x its float32 bytes for an Embedding).
+            flat = param.detach().reshape(-1)
+            bad = numel - sum(
+                int(torch.count_nonzero(torch.isfinite(flat[s : s + _CHUNK_NUMEL])))
+                for s in range(0, numel, _CHUNK_NUMEL)
+            )
             if bad:
                 counts[pname] = bad
         for tensors in small.values():

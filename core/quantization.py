@@ -134,18 +134,28 @@ def quant_params(
             per_channel=True,
             mask=_grouped(keep, group_size, False),
         )
-    finite = torch.isfinite(w)
-    keep = finite if mask is None else (finite & mask)
     if per_channel and w.ndim >= 1 and w.shape[0] > 0:
-        flat = w.reshape(w.shape[0], -1)
-        k = keep.reshape(w.shape[0], -1)
+        rows = int(w.shape[0])
+        flat_all = w.reshape(rows, -1)
+        mask_all = None if mask is None else mask.reshape(rows, -1)
+        # blocks of rows (each row's range alone): bounded temporaries at 10**8 weights
+        step = max(1, _DEQUANT_CHUNK // max(1, int(flat_all.shape[1])))
         big = torch.finfo(torch.float32).max
-        lo = torch.where(k, flat, torch.full_like(flat, big)).amin(dim=1)
-        hi = torch.where(k, flat, torch.full_like(flat, -big)).amax(dim=1)
-        empty = ~k.any(dim=1)
-        lo = torch.where(empty, torch.zeros_like(lo), lo)
-        hi = torch.where(empty, torch.zeros_like(hi), hi)
+        los, his = [], []
+        for r0 in range(0, rows, step):
+            flat = flat_all[r0 : r0 + step]
+            finite = torch.isfinite(flat)
+            k = finite if mask_all is None else (finite & mask_all[r0 : r0 + step])
+            lo = torch.where(k, flat, torch.full_like(flat, big)).amin(dim=1)
+            hi = torch.where(k, flat, torch.full_like(flat, -big)).amax(dim=1)
+            empty = ~k.any(dim=1)
+            los.append(torch.where(empty, torch.zeros_like(lo), lo))
+            his.append(torch.where(empty, torch.zeros_like(hi), hi))
+        lo = los[0] if len(los) == 1 else torch.cat(los)
+        hi = his[0] if len(his) == 1 else torch.cat(his)
     else:
+        finite = torch.isfinite(w)
+        keep = finite if mask is None else (finite & mask)
         vals = w[keep]
         lo = vals.min().reshape(1) if vals.numel() else torch.zeros(1)
         hi = vals.max().reshape(1) if vals.numel() else torch.zeros(1)

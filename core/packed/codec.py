@@ -137,13 +137,34 @@ def scramble_order(numel: int) -> np.ndarray:
     order any mask looks like a uniformly random subset, so the index length is what
     `expected_index_entries` predicts whatever the mask's structure.
     """
-    with np.errstate(over="ignore"):
-        z = np.arange(numel, dtype=np.uint64) + _MIX[0]
-        z = (z ^ (z >> np.uint64(30))) * _MIX[1]
-        z = (z ^ (z >> np.uint64(27))) * _MIX[2]
-        z ^= z >> np.uint64(31)
+    z = scramble_keys(numel)
     # The keys are distinct, so any sort gives the same order; quicksort is the fastest.
     return np.argsort(z, kind="quicksort")
+
+
+def scramble_keys(numel: int) -> np.ndarray:
+    """The splitmix64 keys `scramble_order` sorts positions by, hashed in place chunk by chunk
+    (8 bytes per position; not three temporaries of that size at 10**8 positions)."""
+    z = np.arange(numel, dtype=np.uint64)
+    t = np.empty(min(numel, _KEY_CHUNK), dtype=np.uint64)
+    for start in range(0, numel, _KEY_CHUNK):
+        c = z[start : start + _KEY_CHUNK]
+        _hash_in_place(c, t[: c.size])
+    return z
+
+
+def _hash_in_place(c: np.ndarray, tmp: np.ndarray) -> None:
+    """The splitmix64 finalizer of the indices in ``c`` (uint64), in place (``tmp``: scratch)."""
+    with np.errstate(over="ignore"):
+        c += _MIX[0]
+        np.right_shift(c, np.uint64(30), out=tmp)
+        c ^= tmp
+        c *= _MIX[1]
+        np.right_shift(c, np.uint64(27), out=tmp)
+        c ^= tmp
+        c *= _MIX[2]
+        np.right_shift(c, np.uint64(31), out=tmp)
+        c ^= tmp
 
 
 #: Positions hashed per step by `relidx_may_win`.
@@ -167,11 +188,8 @@ def relidx_may_win(mask: np.ndarray, nnz: int) -> bool:
     tail = numel - 8 * (_ceil_bytes(numel) - 1)  # positions coded by the bitmap's last byte
     keys, where = np.empty(0, np.uint64), np.empty(0, np.int64)
     for start in range(0, numel, _KEY_CHUNK):
-        with np.errstate(over="ignore"):
-            z = np.arange(start, min(numel, start + _KEY_CHUNK), dtype=np.uint64) + _MIX[0]
-            z = (z ^ (z >> np.uint64(30))) * _MIX[1]
-            z = (z ^ (z >> np.uint64(27))) * _MIX[2]
-            z ^= z >> np.uint64(31)
+        z = np.arange(start, min(numel, start + _KEY_CHUNK), dtype=np.uint64)
+        _hash_in_place(z, np.empty_like(z))
         top = np.argpartition(z, z.size - min(tail, z.size))[z.size - min(tail, z.size) :]
         keys = np.concatenate([keys, z[top]])
         where = np.concatenate([where, top.astype(np.int64) + start])
@@ -182,9 +200,17 @@ def relidx_may_win(mask: np.ndarray, nnz: int) -> bool:
 
 
 def scrambled_positions(mask: np.ndarray) -> np.ndarray:
-    """Sorted ranks, in `scramble_order`, of the kept positions of ``mask``."""
-    order = scramble_order(int(mask.size))
-    return np.flatnonzero(mask.ravel()[order])
+    """Sorted ranks, in `scramble_order`, of the kept positions of ``mask``.
+
+    The rank of a position is the number of keys below its key: the keys sorted in place and
+    the kept ones looked up (in ascending order, so the ranks come out sorted), which needs no
+    int64 permutation of the whole tensor besides the keys (10**8-weight tensors).
+    """
+    keys = scramble_keys(int(mask.size))
+    kept = keys[mask.ravel()]
+    keys.sort()
+    kept.sort()
+    return np.searchsorted(keys, kept)
 
 
 def encode_pattern(

@@ -53,7 +53,13 @@ from core.plan import (
     MIN_GROUP,
     CompressionPlan,
 )
-from core.quantization import QuantizedTensor, dequantize, expand_params, n_quant_params
+from core.quantization import (
+    QuantizedTensor,
+    code_dtype,
+    dequantize,
+    expand_params,
+    n_quant_params,
+)
 
 
 # ---------------------------------------------------------------------------------------
@@ -237,14 +243,17 @@ def _decode_entry(
         zp = np.full(n_params, 2 ** (bits - 1), dtype=np.int64)
     else:
         zp = unpack_bits(cur.take(_ceil_bytes(n_params * bits)), n_params, bits)
-    zfull = expand_params(torch.from_numpy(zp), torch.Size(shape), group).numpy()
-    codes = np.array(np.broadcast_to(zfull, shape), dtype=np.int64)
+    # in the codes' own dtype throughout: no int64 copies of a 10**8-weight tensor
+    cdt = np.uint8 if code_dtype(bits) == torch.uint8 else np.int32
     if mask_np is None:
-        codes = values.reshape(shape)
+        codes = values.reshape(shape).astype(cdt)
     else:
+        zfull = expand_params(torch.from_numpy(zp.astype(cdt)), torch.Size(shape), group)
+        codes = np.array(np.broadcast_to(zfull.numpy(), shape), dtype=cdt)
         codes[mask_np] = values
+    del values
     qt = QuantizedTensor(
-        codes=torch.from_numpy(np.ascontiguousarray(codes)).to(torch.int32),
+        codes=torch.from_numpy(np.ascontiguousarray(codes)),
         scale=scale,
         zero_point=torch.from_numpy(zp).to(torch.int32),
         bits=bits,
@@ -339,7 +348,8 @@ def read_packed(path: str | Path) -> PackedArchive:
             hint=f"this workbench reads version {FORMAT_VERSION}",
         )
     blob = np.ascontiguousarray(blob, dtype=np.uint8).reshape(-1)
-    if hashlib.sha256(blob.tobytes()).hexdigest()[:CHECKSUM_HEX] != meta.get("sha256"):
+    # hashed in place (a contiguous uint8 array): no copy of the whole blob
+    if hashlib.sha256(blob).hexdigest()[:CHECKSUM_HEX] != meta.get("sha256"):
         raise ModelLoadError(
             "checksum mismatch: the archive is corrupt", path=p, hint="re-export the model"
         )

@@ -165,7 +165,8 @@ def _encode_tensor(
         )
     bits = int(qt.bits)
     n_params = int(qt.scale.numel())
-    codes = qt.codes.detach().to(torch.int64).cpu().numpy()
+    # the codes' own dtype (uint8 up to 8 bits): no int64 copy of a 10**8-weight tensor
+    codes = qt.codes.detach().cpu().numpy()
     zp = qt.zero_point.detach().to(torch.int64).cpu().numpy().reshape(-1)
     group = qt.group_size
     if (qt.per_channel or group) and n_params != n_quant_params(
@@ -175,8 +176,8 @@ def _encode_tensor(
     if qt.symmetric and not (zp == 2 ** (bits - 1)).all():
         raise ExportError(f"tensor {name!r}: symmetric codes need zero point {2 ** (bits - 1)}")
     if m is not None:
-        zfull = expand_params(torch.from_numpy(zp), torch.Size(shape), group).numpy()
-        codes = np.where(m, codes, np.broadcast_to(zfull, shape))
+        zfull = expand_params(torch.from_numpy(zp.astype(codes.dtype)), torch.Size(shape), group)
+        codes = np.where(m, codes, np.broadcast_to(zfull.numpy(), shape))
     choice = actual_pattern(m, bits, 0, spos)
     flat_codes = codes.reshape(-1) if choice.kind == "d" else codes.reshape(-1)[m.ravel()]
     packed_codes = pack_bits(flat_codes, bits)

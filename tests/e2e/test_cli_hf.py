@@ -116,3 +116,27 @@ def test_packed_reload_and_reexport(workflow):
     a = load_file(str(out / "hf_model" / "model.safetensors"))
     b = load_file(str(again / "hf_model" / "model.safetensors"))
     assert a.keys() == b.keys() and all(bool((a[k] == b[k]).all()) for k in a)
+
+
+def test_compress_folder_without_data_uses_valid_random_tokens(workflow):
+    """No --data: fidelity is measured on random inputs, whose token types and attention mask
+    must stay in range (a BERT with 2 token types crashed on random ids 0..15)."""
+    root, folder, _, _ = workflow
+    out = root / "nodata"
+    proc = _cli(
+        "compress",
+        str(folder),
+        "--sparsity",
+        "0.5",
+        "--bits",
+        "8",
+        "--format",
+        "packed",
+        "--out",
+        str(out),
+        "--quiet",
+    )
+    assert proc.returncode == 0, proc.stderr
+    report = json.loads((out / "report.json").read_text())
+    assert report["fidelity"]["data"] == "random inputs"
+    assert 0.0 < report["fidelity"]["cosine"] <= 1.0
