@@ -279,6 +279,203 @@ def _relidx_costs(spos_rows: np.ndarray, cols: np.ndarray, b: int) -> list[tuple
     ]
 
 
+@dataclass
+class _Group:
+    """The stacked arrays of one `_encode_group` call (one row per tensor)."""
+
+    names: list[str]
+    shape: tuple[int, ...]
+    numel: int
+    qt: QuantizedTensor  # the first tensor's codes: bits, symmetry, groups (shared)
+    codes: np.ndarray  # int64 (B, numel), pruned positions at the zero point
+    zp: np.ndarray  # int64 (B, params)
+    scale_bytes: np.ndarray  # "<f4" (B, params)
+    m: np.ndarray | None  # bool (B, numel) keep masks, or None (dense)
+    nnz: np.ndarray
+    hist_all: np.ndarray  # code histograms over every position / the kept ones
+    hist_kept: np.ndarray
+    structured: np.ndarray | None = None
+    costs: list[tuple[int, int, int]] | None = None  # `relidx_cost` per row
+    spos: tuple[np.ndarray, np.ndarray] | None = None  # (row cuts, scrambled ranks)
+    bitmaps: np.ndarray | None = None
+
+
+def _stack_checked(
+    names: list[str],
+    values: list[torch.Tensor],
+    qts: list[QuantizedTensor],
+    masks: list[torch.Tensor | None],
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None, tuple[int, int]]:
+    """``(codes, scales, zero points, masks, view)`` stacked, after `_check_restores` of every
+    tensor (the stack dequantized with per-row parameters of the views `quantize_stack` uses)
+    and the one-tensor checks of scale counts and symmetric zero points."""
+    q0 = qts[0]
+    b, numel = len(names), values[0].numel()
+    shape = tuple(int(s) for s in values[0].shape)
+    group = q0.group_size
+    value2 = torch.stack([v.detach() for v in values]).reshape(b, numel)
+    codes_t = torch.stack([q.codes for q in qts]).reshape(b, numel)
+    scale_t = torch.stack([q.scale.reshape(-1) for q in qts]).to(torch.float32)
+    zp_t = torch.stack([q.zero_point.reshape(-1) for q in qts])
+    eff = [q.mask if q.mask is not None else m for q, m in zip(qts, masks, strict=True)]
+    mask_t = None
+    if eff[0] is not None:
+        mask_t = torch.stack([m.to(torch.bool) for m in eff]).reshape(b, numel)  # type: ignore[union-attr]
+    rows, cols = (shape[0], numel // shape[0])
+    view = (b, numel) if (group is None and not q0.per_channel) else (b * rows, cols)
+    stacked_qt = QuantizedTensor(
+        codes=codes_t.reshape(view),
+        scale=scale_t.reshape(-1),
+        zero_point=zp_t.reshape(-1),
+        bits=int(q0.bits),
+        symmetric=q0.symmetric,
+        per_channel=True,
+        mask=None if mask_t is None else mask_t.reshape(view),
+        group_size=group,
+    )
+    same = (dequantize(stacked_qt).reshape(b, numel) == value2).all(dim=1)
+    if not bool(same.all()):
+        i = int(torch.nonzero(~same)[0])
+        _check_restores(names[i], values[i], qts[i], masks[i])  # raises the one-tensor error
+    if (q0.per_channel or group) and int(scale_t.shape[1]) != n_quant_params(
+        shape, per_channel=q0.per_channel, group_size=group
+    ):
+        raise ExportError(
+            f"tensor {names[0]!r}: {int(scale_t.shape[1])} scales do not fit its shape {shape}"
+        )
+    half = 2 ** (int(q0.bits) - 1)
+    if q0.symmetric and not bool((zp_t == half).all()):
+        i = int(torch.nonzero(~(zp_t == half).all(dim=1))[0])
+        raise ExportError(f"tensor {names[i]!r}: symmetric codes need zero point {half}")
+    return codes_t, scale_t, zp_t, mask_t, view
+
+
+def _group_arrays(
+    names: list[str],
+    values: list[torch.Tensor],
+    qts: list[QuantizedTensor],
+    masks: list[torch.Tensor | None],
+) -> _Group:
+    codes_t, scale_t, zp_t, mask_t, view = _stack_checked(names, values, qts, masks)
+    q0 = qts[0]
+    b, numel = len(names), values[0].numel()
+    shape = tuple(int(s) for s in values[0].shape)
+    codes = codes_t.to(torch.int64).numpy()
+    m = mask_t.numpy() if mask_t is not None else None
+    extra: dict[str, Any] = {}
+    if m is not None:
+        zfull = expand_params(zp_t.reshape(-1), torch.Size(view), q0.group_size).expand(view)
+        codes = np.where(m, codes, zfull.reshape(b, numel).to(torch.int64).numpy())
+        nnz = m.sum(axis=1)
+        rows_m = m.reshape(b, shape[0], numel // shape[0])
+        srow, scol = np.nonzero(m[:, scramble_order(numel)])
+        extra = {
+            "structured": (rows_m.all(axis=2) | ~rows_m.any(axis=2)).all(axis=1),
+            "costs": _relidx_costs(srow, scol, b),
+            "spos": (np.searchsorted(srow, np.arange(b + 1)), scol),
+            "bitmaps": np.packbits(m, axis=1, bitorder="little"),
+        }
+    else:
+        nnz = np.full(b, numel)
+    levels = 1 << int(q0.bits)
+    offs = (np.arange(b, dtype=np.int64) * levels)[:, None]
+    hist_all = np.bincount((codes + offs).reshape(-1), minlength=b * levels).reshape(b, levels)
+    hist_kept = (
+        hist_all
+        if m is None
+        else np.bincount((codes + offs)[m], minlength=b * levels).reshape(b, levels)
+    )
+    return _Group(
+        names=names,
+        shape=shape,
+        numel=numel,
+        qt=q0,
+        codes=codes,
+        zp=zp_t.to(torch.int64).numpy(),
+        scale_bytes=scale_t.contiguous().numpy().astype("<f4"),
+        m=m,
+        nnz=nnz,
+        hist_all=hist_all,
+        hist_kept=hist_kept,
+        **extra,
+    )
+
+
+def _group_choice(g: _Group, i: int) -> PatternChoice:
+    """`actual_pattern` of row ``i`` from the group's precomputed costs."""
+    if g.m is None:
+        return PatternChoice("d", 0, 0)
+    k_nnz, numel = int(g.nnz[i]), g.numel
+    cands = [PatternChoice("d", 0, numel)]
+    if k_nnz < numel:
+        cands.append(PatternChoice("b", _ceil_bytes(numel), k_nnz))
+        if g.structured is not None and g.structured[i]:
+            cands.append(PatternChoice("c", _ceil_bytes(g.shape[0]), k_nnz))
+        cost, k, entries = g.costs[i]  # type: ignore[index]
+        cands.append(PatternChoice("r", cost, k_nnz, k, entries))
+    bits = int(g.qt.bits)
+    return min(cands, key=lambda c: c.pattern_bytes + _value_bytes(c.values, bits, 0))
+
+
+def _group_row(
+    g: _Group, i: int, *, entropy: bool
+) -> tuple[list, list[bytes], TensorRecord, TensorSpec]:
+    """Layout entry, byte parts, record and spec of row ``i`` (as `_encode_tensor` makes)."""
+    q0, bits, shape = g.qt, int(g.qt.bits), g.shape
+    choice = _group_choice(g, i)
+    mi = None if g.m is None else g.m[i].reshape(shape)
+    pattern = b""
+    if choice.kind == "d":
+        flat_codes = g.codes[i]
+    else:
+        flat_codes = g.codes[i][g.m[i]]  # type: ignore[index]
+        if choice.kind == "b":
+            pattern = g.bitmaps[i].tobytes()  # type: ignore[index]
+        elif choice.kind == "r":
+            cuts, scol = g.spos  # type: ignore[misc]
+            pattern = encode_pattern(mi, choice, scol[cuts[i] : cuts[i + 1]])  # type: ignore[arg-type]
+        else:
+            pattern = encode_pattern(mi, choice)  # type: ignore[arg-type]
+    packed_codes = pack_bits(flat_codes, bits)
+    zbytes = None
+    if entropy:
+        z = _zstd_codes(flat_codes, bits)
+        if len(z) < len(packed_codes):
+            packed_codes, zbytes = z, len(z)
+    parts = [
+        pattern,
+        packed_codes,
+        g.scale_bytes[i].tobytes(),
+        b"" if q0.symmetric else pack_bits(g.zp[i], bits),
+    ]
+    flags = {"symmetric": q0.symmetric, "per_channel": q0.per_channel, "group_size": q0.group_size}
+    entry = layout_entry(
+        g.names[i], shape, "F32", bits=bits, pattern=choice, zstd_bytes=zbytes, **flags
+    )
+    structured = bool(g.structured is not None and g.structured[i])
+    k_nnz = int(g.nnz[i])
+    spec = TensorSpec(
+        g.names[i], shape, k_nnz, bits=bits, structured=structured, dtype="F32", **flags
+    )
+    h = g.hist_all[i] if choice.kind == "d" else g.hist_kept[i]
+    c = h[h > 0]
+    ent = float(-(c * np.log2(c / flat_codes.size)).sum()) if flat_codes.size else 0.0
+    pat_ent = _pattern_entropy_bits(mi, choice, parts[0])
+    ent_bytes = math.ceil((ent + pat_ent) / 8) + len(parts[2]) + len(parts[3])
+    rec = TensorRecord(
+        g.names[i],
+        shape,
+        "F32",
+        bits,
+        choice.kind,
+        k_nnz,
+        sum(map(len, parts)),
+        ent_bytes,
+        zbytes is not None,
+    )
+    return entry, parts, rec, spec
+
+
 def _encode_group(
     names: list[str],
     values: list[torch.Tensor],
@@ -289,158 +486,8 @@ def _encode_group(
 ) -> list[tuple[list, list[bytes], TensorRecord, TensorSpec]]:
     """`_check_restores` + `_encode_tensor` of quantized tensors sharing a `_group_key`, in
     one numpy pass: the same bytes, records and specs as one by one."""
-    q0 = qts[0]
-    b = len(names)
-    shape = tuple(int(s) for s in values[0].shape)
-    numel = values[0].numel()
-    bits = int(q0.bits)
-    group = q0.group_size
-    dtype = "F32"
-    value2 = torch.stack([v.detach() for v in values]).reshape(b, numel)
-    codes_t = torch.stack([q.codes for q in qts]).reshape(b, numel)
-    scale_t = torch.stack([q.scale.reshape(-1) for q in qts]).to(torch.float32)
-    zp_t = torch.stack([q.zero_point.reshape(-1) for q in qts])
-    eff = [q.mask if q.mask is not None else m for q, m in zip(qts, masks, strict=True)]
-    has_mask = eff[0] is not None
-    mask_t = torch.stack([m.to(torch.bool) for m in eff]).reshape(b, numel) if has_mask else None  # type: ignore[union-attr]
-    # _check_restores: dequantize the stack (per-row parameters of the same views `quantize_stack`
-    # uses) and compare with the weights
-    rows, cols = (shape[0], numel // shape[0])
-    view = (b, numel) if (group is None and not q0.per_channel) else (b * rows, cols)
-    stacked_qt = QuantizedTensor(
-        codes=codes_t.reshape(view),
-        scale=scale_t.reshape(-1),
-        zero_point=zp_t.reshape(-1),
-        bits=bits,
-        symmetric=q0.symmetric,
-        per_channel=True,
-        mask=None if mask_t is None else mask_t.reshape(view),
-        group_size=group,
-    )
-    restored = dequantize(stacked_qt).reshape(b, numel)
-    same = (restored == value2).all(dim=1)
-    if not bool(same.all()):
-        i = int(torch.nonzero(~same)[0])
-        _check_restores(names[i], values[i], qts[i], masks[i])  # raises the one-tensor error
-    if (q0.per_channel or group) and int(scale_t.shape[1]) != n_quant_params(
-        shape, per_channel=q0.per_channel, group_size=group
-    ):
-        raise ExportError(
-            f"tensor {names[0]!r}: {int(scale_t.shape[1])} scales do not fit its shape {shape}"
-        )
-    zp = zp_t.to(torch.int64).numpy()
-    if q0.symmetric and not (zp == 2 ** (bits - 1)).all():
-        i = int(np.flatnonzero(~(zp == 2 ** (bits - 1)).all(axis=1))[0])
-        raise ExportError(f"tensor {names[i]!r}: symmetric codes need zero point {2 ** (bits - 1)}")
-    codes = codes_t.to(torch.int64).numpy()
-    scale_bytes = scale_t.contiguous().numpy().astype("<f4")
-    m = mask_t.numpy() if mask_t is not None else None
-    if m is not None:
-        zfull = (
-            expand_params(zp_t.reshape(-1), torch.Size(view), group).expand(view).reshape(b, numel)
-        )
-        codes = np.where(m, codes, zfull.to(torch.int64).numpy())
-        nnz = m.sum(axis=1)
-        rows_m = m.reshape(b, rows, cols)
-        structured = (rows_m.all(axis=2) | ~rows_m.any(axis=2)).all(axis=1)
-        order = scramble_order(numel)
-        srow, scol = np.nonzero(m[:, order])
-        costs = _relidx_costs(srow, scol, b)
-        scuts = np.searchsorted(srow, np.arange(b + 1))
-        bitmaps = np.packbits(m, axis=1, bitorder="little")
-    else:
-        nnz = np.full(b, numel)
-    levels = 1 << bits
-    offs = (np.arange(b, dtype=np.int64) * levels)[:, None]
-    # code histograms (entropy bounds): of all positions, and of the kept ones
-    hist_all = np.bincount((codes + offs).reshape(-1), minlength=b * levels).reshape(b, levels)
-    hist_kept = (
-        hist_all
-        if m is None
-        else np.bincount((codes + offs)[m], minlength=b * levels).reshape(b, levels)
-    )
-    out = []
-    for i in range(b):
-        choice = PatternChoice("d", 0, 0)
-        mi = None
-        k_nnz = int(nnz[i])
-        if m is not None:
-            mi = m[i].reshape(shape)
-            cands = [PatternChoice("d", 0, numel)]
-            if k_nnz < numel:
-                cands.append(PatternChoice("b", _ceil_bytes(numel), k_nnz))
-                if structured[i]:
-                    cands.append(PatternChoice("c", _ceil_bytes(shape[0]), k_nnz))
-                cost, k, entries = costs[i]
-                cands.append(PatternChoice("r", cost, k_nnz, k, entries))
-            choice = min(cands, key=lambda c: c.pattern_bytes + _value_bytes(c.values, bits, 0))
-        if choice.kind == "d":
-            flat_codes = codes[i]
-            pattern = b""
-        else:
-            flat_codes = codes[i][m[i]]  # type: ignore[index]
-            if choice.kind == "b":
-                pattern = bitmaps[i].tobytes()
-            elif choice.kind == "r":
-                spos = scol[scuts[i] : scuts[i + 1]]
-                pattern = encode_pattern(mi, choice, spos)  # type: ignore[arg-type]
-            else:
-                pattern = encode_pattern(mi, choice)  # type: ignore[arg-type]
-        if m is not None and choice.kind == "d":
-            pattern = b""
-        packed_codes = pack_bits(flat_codes, bits)
-        zbytes = None
-        if entropy:
-            z = _zstd_codes(flat_codes, bits)
-            if len(z) < len(packed_codes):
-                packed_codes, zbytes = z, len(z)
-        parts = [
-            pattern,
-            packed_codes,
-            scale_bytes[i].tobytes(),
-            b"" if q0.symmetric else pack_bits(zp[i], bits),
-        ]
-        entry = layout_entry(
-            names[i],
-            shape,
-            dtype,
-            bits=bits,
-            symmetric=q0.symmetric,
-            per_channel=q0.per_channel,
-            pattern=choice,
-            zstd_bytes=zbytes,
-            group_size=group,
-        )
-        is_structured = bool(m is not None and structured[i])
-        spec = TensorSpec(
-            names[i],
-            shape,
-            k_nnz,
-            bits=bits,
-            symmetric=q0.symmetric,
-            per_channel=q0.per_channel,
-            structured=is_structured,
-            dtype=dtype,
-            group_size=group,
-        )
-        h = hist_all[i] if choice.kind == "d" else hist_kept[i]
-        c = h[h > 0]
-        ent = float(-(c * np.log2(c / flat_codes.size)).sum()) if flat_codes.size else 0.0
-        pat_ent = _pattern_entropy_bits(mi, choice, parts[0])
-        ent_bytes = math.ceil((ent + pat_ent) / 8) + len(parts[2]) + len(parts[3])
-        rec = TensorRecord(
-            names[i],
-            shape,
-            dtype,
-            bits,
-            choice.kind,
-            k_nnz,
-            sum(map(len, parts)),
-            ent_bytes,
-            zbytes is not None,
-        )
-        out.append((entry, parts, rec, spec))
-    return out
+    g = _group_arrays(names, values, qts, masks)
+    return [_group_row(g, i, entropy=entropy) for i in range(len(names))]
 
 
 def _mask_structured(m: np.ndarray | None) -> bool:
