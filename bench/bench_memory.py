@@ -71,7 +71,11 @@ def write_safetensors(path: Path, shapes: list[tuple[str, tuple]], seed: int = 0
     offset = 0
     for name, shape in shapes:
         nbytes = 4 * int(torch.Size(shape).numel())
-        header[name] = {"dtype": "F32", "shape": list(shape), "data_offsets": [offset, offset + nbytes]}
+        header[name] = {
+            "dtype": "F32",
+            "shape": list(shape),
+            "data_offsets": [offset, offset + nbytes],
+        }
         offset += nbytes
     raw = json.dumps(header, separators=(",", ":")).encode()
     raw += b" " * (-len(raw) % 8)
@@ -156,8 +160,18 @@ def bench_model(label: str, model: Path, weights: int, work: Path, trace: bool) 
         (
             "compress",
             [
-                *WORKBENCH, "compress", str(model), "--sparsity", "0.5", "--bits", "8",
-                "--format", "packed", "--out", str(out), "--force",
+                *WORKBENCH,
+                "compress",
+                str(model),
+                "--sparsity",
+                "0.5",
+                "--bits",
+                "8",
+                "--format",
+                "packed",
+                "--out",
+                str(out),
+                "--force",
             ],
         ),  # fmt: skip
         ("inspect packed (reload)", None),

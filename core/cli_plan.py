@@ -90,6 +90,15 @@ def register(subparsers) -> None:
         help="compress, measure, correct the prediction and re-solve (bounded rounds)",
     )
     p.add_argument("--rounds", type=int, default=3, metavar="N", help="verification rounds")
+    p.add_argument(
+        "--device",
+        metavar="NAME",
+        help="without --target-bytes/--target-ratio: plan the packed archive to fit this device "
+        "profile (weight memory, or memory minus peak activations; at most its storage)",
+    )
+    p.add_argument(
+        "--devices", metavar="FILE", help="device catalogue JSON (default resources/devices.json)"
+    )
     p.set_defaults(func=run)
 
 
@@ -129,6 +138,77 @@ def target_from_args(args: argparse.Namespace):
         if value is not None and not math.isfinite(value):
             raise RecipeError(f"--{name.replace('_', '-')}: {value} is not a finite number")
     return Target(args.target_bytes, args.target_ratio, args.max_drop, args.min_cosine)
+
+
+def device_target(
+    args: argparse.Namespace, profile: Any, loaded: Any, sample: Any
+) -> tuple[Any, dict[str, Any]]:
+    """The byte target a device profile gives when no size target was asked for.
+
+    The budget is on the *packed archive* (the file whose size the solver's byte model
+    predicts exactly; what the device stores and what a runtime that reads the codes in place
+    holds in memory): ``weight_memory`` when the profile keeps weights in a separate store,
+    else ``memory`` minus the peak activations of one forward pass at batch 1
+    (`core.devices.peak_activation_bytes`, on ``sample`` or the model's example input), and
+    never more than ``storage``. ``--max-drop`` / ``--min-cosine`` still apply. Returns the
+    `core.solver.Target` and a record of how the budget was derived (for the plan/report).
+    """
+    from core.devices import peak_activation_bytes
+    from core.errors import CompressionError
+    from core.solver import Target
+
+    x = sample if sample is not None else getattr(loaded, "example_input", None)
+    acts = None
+    if x is not None and loaded.can_run:
+        acts = int(peak_activation_bytes(loaded.module, x[:1]))
+    if profile.weight_memory is not None:
+        if acts is not None and acts > profile.memory:
+            raise CompressionError(
+                f"device {profile.name}: peak activations {acts:,} B exceed its memory "
+                f"{profile.memory:,} B; no weight budget can make the model fit",
+                hint="choose a device with more memory, or a smaller input",
+            )
+        room, source = profile.weight_memory, "weight_memory"
+    else:
+        room, source = profile.memory - (acts or 0), "memory - peak activations"
+    budget = min(room, profile.storage)
+    if budget < room:
+        source = "storage"
+    if budget <= 0:
+        raise CompressionError(
+            f"device {profile.name}: peak activations {acts or 0:,} B leave no memory for "
+            f"weights (memory {profile.memory:,} B)",
+            hint="choose a device with more memory, or a smaller input",
+        )
+    info = {
+        "device": profile.name,
+        "budget_bytes": int(budget),
+        "from": source,
+        "memory_bytes": profile.memory,
+        "weight_memory_bytes": profile.weight_memory,
+        "storage_bytes": profile.storage,
+        "peak_activation_bytes": acts,
+        "byte_figure": "packed archive (model.packed.safetensors)",
+    }
+    return Target(int(budget), None, args.max_drop, args.min_cosine), info
+
+
+def _device_note(info: dict[str, Any], dense: int, profile: Any) -> str:
+    acts = info["peak_activation_bytes"]
+    line = (
+        f"device {info['device']}: planning for a {info['budget_bytes']:,}-byte packed archive "
+        f"({info['from']}"
+        + (f"; peak activations {acts:,} B" if acts is not None else "; activations unmeasured")
+        + ")"
+    )
+    if info["budget_bytes"] >= dense:
+        line += f"; the fp32 model ({dense:,} B) already fits"
+    if "packed" not in profile.formats:
+        line += (
+            f"; the profile does not list the packed format, so the report judges the other "
+            f"exports ({', '.join(profile.formats)}) by their own runtime bytes"
+        )
+    return line
 
 
 def _pct(v: float | None) -> str:
@@ -179,8 +259,14 @@ def run(args: argparse.Namespace) -> int:
 
     target = target_from_args(args)
     pins = parse_pins(args.pin)
+    profile = None
+    if args.device:
+        from core.devices import get_device
+
+        profile = get_device(args.device, args.devices)
+    sized = target is not None and (target.bytes is not None or target.ratio is not None)
     if not args.frontier:
-        if target is None:
+        if target is None and profile is None:
             raise RecipeError(
                 "no target given",
                 hint="pass --target-bytes N or --target-ratio R (and optionally --max-drop / "
@@ -198,6 +284,12 @@ def run(args: argparse.Namespace) -> int:
     if curves.estimate:
         print("note: no data to run the model on; curves are data-free estimates", file=sys.stderr)
     stats = session.stats
+    device_info = None
+    if profile is not None and not sized and not args.frontier:
+        sample = session.test.x if session.test is not None else None
+        target, device_info = device_target(args, profile, session.model, sample)
+        note = _device_note(device_info, 4 * int(stats.total_params), profile)
+        print(f"note: {note}", file=sys.stderr, flush=True)
     if args.frontier:
         points = frontier(
             stats,
@@ -243,6 +335,7 @@ def run(args: argparse.Namespace) -> int:
     sol.plan.save(out)
     info = {**sol.to_dict(), "measured": measured.to_dict() if measured else None}
     info["scan"] = {"method": curves.method, "metric": curves.metric, "estimate": curves.estimate}
+    info["device_budget"] = device_info
     side = out.with_name(out.stem + ".plan.json")
     write_json(side, info)
     print(f"wrote {out} and {side}")
@@ -270,11 +363,23 @@ def planned_plan(
     from core.solver import plan_for_target
 
     target = target_from_args(args)
+    profile = getattr(args, "device_profile", None)
+    clash = [f for f in ("recipe", "sparsity", "bits") if getattr(args, f, None) is not None]
+    device_info = None
+    if (
+        profile is not None
+        and not clash
+        and (target is None or (target.bytes is None and target.ratio is None))
+    ):
+        # --device with no size target (and no hand settings): the device's memory is it.
+        sample = train.x if train is not None else None
+        target, device_info = device_target(args, profile, loaded, sample)
+        note = _device_note(device_info, 4 * int(stats.total_params), profile)
+        print(f"workbench compress: note: {note}", file=sys.stderr, flush=True)
     if target is None:
         if args.pin:
             raise RecipeError("--pin needs a target", hint="add --target-ratio R")
         return plan
-    clash = [f for f in ("recipe", "sparsity", "bits") if getattr(args, f, None) is not None]
     if clash:
         raise RecipeError(
             f"--{clash[0]} cannot be combined with a target",
@@ -303,6 +408,14 @@ def planned_plan(
             min_bits = FINETUNE_MIN_BITS
     progress(0.0, "solving the budget")
     # The recovery settings are part of the recipe in the archive header: solve with them.
+    # --quant gptq / --group-size apply to every layer the planner quantizes (the byte model
+    # counts the group scales); the scan's damage stays the round-to-nearest one.
+    q = plan.default.quant
+    quant = {"method": q.method} if q.method != "rtn" else {}
+    if q.group_size is not None:
+        quant["group_size"] = q.group_size
+    if q.bias_correction:
+        quant["bias_correction"] = True
     sol = plan_for_target(
         stats,
         curves,
@@ -310,13 +423,131 @@ def planned_plan(
         pinned=parse_pins(args.pin),
         base=plan.with_recovery(recovery),
         min_bits=min_bits,
+        quant=quant,
     )
+    checked: list[dict[str, Any]] = []
+    if (
+        recovery.epochs > 0
+        and target.max_drop is not None
+        and data is not None
+        and curves.metric == "loss"
+        and (target.bytes is not None or target.ratio is not None)
+    ):
+        solve = {
+            "pinned": parse_pins(args.pin),
+            "base": plan.with_recovery(recovery),
+            "min_bits": min_bits,
+            "quant": quant,
+        }
+        sol, checked = verify_after_finetune(
+            loaded, stats, curves, target, train, sol, solve, progress
+        )
     args.planning = {
         **sol.to_dict(),
         "scan": {"metric": curves.metric, "estimate": curves.estimate, "samples": curves.samples},
         "min_bits": min_bits,
+        "device_budget": device_info,
+        "checked_after_finetune": checked,
     }
     return sol.plan
+
+
+#: Damage models tried, in order, when a plan misses ``--max-drop`` after fine-tuning (see
+#: `verify_after_finetune`).
+DAMAGE_MODELS = ("loss", "fidelity", "weights")
+
+
+def _rescored(curves: Any, stats: Any, model: str) -> Any:
+    """``curves`` with another damage per point: ``fidelity`` = squared relative L2 error of
+    the outputs (does not saturate where the loss delta of a destroyed layer does), ``weights``
+    = the layer's own error energy (1/SQNR, `core.sensitivity.proxy_scan`: how much of the
+    layer survives, whatever the rest does). Accuracy and cosine stay the measured ones."""
+    from dataclasses import replace
+
+    if model == "loss":
+        return curves
+    proxy = None
+    if model == "weights":
+        from core.sensitivity import proxy_scan
+
+        proxy = proxy_scan(stats, curves.method, curves.levels)
+    layers = []
+    for curve in curves.layers:
+        points = []
+        for p in curve.points:
+            if proxy is not None:
+                other = proxy.layer(curve.name).point(p.level)
+                damage = other.damage if other is not None else p.damage
+            else:
+                damage = p.rel_l2**2
+            points.append(replace(p, damage=float(damage)))
+        layers.append(replace(curve, points=tuple(points)))
+    return replace(curves, layers=tuple(layers))
+
+
+def verify_after_finetune(
+    loaded: Any,
+    stats: Any,
+    curves: Any,
+    target: Any,
+    train: Any,
+    first: Any,
+    solve: dict[str, Any],
+    progress: ProgressFn,
+) -> tuple[Any, list[dict[str, Any]]]:
+    """Check ``--max-drop`` *after* fine-tuning, before the real run; re-plan when it misses.
+
+    The scan measures one-shot damage, which says little about what fine-tuning recovers at
+    the extreme settings tight budgets need (demo:cnn at 39x: the loss-delta plan ended 3.7
+    points down). Each round compresses and fine-tunes the candidate exactly as the run will
+    (`core.training.compress_and_finetune` on `recovery_split`) and measures the accuracy drop
+    on the validation part of the training split (never the test split the report uses). A
+    plan within ``--max-drop`` is taken at once; otherwise the next damage model of
+    `DAMAGE_MODELS` is solved at the same byte budget, and the plan with the smallest measured
+    drop wins. Returns the chosen solution and one record per round.
+    """
+    import torch
+
+    from core.evaluate import eval_mode
+    from core.solver import plan_for_target
+    from core.training import compress_and_finetune, recovery_split
+
+    fit, val = recovery_split(train)
+    y = val.y.reshape(-1).long()
+
+    def accuracy(module: Any) -> float:
+        with torch.no_grad(), eval_mode(module):
+            return float((module(val.x).argmax(dim=1) == y).float().mean())
+
+    base_acc = accuracy(loaded.module)
+    rounds: list[dict[str, Any]] = []
+    best = None
+    seen = set()
+    for i, model in enumerate(DAMAGE_MODELS):
+        sol = first if i == 0 else plan_for_target(stats, _rescored(curves, stats, model), target,
+                                                    **solve)  # fmt: skip
+        if sol.plan in seen:
+            continue
+        seen.add(sol.plan)
+        progress(0.0, f"checking the {model} plan after fine-tuning ({i + 1}/{len(DAMAGE_MODELS)})")
+        result = compress_and_finetune(loaded, sol.plan, fit, val, stats=stats, calibration=train)
+        drop = 100.0 * (base_acc - accuracy(result.compressed.module))
+        rounds.append(
+            {
+                "damage_model": model,
+                "predicted_bytes": sol.predicted["bytes"],
+                "validation_drop": drop,
+                "layers": [dict(c) for c in sol.choices],
+            }
+        )
+        if best is None or drop < best[0] - 1e-9:
+            best = (drop, sol)
+        if drop <= target.max_drop:
+            break
+    chosen = best[1] if best is not None else first
+    for r in rounds:
+        r["chosen"] = best is not None and r["validation_drop"] == best[0]
+    return chosen, rounds
 
 
 def record_planning(report_path: str | Path, args: argparse.Namespace) -> dict[str, Any]:

@@ -160,7 +160,14 @@ class SetQuant(Edit):
 
     def merge_key(self) -> str | None:
         # Dragging the bit-width slider is one step, like the sparsity slider.
-        others = ("symmetric", "per_channel", "bias_bits", "method", "group_size", "bias_correction")
+        others = (
+            "symmetric",
+            "per_channel",
+            "bias_bits",
+            "method",
+            "group_size",
+            "bias_correction",
+        )
         only_bits = all(getattr(self, f) == KEEP for f in others)
         return f"bits:{','.join(self.layers)}" if only_bits and self.bits != KEEP else None
 

@@ -100,6 +100,19 @@ def check_calibration(loaded: LoadedModel, calibration) -> None:
             path=loaded.source,
             hint="open the eager model or a .pt2 export, or " + hint,
         )
+    hookable = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.MultiheadAttention)
+    if isinstance(loaded.module, torch.fx.GraphModule) and not any(
+        isinstance(m, hookable) for m in loaded.module.modules()
+    ):
+        # torch.export graphs (.pt2) call aten.linear/aten.convolution as functions: no layer
+        # module exists to hook, and falling back to the plain rule would be silent.
+        raise CompressionError(
+            f"these methods (obs, obs_nm, gptq, bias correction) capture each layer's inputs "
+            f"with hooks, but this {loaded.format} graph calls its layers as functions "
+            "(aten.linear / aten.convolution), so there is no layer module to hook",
+            path=loaded.source,
+            hint="open the eager model (a full pickled model with --trust), or " + hint,
+        )
     if calibration is None or len(calibration) == 0:
         raise CompressionError(
             "these methods need calibration data (obs, obs_nm, gptq, bias correction)",

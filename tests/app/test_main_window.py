@@ -580,9 +580,7 @@ def test_group_size_rounding_and_bias_correction_controls_edit_the_plan(qtbot, w
     q = window.quant_panel
     q.bits.setValue(4)
     q.per_channel.setChecked(False)
-    assert [q.method.itemData(i) for i in range(q.method.count())] == [
-        m.name for m in quantizers()
-    ]
+    assert [q.method.itemData(i) for i in range(q.method.count())] == [m.name for m in quantizers()]
     q.group_size.setCurrentIndex(q.group_size.findData(64))
     assert c.plan.default.quant.group_size == 64
     assert c.plan.default.quant.per_channel  # groups refine per-channel scales
