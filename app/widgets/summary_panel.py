@@ -25,7 +25,10 @@ ROWS = (
     (
         "sqnr",
         "SQNR (est.)",
-        "Estimated signal-to-noise ratio of pruning + quantization, all layers",
+        "Estimated signal-to-noise ratio of pruning + quantization, all layers: the "
+        "round-to-nearest bound (magnitude masks, nearest codes). With OBS pruning or GPTQ "
+        "rounding the weights are updated from calibration data, so the measured error after "
+        "Compress is what counts (sparsity and sizes shown here hold for every method)",
     ),
     ("sparsity", "Sparsity", "Fraction of zeros over all weights the plan compresses (exact)"),
     ("nonzeros", "Kept", "Nonzero weights left / weights covered by the plan"),
