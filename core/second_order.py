@@ -91,14 +91,14 @@ def check_calibration(loaded: LoadedModel, calibration) -> None:
             "these methods need calibration data run through the model (obs, obs_nm, gptq, "
             "bias correction), but this is a weights-only checkpoint without a forward pass",
             path=loaded.source,
-            hint="give an architecture (--arch) or an eager/.pt2 model, or " + hint,
+            hint="give an architecture (--arch) or open the eager model, or " + hint,
         )
     if isinstance(loaded.module, torch.jit.ScriptModule):
         raise CompressionError(
             "these methods (obs, obs_nm, gptq, bias correction) capture each layer's inputs "
             "with hooks, which a TorchScript model does not support",
             path=loaded.source,
-            hint="open the eager model or a .pt2 export, or " + hint,
+            hint="open the eager model (a full pickled model with --trust), or " + hint,
         )
     hookable = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.MultiheadAttention)
     if isinstance(loaded.module, torch.fx.GraphModule) and not any(

@@ -179,3 +179,37 @@ def test_weights_only_model_with_obs_is_a_clear_error(files):
     stats = analyze(loaded)
     with pytest.raises(CompressionError, match="calibration data"):
         compress(loaded, simple_plan(0.5, None, "obs"), stats)
+
+
+def test_torchscript_model_runs_second_order_or_says_why(files):
+    """TorchScript keeps its submodules, so the layers' inputs can be hooked: OBS + GPTQ run
+    on it and the packed result reloads; if a file could not be hooked the run must say so
+    (exit 2, one line), never fall back silently."""
+    root, m, x, _ = files
+    ts = root / "m.ts.pt"
+    torch.jit.save(torch.jit.script(m), str(ts))
+    out = root / "ts-out"
+    proc = _cli(
+        root,
+        str(ts),
+        "--data",
+        str(root / "d.npz"),
+        "--method",
+        "obs",
+        "--quant",
+        "gptq",
+        "--sparsity",
+        "0.5",
+        "--bits",
+        "4",
+        "--out",
+        str(out),
+    )
+    if proc.returncode == 2:
+        assert "Traceback" not in proc.stderr and len(proc.stderr.strip().splitlines()) <= 3
+        assert "hook" in proc.stderr or "second-order" in proc.stderr or "obs" in proc.stderr
+        return
+    assert proc.returncode == 0, proc.stderr
+    report = json.loads((out / "report.json").read_text())
+    methods = {layer["method"] for layer in report["layers"] if layer["nnz"] < layer["numel"]}
+    assert methods == {"obs"}
