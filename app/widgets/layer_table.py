@@ -489,8 +489,9 @@ class LayerTable(QWidget):
 
     def set_preview(self, preview) -> None:
         first = preview is not None and not self.model._preview
-        # The grouped tree re-reads every cell on any change: one signal for it.
-        self.model.set_preview(preview, changed_only=not self.tree_model.live)
+        # Only the cells whose text changed are signalled; the grouped tree maps those rows
+        # to its leaves and the groups above them.
+        self.model.set_preview(preview, changed_only=True)
         if first:
             # Once per model, not per slider step: sizing columns measures every cell.
             self._fit_columns()

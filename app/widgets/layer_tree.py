@@ -52,6 +52,7 @@ class LayerTreeModel(QAbstractItemModel):
         self.source = source
         self._root = _Node("", "", None)
         self._leaves: dict[str, _Node] = {}
+        self._by_row: dict[int, _Node] = {}
         self._accept: Callable[[int], bool] = lambda _row: True
         #: Whether a view shows the tree: a hidden tree skips the per-step change signals
         #: (a view asks for fresh cells when it is shown again).
@@ -93,6 +94,7 @@ class LayerTreeModel(QAbstractItemModel):
                 build(child, child_path)
 
         build(self._root, "")
+        self._by_row = {leaf.row: leaf for leaf in self._leaves.values()}
         self.endResetModel()
 
     def _node(self, index: QModelIndex | QPersistentModelIndex) -> _Node:
@@ -170,9 +172,39 @@ class LayerTreeModel(QAbstractItemModel):
                 yield child
             yield from self._leaves_under(child)
 
-    def _on_source_dataChanged(self, *_args) -> None:
-        if self.live:
+    def _on_source_dataChanged(self, top_left=None, bottom_right=None, *_args) -> None:
+        if not self.live:
+            return
+        if top_left is None or bottom_right is None or not top_left.isValid():
             self._changed(self._root)
+            return
+        # The source's rows top..bottom changed: those leaves and the groups above them (whose
+        # packed sums follow), one dataChanged per run of siblings.
+        lo, hi = top_left.row(), bottom_right.row()
+        first_col, last_col = top_left.column(), bottom_right.column()
+        runs: dict[int, tuple[_Node, list[int]]] = {}
+        groups: dict[int, tuple[_Node, list[int]]] = {}
+        for row in range(lo, hi + 1):
+            leaf = self._by_row.get(row)
+            if leaf is None:
+                continue
+            parent = leaf.parent
+            runs.setdefault(id(parent), (parent, []))[1].append(leaf.index_in_parent)
+            node = parent
+            while node is not None and node is not self._root:
+                up = node.parent
+                groups.setdefault(id(up), (up, []))[1].append(node.index_in_parent)
+                node = up
+        for table, cols in ((runs, (first_col, last_col)), (groups, (0, len(COLUMNS) - 1))):
+            for parent, rows in table.values():
+                index = (
+                    QModelIndex()
+                    if parent is self._root
+                    else self.createIndex(parent.index_in_parent, 0, parent)
+                )
+                self.dataChanged.emit(
+                    self.index(min(rows), cols[0], index), self.index(max(rows), cols[1], index)
+                )
 
     def _changed(self, node: _Node) -> None:
         """Every visible cell may have new numbers: one dataChanged per group of siblings."""

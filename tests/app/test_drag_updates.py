@@ -85,7 +85,7 @@ def test_table_signals_exactly_the_cells_whose_text_changed(qtbot, stats):
     assert ranges == [(0, len(stats.layers) - 1, 3, len(COLUMNS) - 1)]
 
 
-def test_table_widget_uses_changed_only_updates_unless_grouped(qtbot, stats):
+def test_table_and_tree_signal_only_changed_rows(qtbot, stats):
     table = LayerTable()
     qtbot.addWidget(table)
     table.set_layers(stats.layers)
@@ -97,8 +97,16 @@ def test_table_widget_uses_changed_only_updates_unless_grouped(qtbot, stats):
     assert len(ranges) > 1  # per run of changed rows
     table.grouped.setChecked(True)
     ranges.clear()
+    tree_ranges = []
+    table.tree_model.dataChanged.connect(
+        lambda tl, br, *_: tree_ranges.append((tl.parent().internalId(), tl.row(), br.row()))
+    )
     table.set_preview(preview(stats, simple_plan(0.4, 6)))
-    assert ranges == [(0, len(stats.layers) - 1)]
+    # grouped too: only the changed rows, mapped to the tree's leaves and the groups above
+    assert len(ranges) > 1 and all(top == bottom or top < bottom for top, bottom in ranges)
+    assert tree_ranges
+    changed = sum(b - t + 1 for t, b in ranges)
+    assert changed < len(stats.layers)  # the BatchNorm rows (no plan numbers) are not signalled
 
 
 def test_histogram_keeps_the_grid_while_only_the_threshold_moves(qtbot, stats, monkeypatch):
