@@ -196,16 +196,31 @@ def test_export_table_shows_deployed_check_latency_and_cost(qtbot, window, tmp_p
     assert window.results.exports.rowCount() == 0 and not targets.isVisible()
 
 
-def test_deployed_check_reports_progress_and_cancels(qtbot, window, tmp_path):
+def test_deployed_check_reports_progress_and_cancels(qtbot, window, tmp_path, monkeypatch):
+    import threading
+
+    from core import deploy
+
     open_mlp(qtbot, window)
     c = window.controller
     compress(qtbot, window, simple_plan(0.5, 8))
     messages = []
+    cancelled = threading.Event()
+    check_file = deploy.check_file
+
+    def held_check(*args, **kwargs):
+        # The worker waits (at most 30 s) until the window has asked to cancel, so the cancel
+        # lands during the checks however fast the machine is.
+        cancelled.wait(30)
+        return check_file(*args, **kwargs)
+
+    monkeypatch.setattr(deploy, "check_file", held_check)
 
     def on_progress(kind, _fraction, message):
         messages.append(message)
-        if kind == "export" and "checking the deployed" in message:
+        if kind == "export" and "checking the deployed" in message and not cancelled.is_set():
             c.cancel_jobs()  # Esc while the exported files are being checked
+            cancelled.set()
 
     c.jobProgressed.connect(on_progress)
     out = tmp_path / "out"
