@@ -4,7 +4,6 @@ the solver's predicted frontier on the runs plot."""
 
 from __future__ import annotations
 
-import time
 from pathlib import Path
 
 import numpy as np
@@ -89,12 +88,9 @@ def test_scan_is_a_job_and_a_second_scan_is_a_cache_hit(qtbot, window):
     assert view.heat_values().shape == (3, len(LEVELS))
     assert not view.banner.isVisible()
 
-    t0 = time.perf_counter()
     second, _ = scan_done(qtbot, window, click=False)
-    wall = time.perf_counter() - t0
-    assert second.cached_layers == len(names)  # every layer read back, none measured
-    assert second.seconds < first.seconds / 3
-    assert wall < 5.0
+    # every layer read back from the cache, none measured again (speed lives in bench/)
+    assert second.cached_layers == len(names)
     for a, b in zip(first.layers, second.layers, strict=True):
         assert a.points == b.points
     # The selected layer's curves and the plan's point are drawn.
