@@ -43,9 +43,10 @@ SCRIPTED = (("sensitivity.png", "--sensitivity"), ("runs.png", "--runs"))
 SCRIPTED_SIZE = (1366, 768)
 
 
-def sensitivity_shot(path: str, settings_path: str, ratio: float = 12.0) -> int:
-    """Open demo:mlp, scan it, plan for ``ratio`` with the Target slider, select the largest
-    layer and save the window with the Sensitivity dock and the Target tab in front."""
+def _drive(path: str, settings_path: str, after_scan) -> int:
+    """Open demo:mlp in a fresh window (`SCRIPTED_SIZE`, throw-away settings), scan it, then
+    hand over to ``after_scan(window, save, on_evaluated)``: it stages the shot and calls
+    ``save()``, or starts runs and sets ``on_evaluated[0]`` to what follows each evaluation."""
     sys.path.insert(0, str(ROOT))
     from PySide6.QtCore import QTimer
     from PySide6.QtWidgets import QApplication
@@ -59,24 +60,12 @@ def sensitivity_shot(path: str, settings_path: str, ratio: float = 12.0) -> int:
     window.show()
     c, ui = window.controller, window.sensitivity_ui
     state = {"code": 1}
+    on_evaluated = [None]
 
     def finish(code: int) -> None:
         state["code"] = code
         c.shutdown()
         app.quit()
-
-    def on_finished(kind: str, outcome: str) -> None:
-        if outcome == "failed":
-            finish(1)
-        elif kind == "analyze" and outcome == "done" and c.sensitivity is None:
-            ui.scan()
-        elif kind == "scan" and outcome == "done":
-            ui.panel.set_ratio(ratio)
-            window._end_drag()
-            c.set_selection(("fc1", "fc2"))
-            window.control_tabs.setCurrentWidget(ui.panel)
-            ui.dock.raise_()
-            QTimer.singleShot(500, save)
 
     def save() -> None:
         Path(path).parent.mkdir(parents=True, exist_ok=True)
@@ -84,68 +73,66 @@ def sensitivity_shot(path: str, settings_path: str, ratio: float = 12.0) -> int:
         print(f"saved {path}" if ok else f"could not write {path}")
         finish(0 if ok else 1)
 
+    def on_finished(kind: str, outcome: str) -> None:
+        if outcome == "failed":
+            finish(1)
+        elif kind == "analyze" and outcome == "done" and c.sensitivity is None:
+            ui.scan()
+        elif kind == "scan" and outcome == "done":
+            after_scan(window, lambda: QTimer.singleShot(500, save), on_evaluated)
+        elif (
+            kind == "evaluate"
+            and outcome == "done"
+            and c.result is not None  # not the evaluation of the original at open
+            and on_evaluated[0] is not None
+        ):
+            QTimer.singleShot(0, on_evaluated[0])
+
     c.jobFinished.connect(on_finished)
     QTimer.singleShot(600_000, lambda: finish(1))
     window.open_model("demo:mlp")
     app.exec()
     return state["code"]
+
+
+def sensitivity_shot(path: str, settings_path: str, ratio: float = 12.0) -> int:
+    """Scan demo:mlp, plan for ``ratio`` with the Target slider, select fc1 and fc2 and save
+    the window with the Sensitivity dock and the Target tab in front."""
+
+    def after_scan(window, save, _on_evaluated) -> None:
+        ui = window.sensitivity_ui
+        ui.panel.set_ratio(ratio)
+        window._end_drag()
+        window.controller.set_selection(("fc1", "fc2"))
+        window.control_tabs.setCurrentWidget(ui.panel)
+        ui.dock.raise_()
+        save()
+
+    return _drive(path, settings_path, after_scan)
 
 
 def runs_shot(
     path: str, settings_path: str, ratios: tuple[float, ...] = (4.0, 8.0, 16.0, 30.0)
 ) -> int:
-    """Open demo:mlp with its data, scan it, then compress (one shot, no fine-tuning) at each
-    target ratio of ``ratios`` from the Target slider; save the window with the Runs dock (size
-    vs damage of every run, the Pareto front and the solver's predicted frontier) in front."""
-    sys.path.insert(0, str(ROOT))
-    from PySide6.QtCore import QTimer
-    from PySide6.QtWidgets import QApplication
+    """Scan demo:mlp, then compress (one shot, no fine-tuning) at each target ratio of
+    ``ratios`` from the Target slider; save the window with the Runs dock (size vs damage of
+    every run, the Pareto front and the solver's predicted frontier) in front."""
+    left = list(ratios)
 
-    from app.__main__ import make_settings
-    from app.main_window import MainWindow
+    def after_scan(window, save, on_evaluated) -> None:
+        def next_run() -> None:
+            if window.controller.result is not None and not left:
+                window.runs_dock.raise_()
+                save()
+                return
+            window.sensitivity_ui.panel.set_ratio(left.pop(0))
+            window._end_drag()
+            window.controller.compress()
 
-    app = QApplication.instance() or QApplication([])
-    window = MainWindow(make_settings(settings_path))
-    window.resize(*SCRIPTED_SIZE)
-    window.show()
-    c, ui = window.controller, window.sensitivity_ui
-    state = {"code": 1, "left": list(ratios)}
+        on_evaluated[0] = next_run
+        next_run()
 
-    def finish(code: int) -> None:
-        state["code"] = code
-        c.shutdown()
-        app.quit()
-
-    def next_run() -> None:
-        if not state["left"]:
-            window.runs_dock.raise_()
-            QTimer.singleShot(500, save)
-            return
-        ui.panel.set_ratio(state["left"].pop(0))
-        window._end_drag()
-        c.compress()
-
-    def on_finished(kind: str, outcome: str) -> None:
-        if outcome == "failed":
-            finish(1)
-        elif kind == "analyze" and outcome == "done" and c.sensitivity is None:
-            ui.scan()
-        elif kind == "scan" and outcome == "done":
-            next_run()
-        elif kind == "evaluate" and outcome == "done" and c.result is not None:
-            QTimer.singleShot(0, next_run)
-
-    def save() -> None:
-        Path(path).parent.mkdir(parents=True, exist_ok=True)
-        ok = window.grab().save(path, "PNG")
-        print(f"saved {path}" if ok else f"could not write {path}")
-        finish(0 if ok else 1)
-
-    c.jobFinished.connect(on_finished)
-    QTimer.singleShot(600_000, lambda: finish(1))
-    window.open_model("demo:mlp")
-    app.exec()
-    return state["code"]
+    return _drive(path, settings_path, after_scan)
 
 
 def _resnet50(folder: Path) -> Path:
