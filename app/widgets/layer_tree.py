@@ -53,6 +53,8 @@ class LayerTreeModel(QAbstractItemModel):
         self._root = _Node("", "", None)
         self._leaves: dict[str, _Node] = {}
         self._by_row: dict[int, _Node] = {}
+        self._leaves_of: dict[int, list[_Node]] = {}
+        self._packed_text: dict[int, str | None] = {}
         self._accept: Callable[[int], bool] = lambda _row: True
         #: Whether a view shows the tree: a hidden tree skips the per-step change signals
         #: (a view asks for fresh cells when it is shown again).
@@ -95,6 +97,8 @@ class LayerTreeModel(QAbstractItemModel):
 
         build(self._root, "")
         self._by_row = {leaf.row: leaf for leaf in self._leaves.values()}
+        self._leaves_of = {}
+        self._packed_text = {}
         self.endResetModel()
 
     def _node(self, index: QModelIndex | QPersistentModelIndex) -> _Node:
@@ -149,22 +153,37 @@ class LayerTreeModel(QAbstractItemModel):
             return self.source.index(node.row, col).data(role)
         if role == NAME_ROLE:
             return None
-        leaves = list(self._leaves_under(node))
+        if role == Qt.ItemDataRole.DisplayRole and col not in (0, 2, 5):
+            return None
+        leaves = self._group_leaves(node)
         if role == Qt.ItemDataRole.DisplayRole:
             if col == 0:
                 return f"{node.name}  ({len(leaves)})"
             if col == 2:
                 return human_count(sum(self.source.layer(n.row).params for n in leaves))
-            if col == 5:
+            # the group's packed size: cached until the source's numbers change (a repaint
+            # during a drag would otherwise re-add every leaf of every visible group)
+            key = id(node)
+            if key not in self._packed_text:
                 packed = [self.source.preview_of(n.path) for n in leaves]
-                if packed and all(lp is not None for lp in packed):
-                    return human_bytes(sum(lp.packed_bytes for lp in packed))
-            return None
+                self._packed_text[key] = (
+                    human_bytes(sum(lp.packed_bytes for lp in packed))
+                    if packed and all(lp is not None for lp in packed)
+                    else None
+                )
+            return self._packed_text[key]
         if role == Qt.ItemDataRole.ToolTipRole:
             return f"{node.path}: {len(leaves)} layer(s)"
         if role == Qt.ItemDataRole.TextAlignmentRole and col >= 2:
             return int(Qt.AlignmentFlag.AlignRight | Qt.AlignmentFlag.AlignVCenter)
         return None
+
+    def _group_leaves(self, node: _Node) -> list[_Node]:
+        """The leaves under a group (built once per tree)."""
+        leaves = self._leaves_of.get(id(node))
+        if leaves is None:
+            leaves = self._leaves_of[id(node)] = list(self._leaves_under(node))
+        return leaves
 
     def _leaves_under(self, node: _Node):
         for child in node.children:
@@ -173,6 +192,7 @@ class LayerTreeModel(QAbstractItemModel):
             yield from self._leaves_under(child)
 
     def _on_source_dataChanged(self, top_left=None, bottom_right=None, *_args) -> None:
+        self._packed_text.clear()
         if not self.live:
             return
         if top_left is None or bottom_right is None or not top_left.isValid():
