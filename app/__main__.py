@@ -95,8 +95,8 @@ def gui_main(argv: list[str] | None = None) -> int:
         # Rendering to a file needs no screen; this lets the screenshot script run headless.
         os.environ.setdefault("QT_QPA_PLATFORM", "offscreen")
 
-    from core.errors import WorkbenchError
-    from core.plan import CompressionPlan
+    from core.base.errors import WorkbenchError
+    from core.recipe.plan import CompressionPlan
 
     plan = None
     if args.recipe:

@@ -3,7 +3,7 @@
 The session (Qt-free) owns the state and the rules: the model, data, statistics, the plan with
 undo/redo, the edit target, output-layer protection, the run history and the pipeline steps.
 This controller only runs the session's jobs on the `JobRunner` (worker threads), turns the
-session's events into Qt signals, keeps the live preview (`core.estimate.preview`, O(layers log
+session's events into Qt signals, keeps the live preview (`core.analysis.estimate.preview`, O(layers log
 n), on the UI thread) and reports failures as dialogs. Widgets never call the engine or touch a
 torch module; they render the snapshot objects these signals carry.
 
@@ -22,10 +22,10 @@ from PySide6.QtCore import QObject, Signal
 
 from app.failures import log_unexpected, unexpected_message
 from app.workers import JobRunner
-from core.edits import Edit, ReplacePlan
-from core.errors import Cancelled, UntrustedPickleError, WorkbenchError
-from core.plan import CompressionPlan, LayerConfig, RecoveryConfig, starting_plan
-from core.progress import CancelToken, ProgressFn
+from core.base.errors import Cancelled, UntrustedPickleError, WorkbenchError
+from core.base.progress import CancelToken, ProgressFn
+from core.recipe.edits import Edit, ReplacePlan
+from core.recipe.plan import CompressionPlan, LayerConfig, RecoveryConfig, starting_plan
 from core.session import EDIT_TARGETS, JOB_KINDS, SUPERSEDES, Evaluation, Job, Session
 
 JOB_TITLES = {
@@ -66,11 +66,11 @@ class Controller(QObject):
     statusMessaged = Signal(str)
     trustRequested = Signal(str)  # a model source that needs the user's trust to unpickle
     runRecorded = Signal(object)  # core.session.RunRecord
-    scanReady = Signal(object)  # core.sensitivity.SensitivityScan | None
+    scanReady = Signal(object)  # core.planning.sensitivity.SensitivityScan | None
     pinsChanged = Signal(object)  # frozenset of layer names the solver keeps as they are
-    solved = Signal(object)  # core.solver.Solution of the last target step
+    solved = Signal(object)  # core.planning.solver.Solution of the last target step
     devicesLoaded = Signal(tuple)  # names of the device catalogue's profiles
-    deviceChanged = Signal(object)  # core.devices.DeviceProfile | None
+    deviceChanged = Signal(object)  # core.export.devices.DeviceProfile | None
     exportTargets = Signal(object)  # {"device": ..., "cost": ...} blocks of the last export
 
     def __init__(self, parent: QObject | None = None, *, runner: JobRunner | None = None):
@@ -341,7 +341,7 @@ class Controller(QObject):
         self.session.edit(ReplacePlan(plan=plan), merge=False)
 
     def edit(self, edit: Edit, *, merge: bool = True) -> bool:
-        """Apply a plan edit (`core.edits`); refusals go to the status bar."""
+        """Apply a plan edit (`core.recipe.edits`); refusals go to the status bar."""
         try:
             return self.session.edit(edit, merge=merge)
         except WorkbenchError as exc:
@@ -359,7 +359,7 @@ class Controller(QObject):
         self.session.redo()
 
     def _update_preview(self) -> None:
-        from core.estimate import PreviewCache
+        from core.analysis.estimate import PreviewCache
 
         if self.stats is None:
             self.preview = None
@@ -485,7 +485,7 @@ class Controller(QObject):
     ) -> Any:
         """Re-solve the plan for ``target`` from the cached scan (one undoable edit; drag
         steps ``merge`` and skip the size check, ``verify=False``); an unreachable target
-        goes to the status bar. Returns the `core.solver.Solution` or None."""
+        goes to the status bar. Returns the `core.planning.solver.Solution` or None."""
         try:
             return self.session.plan_to_target(target, merge=merge, exact=exact, verify=verify)
         except WorkbenchError as exc:

@@ -1,6 +1,6 @@
 """Dialog text for failures the engine did not anticipate, and their log line.
 
-Expected failures are `core.errors.WorkbenchError`s and carry their own one-line message (file,
+Expected failures are `core.base.errors.WorkbenchError`s and carry their own one-line message (file,
 what is wrong, what to do). Anything else that escapes a job is either an engine bug or a bad
 input the engine does not yet recognise; the dialog still names the file, says what could not be
 done and what to try, and the full traceback goes to stderr and the dialog's details, so a real

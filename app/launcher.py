@@ -7,10 +7,10 @@ import sys
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    from core.cli import SUBCOMMANDS
+    from core.cli.main import SUBCOMMANDS
 
     if argv and argv[0] in SUBCOMMANDS:
-        from core.cli import main as cli_main
+        from core.cli.main import main as cli_main
 
         return cli_main(argv)
     from app.__main__ import gui_main

@@ -48,10 +48,10 @@ from app.widgets.size_view import SizeView
 from app.widgets.summary_panel import SummaryPanel
 from app.workers import warm_up_engine
 from core import RESOURCES
-from core.edits import Edit, SetPrune, SetPruneTarget, SetQuant, SetSkip
-from core.errors import WorkbenchError
-from core.methods import prune_method
-from core.plan import CompressionPlan, RecoveryConfig, simple_plan, starting_plan
+from core.base.errors import WorkbenchError
+from core.base.methods import prune_method
+from core.recipe.edits import Edit, SetPrune, SetPruneTarget, SetQuant, SetSkip
+from core.recipe.plan import CompressionPlan, RecoveryConfig, simple_plan, starting_plan
 
 DEMOS = (("demo:mlp", "Digits MLP (LeNet-300-100)"), ("demo:cnn", "Digits CNN (LeNet-5)"))
 
@@ -980,7 +980,7 @@ class MainWindow(QMainWindow):
                 self.settings.setValue("session/recipe", path)
 
     def _on_actExport_triggered(self) -> None:
-        from core.export import EXPORT_FORMATS
+        from core.export.formats import EXPORT_FORMATS
 
         c = self.controller
         if c.result is None:
@@ -1076,7 +1076,7 @@ class MainWindow(QMainWindow):
 
     def _on_actMethods_triggered(self) -> None:
         from app.widgets.prune_panel import METHOD_LABELS
-        from core.plan import METHOD_HELP
+        from core.recipe.plan import METHOD_HELP
 
         text = "".join(
             f"<p><b>{METHOD_LABELS.get(m, m)}</b> — {h}</p>" for m, h in METHOD_HELP.items()

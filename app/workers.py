@@ -22,7 +22,7 @@ from typing import Any
 from PySide6.QtCore import QObject, QRunnable, QThreadPool, Signal
 
 from app._compat import ensure_signal_refcounts
-from core.progress import CancelToken, ProgressFn
+from core.base.progress import CancelToken, ProgressFn
 
 ensure_signal_refcounts()
 
@@ -39,16 +39,16 @@ PROGRESS_INTERVAL_S = 0.05
 #: pulls in torch._dynamo, sympy and torch.onnx on the first optimizer step / export), so the
 #: window imports them once, in the background, at start-up.
 WARM_MODULES = (
-    "core.model_io",
-    "core.inventory",
-    "core.data",
-    "core.stats",
-    "core.estimate",
-    "core.engine",
+    "core.io.model_io",
+    "core.analysis.inventory",
+    "core.io.data",
+    "core.analysis.stats",
+    "core.analysis.estimate",
+    "core.compress.engine",
     "core.evaluate",
-    "core.training",
-    "core.export",
-    "core.report",
+    "core.recovery.training",
+    "core.export.formats",
+    "core.export.report",
     "torch.optim",
     "torch._dynamo",
     "torch.onnx",

@@ -29,16 +29,16 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from core.estimate import preview  # noqa: E402
-from core.inventory import inventory  # noqa: E402
-from core.model import LoadedModel  # noqa: E402
-from core.plan import (  # noqa: E402
+from core.analysis.estimate import preview  # noqa: E402
+from core.analysis.inventory import inventory  # noqa: E402
+from core.analysis.stats import analyze, radix_counts  # noqa: E402
+from core.base.model import LoadedModel  # noqa: E402
+from core.recipe.plan import (  # noqa: E402
     CompressionPlan,
     LayerConfig,
     PruneConfig,
     QuantConfig,
 )
-from core.stats import analyze, radix_counts  # noqa: E402
 
 DOC = ROOT / "docs" / "benchmarks.md"
 BEGIN, END = "<!-- bench:analysis -->", "<!-- /bench:analysis -->"

@@ -35,15 +35,15 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from core.data import demo_data_for  # noqa: E402
-from core.engine import compress  # noqa: E402
-from core.estimate import preview  # noqa: E402
-from core.export import export, ort_latency, ort_session  # noqa: E402
-from core.model import LoadedModel  # noqa: E402
-from core.model_io import load_model  # noqa: E402
+from core.analysis.estimate import preview  # noqa: E402
+from core.analysis.stats import analyze  # noqa: E402
+from core.base.model import LoadedModel  # noqa: E402
+from core.compress.engine import compress  # noqa: E402
+from core.export.formats import export, ort_latency, ort_session  # noqa: E402
+from core.io.data import demo_data_for  # noqa: E402
+from core.io.model_io import load_model  # noqa: E402
 from core.packed import write_packed  # noqa: E402
-from core.plan import simple_plan  # noqa: E402
-from core.stats import analyze  # noqa: E402
+from core.recipe.plan import simple_plan  # noqa: E402
 
 DOC = ROOT / "docs" / "benchmarks.md"
 BEGIN, END = "<!-- bench:export -->", "<!-- /bench:export -->"

@@ -6,14 +6,14 @@
    not react. Aim: under 100 ms.
 2. **Slider drag**: 100 steps of the whole-model sparsity slider replayed offscreen on a
    25M-parameter model (24 Linear layers of 1024x1024, plus a head), each step the full
-   update the user sees: plan edit, the live preview (`core.estimate.PreviewCache`, equal to
-   `core.estimate.preview`), summary, layer table, size chart, histogram lines, then the
+   update the user sees: plan edit, the live preview (`core.analysis.estimate.PreviewCache`, equal to
+   `core.analysis.estimate.preview`), summary, layer table, size chart, histogram lines, then the
    repaint; the same on a ResNet-50-shaped model (107 layers). Aim: under 16 ms median and
    33 ms max per step, paint included. The UI thread's CPU time is reported beside the wall
    time: on a shared machine the wall time also counts other processes' turns on the core.
 3. **Target slider** (`target_drag`): 40 steps of the Target tab's ratio slider on a
    200-layer model with a 30-level data-free scan: the re-solve from the cached curves
-   (`core.solver.quick_plan`, aim < 16 ms) and the whole step, then the release (which
+   (`core.planning.solver.quick_plan`, aim < 16 ms) and the whole step, then the release (which
    re-solves with the archive size checked). ``--target-only`` runs just this.
 
 Run: ``.venv/bin/python bench/bench_gui.py [--quick]``. Writes the section between
@@ -102,7 +102,7 @@ def _open(app, window, path: str, timeout_s: float = 600.0) -> None:
 def stall_probe(app, tmp: Path, *, epochs: int, samples: int) -> dict:
     from PySide6.QtCore import QTimer
 
-    from core.plan import RecoveryConfig, simple_plan
+    from core.recipe.plan import RecoveryConfig, simple_plan
 
     torch.manual_seed(0)
     model = StallMLP().eval()
@@ -228,7 +228,7 @@ class Deep(nn.Module):
 def target_drag(app, tmp: Path, *, steps: int = 40) -> dict:
     """Target-ratio slider steps re-solving a 200-layer x 30-level plan from cached curves
     (a data-free scan: no data for a user model), each step timed like `slider_drag`."""
-    from core.sensitivity import default_levels
+    from core.planning.sensitivity import default_levels
 
     torch.manual_seed(0)
     path = tmp / "deep.ts.pt"
@@ -350,7 +350,7 @@ def render(stall: dict, drag: dict, resnet: dict | None = None, target: dict | N
                 f"**Target-ratio slider** ({target['steps']} steps, 1.5x to "
                 f"{target['target_ratio']:.1f}x) re-solving {target['layers']} layers x "
                 f"{target['levels']} levels from cached (data-free) curves; *solve* is "
-                "`core.solver.quick_plan` alone, *update* adds the plan edit, preview, table, "
+                "`core.planning.solver.quick_plan` alone, *update* adds the plan edit, preview, table, "
                 "size chart and sensitivity markers:",
                 "",
                 "| per step (ms) | median | p95 | max | steps < 16 ms |",

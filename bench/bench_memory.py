@@ -44,7 +44,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 DOC = ROOT / "docs" / "benchmarks.md"
 BEGIN, END = "<!-- bench:memory -->", "<!-- /bench:memory -->"
-WORKBENCH = [sys.executable, "-m", "core.cli"]
+WORKBENCH = [sys.executable, "-m", "core.cli.main"]
 
 
 # --------------------------------------------------------------------------- models

@@ -36,10 +36,10 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from core.engine import compress  # noqa: E402
-from core.model import LoadedModel  # noqa: E402
-from core.plan import simple_plan  # noqa: E402
-from core.stats import analyze  # noqa: E402
+from core.analysis.stats import analyze  # noqa: E402
+from core.base.model import LoadedModel  # noqa: E402
+from core.compress.engine import compress  # noqa: E402
+from core.recipe.plan import simple_plan  # noqa: E402
 
 DOC = ROOT / "docs" / "benchmarks.md"
 BEGIN, END = "<!-- bench:scale -->", "<!-- /bench:scale -->"
@@ -77,7 +77,7 @@ def _write_tiny(path: Path, count: int) -> None:
 
 
 def _inspect(path: Path) -> tuple[float, float]:
-    return _timed([sys.executable, "-m", "core.cli", "inspect", str(path), "--json"])
+    return _timed([sys.executable, "-m", "core.cli.main", "inspect", str(path), "--json"])
 
 
 def many_tensors(count: int, workdir: Path) -> dict[str, float]:
@@ -87,7 +87,7 @@ def many_tensors(count: int, workdir: Path) -> dict[str, float]:
     inspect_s, inspect_mb = _inspect(path)
     out = workdir / "out"
     compress_s, compress_mb = _timed(
-        [sys.executable, "-m", "core.cli", "compress", str(path), "--out", str(out),
+        [sys.executable, "-m", "core.cli.main", "compress", str(path), "--out", str(out),
          "--sparsity", "0.5", "--bits", "8", "--finetune-epochs", "0", "--format", "packed",
          "--quiet"]
     )  # fmt: skip

@@ -6,7 +6,7 @@ counting task, saved as a full pickled model with its data) with the same sparsi
 bit-width for both methods (so the packed archives are the same size, to a few bytes of index),
 reads ``report.json`` (bytes on disk, accuracy before/after on the held-out split) and the wall
 time of each run, and rewrites the ``second-order`` section of ``docs/results.md``. The
-compression step alone is also timed in-process (`core.engine.compress` with the training
+compression step alone is also timed in-process (`core.compress.engine.compress` with the training
 split as calibration data) and given as a ratio to one forward pass over that data.
 
     python bench/bench_second_order.py
@@ -75,18 +75,18 @@ def _transformer(folder: Path) -> tuple[str, list[str]]:
 def compress_over_forward(
     model: str, extra: list[str], sparsity: float, bits: int, method: str, quant: str
 ) -> float:
-    """In-process: seconds of `core.engine.compress` (calibration = the training split) over
+    """In-process: seconds of `core.compress.engine.compress` (calibration = the training split) over
     the seconds of one forward pass of the model over that same data."""
     import torch
 
     sys.path.insert(0, str(ROOT))
     from dataclasses import replace
 
-    from core.data import demo_data_for, load_data, split_dataset
-    from core.engine import compress
-    from core.model_io import load_model
-    from core.plan import simple_plan
-    from core.stats import analyze
+    from core.analysis.stats import analyze
+    from core.compress.engine import compress
+    from core.io.data import demo_data_for, load_data, split_dataset
+    from core.io.model_io import load_model
+    from core.recipe.plan import simple_plan
 
     torch.set_num_threads(2)
     loaded = load_model(model, trust="--trust" in extra)
@@ -119,7 +119,7 @@ def run(
     cmd = [
         sys.executable,
         "-m",
-        "core.cli",
+        "core.cli.main",
         "compress",
         model,
         "--out",

@@ -28,10 +28,10 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from core.data import make_dataset  # noqa: E402
-from core.model import LoadedModel  # noqa: E402
-from core.sensitivity import Level, scan  # noqa: E402
-from core.stats import analyze  # noqa: E402
+from core.analysis.stats import analyze  # noqa: E402
+from core.base.model import LoadedModel  # noqa: E402
+from core.io.data import make_dataset  # noqa: E402
+from core.planning.sensitivity import Level, scan  # noqa: E402
 
 LEVELS = tuple(Level(s, b) for s in (0.0, 0.5, 0.9) for b in (4, 8, None))
 

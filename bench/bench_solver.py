@@ -1,7 +1,7 @@
 """Benchmark: re-solving a byte budget from cached sensitivity curves (the window's live path).
 
 Builds 200 layers x 30 levels of synthetic option tables (bytes falling and damage rising with
-compression, with noise) and times `core.solver.solve` (Lagrangian bisection + greedy fill, the
+compression, with noise) and times `core.planning.solver.solve` (Lagrangian bisection + greedy fill, the
 path used for more than 24 layers) at 20 budgets (best of 3 runs each); prints median and worst time (aim: under
 16 ms) and how close each solution comes to its budget. Also times the exact Pareto solver on
 a 12-layer problem.
@@ -22,7 +22,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from core.solver import solve, solve_exact  # noqa: E402
+from core.planning.solver import solve, solve_exact  # noqa: E402
 
 
 def tables(layers: int, levels: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:

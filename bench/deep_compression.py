@@ -32,19 +32,19 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from core.data import demo_data_for  # noqa: E402
 from core.evaluate import evaluate  # noqa: E402
-from core.export import export  # noqa: E402
-from core.model_io import load_model  # noqa: E402
-from core.plan import (  # noqa: E402
+from core.export.formats import export  # noqa: E402
+from core.export.report import fp32_bytes  # noqa: E402
+from core.io.data import demo_data_for  # noqa: E402
+from core.io.model_io import load_model  # noqa: E402
+from core.recipe.plan import (  # noqa: E402
     CompressionPlan,
     LayerConfig,
     PruneConfig,
     QuantConfig,
     RecoveryConfig,
 )
-from core.report import fp32_bytes  # noqa: E402
-from core.training import compress_and_finetune, recovery_split  # noqa: E402
+from core.recovery.training import compress_and_finetune, recovery_split  # noqa: E402
 
 #: Han et al. 2016, Table 1 (MNIST, 784 inputs): the rows our table mirrors.
 PAPER = {

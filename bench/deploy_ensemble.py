@@ -38,7 +38,7 @@ ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
 
 def _cli(*args: str) -> subprocess.CompletedProcess:
     proc = subprocess.run(
-        [sys.executable, "-m", "core.cli", *args, "--quiet"],
+        [sys.executable, "-m", "core.cli.main", *args, "--quiet"],
         cwd=ROOT,
         capture_output=True,
         text=True,

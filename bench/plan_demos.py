@@ -36,7 +36,7 @@ RUNS = (("demo:mlp", "40", "0.5"), ("demo:cnn", "39", "1"))
 
 def run_one(model: str, ratio: str, drop: str, out: Path) -> tuple[dict, float]:
     cmd = [
-        sys.executable, "-m", "core.cli", "compress", model, "--target-ratio", ratio,
+        sys.executable, "-m", "core.cli.main", "compress", model, "--target-ratio", ratio,
         "--max-drop", drop, "--finetune-epochs", "20", "--out", str(out), "--quiet",
     ]  # fmt: skip
     start = time.perf_counter()

@@ -7,7 +7,7 @@ Usage::
 
 Seeded and CPU-only (2 threads); each demo trains in well under a minute. The recipe: AdamW
 with weight decay, a cosine learning-rate schedule, random +-1 pixel shifts of the 8x8 digits as
-augmentation, on the fixed training part of `core.data.digits_split`. Nothing is selected on the
+augmentation, on the fixed training part of `core.io.data.digits_split`. Nothing is selected on the
 test set: the last epoch's weights are kept and the test accuracy is measured once and recorded.
 """
 
@@ -27,8 +27,8 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from core.data import DIGITS_SPLIT_SEED, DIGITS_TEST_FRACTION, digits_split  # noqa: E402
-from core.zoo import DEMO_DIR, DEMOS, build_demo  # noqa: E402
+from core.io.data import DIGITS_SPLIT_SEED, DIGITS_TEST_FRACTION, digits_split  # noqa: E402
+from core.io.zoo import DEMO_DIR, DEMOS, build_demo  # noqa: E402
 
 SETTINGS = {
     "mlp": {"epochs": 150, "lr": 5e-3, "weight_decay": 1e-4, "batch_size": 32, "shift": 1},

@@ -19,9 +19,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from core.errors import CompressionError
-from core.model import LoadedModel, first_tensor
-from core.progress import CancelToken, ProgressFn, no_progress
+from core.base.errors import CompressionError
+from core.base.model import LoadedModel, first_tensor
+from core.base.progress import CancelToken, ProgressFn, no_progress
+from core.io.hf import next_token_stats
 
 
 @dataclass(frozen=True)
@@ -156,7 +157,7 @@ def evaluate(
     progress: ProgressFn = no_progress,
     cancel: CancelToken | None = None,
 ) -> EvalResult:
-    """Evaluate ``loaded`` on ``data`` (a `core.data.Dataset`), optionally against a reference.
+    """Evaluate ``loaded`` on ``data`` (a `core.io.data.Dataset`), optionally against a reference.
 
     Parameters
     ----------
@@ -248,8 +249,6 @@ class _Tally:
             b = ref.reshape(ref.shape[0], -1).double()
             self.cos_sum += float(torch.nn.functional.cosine_similarity(a, b, dim=1).sum())
         if self.causal:
-            from core.hf import next_token_stats
-
             batch_nll, batch_tokens, batch_agree = next_token_stats(out, x, ref)
             self.nll += batch_nll
             self.tokens += batch_tokens

@@ -14,7 +14,7 @@ thread and touches no session state, and a ``done(payload)`` that applies the pa
 owner's thread. Starting a job supersedes the running jobs whose results it makes stale
 (`SUPERSEDES`): their cancel tokens are set and their late results are dropped.
 
-Plan edits are data (`core.edits`): `Session.edit` applies one with `core.edits.apply_edit`,
+Plan edits are data (`core.recipe.edits`): `Session.edit` applies one with `core.recipe.edits.apply_edit`,
 merges consecutive edits with the same merge key into one undo step and records them, so a
 history can be shown, saved and replayed.
 
@@ -42,11 +42,46 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from core.edits import Edit, ReplacePlan, ResetLayers, SetRecovery, apply_edit, protect_output
-from core.errors import CompressionError, RecipeError, WorkbenchError
-from core.methods import prune_method
-from core.plan import CompressionPlan, LayerConfig, RecoveryConfig, starting_plan
-from core.progress import CancelToken, ProgressFn, no_progress, scaled
+from core.analysis.estimate import preview
+from core.analysis.inventory import inventory
+from core.analysis.overlay import after_histograms
+from core.analysis.stats import analyze
+from core.base.errors import CompressionError, ExportError, RecipeError, WorkbenchError
+from core.base.methods import prune_method
+from core.base.progress import CancelToken, ProgressFn, no_progress, scaled
+from core.compress.engine import output_layer
+from core.evaluate import evaluate, require_forward
+from core.export.deploy import check_records, cost_block
+from core.export.devices import (
+    DeviceProfileError,
+    device_block,
+    estimate_fit,
+    load_devices,
+    peak_activation_bytes,
+)
+from core.export.outputs import write_outputs
+from core.io.data import check_data, demo_data_for, load_data, split_dataset, with_model_labels
+from core.io.model_io import load_model
+from core.planning.sensitivity import MAX_SAMPLES, scan
+from core.planning.solver import (
+    build_problem,
+    plan_for_target,
+    quick_frontier,
+    quick_plan,
+    smallest_plan,
+)
+from core.recipe.edits import (
+    Edit,
+    ReplacePlan,
+    ResetLayers,
+    SetRecovery,
+    SolvedPlan,
+    apply_edit,
+    protect_output,
+)
+from core.recipe.plan import CompressionPlan, LayerConfig, RecoveryConfig, starting_plan
+from core.recovery.ensemble import ensemble_of_plans
+from core.recovery.training import compress_and_finetune, finetune, recovery_split
 
 #: What an edit applies to: the selected layers, or the whole model (default + overrides).
 EDIT_TARGETS = ("model", "selection")
@@ -427,7 +462,6 @@ class Session:
     def load_devices(self, path: str | Path | None = None) -> dict[str, Any]:
         """Read a device catalogue (default: the shipped one) and offer its profiles; the
         chosen device is kept when the new catalogue has a profile of that name."""
-        from core.devices import load_devices
 
         self.devices = load_devices(path)
         self.devices_path = None if path is None else str(path)
@@ -444,8 +478,6 @@ class Session:
         if name and not self.devices:
             self.load_devices()
         if name and name not in self.devices:
-            from core.devices import DeviceProfileError
-
             raise DeviceProfileError(
                 f"no device {name!r} in the catalogue",
                 path=self.devices_path,
@@ -457,7 +489,7 @@ class Session:
             self._emit("device_changed", device)
 
     def peak_activations(self) -> int | None:
-        """Peak activation bytes of one forward pass at batch 1 (`core.devices.
+        """Peak activation bytes of one forward pass at batch 1 (`core.export.devices.
         peak_activation_bytes`) on the model's example input, else a held-out sample; measured
         once per model and cached. None for a model without a forward pass or input."""
         model = self.model
@@ -472,8 +504,6 @@ class Session:
         import torch
 
         if model.can_run and isinstance(x, torch.Tensor) and x.shape[0] > 0:
-            from core.devices import peak_activation_bytes
-
             try:
                 value = peak_activation_bytes(model.module, x[:1])
             except Exception as exc:  # noqa: BLE001 - a model that cannot run batch 1
@@ -483,10 +513,9 @@ class Session:
 
     def device_fit(self, weights_bytes: int | None) -> dict[str, Any] | None:
         """Does a plan of ``weights_bytes`` (the live estimate's packed size) plus the peak
-        activations fit the chosen device? (`core.devices.estimate_fit`; None: no device.)"""
+        activations fit the chosen device? (`core.export.devices.estimate_fit`; None: no device.)"""
         if self.device is None or weights_bytes is None:
             return None
-        from core.devices import estimate_fit
 
         return estimate_fit(self.device, int(weights_bytes), self.peak_activations())
 
@@ -550,10 +579,6 @@ class Session:
         recipe_path: str | None = None,
     ) -> Job:
         """Load ``source``, list its layers, find the output layer, attach demo data."""
-        from core.data import demo_data_for
-        from core.engine import output_layer
-        from core.inventory import inventory
-        from core.model_io import load_model
 
         source = str(source)
 
@@ -617,7 +642,6 @@ class Session:
         """Read a data file, check it against the model, split 80/20 into train and held-out
         test; ``label_with_model``: give unlabelled data the model's own predictions as labels
         (class-score models only), so the gradient criteria and agreement-as-accuracy work."""
-        from core.data import check_data, load_data, split_dataset, with_model_labels
 
         model = self.model
         if model is None:
@@ -666,7 +690,6 @@ class Session:
         forward pass exist (the gradient criteria become available); a strict one only when
         the plan's criteria need them (they cost forward/backward passes).
         """
-        from core.stats import analyze
 
         model = self.model
         if model is None:
@@ -709,10 +732,9 @@ class Session:
         cache: bool = True,
         cache_dir: str | Path | None = None,
     ) -> Job:
-        """Per-layer sensitivity (`core.sensitivity.scan`) on the held-out split, as
+        """Per-layer sensitivity (`core.planning.sensitivity.scan`) on the held-out split, as
         ``workbench scan`` measures it; a data-free estimate (`proxy_scan`) without data or a
         forward pass. A repeated scan of the same model, data and grid reads the disk cache."""
-        from core.sensitivity import MAX_SAMPLES, scan
 
         model, stats = self.model, self.stats
         if model is None or stats is None:
@@ -722,7 +744,6 @@ class Session:
         plan, pins = self.plan, self.pins
 
         def fn(progress: ProgressFn, cancel: CancelToken):
-            from core.solver import build_problem
 
             result = scan(
                 model,
@@ -777,8 +798,7 @@ class Session:
 
     def _solver_problem(self, pinned: dict[str, LayerConfig]) -> Any:
         """The solver's option tables for the current scan, statistics and pins (built once:
-        one `core.estimate.preview` per level; every target step re-uses them)."""
-        from core.solver import build_problem
+        one `core.analysis.estimate.preview` per level; every target step re-uses them)."""
 
         pins = tuple(sorted(pinned.items()))
         old = self._problem[0] if self._problem is not None else None
@@ -791,7 +811,7 @@ class Session:
         ):
             key = (self.sensitivity, self.stats, pins)
             problem = build_problem(self.stats, self.sensitivity, pinned=pinned)
-            # memo: what `core.solver.quick_plan` learns about this problem (configs, sizes).
+            # memo: what `core.planning.solver.quick_plan` learns about this problem (configs, sizes).
             self._problem = (key, (problem, {}))
         return self._problem[1]
 
@@ -804,21 +824,19 @@ class Session:
         exact: bool = False,
         verify: bool = True,
     ) -> Any:
-        """Re-solve the per-layer plan for ``target`` (`core.solver.Target`) from the cached
+        """Re-solve the per-layer plan for ``target`` (`core.planning.solver.Target`) from the cached
         scan and make it the plan as one `SolvedPlan` edit (undoable); returns the
-        `core.solver.Solution`.
+        `core.planning.solver.Solution`.
 
         ``pins`` (default: `pins`) are layers whose current settings stay as they are.
         ``merge``: one step of a drag (consecutive steps form one undo step). The default is
-        the live path (`core.solver.quick_plan`: grid levels, the archive size checked with a
+        the live path (`core.planning.solver.quick_plan`: grid levels, the archive size checked with a
         preview); ``verify=False`` skips that check (a drag step: the size is predicted from
         the last checked plan; the release verifies); ``exact`` runs
-        `core.solver.plan_for_target` with its continuous sparsity fill.
+        `core.planning.solver.plan_for_target` with its continuous sparsity fill.
         Raises `WorkbenchError` without a scan and `CompressionError` when the target is out
         of reach (the message names the smallest reachable size).
         """
-        from core.edits import SolvedPlan
-        from core.solver import plan_for_target, quick_plan
 
         if self.sensitivity is None or self.stats is None:
             raise WorkbenchError("scan the model first (Scan sensitivity)")
@@ -852,8 +870,7 @@ class Session:
 
     def frontier(self, points: int = 12) -> list[Any]:
         """The solver's predicted size/damage trade-off for the current scan and pins
-        (`core.solver.frontier`, grid levels only as in `plan_to_target`)."""
-        from core.solver import quick_frontier
+        (`core.planning.solver.frontier`, grid levels only as in `plan_to_target`)."""
 
         if self.sensitivity is None or self.stats is None:
             return []
@@ -875,7 +892,6 @@ class Session:
     def target_range(self) -> tuple[int, int] | None:
         """``(dense fp32 bytes, smallest archive bytes the scanned levels allow)`` for the
         current scan and pins (the span of the target-size control); None without a scan."""
-        from core.solver import smallest_plan
 
         if self.sensitivity is None or self.stats is None:
             return None
@@ -890,8 +906,6 @@ class Session:
             return plan
         if self.model is not None and not self.model.can_run:
             if self.strict:
-                from core.evaluate import require_forward
-
                 require_forward(self.model, "fine-tuning")
         elif self.train is not None:
             return plan
@@ -923,14 +937,11 @@ class Session:
                 hint="use magnitude/channel/nm pruning, or give a TorchScript/.pt2 file",
             )
         if self.strict and self.plan.recovery.epochs > 0:
-            from core.evaluate import require_forward
-
             require_forward(self.model, "fine-tuning")
 
     def compress(self, *, after_histograms: bool = False) -> Job:
         """Apply the plan to a copy, with the recovery it asks for (`compress_and_finetune`
         on the `recovery_split` of the training data: the same numbers in every front end)."""
-        from core.training import compress_and_finetune, recovery_split
 
         if self.model is None or self.stats is None:
             raise WorkbenchError("wait until the model is analysed")
@@ -976,7 +987,6 @@ class Session:
 
     def finetune(self, *, after_histograms: bool = False) -> Job:
         """Fine-tune (or distill, per the plan's recovery) the current result once more."""
-        from core.training import finetune, recovery_split
 
         result, train, stats = self.result, self.train, self.stats
         if result is None:
@@ -1004,7 +1014,6 @@ class Session:
     def evaluate(self, data: Any = None) -> Job:
         """Accuracy/fidelity of the original and the compressed model on held-out data
         (``data``, else the test split)."""
-        from core.evaluate import evaluate
 
         result = self.result
         test = data if data is not None else self.test
@@ -1081,14 +1090,13 @@ class Session:
         concurrency: int = 1,
     ) -> Job:
         """Write the result in ``formats`` plus recipe and report, as one complete directory
-        (`core.outputs.write_outputs`, which runs the deployed check of every written file).
+        (`core.export.outputs.write_outputs`, which runs the deployed check of every written file).
 
         With a chosen device (`set_device`) and/or an instance ``price`` (USD per hour,
         ``concurrency`` batches in flight) the report gains the ``device`` / ``cost`` blocks
         the CLI writes for ``--device`` / ``--instance-price``; they are also kept in
         `export_targets` for the window, report or not.
         """
-        from core.outputs import write_outputs
 
         result = self.result
         if result is None:
@@ -1117,12 +1125,8 @@ class Session:
             # The same blocks as `workbench compress --device/--instance-price`.
             if not targets:
                 if profile is not None:
-                    from core.devices import device_block
-
                     targets["device"] = device_block(profile, result, records, sample)
                 if price is not None:
-                    from core.deploy import cost_block
-
                     targets["cost"] = cost_block(price, evals, records, concurrency=concurrency)
             return dict(targets)
 
@@ -1160,17 +1164,14 @@ class Session:
         return self._job("export", f"Exporting to {out_dir}", fn, done)
 
     def recheck_exports(self) -> Job:
-        """Run the deployed check (`core.deploy.check_records`) again on the files of the last
+        """Run the deployed check (`core.export.deploy.check_records`) again on the files of the last
         export as they are on disk now (e.g. after a file was converted or edited by hand)."""
-        from core.deploy import check_records
 
         result, records, data = self.result, list(self.exports), self.test
         if result is None or not records:
             raise WorkbenchError("export the model first, then check the exported files")
         gone = [r.path for r in records if not Path(r.path).is_file()]
         if gone:
-            from core.errors import ExportError
-
             raise ExportError(
                 "the exported file is no longer there", path=gone[0], hint="export again"
             )
@@ -1193,10 +1194,9 @@ class Session:
         return self._job("export", "Checking the exported files", fn, done)
 
     def ensemble(self, run_ids: Sequence[int]) -> Job:
-        """Build an ensemble of the plans of the runs ``run_ids`` (`core.ensemble.
+        """Build an ensemble of the plans of the runs ``run_ids`` (`core.recovery.ensemble.
         ensemble_of_plans`) and record it as a run of kind ``"ensemble"`` whose payload is the
         members' total and whose accuracy is the averaged prediction's."""
-        from core.ensemble import ensemble_of_plans
 
         by_id = {r.id: r for r in self.runs}
         missing = [i for i in run_ids if i not in by_id]
@@ -1260,13 +1260,11 @@ class Session:
 def _frontier_points(
     stats: Any, scan: Any, problem: Any, memo: dict[str, Any], base: CompressionPlan
 ) -> list[dict[str, Any]]:
-    """`core.solver.quick_frontier` (12 points) in the run history's units, cached in
+    """`core.planning.solver.quick_frontier` (12 points) in the run history's units, cached in
     ``memo``: per point the compressed layers' payload bytes (as `RunRecord.payload_bytes`
     counts them), the archive bytes, the predicted accuracy drop (points; labelled scans),
     relative L2 error of the outputs (unlabelled scans: the square root of the summed error
     energy), cosine, and whether the curves are a data-free estimate."""
-    from core.estimate import preview
-    from core.solver import quick_frontier
 
     if "frontier_points" not in memo:
         out = []
@@ -1295,6 +1293,5 @@ def _layer_sum(result: Any, key: str) -> int | None:
 
 
 def _after_histograms(result: Any, stats: Any, cancel: CancelToken | None) -> dict[str, Any]:
-    from core.overlay import after_histograms
 
     return after_histograms(result, stats, cancel)

@@ -39,7 +39,7 @@ SIDE_FILES = ("recipe.json", "report.json", "report.html")
 
 def existing_outputs(out_dir: Path, formats: Sequence[str]) -> list[Path]:
     """Files an export of ``formats`` into ``out_dir`` would replace (models and side files)."""
-    from core.export import file_name
+    from core.export.formats import file_name
 
     if not out_dir.is_dir():
         return []
@@ -87,7 +87,7 @@ class ExportDialog(QDialog):
         row.addWidget(browse)
         self.report = QCheckBox("Also write report.json and report.html", self)
         self.report.setChecked(True)
-        # Cloud cost: from the deployed files' measured latency (core.deploy.cost_block).
+        # Cloud cost: from the deployed files' measured latency (core.export.deploy.cost_block).
         self.price = QDoubleSpinBox(self)
         self.price.setObjectName("instancePrice")
         self.price.setRange(0.0, 1000.0)

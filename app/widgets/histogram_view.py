@@ -82,7 +82,7 @@ WEIGHTS_ONLY_HINT = (
 
 
 def quant_levels(lo: float, hi: float, bits: int, symmetric: bool) -> np.ndarray:
-    """Dequantized values of the uniform grid `core.quantization` uses for range ``[lo, hi]``.
+    """Dequantized values of the uniform grid `core.ops.quantization` uses for range ``[lo, hi]``.
 
     Symmetric: ``scale * [-(2**(b-1)-1) .. 2**(b-1)-1]`` with ``scale = max|w| / (2**(b-1)-1)``.
     Asymmetric: ``(q - zp) * scale`` for ``q`` in ``0..2**b-1`` over ``[min(lo,0), max(hi,0)]``.

@@ -28,7 +28,7 @@ from PySide6.QtWidgets import (
 from superqt.utils import signals_blocked
 
 from app.style import decibels, human_bytes, percent, ratio
-from core.plan import RecoveryConfig
+from core.recipe.plan import RecoveryConfig
 
 
 class JobStatus(QWidget):
@@ -265,7 +265,7 @@ def targets_text(targets) -> str:
     lines = []
     device = targets.get("device")
     if device:
-        from core.devices import fits_line
+        from core.export.devices import fits_line
 
         lines.append(fits_line(device))
     cost = targets.get("cost")

@@ -21,9 +21,9 @@ from PySide6.QtWidgets import (
 )
 from superqt.utils import signals_blocked
 
-from core.methods import prune_method, prune_methods
+from core.base.methods import prune_method, prune_methods
 
-#: Menu order, labels and help all come from the method registry (`core.methods`).
+#: Menu order, labels and help all come from the method registry (`core.base.methods`).
 PRUNE_METHODS = tuple(m.name for m in prune_methods())
 METHOD_LABELS = {m.name: m.label for m in prune_methods()}
 METHOD_HELP = {m.name: m.help for m in prune_methods()}

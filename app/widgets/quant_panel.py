@@ -15,8 +15,8 @@ from PySide6.QtWidgets import (
 )
 from superqt.utils import signals_blocked
 
-from core.methods import quantizers
-from core.plan import MAX_BITS, MIN_BITS
+from core.base.methods import quantizers
+from core.recipe.plan import MAX_BITS, MIN_BITS
 
 #: Slider position meaning "quantization off" (one below the smallest width).
 OFF = MIN_BITS - 1

@@ -11,7 +11,7 @@
   the dock, the tab, throttled drags (one undo step per drag, like the other sliders), pin /
   unpin from the layer table's context menu, and the predicted frontier on the runs plot.
 
-Widgets only render snapshots (`core.sensitivity.SensitivityScan`, plans, previews); every
+Widgets only render snapshots (`core.planning.sensitivity.SensitivityScan`, plans, previews); every
 solve goes through the controller.
 """
 
@@ -817,12 +817,12 @@ class SensitivityUI(QObject):
         self._solve(target)
 
     def _on_ratioMoved(self, ratio: float) -> None:
-        from core.solver import Target
+        from core.planning.solver import Target
 
         self._target(Target(ratio=max(1.0, ratio)))
 
     def _on_damageMoved(self, value: float) -> None:
-        from core.solver import Target
+        from core.planning.solver import Target
 
         if self.panel.scan_metric == "loss":
             self._target(Target(max_drop=value))

@@ -39,7 +39,7 @@ ROWS = (
 def summary_texts(preview, before_bytes: int | None = None) -> dict[str, str]:
     """The strings the panel shows for ``preview`` (also used by tests to check the panel).
 
-    ``before_bytes``: the size of the uncompressed archive (`core.estimate.preview` of an
+    ``before_bytes``: the size of the uncompressed archive (`core.analysis.estimate.preview` of an
     empty plan). Without it "Before" is the preview's fp32 parameter bytes, which leave out
     buffers (BatchNorm statistics) and the header that "After" counts.
     """
@@ -62,7 +62,7 @@ KEPT_INDEX = [key for key, _, _ in ROWS].index("nonzeros")
 
 
 def device_fit_text(fit) -> tuple[str, str]:
-    """``(text, tooltip)`` of the device line for `core.devices.estimate_fit`'s verdict (None:
+    """``(text, tooltip)`` of the device line for `core.export.devices.estimate_fit`'s verdict (None:
     no device chosen -> empty text)."""
     if fit is None:
         return "", ""
@@ -143,7 +143,7 @@ class SummaryPanel(QGroupBox):
         self.set_preview(None)
 
     def set_device_fit(self, fit) -> None:
-        """Show `core.devices.estimate_fit`'s verdict (None: no device chosen)."""
+        """Show `core.export.devices.estimate_fit`'s verdict (None: no device chosen)."""
         text, tip = device_fit_text(fit)
         self.device.setText(text)
         self.device.setToolTip(tip)

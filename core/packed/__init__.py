@@ -6,7 +6,7 @@ says, per state tensor, how its bytes in the blob are coded (raw, or sparsity pa
 bit-packed at the chosen width + scales + zero points). No pickle anywhere.
 
 The size model (`tensor_packed_bytes`, `archive_overhead_bytes`, `estimate_archive_bytes`) is
-shared with the live preview (``core.estimate``) so the preview equals the file size on disk
+shared with the live preview (``core.analysis.estimate``) so the preview equals the file size on disk
 within 1%: every byte the writer spends is one of the terms below, and the only estimated term
 is the length of a relative-index stream (expected number of filler entries for uniformly random
 positions at the tensor's density). The index visits positions in a fixed pseudo-random order

@@ -10,12 +10,12 @@ from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from core.plan import (
+from core.ops.quantization import n_quant_params
+from core.recipe.plan import (
     RECIPE_VERSION,
     CompressionPlan,
     LayerConfig,
 )
-from core.quantization import n_quant_params
 
 #: Value of ``__metadata__["format"]`` identifying our archives.
 
@@ -218,7 +218,7 @@ def layout_entry(
     ``[name, shape, bits, flags, pattern]`` plus ``zstd_bytes`` when the codes are entropy
     coded; ``bits`` 0 means raw values (no quantization), ``flags`` = 1 (symmetric) +
     2 (per-channel) + 4 * index of the dtype in `CODED_DTYPES` + 16 * group size (0: no
-    groups; see `core.quantization` for group-wise scales); ``pattern`` is 0 (dense),
+    groups; see `core.ops.quantization` for group-wise scales); ``pattern`` is 0 (dense),
     1 (bitmask), 2 (row mask) or ``[index_bits, entries]`` (relative index).
     """
     shape = [int(s) for s in shape]
@@ -383,7 +383,7 @@ def estimate_archive_bytes(
 
     Uses `tensor_packed_bytes` per tensor and builds the exact header JSON with the expected
     layout (only relative-index stream lengths are expectations). ``parts``: a dict the caller
-    keeps between calls (`core.estimate.PreviewCache`); each spec's bytes and layout entry are
+    keeps between calls (`core.analysis.estimate.PreviewCache`); each spec's bytes and layout entry are
     looked up there and stored when missing (the entries are shared: read them, never edit).
     """
     sizes: dict[str, int] = {}

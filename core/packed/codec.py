@@ -9,7 +9,7 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
-from core.errors import ExportError
+from core.base.errors import ExportError
 
 #: Value of ``__metadata__["format"]`` identifying our archives.
 from core.packed.bytemodel import INDEX_BITS, PatternChoice, _ceil_bytes, _value_bytes

@@ -12,8 +12,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from core.errors import ModelLoadError
-from core.limits import (
+from core.base.errors import ModelLoadError
+from core.base.limits import (
     MAX_EXAMPLE_BYTES,
     MAX_METADATA_JSON_BYTES,
     PACKED_RATIO,
@@ -24,6 +24,13 @@ from core.limits import (
     escape_name,
     load_json,
     safetensors_header,
+)
+from core.ops.quantization import (
+    QuantizedTensor,
+    code_dtype,
+    dequantize,
+    expand_params,
+    n_quant_params,
 )
 
 #: Value of ``__metadata__["format"]`` identifying our archives.
@@ -46,19 +53,12 @@ from core.packed.codec import (
     pattern_nbytes,
     unpack_bits,
 )
-from core.plan import (
+from core.recipe.plan import (
     MAX_BITS,
     MAX_GROUP,
     MIN_BITS,
     MIN_GROUP,
     CompressionPlan,
-)
-from core.quantization import (
-    QuantizedTensor,
-    code_dtype,
-    dequantize,
-    expand_params,
-    n_quant_params,
 )
 
 
@@ -116,7 +116,7 @@ def _check_layout(layout: object, blob_size: int, file_bytes: int, path: Path) -
 
     Refuses malformed entries (types, ranges, unknown pattern codes), duplicate tensor names,
     layouts whose fixed-size parts alone need more bytes than the blob holds, and layouts whose
-    decoded tensors (values, codes and masks) would exceed `core.limits.PACKED_RATIO` times the
+    decoded tensors (values, codes and masks) would exceed `core.base.limits.PACKED_RATIO` times the
     file or the available memory. Raises ``ValueError`` (turned into `ModelLoadError`) or
     `ModelLoadError`.
     """
@@ -305,14 +305,14 @@ def read_packed(path: str | Path) -> PackedArchive:
     """Decode a packed archive with safetensors (no pickle): tensors, codes, masks, metadata.
 
     Every size the archive declares is checked before it is used (`_check_layout`,
-    `core.limits`): a corrupt or hostile archive fails with one `ModelLoadError` line, within
+    `core.base.limits`): a corrupt or hostile archive fails with one `ModelLoadError` line, within
     bounded time and memory.
 
     Raises
     ------
     ModelLoadError
         Missing file, not a safetensors file, not our format, checksum mismatch, corrupt
-        layout, or declared sizes beyond the limits of `core.limits`.
+        layout, or declared sizes beyond the limits of `core.base.limits`.
     """
     from safetensors import SafetensorError, safe_open
 

@@ -9,11 +9,12 @@ from pathlib import Path
 
 import torch
 
-from core.errors import ModelLoadError, WorkbenchError
-from core.limits import (
+from core.base.errors import ModelLoadError, WorkbenchError
+from core.base.limits import (
     escape_name,
 )
-from core.model import LoadedModel
+from core.base.model import LoadedModel
+from core.ops.pruning import remove_channels_
 
 #: Value of ``__metadata__["format"]`` identifying our archives.
 from core.packed.reader import PackedArchive, _recorded_input
@@ -21,7 +22,6 @@ from core.packed.reader import PackedArchive, _recorded_input
 
 def reapply_removal(loaded: LoadedModel, archive: PackedArchive) -> None:
     """Re-shape the freshly loaded base like the compressed model (channels physically removed)."""
-    from core.pruning import remove_channels_
 
     kept = archive.removed_channels
     if loaded.format not in ("demo", "eager"):

@@ -13,8 +13,10 @@ from typing import Any
 import numpy as np
 import torch
 
-from core.errors import ExportError
-from core.outdir import atomic_write
+from core.base.errors import ExportError
+from core.base.outdir import atomic_write
+from core.base.progress import CancelToken, ProgressFn, no_progress, scaled
+from core.ops.quantization import QuantizedTensor, dequantize, expand_params, n_quant_params
 
 #: Value of ``__metadata__["format"]`` identifying our archives.
 from core.packed.bytemodel import (
@@ -47,8 +49,6 @@ from core.packed.codec import (
     scramble_order,
     scrambled_positions,
 )
-from core.progress import CancelToken, ProgressFn, no_progress, scaled
-from core.quantization import QuantizedTensor, dequantize, expand_params, n_quant_params
 
 
 @dataclass(frozen=True)
@@ -603,7 +603,7 @@ def write_packed(
     progress: ProgressFn = no_progress,
     cancel: CancelToken | None = None,
 ) -> PackedInfo:
-    """Write ``result`` (a `core.engine.CompressionResult`) as a packed archive, atomically.
+    """Write ``result`` (a `core.compress.engine.CompressionResult`) as a packed archive, atomically.
 
     Parameters
     ----------

@@ -16,7 +16,7 @@ from PySide6.QtWidgets import QMessageBox
 from app.main_window import MainWindow
 from app.style import percent
 from app.widgets.jobs_panel import EXPORT_COLUMNS, MISMATCH
-from core.plan import simple_plan
+from core.recipe.plan import simple_plan
 
 TIMEOUT = 120_000
 COL = {title: i for i, (title, _) in enumerate(EXPORT_COLUMNS)}
@@ -65,16 +65,16 @@ def cell(w: MainWindow, row: int, title: str):
 def test_device_fit_flips_with_profile_and_measures_activations_once(
     qtbot, window, tmp_path, monkeypatch
 ):
-    import core.devices
+    import core.export.devices
 
     calls = []
-    real = core.devices.peak_activation_bytes
+    real = core.export.devices.peak_activation_bytes
 
     def counting(module, x):
         calls.append(tuple(x.shape))
         return real(module, x)
 
-    monkeypatch.setattr(core.devices, "peak_activation_bytes", counting)
+    monkeypatch.setattr(core.export.devices, "peak_activation_bytes", counting)
     open_mlp(qtbot, window)
     c = window.controller
     # The shipped catalogue is offered at start, after "none".
@@ -199,7 +199,7 @@ def test_export_table_shows_deployed_check_latency_and_cost(qtbot, window, tmp_p
 def test_deployed_check_reports_progress_and_cancels(qtbot, window, tmp_path, monkeypatch):
     import threading
 
-    from core import deploy
+    from core.export import deploy
 
     open_mlp(qtbot, window)
     c = window.controller

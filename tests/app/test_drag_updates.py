@@ -1,6 +1,6 @@
 """A slider step repaints only what changed: the table signals the cells whose text changed,
 the histogram keeps its quantization grid when the grid did not change, and the window's
-cached live preview equals `core.estimate.preview`."""
+cached live preview equals `core.analysis.estimate.preview`."""
 
 from __future__ import annotations
 
@@ -8,10 +8,10 @@ import pytest
 
 from app.widgets.histogram_view import HistogramView
 from app.widgets.layer_table import COLUMNS, LayerTable, LayerTableModel, changed_runs
-from core.estimate import preview
-from core.model import LoadedModel
-from core.plan import simple_plan
-from core.stats import analyze
+from core.analysis.estimate import preview
+from core.analysis.stats import analyze
+from core.base.model import LoadedModel
+from core.recipe.plan import simple_plan
 from tests.models import ResNet50
 
 

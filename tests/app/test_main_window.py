@@ -19,10 +19,10 @@ from app.widgets.layer_table import COLUMNS
 from app.widgets.prune_panel import threshold_to_position
 from app.widgets.summary_panel import summary_texts
 from core import RESOURCES
-from core.estimate import preview
-from core.inventory import inventory
-from core.model_io import load_model
-from core.plan import CompressionPlan, RecoveryConfig, simple_plan
+from core.analysis.estimate import preview
+from core.analysis.inventory import inventory
+from core.io.model_io import load_model
+from core.recipe.plan import CompressionPlan, RecoveryConfig, simple_plan
 from tests.models import make
 
 TIMEOUT = 60_000
@@ -364,7 +364,7 @@ def test_screenshot_command_writes_a_png(qtbot, tmp_path):
 
 
 def test_open_data_records_gradients_and_shows_their_histogram(qtbot, window, tmp_path):
-    from core.data import digits_split
+    from core.io.data import digits_split
 
     open_ready(qtbot, window, "demo:mlp")
     c = window.controller
@@ -526,7 +526,7 @@ def test_unlabelled_data_for_a_non_classifier_is_accepted(qtbot, window, tmp_pat
 def test_compress_reproduces_the_cli_for_the_same_recipe(qtbot, window, tmp_path):
     """Iterative compression + distillation from a recipe: same packed bytes and accuracy
     as ``workbench compress`` (the shipped demo recipe, shortened to stay fast)."""
-    from core.cli import main as cli_main
+    from core.cli.main import main as cli_main
 
     shipped = CompressionPlan.load(RESOURCES / "recipes" / "demo_mlp.json")
     plan = shipped.with_recovery(replace(shipped.recovery, epochs=1, prune_steps=3))
@@ -573,7 +573,7 @@ def test_prune_steps_and_bias_bits_controls_edit_the_plan(qtbot, window):
 def test_group_size_rounding_and_bias_correction_controls_edit_the_plan(qtbot, window):
     """The quantizer registry's rounding rules, group sizes and bias correction are plan edits
     from the window (undoable), and the panel shows a loaded config."""
-    from core.methods import quantizers
+    from core.base.methods import quantizers
 
     open_ready(qtbot, window, "demo:mlp")
     c = window.controller
@@ -601,7 +601,7 @@ def test_group_size_rounding_and_bias_correction_controls_edit_the_plan(qtbot, w
 
 
 def test_model_wide_channel_pruning_keeps_the_logits_layer(qtbot, window):
-    from core.engine import protect_output_layer
+    from core.compress.engine import protect_output_layer
 
     open_ready(qtbot, window, "demo:mlp")
     c = window.controller
@@ -650,7 +650,7 @@ def test_compress_without_data_skips_recovery_and_is_not_stale(qtbot, window, re
 def test_drag_edits_are_throttled_and_the_last_step_lands(qtbot, window):
     """A fast slider drag: the first step applies at once, the rest are coalesced, the final
     value always lands and the whole drag is one undo step; Ctrl+Y redoes."""
-    from core.edits import SetPruneTarget
+    from core.recipe.edits import SetPruneTarget
 
     open_ready(qtbot, window, "demo:mlp")
     c = window.controller
@@ -670,7 +670,7 @@ def test_drag_edits_are_throttled_and_the_last_step_lands(qtbot, window):
 
 def test_window_and_cli_start_from_the_same_defaults(qtbot, window):
     """The first slider moves in the window mean what --sparsity/--bits mean on the CLI."""
-    from core.plan import simple_plan
+    from core.recipe.plan import simple_plan
 
     open_ready(qtbot, window, "demo:mlp")
     window.prune_panel.sparsity.setValue(700)

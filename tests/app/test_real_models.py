@@ -23,8 +23,8 @@ from app.widgets.layer_table import NAME_ROLE, OVERRIDE_MARK, OVERRIDE_ROLE
 from app.widgets.runs_view import CompareDialog, compare_plans, damage, pareto_front
 from app.widgets.size_view import OTHERS, TOP_N
 from app.widgets.summary_panel import summary_texts
-from core.edits import SetQuant
-from core.plan import CompressionPlan, simple_plan, starting_plan
+from core.recipe.edits import SetQuant
+from core.recipe.plan import CompressionPlan, simple_plan, starting_plan
 from core.session import RunRecord
 from tests.models import ResNet50
 

@@ -26,7 +26,7 @@ import app.workers as workers
 from app.controller import Controller
 from app.main_window import CLOSE_WAIT_MS, MainWindow
 from app.workers import JobRunner
-from core.errors import Cancelled
+from core.base.errors import Cancelled
 
 TIMEOUT = 60_000
 
@@ -267,7 +267,7 @@ def test_bad_recipe_gets_a_dialog_and_keeps_the_plan(qtbot, demo_window, tmp_pat
 
 
 def test_unknown_layers_in_recipe_are_refused(qtbot, demo_window, tmp_path):
-    from core.plan import CompressionPlan, LayerConfig
+    from core.recipe.plan import CompressionPlan, LayerConfig
 
     path = tmp_path / "other_model.json"
     CompressionPlan().with_layer("no.such.layer", LayerConfig()).save(path)
@@ -279,14 +279,14 @@ def test_unknown_layers_in_recipe_are_refused(qtbot, demo_window, tmp_path):
 def test_unexpected_exception_in_a_job_still_gets_a_short_dialog(
     qtbot, window, tmp_path, monkeypatch, capfd
 ):
-    import core.model_io
+    import core.io.model_io
 
     path = _write(tmp_path, "fine.safetensors", b"irrelevant")
 
     def broken(*args, **kwargs):
         raise RuntimeError("simulated engine bug\nwith a second line that stays out")
 
-    monkeypatch.setattr(core.model_io, "load_model", broken)
+    monkeypatch.setattr(core.io.model_io, "load_model", broken)
     box = _dialog_after(qtbot, window, lambda: window.open_model(str(path)))
     text = box.text()
     assert box.windowTitle() == "Open model failed"

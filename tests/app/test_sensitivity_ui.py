@@ -14,10 +14,10 @@ from PySide6.QtCore import QPointF
 from app.main_window import MainWindow
 from app.widgets.layer_table import PIN_MARK
 from app.widgets.sensitivity_view import position_to_ratio, ratio_to_position
-from core.edits import SolvedPlan, edit_from_dict
-from core.estimate import preview
-from core.sensitivity import default_levels
-from core.solver import Target
+from core.analysis.estimate import preview
+from core.planning.sensitivity import default_levels
+from core.planning.solver import Target
+from core.recipe.edits import SolvedPlan, edit_from_dict
 from tests.models import make
 
 TIMEOUT = 120_000
@@ -274,7 +274,7 @@ def test_target_tab_and_sensitivity_dock_fit_at_1366x768(qtbot, window):
 def test_session_plan_to_target_without_a_window(tmp_path):
     """The engine side alone (Qt-free): the verified live path meets the byte budget it is
     given, as `workbench plan` would, and pins survive every re-solve."""
-    from core.errors import WorkbenchError
+    from core.base.errors import WorkbenchError
     from core.session import Session
 
     s = Session()

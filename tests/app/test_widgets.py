@@ -15,8 +15,8 @@ from app.widgets.prune_panel import (
     threshold_to_position,
 )
 from app.widgets.quant_panel import QuantPanel
-from core.plan import PruneConfig, QuantConfig
-from core.quantization import quantize
+from core.ops.quantization import quantize
+from core.recipe.plan import PruneConfig, QuantConfig
 
 
 @pytest.mark.parametrize("bits", [2, 3, 4, 6])

@@ -9,7 +9,7 @@ import pytest
 from PySide6.QtCore import QThread, QTimer
 
 from app.workers import JobRunner
-from core.errors import Cancelled, ModelLoadError
+from core.base.errors import Cancelled, ModelLoadError
 
 
 @pytest.fixture

@@ -1,8 +1,8 @@
-"""Compression results built directly from masks + `core.quantization.quantize` (export tests).
+"""Compression results built directly from masks + `core.ops.quantization.quantize` (export tests).
 
 The export tests need many plans on many models, fast; building the result by hand keeps them
 independent of statistics/thresholds while producing exactly the shape the engine returns
-(`core.engine.CompressionResult`: dequantized weights in the compressed copy, masks and codes
+(`core.compress.engine.CompressionResult`: dequantized weights in the compressed copy, masks and codes
 keyed by parameter name).
 """
 
@@ -13,11 +13,11 @@ import copy
 import torch
 from torch import nn
 
-from core.engine import CompressionResult, LayerReport
-from core.model import LoadedModel
-from core.plan import CompressionPlan, simple_plan
-from core.pruning import nm_mask
-from core.quantization import dequantize, quantize
+from core.base.model import LoadedModel
+from core.compress.engine import CompressionResult, LayerReport
+from core.ops.pruning import nm_mask
+from core.ops.quantization import dequantize, quantize
+from core.recipe.plan import CompressionPlan, simple_plan
 
 
 def compressible(module: nn.Module) -> list[str]:

@@ -8,7 +8,9 @@ import numpy as np
 import pytest
 import torch
 
-from core.data import (
+from core.base.errors import DataError
+from core.base.model import LoadedModel
+from core.io.data import (
     Dataset,
     check_data,
     demo_data_for,
@@ -17,9 +19,7 @@ from core.data import (
     split_dataset,
     with_model_labels,
 )
-from core.errors import DataError
-from core.model import LoadedModel
-from core.model_io import load_model
+from core.io.model_io import load_model
 from tests.models import make
 
 

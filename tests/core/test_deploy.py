@@ -9,13 +9,13 @@ import onnx
 import pytest
 from onnx import numpy_helper
 
-from core.data import digits_split
-from core.deploy import check_file, latency_stats
-from core.engine import compress
-from core.model_io import load_model
-from core.outputs import write_outputs
-from core.plan import simple_plan
-from core.stats import analyze
+from core.analysis.stats import analyze
+from core.compress.engine import compress
+from core.export.deploy import check_file, latency_stats
+from core.export.outputs import write_outputs
+from core.io.data import digits_split
+from core.io.model_io import load_model
+from core.recipe.plan import simple_plan
 
 
 @pytest.fixture(scope="module")

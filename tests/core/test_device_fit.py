@@ -5,9 +5,14 @@ from __future__ import annotations
 
 import pytest
 
-from core.devices import DeviceProfile, DeviceProfileError, estimate_fit, peak_activation_bytes
-from core.errors import RecipeError
-from core.plan import simple_plan
+from core.base.errors import RecipeError
+from core.export.devices import (
+    DeviceProfile,
+    DeviceProfileError,
+    estimate_fit,
+    peak_activation_bytes,
+)
+from core.recipe.plan import simple_plan
 from core.session import RunRecord, Session
 
 
@@ -60,11 +65,11 @@ def test_session_device_choice_and_cached_activations(session, monkeypatch):
         s.set_device("nope")
     x = s.model.example_input[:1]
     expected = peak_activation_bytes(s.model.module, x)
-    import core.devices
+    import core.export.devices
 
     calls = []
     monkeypatch.setattr(
-        core.devices, "peak_activation_bytes", lambda m, x: calls.append(1) or expected
+        core.export.devices, "peak_activation_bytes", lambda m, x: calls.append(1) or expected
     )
     s._activations = None
     fits = [s.device_fit(b) for b in (10_000, 20_000, 2 * 2**20)]
@@ -77,7 +82,7 @@ def test_session_device_choice_and_cached_activations(session, monkeypatch):
 
 def test_ensemble_of_two_runs_is_recorded(session):
     s = session
-    from core.edits import ReplacePlan
+    from core.recipe.edits import ReplacePlan
 
     for plan in (simple_plan(0.5, 8), simple_plan(0.8, 4)):
         s.edit(ReplacePlan(plan=plan))

@@ -10,8 +10,9 @@ import pytest
 import torch
 from torch import nn
 
-from core.deploy import cost_block, cost_per_million
-from core.devices import (
+from core.base.errors import WorkbenchError
+from core.export.deploy import cost_block, cost_per_million
+from core.export.devices import (
     DEFAULT_DEVICES,
     DeviceProfileError,
     device_block,
@@ -22,7 +23,6 @@ from core.devices import (
     parse_size,
     peak_activation_bytes,
 )
-from core.errors import WorkbenchError
 from tests.core._fixtures import eager, make_result
 
 

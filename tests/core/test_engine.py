@@ -1,4 +1,4 @@
-"""`core.engine.compress`: exact sparsity per criterion, zeros kept by quantization, SQNR floors,
+"""`core.compress.engine.compress`: exact sparsity per criterion, zeros kept by quantization, SQNR floors,
 channel removal, cancel safety — on generated non-demo models (CNN with BatchNorm, transformer,
 LSTM, a torch.export GraphModule, TorchScript) and the demo MLP."""
 
@@ -8,16 +8,16 @@ from dataclasses import replace
 import pytest
 import torch
 
-from core.data import make_dataset
-from core.engine import compress, output_layer, protect_output_layer
-from core.errors import Cancelled, CompressionError
-from core.estimate import preview
-from core.model import LoadedModel
-from core.model_io import load_model
-from core.plan import CompressionPlan, LayerConfig, PruneConfig, QuantConfig, simple_plan
-from core.progress import CancelToken
-from core.quantization import dequantize, sqnr_db
-from core.stats import analyze
+from core.analysis.estimate import preview
+from core.analysis.stats import analyze
+from core.base.errors import Cancelled, CompressionError
+from core.base.model import LoadedModel
+from core.base.progress import CancelToken
+from core.compress.engine import compress, output_layer, protect_output_layer
+from core.io.data import make_dataset
+from core.io.model_io import load_model
+from core.ops.quantization import dequantize, sqnr_db
+from core.recipe.plan import CompressionPlan, LayerConfig, PruneConfig, QuantConfig, simple_plan
 from tests.models import make
 
 
@@ -270,7 +270,7 @@ def test_bias_bits_quantize_biases_exactly():
 
 
 def test_bias_bits_recipe_validation():
-    from core.errors import RecipeError
+    from core.base.errors import RecipeError
 
     plan = CompressionPlan.from_dict({"default": {"quant": {"bits": 4, "bias_bits": 8}}})
     assert plan.default.quant.bias_bits == 8

@@ -12,10 +12,10 @@ import pytest
 import torch
 from torch import nn
 
-from core.ensemble import EnsembleSpec, bootstrap, match_single, predict
-from core.errors import RecipeError
-from core.model_io import load_model
-from core.stats import analyze
+from core.analysis.stats import analyze
+from core.base.errors import RecipeError
+from core.io.model_io import load_model
+from core.recovery.ensemble import EnsembleSpec, bootstrap, match_single, predict
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -45,7 +45,7 @@ def test_predict_averages_probabilities():
 
 
 def test_bootstrap_is_seeded_and_differs():
-    from core.data import make_dataset
+    from core.io.data import make_dataset
 
     data = make_dataset(torch.arange(50.0).reshape(50, 1), torch.zeros(50, dtype=torch.long))
     assert torch.equal(bootstrap(data, 3).x, bootstrap(data, 3).x)
@@ -56,8 +56,8 @@ def test_bootstrap_is_seeded_and_differs():
 def test_match_single_stays_within_budget():
     model = load_model("demo:mlp")
     stats = analyze(model)
-    from core.engine import compress
-    from core.plan import simple_plan
+    from core.compress.engine import compress
+    from core.recipe.plan import simple_plan
 
     member = sum(r.packed_bytes for r in compress(model, simple_plan(0.9, 4), stats).layers)
     sparsity, size = match_single(model, stats, 2 * member, 4, steps=6)
@@ -70,7 +70,7 @@ def test_ensemble_of_two_mlps_end_to_end(tmp_path):
         [
             sys.executable,
             "-m",
-            "core.cli",
+            "core.cli.main",
             "ensemble",
             "demo:mlp",
             "--out",

@@ -9,18 +9,18 @@ import pytest
 import torch
 from torch import nn
 
-from core.data import Dataset
-from core.engine import compress
-from core.errors import CompressionError
-from core.estimate import code_entropy, preview
-from core.model import LoadedModel
-from core.model_io import load_model
+from core.analysis.estimate import code_entropy, preview
+from core.analysis.selection import count_mask
+from core.analysis.stats import SMALL_MAX, analyze, score_tensor
+from core.base.errors import CompressionError
+from core.base.model import LoadedModel
+from core.compress.engine import compress
+from core.io.data import Dataset
+from core.io.model_io import load_model
+from core.ops.pruning import channel_mask, nm_mask, threshold_mask
+from core.ops.quantization import quantize
 from core.packed import pack_result
-from core.plan import CompressionPlan, LayerConfig, PruneConfig, simple_plan
-from core.pruning import channel_mask, nm_mask, threshold_mask
-from core.quantization import quantize
-from core.selection import count_mask
-from core.stats import SMALL_MAX, analyze, score_tensor
+from core.recipe.plan import CompressionPlan, LayerConfig, PruneConfig, simple_plan
 from tests import models
 
 

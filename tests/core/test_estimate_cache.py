@@ -18,15 +18,15 @@ import numpy as np
 import pytest
 import torch
 
-import core.estimate as estimate
-from core.data import Dataset
-from core.estimate import PreviewCache, _KeptHistogram, code_entropy, preview
-from core.methods import prune_method, prune_method_names
-from core.model import LoadedModel
+import core.analysis.estimate as estimate
+from core.analysis.estimate import PreviewCache, _KeptHistogram, code_entropy, preview
+from core.analysis.selection import global_counts, target_count
+from core.analysis.stats import ScoreIndex, analyze
+from core.base.methods import prune_method, prune_method_names
+from core.base.model import LoadedModel
+from core.io.data import Dataset
 from core.packed import estimate_archive_bytes
-from core.plan import CompressionPlan, LayerConfig, PruneConfig, QuantConfig, simple_plan
-from core.selection import global_counts, target_count
-from core.stats import ScoreIndex, analyze
+from core.recipe.plan import CompressionPlan, LayerConfig, PruneConfig, QuantConfig, simple_plan
 from tests import models
 
 METHODS = prune_method_names()

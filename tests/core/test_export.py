@@ -11,8 +11,10 @@ import onnxruntime as ort
 import pytest
 import torch
 
-from core.errors import Cancelled, ExportError, ModelLoadError
-from core.export import (
+from core.base.errors import Cancelled, ExportError, ModelLoadError
+from core.base.model import LoadedModel
+from core.base.progress import CancelToken
+from core.export.formats import (
     EXPORT_FORMATS,
     FILE_NAMES,
     export,
@@ -20,10 +22,8 @@ from core.export import (
     parse_formats,
     result_from_packed,
 )
-from core.model import LoadedModel
-from core.plan import CompressionPlan
-from core.progress import CancelToken
-from core.report import write_report
+from core.export.report import write_report
+from core.recipe.plan import CompressionPlan
 from tests.core._fixtures import eager, make_result
 from tests.models import make
 
@@ -208,10 +208,10 @@ def test_parse_formats_and_file_names():
 # the real engine: preview == file size, re-export from the archive
 # ---------------------------------------------------------------------------------------
 def _engine_result(source: str, plan):
-    from core.data import demo_data_for
-    from core.engine import compress
-    from core.model_io import load_model
-    from core.stats import analyze
+    from core.analysis.stats import analyze
+    from core.compress.engine import compress
+    from core.io.data import demo_data_for
+    from core.io.model_io import load_model
 
     loaded = load_model(source)
     split = demo_data_for(loaded)
@@ -221,9 +221,9 @@ def _engine_result(source: str, plan):
 
 @pytest.mark.parametrize("source", ["demo:mlp", "demo:cnn"])
 def test_preview_equals_file_size_within_one_percent(tmp_path, source):
-    from core.estimate import preview
+    from core.analysis.estimate import preview
     from core.packed import write_packed
-    from core.plan import simple_plan
+    from core.recipe.plan import simple_plan
 
     plans = [
         simple_plan(0.95, 5),
@@ -247,7 +247,7 @@ def test_preview_equals_file_size_within_one_percent(tmp_path, source):
 
 
 def test_reexport_from_archive_restores_the_compressed_model(tmp_path):
-    from core.plan import simple_plan
+    from core.recipe.plan import simple_plan
 
     loaded, _, result = _engine_result("demo:cnn", simple_plan(0.9, 5))
     export_all(result, ["packed"], tmp_path)
@@ -267,7 +267,7 @@ def test_report_json_and_self_contained_html(tmp_path):
 
     result = _result("resnet", sparsity=0.8, bits=5)
     x = _inputs("resnet", 32)
-    from core.data import make_dataset
+    from core.io.data import make_dataset
 
     data = make_dataset(x, None, name="random")
     evals = {
@@ -293,7 +293,7 @@ def test_report_json_and_self_contained_html(tmp_path):
 
 
 def test_export_cli_needs_an_archive_and_known_formats(tmp_path, capsys):
-    from core.cli import main
+    from core.cli.main import main
 
     assert main(["export", str(tmp_path), "--format", "onnx"]) == 2
     err = capsys.readouterr().err
@@ -305,11 +305,11 @@ def test_export_cli_needs_an_archive_and_known_formats(tmp_path, capsys):
 def test_files_on_disk_round_trip_through_the_engine(tmp_path):
     """TorchScript and .pt2 files: compress, pack, load back with the original named as base
     (the recorded source path alone is never opened: the user did not name it)."""
-    from core.engine import compress
-    from core.model_io import load_model, load_packed
+    from core.analysis.stats import analyze
+    from core.compress.engine import compress
+    from core.io.model_io import load_model, load_packed
     from core.packed import write_packed
-    from core.plan import simple_plan
-    from core.stats import analyze
+    from core.recipe.plan import simple_plan
 
     model, x = make("resnet")
     torch.jit.save(torch.jit.script(model), str(tmp_path / "net.torchscript.pt"))
@@ -328,7 +328,7 @@ def test_files_on_disk_round_trip_through_the_engine(tmp_path):
 
 
 def test_impossible_formats_fail_before_anything_is_written(tmp_path):
-    from core.export import check_formats
+    from core.export.formats import check_formats
 
     result = _result("lstm")
     wo = replace(
@@ -347,7 +347,7 @@ def test_impossible_formats_fail_before_anything_is_written(tmp_path):
 
 
 def test_a_failing_export_removes_the_files_the_call_created(tmp_path, monkeypatch):
-    import core.export as export_mod
+    import core.export.formats as export_mod
 
     result = _result("lstm")
     (tmp_path / "model.pt").write_bytes(b"kept: it existed before")
@@ -400,7 +400,7 @@ def test_pt2_export_keeps_the_batch_dimension_dynamic(tmp_path):
 
 def test_an_interrupt_while_verifying_removes_the_renamed_file_too(tmp_path, monkeypatch):
     """Ctrl-C can land after a file's atomic rename, while it is being checked in onnxruntime."""
-    import core.export as export_mod
+    import core.export.formats as export_mod
 
     result = _result("lstm")
 

@@ -1,4 +1,4 @@
-"""Hugging Face model folders (core/hf.py) and text data (core/text_data.py).
+"""Hugging Face model folders (core/io/hf.py) and text data (core/io/text_data.py).
 
 Tiny random BERT encoder, GPT-2 causal LM and BERT sequence classifier are built with
 transformers' own config classes and saved with ``save_pretrained``; each goes through
@@ -16,20 +16,20 @@ import torch
 
 pytest.importorskip("transformers")
 
-from core.data import load_data  # noqa: E402
-from core.engine import compress  # noqa: E402
-from core.errors import DataError, ModelLoadError  # noqa: E402
+from core.analysis.inventory import inventory  # noqa: E402
+from core.analysis.stats import analyze  # noqa: E402
+from core.base.errors import DataError, ModelLoadError  # noqa: E402
+from core.compress.engine import compress  # noqa: E402
 from core.evaluate import evaluate  # noqa: E402
-from core.export import export_all  # noqa: E402
-from core.hf import HFForward, read_pooling  # noqa: E402
-from core.inventory import inventory  # noqa: E402
-from core.model_io import (  # noqa: E402
+from core.export.formats import export_all  # noqa: E402
+from core.io.data import load_data  # noqa: E402
+from core.io.hf import HFForward, read_pooling  # noqa: E402
+from core.io.model_io import (  # noqa: E402
     clone_model,
     load_model,
     load_packed,  # noqa: E402
 )
-from core.plan import simple_plan  # noqa: E402
-from core.stats import analyze  # noqa: E402
+from core.recipe.plan import simple_plan  # noqa: E402
 from tests import hf_models  # noqa: E402
 
 
@@ -256,15 +256,15 @@ def test_compress_evaluate_export_reload(folders, kind, tmp_path):
 
 
 def test_hf_export_refused_for_other_models(tmp_path):
-    from core.errors import ExportError
-    from core.export import check_formats
+    from core.base.errors import ExportError
+    from core.export.formats import check_formats
 
     with pytest.raises(ExportError, match="Hugging Face folder"):
         check_formats(load_model("demo:mlp"), ["hf"])
 
 
 def test_scan_on_text_data(folders):
-    from core.sensitivity import Level, scan
+    from core.planning.sensitivity import Level, scan
 
     loaded = load_model(folders["classifier"])
     data = load_data(folders["jsonl"], loaded)

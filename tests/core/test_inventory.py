@@ -7,10 +7,10 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
-from core.cli_inspect import weight_stats
-from core.inventory import float_param_count, inventory, prunable_layers
-from core.model import LoadedModel
-from core.model_io import get_tensor, load_model
+from core.analysis.inventory import float_param_count, inventory, prunable_layers
+from core.base.model import LoadedModel
+from core.cli.inspect import weight_stats
+from core.io.model_io import get_tensor, load_model
 from tests.models import make
 
 

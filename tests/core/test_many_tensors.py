@@ -13,12 +13,12 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from core.cli_inspect import _bulk_weight_stats, _dumps, _json_safe, describe, weight_stats
-from core.errors import ModelLoadError
-from core.inventory import inventory
-from core.limits import safetensors_header
-from core.model import LoadedModel
-from core.model_io import (
+from core.analysis.inventory import inventory
+from core.base.errors import ModelLoadError
+from core.base.limits import safetensors_header
+from core.base.model import LoadedModel
+from core.cli.inspect import _bulk_weight_stats, _dumps, _json_safe, describe, weight_stats
+from core.io.model_io import (
     SAFETENSORS_OPEN,
     WeightsOnlyModule,
     _load_safetensors,
@@ -249,8 +249,8 @@ def _odd_tensors(shape, count, seed):
 
 @pytest.mark.parametrize("shape", [(4, 4), (8, 3, 3, 3), (16,), (1, 5), (3, 1), (64, 64)])
 def test_batched_statistics_equal_one_by_one(shape):
-    from core import stats as S
-    from core.model import LayerInfo
+    from core.analysis import stats as S
+    from core.base.model import LayerInfo
 
     ws = _odd_tensors(shape, 40, seed=len(shape))
     layers = [
@@ -291,7 +291,7 @@ _GROUP_PLANS = [
 
 
 def _plan(method, mode, sparsity, quant, scope="layer"):
-    from core.plan import CompressionPlan, LayerConfig, PruneConfig, QuantConfig
+    from core.recipe.plan import CompressionPlan, LayerConfig, PruneConfig, QuantConfig
 
     prune = PruneConfig(method=method, mode=mode, sparsity=sparsity, threshold=0.7, scope=scope)
     return CompressionPlan(default=LayerConfig(prune=prune, quant=QuantConfig(**quant)))
@@ -304,9 +304,9 @@ def test_grouped_compression_and_packing_equal_one_by_one(tmp_path, monkeypatch,
     import dataclasses
     import math
 
-    from core import engine
+    from core.analysis.stats import analyze
+    from core.compress import engine
     from core.packed import writer
-    from core.stats import analyze
 
     loaded = _mixed_checkpoint(tmp_path)
     stats = analyze(loaded)
@@ -342,7 +342,7 @@ def test_grouped_compression_and_packing_equal_one_by_one(tmp_path, monkeypatch,
 def test_quantize_stack_equals_quantize():
     import itertools
 
-    from core.quantization import dequantize, quantize, quantize_stack
+    from core.ops.quantization import dequantize, quantize, quantize_stack
 
     g = torch.Generator().manual_seed(1)
     for shape in [(4, 4), (3, 5, 2), (16, 1), (2, 70)]:
@@ -374,7 +374,7 @@ def test_quantize_stack_equals_quantize():
 
 
 def test_report_json_of_many_layers_is_the_same_json():
-    from core.report import dumps
+    from core.export.report import dumps
 
     data = {
         "model": "m",
@@ -392,8 +392,8 @@ def test_report_json_of_many_layers_is_the_same_json():
 def test_compress_of_many_tiny_tensors_end_to_end(tmp_path):
     """2*10**4 tiny tensors through the CLI: the batched paths, a loadable archive with the
     planned sparsity (the speed itself is measured in bench/bench_many_tensors.py)."""
-    from core.cli import main
-    from core.model_io import load_packed
+    from core.cli.main import main
+    from core.io.model_io import load_packed
 
     g = torch.Generator().manual_seed(3)
     st = {f"t{i}.weight": torch.randn(4, 4, generator=g) for i in range(20000)}

@@ -43,19 +43,19 @@ def kib(key):
                 return int(line.split()[1])
     return 0
 import torch, numpy, safetensors  # noqa
-import core.cli, core.cli_inspect, core.cli_compress, core.engine, core.stats  # noqa
-import core.packed.writer, core.packed.reader, core.report, core.export  # noqa
-import core.quantization, core.model_io, core.packed.codec  # noqa
+import core.cli.main, core.cli.inspect, core.cli.compress, core.compress.engine, core.analysis.stats  # noqa
+import core.packed.writer, core.packed.reader, core.export.report, core.export.formats  # noqa
+import core.ops.quantization, core.io.model_io, core.packed.codec  # noqa
 # the streaming code's chunks scaled down with the model (4M elements -> 256K)
 for mod, attr in [
-    (core.cli_inspect, "_STATS_CHUNK"), (core.engine, "_SQNR_CHUNK"),
-    (core.report, "_PAIR_CHUNK"), (core.model_io, "_CHUNK_NUMEL"),
-    (core.quantization, "_DEQUANT_CHUNK"), (core.packed.codec, "_KEY_CHUNK"),
+    (core.cli.inspect, "_STATS_CHUNK"), (core.compress.engine, "_SQNR_CHUNK"),
+    (core.export.report, "_PAIR_CHUNK"), (core.io.model_io, "_CHUNK_NUMEL"),
+    (core.ops.quantization, "_DEQUANT_CHUNK"), (core.packed.codec, "_KEY_CHUNK"),
 ]:
     if hasattr(mod, attr):  # (absent before the streaming changes)
         setattr(mod, attr, 1 << 18)
 base = kib("VmRSS:")
-code = core.cli.main(sys.argv[1:])
+code = core.cli.main.main(sys.argv[1:])
 print(json.dumps({"code": code, "base_kib": base, "peak_kib": kib("VmHWM:")}), file=sys.stderr)
 """
 

@@ -12,10 +12,11 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from core.data import digits_split
-from core.errors import Cancelled, ExportError, ModelLoadError, UntrustedPickleError
-from core.model import forward
-from core.model_io import (
+from core.base.errors import Cancelled, ExportError, ModelLoadError, UntrustedPickleError
+from core.base.model import forward
+from core.base.progress import CancelToken
+from core.io.data import digits_split
+from core.io.model_io import (
     WeightsOnlyModule,
     _safe_sym_expr,
     clone_model,
@@ -24,8 +25,7 @@ from core.model_io import (
     save_model,
     set_tensor,
 )
-from core.progress import CancelToken
-from core.zoo import demo_info
+from core.io.zoo import demo_info
 from tests.models import make
 
 MODELS = ("resnet", "transformer", "lstm")
@@ -472,7 +472,7 @@ def test_pt2_symbol_declarations(expr, ok):
     ],
 )
 def test_pt2_guard_code_must_be_plain_size_checks(guard, ok):
-    from core.model_io import _safe_guard
+    from core.io.model_io import _safe_guard
 
     assert _safe_guard(guard) is ok
 
@@ -501,7 +501,7 @@ def test_pt2_guard_code_that_runs_code_is_refused(files, tmp_path):
 
 
 def test_packed_archive_opens_as_the_compressed_model(tmp_path):
-    from core.export import export
+    from core.export.formats import export
     from tests.core._fixtures import make_result
 
     model, x = make("resnet")

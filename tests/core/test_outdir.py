@@ -1,4 +1,4 @@
-"""`core.outdir`: all-or-nothing output directories, the lock, recovery and atomic files."""
+"""`core.base.outdir`: all-or-nothing output directories, the lock, recovery and atomic files."""
 
 from __future__ import annotations
 
@@ -9,9 +9,9 @@ from pathlib import Path
 
 import pytest
 
-from core import outdir
-from core.errors import Cancelled, ExportError
-from core.outdir import (
+from core.base import outdir
+from core.base.errors import Cancelled, ExportError
+from core.base.outdir import (
     OutputTransaction,
     atomic_write,
     check_output_location,

@@ -11,9 +11,9 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from core.errors import ExportError, ModelLoadError
-from core.model import LoadedModel
-from core.model_io import load_packed
+from core.base.errors import ExportError, ModelLoadError
+from core.base.model import LoadedModel
+from core.io.model_io import load_packed
 from core.packed import (
     TensorSpec,
     archive_metadata,
@@ -32,7 +32,7 @@ from core.packed import (
     unpack_bits,
     write_packed,
 )
-from core.plan import CompressionPlan, LayerConfig, PruneConfig, QuantConfig, simple_plan
+from core.recipe.plan import CompressionPlan, LayerConfig, PruneConfig, QuantConfig, simple_plan
 from tests.core._fixtures import eager, make_result
 from tests.models import make
 
@@ -212,7 +212,7 @@ def test_round_trip_of_unquantized_and_entropy_coded_tensors(tmp_path):
 def test_removed_channels_are_rebuilt_on_load(tmp_path):
     from dataclasses import replace
 
-    from core.pruning import remove_channels_
+    from core.ops.pruning import remove_channels_
 
     model, x = make("encoder")
     loaded = eager(model, x, "encoder")
@@ -288,7 +288,7 @@ def test_size_on_disk_matches_the_estimate_within_one_percent(tmp_path, kind):
 
 def test_demo_mlp_reaches_40x_at_deep_compression_settings(tmp_path):
     """LeNet-300-100 at ~96% sparsity with 4-bit per-tensor codes: the format allows >= 40x."""
-    from core.zoo import build_demo
+    from core.io.zoo import build_demo
 
     model = build_demo("mlp").eval()
     loaded = eager(model, torch.rand(2, 64), "mlp")

@@ -2,8 +2,8 @@ import json
 
 import pytest
 
-from core.errors import RecipeError
-from core.plan import CompressionPlan, LayerConfig, PruneConfig, QuantConfig, simple_plan
+from core.base.errors import RecipeError
+from core.recipe.plan import CompressionPlan, LayerConfig, PruneConfig, QuantConfig, simple_plan
 
 
 def test_recipe_round_trip_exact(tmp_path):

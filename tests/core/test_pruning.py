@@ -7,15 +7,15 @@ import torch
 import torch_pruning as tp
 from torch import nn
 
-from core.errors import CompressionError
-from core.pruning import (
+from core.base.errors import CompressionError
+from core.io.zoo import DigitsCNN
+from core.ops.pruning import (
     channel_mask,
     nm_mask,
     nm_pruned_count,
     remove_channels_,
     threshold_mask,
 )
-from core.zoo import DigitsCNN
 from tests.models import make
 
 

@@ -3,7 +3,7 @@ import math
 import pytest
 import torch
 
-from core.quantization import dequantize, quantize, sqnr_db
+from core.ops.quantization import dequantize, quantize, sqnr_db
 
 # Uniform quantization of Gaussian weights gains ~6 dB per bit; floors leave margin for the
 # clipping-free max range used here.

@@ -22,11 +22,11 @@ import numpy as np
 import pytest
 import torch
 
-from core import limits
-from core.cli import main as cli_main
-from core.data import load_data
-from core.errors import DataError, ModelLoadError, RecipeError
-from core.model_io import load_model
+from core.base import limits
+from core.base.errors import DataError, ModelLoadError, RecipeError
+from core.cli.main import main as cli_main
+from core.io.data import load_data
+from core.io.model_io import load_model
 from core.packed import (
     CHECKSUM_HEX,
     _zstd_codes,
@@ -35,7 +35,7 @@ from core.packed import (
     pack_bits,
     read_packed,
 )
-from core.plan import CompressionPlan, simple_plan
+from core.recipe.plan import CompressionPlan, simple_plan
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -70,7 +70,7 @@ def test_decoded_cap_is_ratio_plus_floor_and_never_above_memory(monkeypatch):
 def test_address_space_limit_lowers_the_available_memory():
     code = (
         "import resource; resource.setrlimit(resource.RLIMIT_AS, (3 << 30, 3 << 30));"
-        "from core.limits import available_memory; print(available_memory())"
+        "from core.base.limits import available_memory; print(available_memory())"
     )
     out = subprocess.run(
         [sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=60
@@ -415,7 +415,7 @@ def test_recipe_limits(tmp_path, monkeypatch):
     good = tmp_path / "recipe.json"
     simple_plan(0.5, 8).save(good)
     assert CompressionPlan.load(good) == simple_plan(0.5, 8)
-    monkeypatch.setattr("core.plan.MAX_RECIPE_BYTES", good.stat().st_size - 1)
+    monkeypatch.setattr("core.recipe.plan.MAX_RECIPE_BYTES", good.stat().st_size - 1)
     with pytest.raises(RecipeError, match="a recipe is at most") as err:
         CompressionPlan.load(good)
     _one_line(err.value)
@@ -555,7 +555,7 @@ def test_real_gigabyte_bomb_fails_cleanly_in_the_cli(tmp_path):
             zout.writestr(info.filename, zin.read(info), compress_type=zipfile.ZIP_DEFLATED)
     size = path.stat().st_size
     out = subprocess.run(
-        [sys.executable, "-m", "core.cli", "inspect", str(path)],
+        [sys.executable, "-m", "core.cli.main", "inspect", str(path)],
         cwd=REPO,
         capture_output=True,
         text=True,

@@ -9,14 +9,14 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
-from core.cli import main
-from core.data import Dataset
-from core.engine import compress
-from core.estimate import preview
-from core.model import LoadedModel
-from core.plan import CompressionPlan, LayerConfig, PruneConfig, simple_plan
-from core.selection import count_mask, target_count
-from core.stats import SMALL_MAX, analyze, build_index, score_tensor
+from core.analysis.estimate import preview
+from core.analysis.selection import count_mask, target_count
+from core.analysis.stats import SMALL_MAX, analyze, build_index, score_tensor
+from core.base.model import LoadedModel
+from core.cli.main import main
+from core.compress.engine import compress
+from core.io.data import Dataset
+from core.recipe.plan import CompressionPlan, LayerConfig, PruneConfig, simple_plan
 
 #: One size above the radix threshold so the radix index and the kthvalue path both run.
 SIZES = [1, 2, 3, 7, 16, 101, 5_000, SMALL_MAX + 1_234]

@@ -1,4 +1,4 @@
-"""One-shot second-order compression (`core.second_order`): OBS/SparseGPT, GPTQ, group-wise
+"""One-shot second-order compression (`core.compress.second_order`): OBS/SparseGPT, GPTQ, group-wise
 scales and bias correction, measured on a generated transformer trained in the test."""
 
 from __future__ import annotations
@@ -9,18 +9,18 @@ import pytest
 import torch
 from torch import nn
 
-from core.cli import build_parser
-from core.cli_compress import _plan_from_args
-from core.data import make_dataset
-from core.engine import compress
-from core.errors import CompressionError, RecipeError
-from core.estimate import preview
-from core.model import LoadedModel
+from core.analysis.estimate import preview
+from core.analysis.stats import analyze
+from core.base.errors import CompressionError, RecipeError
+from core.base.model import LoadedModel
+from core.cli.compress import _plan_from_args
+from core.cli.main import build_parser
+from core.compress.engine import compress
+from core.compress.second_order import obs_gptq
+from core.io.data import make_dataset
+from core.ops.quantization import dequantize, quantize
 from core.packed import read_packed, write_packed
-from core.plan import CompressionPlan, QuantConfig, simple_plan
-from core.quantization import dequantize, quantize
-from core.second_order import obs_gptq
-from core.stats import analyze
+from core.recipe.plan import CompressionPlan, QuantConfig, simple_plan
 from tests.models import TinyTransformer
 
 

@@ -18,13 +18,13 @@ import pytest
 import torch
 from torch import nn
 
-from core.data import make_dataset
-from core.engine import compress
-from core.errors import Cancelled, CompressionError
-from core.model import LoadedModel
-from core.plan import QuantConfig, simple_plan
-from core.progress import CancelToken
-from core.stats import analyze
+from core.analysis.stats import analyze
+from core.base.errors import Cancelled, CompressionError
+from core.base.model import LoadedModel
+from core.base.progress import CancelToken
+from core.compress.engine import compress
+from core.io.data import make_dataset
+from core.recipe.plan import QuantConfig, simple_plan
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -63,7 +63,7 @@ def files(tmp_path_factory):
 def _cli(root: Path, *args: str) -> subprocess.CompletedProcess:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "WORKBENCH_CACHE": str(root / "cache")}
     return subprocess.run(
-        [sys.executable, "-m", "core.cli", "compress", *args, "--quiet"],
+        [sys.executable, "-m", "core.cli.main", "compress", *args, "--quiet"],
         cwd=ROOT,
         capture_output=True,
         text=True,
@@ -105,9 +105,9 @@ def test_obs_gptq_group64_with_ratio_and_min_cosine_meets_the_target(files):
 def test_group_size_changes_the_planned_bytes(files):
     """The solver prices the group scales: same target, gptq + groups vs plain round-to-nearest
     both land under the budget (the grouped plan cannot afford the same widths)."""
-    from core.plan import CompressionPlan
-    from core.sensitivity import scan
-    from core.solver import Target, plan_for_target
+    from core.planning.sensitivity import scan
+    from core.planning.solver import Target, plan_for_target
+    from core.recipe.plan import CompressionPlan
 
     _, m, x, y = files
     loaded = LoadedModel(m, "eager", "test:m", "m", example_input=x[:4], task="classification")

@@ -9,15 +9,15 @@ from dataclasses import replace
 import pytest
 import torch
 
-from core.data import digits_split, make_dataset
-from core.engine import compress
-from core.errors import Cancelled
-from core.model import LoadedModel
-from core.model_io import load_model
-from core.plan import CompressionPlan
-from core.progress import CancelToken
-from core.sensitivity import Level, SensitivityScan, default_levels, scan
-from core.stats import analyze
+from core.analysis.stats import analyze
+from core.base.errors import Cancelled
+from core.base.model import LoadedModel
+from core.base.progress import CancelToken
+from core.compress.engine import compress
+from core.io.data import digits_split, make_dataset
+from core.io.model_io import load_model
+from core.planning.sensitivity import Level, SensitivityScan, default_levels, scan
+from core.recipe.plan import CompressionPlan
 from tests.models import make
 
 #: A small grid keeps every scan here well under a second.

@@ -9,7 +9,10 @@ from dataclasses import replace
 import pytest
 import torch
 
-from core.edits import (
+from core.base.errors import CompressionError, RecipeError, WorkbenchError
+from core.base.methods import prune_method, prune_method_names, prune_methods, score_tensor
+from core.base.progress import CancelToken
+from core.recipe.edits import (
     KEEP,
     ReplacePlan,
     ResetLayers,
@@ -23,10 +26,7 @@ from core.edits import (
     protect_output,
     replay,
 )
-from core.errors import CompressionError, RecipeError, WorkbenchError
-from core.methods import prune_method, prune_method_names, prune_methods, score_tensor
-from core.plan import CompressionPlan, LayerConfig, PruneConfig, QuantConfig, RecoveryConfig
-from core.progress import CancelToken
+from core.recipe.plan import CompressionPlan, LayerConfig, PruneConfig, QuantConfig, RecoveryConfig
 from core.session import SUPERSEDES, PlanHistory, RunRecord, Session
 
 
@@ -93,7 +93,7 @@ def test_parser_reports_field_path_from_the_config():
 
 
 def test_registry_drives_the_method_lists():
-    from core import plan
+    from core.recipe import plan
 
     assert plan.PRUNE_METHODS == tuple(m.name for m in prune_methods())
     assert set(plan.STRUCTURED_METHODS) == {"channel_l1", "channel_l2"}

@@ -10,15 +10,14 @@ import numpy as np
 import pytest
 import torch
 
-from core.data import digits_split, make_dataset
-from core.engine import compress
-from core.errors import CompressionError, RecipeError
-from core.estimate import preview
-from core.model import LoadedModel
-from core.plan import CompressionPlan
-from core.sensitivity import Level, default_levels, scan
-from core.session import Session
-from core.solver import (
+from core.analysis.estimate import preview
+from core.analysis.stats import analyze
+from core.base.errors import CompressionError, RecipeError
+from core.base.model import LoadedModel
+from core.compress.engine import compress
+from core.io.data import digits_split, make_dataset
+from core.planning.sensitivity import Level, default_levels, scan
+from core.planning.solver import (
     Target,
     build_problem,
     frontier,
@@ -28,7 +27,8 @@ from core.solver import (
     solve_exact,
     solve_lagrangian,
 )
-from core.stats import analyze
+from core.recipe.plan import CompressionPlan
+from core.session import Session
 from tests.models import make
 
 
@@ -233,7 +233,7 @@ def test_plan_beats_uniform_settings_at_the_same_bytes(build, ref, tmp_path):
 def test_default_grid_solves_for_a_weights_only_model(tmp_path):
     from safetensors.torch import save_file
 
-    from core.model_io import load_model
+    from core.io.model_io import load_model
 
     module, _ = make("encoder")
     path = tmp_path / "enc.safetensors"

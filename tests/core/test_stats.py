@@ -10,14 +10,8 @@ import pytest
 import torch
 from torch import nn
 
-from core.data import Dataset
-from core.errors import Cancelled, CompressionError, DataError
-from core.inventory import inventory
-from core.model import LoadedModel
-from core.plan import SCORE_ALIASES
-from core.progress import CancelToken
-from core.pruning import threshold_mask
-from core.stats import (
+from core.analysis.inventory import inventory
+from core.analysis.stats import (
     EDGE_VALUES,
     INF_EDGE,
     SMALL_MAX,
@@ -27,6 +21,12 @@ from core.stats import (
     gradient_stats,
     score_tensor,
 )
+from core.base.errors import Cancelled, CompressionError, DataError
+from core.base.model import LoadedModel
+from core.base.progress import CancelToken
+from core.io.data import Dataset
+from core.ops.pruning import threshold_mask
+from core.recipe.plan import SCORE_ALIASES
 from tests import models
 
 
@@ -178,7 +178,7 @@ def test_tensor_statistics(rows, cols):
     assert ts.hist.counts[0 if rows > 30 else -1] >= cols  # the channel of +-5.0
     assert ts.row_max[3] == pytest.approx(float(w[3].max()))
     assert ts.row_min[0] == pytest.approx(float(w[0][torch.isfinite(w[0])].min()))
-    # plus methods sharing the magnitude index (core.plan.SCORE_ALIASES, e.g. "obs")
+    # plus methods sharing the magnitude index (core.recipe.plan.SCORE_ALIASES, e.g. "obs")
     assert set(ts.scores) == {"magnitude", "channel_l1", "channel_l2", *SCORE_ALIASES}
     assert all(ts.scores[m] is ts.scores[a] for m, a in SCORE_ALIASES.items())
     assert ts.grad is None and not stats.has_gradients
@@ -261,7 +261,7 @@ def test_gradient_label_range_checked():
 
 
 def test_weights_only_model_has_no_gradients():
-    from core.model_io import WeightsOnlyModule
+    from core.io.model_io import WeightsOnlyModule
 
     module = WeightsOnlyModule({"fc.weight": torch.randn(3, 4), "fc.bias": torch.zeros(3)})
     loaded = LoadedModel(

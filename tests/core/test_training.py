@@ -7,17 +7,17 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from core.data import digits_split, make_dataset, split_dataset
-from core.engine import compress
-from core.errors import Cancelled, CompressionError
+from core.analysis.stats import analyze
+from core.base.errors import Cancelled, CompressionError
+from core.base.model import LoadedModel
+from core.base.progress import CancelToken
+from core.compress.engine import compress
 from core.evaluate import evaluate
-from core.model import LoadedModel
-from core.model_io import load_model
-from core.plan import LayerConfig, PruneConfig, QuantConfig, RecoveryConfig, simple_plan
-from core.progress import CancelToken
-from core.quantization import dequantize
-from core.stats import analyze
-from core.training import (
+from core.io.data import digits_split, make_dataset, split_dataset
+from core.io.model_io import load_model
+from core.ops.quantization import dequantize
+from core.recipe.plan import LayerConfig, PruneConfig, QuantConfig, RecoveryConfig, simple_plan
+from core.recovery.training import (
     _step_plan,
     compress_and_finetune,
     distillation_loss,

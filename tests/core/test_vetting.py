@@ -1,4 +1,4 @@
-"""Opening a stranger's model file never runs code from it (core/vetting.py).
+"""Opening a stranger's model file never runs code from it (core/io/vetting.py).
 
 Every hostile file is generated here; payloads only create a marker file in ``tmp_path``.
 """
@@ -16,9 +16,9 @@ import pytest
 import torch
 from torch import nn
 
-from core.errors import ModelLoadError, UntrustedPickleError, WorkbenchError
-from core.model_io import load_model
-from core.vetting import zip_name_problem
+from core.base.errors import ModelLoadError, UntrustedPickleError, WorkbenchError
+from core.io.model_io import load_model
+from core.io.vetting import zip_name_problem
 from tests.models import make
 
 MARKER = "PWNED"
@@ -346,7 +346,7 @@ def test_cli_inspect_prints_the_weights_only_reason(tmp_path):
     torch.jit.save(torch.jit.script(_SetState(str(marker))), str(path))
     root = Path(__file__).resolve().parents[2]
     proc = subprocess.run(
-        [sys.executable, "-m", "core.cli", "inspect", str(path)],
+        [sys.executable, "-m", "core.cli.main", "inspect", str(path)],
         cwd=root,
         capture_output=True,
         text=True,
@@ -361,7 +361,7 @@ def test_cli_inspect_prints_the_weights_only_reason(tmp_path):
 
 
 def _packed_from(source: Path, tmp_path: Path) -> tuple[Path, Any]:
-    from core.export import export
+    from core.export.formats import export
     from tests.core._fixtures import make_result
 
     result = make_result(load_model(source, trust=True), sparsity=0.5, bits=8)
@@ -392,7 +392,7 @@ def test_packed_archive_never_opens_its_recorded_source(tmp_path):
 
 
 def test_packed_archive_with_an_explicit_base_runs(tmp_path):
-    from core.export import result_from_packed
+    from core.export.formats import result_from_packed
 
     model, x = make("encoder")
     source = tmp_path / "enc.pt"

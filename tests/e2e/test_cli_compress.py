@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from core.plan import CompressionPlan, simple_plan
+from core.recipe.plan import CompressionPlan, simple_plan
 from tests.models import make
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -21,7 +21,7 @@ def _run(*args: str) -> subprocess.CompletedProcess:
     # One intra-op thread: tiny models run faster than with threads spinning on a busy box.
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     return subprocess.run(
-        [sys.executable, "-m", "core.cli", "compress", *args, "--quiet"],
+        [sys.executable, "-m", "core.cli.main", "compress", *args, "--quiet"],
         cwd=ROOT,
         capture_output=True,
         text=True,

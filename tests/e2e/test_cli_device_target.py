@@ -24,7 +24,7 @@ def cache(tmp_path_factory) -> Path:
 def _run(cache: Path, *args: str) -> subprocess.CompletedProcess:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "WORKBENCH_CACHE": str(cache)}
     return subprocess.run(
-        [sys.executable, "-m", "core.cli", *args, "--quiet"],
+        [sys.executable, "-m", "core.cli.main", *args, "--quiet"],
         cwd=ROOT,
         capture_output=True,
         text=True,

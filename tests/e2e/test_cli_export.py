@@ -14,7 +14,7 @@ ROOT = Path(__file__).resolve().parents[2]
 
 def _cli(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run(
-        [sys.executable, "-m", "core.cli", *args],
+        [sys.executable, "-m", "core.cli.main", *args],
         cwd=ROOT,
         capture_output=True,
         text=True,
@@ -72,7 +72,7 @@ def test_compress_then_reexport(tmp_path):
 
 
 def test_export_asks_for_base_when_the_source_is_gone(tmp_path):
-    from core.zoo import build_demo
+    from core.io.zoo import build_demo
 
     model_file = tmp_path / "mine.safetensors"
     from safetensors.torch import save_file

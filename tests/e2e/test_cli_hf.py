@@ -25,7 +25,7 @@ def _cli(*args: str) -> subprocess.CompletedProcess:
     env.pop("HF_HUB_OFFLINE", None)
     env.pop("TRANSFORMERS_OFFLINE", None)
     return subprocess.run(
-        [sys.executable, "-m", "core.cli", *args],
+        [sys.executable, "-m", "core.cli.main", *args],
         cwd=ROOT,
         capture_output=True,
         text=True,

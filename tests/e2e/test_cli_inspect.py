@@ -20,7 +20,7 @@ ROOT = Path(__file__).resolve().parents[2]
 def _run(*args: str) -> subprocess.CompletedProcess:
     env = dict(os.environ, OMP_NUM_THREADS="1")
     return subprocess.run(
-        [sys.executable, "-m", "core.cli", "inspect", *args],
+        [sys.executable, "-m", "core.cli.main", "inspect", *args],
         capture_output=True,
         text=True,
         cwd=ROOT,
@@ -92,8 +92,8 @@ def test_inspect_data_that_does_not_fit(tmp_path):
 
 def test_inspect_packed_archive_says_what_the_file_is(tmp_path):
     """A packed archive is reported as `packed` with its base, without the base's accuracy."""
-    from core.export import export
-    from core.model_io import load_model
+    from core.export.formats import export
+    from core.io.model_io import load_model
     from tests.core._fixtures import make_result
 
     result = make_result(load_model("demo:mlp"), sparsity=0.8, bits=4)

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from core.plan import CompressionPlan
+from core.recipe.plan import CompressionPlan
 
 ROOT = Path(__file__).resolve().parents[2]
 DENSE_MLP = 202_440  # fp32 bytes of demo:mlp's parameters
@@ -26,7 +26,7 @@ def cache(tmp_path_factory) -> Path:
 def _run(cache: Path, *args: str) -> subprocess.CompletedProcess:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "WORKBENCH_CACHE": str(cache)}
     return subprocess.run(
-        [sys.executable, "-m", "core.cli", *args, "--quiet"],
+        [sys.executable, "-m", "core.cli.main", *args, "--quiet"],
         cwd=ROOT,
         capture_output=True,
         text=True,

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from core.cli_plan import DAMAGE_MODELS
+from core.cli.plan import DAMAGE_MODELS
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -25,7 +25,7 @@ def cache(tmp_path_factory) -> Path:
 def _run(cache: Path, *args: str) -> subprocess.CompletedProcess:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "WORKBENCH_CACHE": str(cache)}
     return subprocess.run(
-        [sys.executable, "-m", "core.cli", "compress", *args, "--quiet"],
+        [sys.executable, "-m", "core.cli.main", "compress", *args, "--quiet"],
         cwd=ROOT,
         capture_output=True,
         text=True,

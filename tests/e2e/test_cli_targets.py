@@ -13,7 +13,7 @@ ROOT = Path(__file__).resolve().parents[2]
 def _run(*args: str) -> subprocess.CompletedProcess:
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     return subprocess.run(
-        [sys.executable, "-m", "core.cli", "compress", *args, "--quiet"],
+        [sys.executable, "-m", "core.cli.main", "compress", *args, "--quiet"],
         cwd=ROOT,
         capture_output=True,
         text=True,

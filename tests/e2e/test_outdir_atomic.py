@@ -1,7 +1,7 @@
 """``workbench compress/export --out DIR`` is complete or untouched under signals and races.
 
 Runs the real CLI in a subprocess. ``WORKBENCH_TEST_PAUSE_AT=<stage>`` makes the run announce
-and sleep at a named point (`core.outdir.pause_point`), so a signal lands there every time.
+and sleep at a named point (`core.base.outdir.pause_point`), so a signal lands there every time.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from core.plan import CompressionPlan, simple_plan
+from core.recipe.plan import CompressionPlan, simple_plan
 
 ROOT = Path(__file__).resolve().parents[2]
 FILES = {
@@ -37,7 +37,7 @@ class Run:
         full = {**os.environ, "OMP_NUM_THREADS": "1", **env}
         if pause:
             full["WORKBENCH_TEST_PAUSE_AT"] = pause
-        argv = [sys.executable, "-m", "core.cli", *args]
+        argv = [sys.executable, "-m", "core.cli.main", *args]
         if shell is not None:
             # run the CLI at the end of a shell script (in a private mount namespace)
             cli = " ".join(f"'{a}'" for a in argv)

@@ -25,11 +25,11 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from core.export import load_packed
-from core.inventory import prunable_layers
-from core.model import forward
-from core.model_io import load_model
-from core.plan import CompressionPlan
+from core.analysis.inventory import prunable_layers
+from core.base.model import forward
+from core.export.formats import load_packed
+from core.io.model_io import load_model
+from core.recipe.plan import CompressionPlan
 from tests.models import make
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -41,7 +41,7 @@ ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
 
 def cli(*args: str, cwd: Path = ROOT) -> subprocess.CompletedProcess:
     return subprocess.run(
-        [sys.executable, "-m", "core.cli", *args],
+        [sys.executable, "-m", "core.cli.main", *args],
         cwd=cwd,
         env=ENV,
         capture_output=True,

@@ -1,9 +1,9 @@
-"""Run ``workbench`` (``core.cli``) on hostile inputs, bounded in time and memory.
+"""Run ``workbench`` (``core.cli.main``) on hostile inputs, bounded in time and memory.
 
 Two ways, same limits and same `Outcome`:
 
-* `run_cli` -- a fresh ``python -m core.cli ...`` subprocess per case (bombs, resource limits).
-* `CliWorker` -- one long-lived subprocess that imports torch once and runs ``core.cli.main``
+* `run_cli` -- a fresh ``python -m core.cli.main ...`` subprocess per case (bombs, resource limits).
+* `CliWorker` -- one long-lived subprocess that imports torch once and runs ``core.cli.main.main``
   in-process per case, with its file descriptors 1/2 redirected to per-case files. Importing
   torch costs seconds per process, so the cheap cases share it.
 
@@ -136,11 +136,11 @@ def run_cli(
     timeout: float = TIMEOUT,
     as_limit: int = AS_LIMIT,
 ) -> Outcome:
-    """``python -m core.cli *argv`` in a fresh, capped subprocess."""
+    """``python -m core.cli.main *argv`` in a fresh, capped subprocess."""
     scratch.mkdir(parents=True, exist_ok=True)
     start = time.monotonic()
     proc = subprocess.Popen(
-        [sys.executable, "-m", "core.cli", *argv],
+        [sys.executable, "-m", "core.cli.main", *argv],
         cwd=scratch,
         env=_env(scratch),
         stdin=subprocess.DEVNULL,
@@ -171,7 +171,7 @@ def run_cli(
 
 
 class CliWorker:
-    """A long-lived capped subprocess running ``core.cli.main`` per request.
+    """A long-lived capped subprocess running ``core.cli.main.main`` per request.
 
     A case that times out or kills the worker costs one restart; the next `run` starts a
     fresh worker. Use as a context manager or call `close`.
@@ -302,7 +302,7 @@ def _serve() -> None:
     log = os.dup(2)  # the worker's own log, restored after every case
     devnull = os.open(os.devnull, os.O_WRONLY)
     os.dup2(devnull, 1)  # nothing but replies may reach the protocol pipe
-    from core.cli import main
+    from core.cli.main import main
 
     reply.write("ready\n")
     for line in sys.stdin:

@@ -19,9 +19,9 @@ import torch
 from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
 
-from core.data import load_data
-from core.errors import DataError, RecipeError
-from core.plan import CompressionPlan, simple_plan
+from core.base.errors import DataError, RecipeError
+from core.io.data import load_data
+from core.recipe.plan import CompressionPlan, simple_plan
 
 FUZZ = settings(
     max_examples=150,

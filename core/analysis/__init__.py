@@ -1,0 +1,1 @@
+"""Step 2, analysis: per-layer statistics and gradients (stats), the layer inventory (inventory), selection counting (selection), the live estimate (estimate) and after-compression histograms (overlay)."""

@@ -1,0 +1,1 @@
+"""Tensor operations with no model knowledge: pruning scores and masks (pruning), uniform quantization (quantization)."""

@@ -1,0 +1,1 @@
+"""Planning: per-layer sensitivity scans (sensitivity) and the budget solver that turns them into a plan (solver)."""
