@@ -556,6 +556,151 @@ def _block_size(group_size: int | None, m: int | None) -> int:
     return unit * max(1, -(-BLOCK // unit))
 
 
+@dataclass
+class _Grid:
+    """GPTQ's quantization grid while the columns are rounded: the affine parameters (per
+    row, or per group set as the columns reach each group), the current column's scale and
+    zero point, and the int32 codes written so far."""
+
+    bits: int
+    symmetric: bool
+    group_size: int | None
+    codes: torch.Tensor
+    scale: torch.Tensor
+    zp: torch.Tensor
+    s_col: torch.Tensor | None = None
+    z_col: torch.Tensor | None = None
+
+    @property
+    def qmin(self) -> int:
+        return 1 if self.symmetric else 0
+
+    @property
+    def qmax(self) -> int:
+        return 2**self.bits - 1
+
+    def start_group(self, span: torch.Tensor, keep: torch.Tensor | None, g: int) -> None:
+        """Fit group ``g``'s per-row parameters to its (compensated) columns ``span``."""
+        gs, gz = quant_params(
+            span, self.bits, symmetric=self.symmetric, per_channel=True, mask=keep
+        )
+        self.scale[:, g], self.zp[:, g] = gs, gz
+        self.s_col, self.z_col = gs.reshape(-1), gz.reshape(-1)
+
+    def round(self, q: torch.Tensor, gone: torch.Tensor, col: int) -> torch.Tensor:
+        """Codes of column ``col`` (pruned rows at the zero point); returns their values."""
+        s_vec = self.s_col.reshape(-1)
+        z_vec = self.z_col.reshape(-1)
+        c = torch.clamp(torch.round(q / s_vec) + z_vec, self.qmin, self.qmax).to(torch.int32)
+        c = torch.where(gone, z_vec.to(torch.int32).expand_as(c), c)
+        self.codes[:, col] = c
+        q = (c - z_vec).to(torch.float32) * s_vec
+        return torch.where(gone, torch.zeros_like(q), q)
+
+
+def _new_grid(
+    w: torch.Tensor,
+    pruned: torch.Tensor,
+    selects: bool,
+    bits: int,
+    symmetric: bool,
+    per_channel: bool,
+    group_size: int | None,
+) -> _Grid:
+    """The grid before the first column: fitted to ``w`` ungrouped, else one slot per group."""
+    rows, cols = w.shape
+    codes = torch.zeros((rows, cols), dtype=torch.int32)
+    if group_size is not None:
+        groups = -(-cols // group_size)
+        scale = torch.ones(rows, groups)
+        zp = torch.zeros(rows, groups, dtype=torch.int32)
+        return _Grid(bits, symmetric, group_size, codes, scale, zp)
+    scale, zp = quant_params(
+        w,
+        bits,
+        symmetric=symmetric,
+        per_channel=per_channel,
+        mask=None if selects else ~pruned,
+    )
+    s_col = scale.reshape(-1, 1).expand(rows, 1) if scale.numel() > 1 else scale
+    z_col = zp.reshape(-1, 1).expand(rows, 1) if zp.numel() > 1 else zp
+    return _Grid(bits, symmetric, None, codes, scale, zp, s_col, z_col)
+
+
+def _lowest_saliency(w1: torch.Tensor, d1: torch.Tensor, k: int) -> torch.Tensor:
+    """Mask of the ``k`` lowest ``w^2 / [H^-1]_qq^2`` entries of the block ``w1``."""
+    sal = (w1.pow(2) / d1.pow(2).reshape(1, -1)).reshape(-1)
+    blk = torch.zeros(sal.numel(), dtype=torch.bool)
+    if k:
+        blk[torch.topk(sal, k, largest=False, sorted=False).indices] = True
+    return blk.reshape(w1.shape)
+
+
+def _prune_nm_run(
+    w1: torch.Tensor,
+    d1: torch.Tensor,
+    pruned: torch.Tensor,
+    i: int,
+    col: int,
+    nm: tuple[int, int],
+) -> None:
+    """Mark the N:M run starting at column ``col`` (block column ``i``) in ``pruned``."""
+    n, m = nm
+    cols = pruned.shape[1]
+    nm_full, nm_tail = nm_group_counts(cols, n, m)
+    width = m if col < nm_full * m else cols - col
+    count = n if col < nm_full * m else nm_tail
+    sal = w1[:, i : i + width].pow(2) / d1[i : i + width].pow(2).reshape(1, -1)
+    run = torch.zeros_like(sal, dtype=torch.bool)
+    if count:
+        run.scatter_(1, torch.topk(sal, count, dim=1, largest=False).indices, True)
+    pruned[:, col : col + width] = run
+
+
+def _obs_block(
+    w: torch.Tensor,
+    u: torch.Tensor,
+    pruned: torch.Tensor,
+    b0: int,
+    b1: int,
+    prune_count: int | None,
+    nm: tuple[int, int] | None,
+    grid: _Grid | None,
+) -> None:
+    """Prune and/or round columns ``b0:b1`` of ``w`` in place, one column at a time, each
+    column's error compensated in the block's remaining columns and then (lazily) in the
+    columns after the block."""
+    rows, cols = w.shape
+    w1 = w[:, b0:b1].clone()
+    q1 = torch.zeros_like(w1)
+    err1 = torch.zeros_like(w1)
+    u1 = u[b0:b1, b0:b1]
+    d1 = torch.diagonal(u1)
+    if prune_count is not None:
+        k = prune_count * b1 // cols - prune_count * b0 // cols
+        pruned[:, b0:b1] = _lowest_saliency(w1, d1, k)
+    for i in range(b1 - b0):
+        col = b0 + i
+        if nm is not None and col % nm[1] == 0:
+            _prune_nm_run(w1, d1, pruned, i, col, nm)
+        if grid is not None and grid.group_size is not None and col % grid.group_size == 0:
+            span = w1[:, i : i + grid.group_size]
+            gkeep = None if nm is not None else ~pruned[:, col : col + span.shape[1]]
+            grid.start_group(span, gkeep, col // grid.group_size)
+        wc = w1[:, i]
+        gone = pruned[:, col]
+        q = torch.where(gone, torch.zeros_like(wc), wc)
+        if grid is not None:
+            q = grid.round(q, gone, col)
+        q1[:, i] = q
+        e = (wc - q) / d1[i]
+        w1[:, i:] -= e.reshape(-1, 1) * u1[i, i:].reshape(1, -1)
+        err1[:, i] = e
+    w[:, b0:b1] = q1
+    if b1 < cols:
+        w[:, b1:] -= err1 @ u[b0:b1, b1:]
+
+
 def obs_gptq(
     w: torch.Tensor,
     h: torch.Tensor,
@@ -623,79 +768,14 @@ def obs_gptq(
     u = _inverse_cholesky(h.to(torch.float32))
     pruned = torch.zeros_like(w, dtype=torch.bool) if keep is None else ~keep.to(torch.bool)
     selects = prune_count is not None or nm is not None
-    m = nm[1] if nm is not None else None
-    block = _block_size(group_size, m)
-    nm_full, nm_tail = nm_group_counts(cols, nm[0], nm[1]) if nm is not None else (0, 0)
-
-    scale = zp = codes = None
+    block = _block_size(group_size, nm[1] if nm is not None else None)
+    grid = None
     if bits is not None:
-        qmin, qmax = (1 if symmetric else 0), 2**bits - 1
-        codes = torch.zeros((rows, cols), dtype=torch.int32)
-        if group_size is None:
-            scale, zp = quant_params(
-                w,
-                bits,
-                symmetric=symmetric,
-                per_channel=per_channel,
-                mask=None if selects else ~pruned,
-            )
-            s_col = scale.reshape(-1, 1).expand(rows, 1) if scale.numel() > 1 else scale
-            z_col = zp.reshape(-1, 1).expand(rows, 1) if zp.numel() > 1 else zp
-        else:
-            groups = -(-cols // group_size)
-            scale = torch.ones(rows, groups)
-            zp = torch.zeros(rows, groups, dtype=torch.int32)
-
+        grid = _new_grid(w, pruned, selects, bits, symmetric, per_channel, group_size)
     for b0 in range(0, cols, block):
-        b1 = min(b0 + block, cols)
-        w1 = w[:, b0:b1].clone()
-        q1 = torch.zeros_like(w1)
-        err1 = torch.zeros_like(w1)
-        u1 = u[b0:b1, b0:b1]
-        d1 = torch.diagonal(u1)
-        if prune_count is not None:
-            k = prune_count * b1 // cols - prune_count * b0 // cols
-            sal = (w1.pow(2) / d1.pow(2).reshape(1, -1)).reshape(-1)
-            blk = torch.zeros(sal.numel(), dtype=torch.bool)
-            if k:
-                blk[torch.topk(sal, k, largest=False, sorted=False).indices] = True
-            pruned[:, b0:b1] = blk.reshape(rows, b1 - b0)
-        for i in range(b1 - b0):
-            col = b0 + i
-            if nm is not None and col % nm[1] == 0:
-                width = nm[1] if col < nm_full * nm[1] else cols - col
-                count = nm[0] if col < nm_full * nm[1] else nm_tail
-                sal = w1[:, i : i + width].pow(2) / d1[i : i + width].pow(2).reshape(1, -1)
-                run = torch.zeros_like(sal, dtype=torch.bool)
-                if count:
-                    run.scatter_(1, torch.topk(sal, count, dim=1, largest=False).indices, True)
-                pruned[:, col : col + width] = run
-            if bits is not None and group_size is not None and col % group_size == 0:
-                g = col // group_size
-                span = w1[:, i : i + group_size]
-                gkeep = None if nm is not None else ~pruned[:, col : col + span.shape[1]]
-                gs, gz = quant_params(span, bits, symmetric=symmetric, per_channel=True, mask=gkeep)
-                scale[:, g], zp[:, g] = gs, gz
-                s_col, z_col = gs.reshape(-1), gz.reshape(-1)
-            wc = w1[:, i]
-            gone = pruned[:, col]
-            q = torch.where(gone, torch.zeros_like(wc), wc)
-            if bits is not None:
-                s_vec = s_col.reshape(-1)
-                z_vec = z_col.reshape(-1)
-                c = torch.clamp(torch.round(q / s_vec) + z_vec, qmin, qmax).to(torch.int32)
-                c = torch.where(gone, z_vec.to(torch.int32).expand_as(c), c)
-                codes[:, col] = c
-                q = (c - z_vec).to(torch.float32) * s_vec
-                q = torch.where(gone, torch.zeros_like(q), q)
-            q1[:, i] = q
-            e = (wc - q) / d1[i]
-            w1[:, i:] -= e.reshape(-1, 1) * u1[i, i:].reshape(1, -1)
-            err1[:, i] = e
-        w[:, b0:b1] = q1
-        if b1 < cols:
-            w[:, b1:] -= err1 @ u[b0:b1, b1:]
+        _obs_block(w, u, pruned, b0, min(b0 + block, cols), prune_count, nm, grid)
     keep_out = None if not pruned.any() and keep is None else ~pruned
-    if scale is not None:
-        scale, zp = scale.reshape(-1).to(torch.float32), zp.reshape(-1).to(torch.int32)
-    return w, codes, scale, zp, keep_out
+    if grid is None:
+        return w, None, None, None, keep_out
+    scale, zp = grid.scale.reshape(-1).to(torch.float32), grid.zp.reshape(-1).to(torch.int32)
+    return w, grid.codes, scale, zp, keep_out

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -139,6 +139,105 @@ def _batches(x: torch.Tensor, size: int, fixed: int | None):
         yield b, real
 
 
+@dataclass
+class _Agreement:
+    """Running comparison of a deployed file's outputs with the simulation's."""
+
+    seen: int = 0
+    correct: int = 0
+    sim_correct: int = 0
+    agree: int = 0
+    err_sq: float = 0.0
+    ref_sq: float = 0.0
+    max_diff: float = 0.0
+    classifier: bool = False
+    labelled: bool = False
+
+    def add(self, out: torch.Tensor, ref: torch.Tensor, y: torch.Tensor | None) -> None:
+        """One batch of ``real`` rows; ``y`` the labels of the whole sample (or ``None``)."""
+        real = int(out.shape[0])
+        diff = (out.double() - ref.double()).abs()
+        self.max_diff = max(self.max_diff, float(diff.max()) if diff.numel() else 0.0)
+        self.err_sq += float(diff.pow(2).sum())
+        self.ref_sq += float(ref.double().pow(2).sum())
+        self.classifier = out.ndim == 2 and out.shape[1] > 1
+        if self.classifier:
+            self.agree += int((out.argmax(1) == ref.argmax(1)).sum())
+            if y is not None:
+                labels = y[self.seen : self.seen + real].reshape(-1)
+                self.correct += int((out.argmax(1) == labels).sum())
+                self.sim_correct += int((ref.argmax(1) == labels).sum())
+        self.seen += real
+
+    @property
+    def accuracy(self) -> float | None:
+        ok = self.classifier and self.labelled and self.seen
+        return self.correct / self.seen if ok else None
+
+    @property
+    def simulated_accuracy(self) -> float | None:
+        return self.sim_correct / self.seen if self.accuracy is not None else None
+
+    @property
+    def rel_l2(self) -> float:
+        if self.ref_sq > 0:
+            return (self.err_sq**0.5) / self.ref_sq**0.5
+        return 0.0 if self.err_sq == 0 else float("inf")
+
+
+def _compare(
+    fmt: str,
+    path: str | Path,
+    run: Runner,
+    sim: Runner,
+    x: torch.Tensor,
+    y: torch.Tensor | None,
+    batch: int,
+    fixed: int | None,
+) -> _Agreement:
+    """Run the file and the simulation on the same batches and compare their outputs."""
+    agreement = _Agreement(labelled=y is not None)
+    for b, real in _batches(x, batch, fixed):
+        out = run(b)[:real]
+        ref = sim(b)[:real]
+        if out.shape != ref.shape:
+            raise ExportError(
+                f"the deployed {fmt} file returns shape {tuple(out.shape)}, the simulation "
+                f"{tuple(ref.shape)}",
+                path=path,
+            )
+        agreement.add(out, ref, y)
+    return agreement
+
+
+def _mismatch_reasons(a: _Agreement, margin: float, max_rel_l2: float) -> list[str]:
+    """Why the file does not behave like the simulation (empty when it does)."""
+    reasons = []
+    acc, sim_acc = a.accuracy, a.simulated_accuracy
+    if acc is not None and abs(acc - sim_acc) > margin:
+        reasons.append(f"accuracy {100 * acc:.2f}% vs simulated {100 * sim_acc:.2f}%")
+    elif acc is None and a.classifier and (1.0 - a.agree / a.seen) > margin:
+        # Without labels, top-1 agreement with the simulation is the deployed quality.
+        reasons.append(f"top-1 agreement with the simulation {100 * a.agree / a.seen:.2f}%")
+    if not a.rel_l2 <= max_rel_l2:
+        reasons.append(f"relative L2 error of the outputs {a.rel_l2:.3g} > {max_rel_l2:g}")
+    return reasons
+
+
+def _latencies(
+    run: Runner, x: torch.Tensor, batch: int, fixed: int | None, repeats: int
+) -> dict[str, Any]:
+    """Latency at batch 1 and at the data batch (only the fixed batch for fixed programs)."""
+    lat: dict[str, Any] = {}
+    sizes = [1, min(batch, int(x.shape[0]))]
+    if fixed:
+        sizes = [fixed]
+    for size in dict.fromkeys(sizes):
+        xb = next(_batches(x[:size], size, fixed))[0]
+        lat[f"batch_{size}"] = latency_stats(lambda xb=xb: run(xb), repeats=repeats)
+    return lat
+
+
 def check_file(
     fmt: str,
     path: str | Path,
@@ -193,67 +292,26 @@ def check_file(
     sim = simulated or _torch_runner(result.compressed.module)
     x, y, data_name = _samples(result, data, limit)
     fixed = fixed_batch(result.compressed) or result.compressed.metadata.get("fixed_batch")
-    correct = sim_correct = agree = seen = 0
-    err_sq = ref_sq = 0.0
-    max_diff = 0.0
-    classifier = False
-    for b, real in _batches(x, batch, fixed):
-        out = run(b)[:real]
-        ref = sim(b)[:real]
-        if out.shape != ref.shape:
-            raise ExportError(
-                f"the deployed {fmt} file returns shape {tuple(out.shape)}, the simulation "
-                f"{tuple(ref.shape)}",
-                path=path,
-            )
-        diff = (out.double() - ref.double()).abs()
-        max_diff = max(max_diff, float(diff.max()) if diff.numel() else 0.0)
-        err_sq += float(diff.pow(2).sum())
-        ref_sq += float(ref.double().pow(2).sum())
-        classifier = out.ndim == 2 and out.shape[1] > 1
-        if classifier:
-            agree += int((out.argmax(1) == ref.argmax(1)).sum())
-            if y is not None:
-                labels = y[seen : seen + real].reshape(-1)
-                correct += int((out.argmax(1) == labels).sum())
-                sim_correct += int((ref.argmax(1) == labels).sum())
-        seen += real
-    acc = correct / seen if (classifier and y is not None and seen) else None
-    sim_acc = sim_correct / seen if acc is not None else None
-    rel = (err_sq**0.5) / ref_sq**0.5 if ref_sq > 0 else (0.0 if err_sq == 0 else float("inf"))
-    reasons = []
-    if acc is not None and abs(acc - sim_acc) > margin:
-        reasons.append(f"accuracy {100 * acc:.2f}% vs simulated {100 * sim_acc:.2f}%")
-    elif acc is None and classifier and (1.0 - agree / seen) > margin:
-        # Without labels, top-1 agreement with the simulation is the deployed quality.
-        reasons.append(f"top-1 agreement with the simulation {100 * agree / seen:.2f}%")
-    if not rel <= max_rel_l2:
-        reasons.append(f"relative L2 error of the outputs {rel:.3g} > {max_rel_l2:g}")
+    a = _compare(fmt, path, run, sim, x, y, batch, fixed)
+    reasons = _mismatch_reasons(a, margin, max_rel_l2)
     mismatch = bool(reasons)
     warning = None
     if mismatch:
         what = "; ".join(reasons)
         warning = (
-            f"deployed {fmt} file {Path(path).name}: {what} on {seen} samples of {data_name} "
+            f"deployed {fmt} file {Path(path).name}: {what} on {a.seen} samples of {data_name} "
             f"(accuracy margin {100 * margin:g} points); the file does not behave like the "
             "in-app model"
         )
-    lat: dict[str, Any] = {}
-    if latency:
-        sizes = [1, min(batch, int(x.shape[0]))]
-        if fixed:
-            sizes = [fixed]
-        for size in dict.fromkeys(sizes):
-            xb = next(_batches(x[:size], size, fixed))[0]
-            lat[f"batch_{size}"] = latency_stats(lambda xb=xb: run(xb), repeats=repeats)
+    lat = _latencies(run, x, batch, fixed, repeats) if latency else {}
     return {
         "data": data_name,
-        "samples": seen,
-        "accuracy": acc,
-        "simulated_accuracy": sim_acc,
-        "agreement": agree / seen if classifier and seen else None,
-        "rel_l2": rel,
-        "max_abs_diff": max_diff,
+        "samples": a.seen,
+        "accuracy": a.accuracy,
+        "simulated_accuracy": a.simulated_accuracy,
+        "agreement": a.agree / a.seen if a.classifier and a.seen else None,
+        "rel_l2": a.rel_l2,
+        "max_abs_diff": a.max_diff,
         "latency_ms": lat,
         "margin": margin,
         "max_rel_l2": max_rel_l2,

@@ -331,6 +331,43 @@ def _refuse_remote(config_dict: Mapping[str, Any], folder: Path, trust: bool) ->
         )
 
 
+def _read_config(tf: Any, path: Path, trust: bool) -> Any:
+    """The folder's config as transformers reads it (offline)."""
+    try:
+        return tf.AutoConfig.from_pretrained(
+            str(path), local_files_only=True, trust_remote_code=trust
+        )
+    except (OSError, ValueError, KeyError) as exc:
+        raise ModelLoadError(
+            f"transformers cannot read config.json ({_first(exc)})",
+            path=path / CONFIG,
+            hint="the model type may need a newer transformers, or the folder is incomplete",
+        ) from None
+
+
+def _build_model(
+    cls: Any, arch: str, path: Path, config: Any, files: list[str], trust: bool
+) -> Any:
+    """Build ``arch`` from the folder's weights (offline, no pickled code), in eval mode."""
+    try:
+        model = cls.from_pretrained(
+            str(path),
+            config=config,
+            local_files_only=True,
+            trust_remote_code=trust,
+            weights_only=True,
+            use_safetensors=any(f.startswith("model.safetensors") for f in files),
+        )
+    except (OSError, ValueError, RuntimeError, KeyError, TypeError) as exc:
+        raise ModelLoadError(
+            f"transformers could not build {arch} from the folder ({_first(exc)})",
+            path=path,
+            hint="check that the weights belong to config.json and are complete",
+        ) from None
+    model.eval()
+    return model
+
+
 def load_hf_folder(
     folder: str | Path,
     *,
@@ -368,16 +405,7 @@ def load_hf_folder(
     tf = transformers_module()
     if cancel is not None:
         cancel.check()
-    try:
-        config = tf.AutoConfig.from_pretrained(
-            str(path), local_files_only=True, trust_remote_code=trust
-        )
-    except (OSError, ValueError, KeyError) as exc:
-        raise ModelLoadError(
-            f"transformers cannot read config.json ({_first(exc)})",
-            path=path / CONFIG,
-            hint="the model type may need a newer transformers, or the folder is incomplete",
-        ) from None
+    config = _read_config(tf, path, trust)
     arch = _architecture(config, path)
     cls = _model_class(tf, arch, config_dict, path)
     if any(f.startswith("pytorch_model.bin") for f in files) and not any(
@@ -385,22 +413,7 @@ def load_hf_folder(
     ):
         _check_bins(path, files)
     progress(0.3, f"building {arch}")
-    try:
-        model = cls.from_pretrained(
-            str(path),
-            config=config,
-            local_files_only=True,
-            trust_remote_code=trust,
-            weights_only=True,
-            use_safetensors=any(f.startswith("model.safetensors") for f in files),
-        )
-    except (OSError, ValueError, RuntimeError, KeyError, TypeError) as exc:
-        raise ModelLoadError(
-            f"transformers could not build {arch} from the folder ({_first(exc)})",
-            path=path,
-            hint="check that the weights belong to config.json and are complete",
-        ) from None
-    model.eval()
+    model = _build_model(cls, arch, path, config, files, trust)
     if cancel is not None:
         cancel.check()
     kind = _kind_of(type(model).__name__)

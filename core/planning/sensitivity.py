@@ -576,6 +576,136 @@ def proxy_scan(
     )
 
 
+@dataclass
+class _ScanProgress:
+    """Level counts and measured time behind the per-layer progress messages and the ETA."""
+
+    progress: ProgressFn
+    todo: int
+    n_layers: int
+    done: int = 0
+    measured_time: float = 0.0
+    measured_levels: int = 0
+
+    def from_cache(self, index: int, name: str, n_levels: int) -> None:
+        self.done += n_levels
+        self.progress(self.done / self.todo, f"{name}: from cache ({index + 1}/{self.n_layers})")
+
+    def measured(self, index: int, name: str, seconds: float) -> None:
+        self.measured_time += seconds
+        self.measured_levels += 1
+        self.done += 1
+        eta = (self.todo - self.done) * self.measured_time / max(self.measured_levels, 1)
+        self.progress(
+            self.done / self.todo,
+            f"{name} ({index + 1}/{self.n_layers}), ETA {eta:.0f} s",
+        )
+
+
+@dataclass
+class _Reference:
+    """The uncompressed run every level is compared against."""
+
+    runner: _Runner
+    out: torch.Tensor
+    y: torch.Tensor | None
+    n: int
+    classifier: bool
+    metrics: dict[str, float | None]
+
+
+def _reference(
+    loaded: Any,
+    module: torch.nn.Module,
+    batches: list[torch.Tensor],
+    y: torch.Tensor | None,
+    n: int,
+) -> tuple[_Reference, float]:
+    """Run the uncompressed model once (under ``no_grad``/eval mode); also its wall time."""
+
+    t0 = time.perf_counter()
+    runner = _Runner(module, batches)
+    base_out = torch.cat([first_tensor(o).detach().float() for o in runner.run()])[:n]
+    eval_seconds = time.perf_counter() - t0
+    classifier = y is not None and is_classifier_output(loaded, base_out, True)
+    base = _metrics([base_out], base_out, y, n, classifier)
+    return _Reference(runner, base_out, y, n, classifier, base), eval_seconds
+
+
+def _require_gradients(method: str, stats: Any) -> None:
+    """Refuse a gradient criterion when the analysis has no gradient statistics."""
+
+    if prune_method(method).needs_gradients and not getattr(stats, "has_gradients", False):
+        raise CompressionError(
+            f"the {method!r} criterion needs gradient statistics; the analysis ran without data",
+            hint="analyze with labelled data, or scan with --method magnitude",
+        )
+
+
+def _eval_batches(loaded: Any, x: torch.Tensor, n: int) -> list[torch.Tensor]:
+    """The first ``n`` inputs as the batches the model runs (padded to its fixed batch size)."""
+
+    x_all = x[:n]
+    fixed = fixed_batch(loaded)
+    if fixed is None:
+        return [x_all]
+    pad = (-n) % fixed
+    if pad:
+        x_all = torch.cat([x_all, x_all[:1].expand(pad, *x_all.shape[1:])])
+    return list(x_all.split(fixed))
+
+
+def _cache_folder(cache: bool, cache_dir: str | Path | None, key: str) -> tuple[Path, bool]:
+    """The scan's cache folder, and whether the cache is usable (``False`` if not creatable)."""
+
+    folder = Path(cache_dir) if cache_dir is not None else cache_root()
+    folder = folder / key
+    if cache:
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+        except OSError:
+            cache = False
+    return folder, cache
+
+
+def _measure_layer(
+    layer: Any,
+    index: int,
+    ts: Any,
+    tensors: dict[str, torch.Tensor],
+    method: str,
+    levels: Sequence[Level],
+    ref: _Reference,
+    tracker: _ScanProgress,
+    cancel: CancelToken | None,
+) -> LayerCurve:
+    """Compress one layer at each level in place, measure, and restore its tensors."""
+
+    weight = tensors[layer.tensor]
+    bias_n = _bias_name(layer, tensors)
+    bias = tensors[bias_n] if bias_n is not None else None
+    w0 = weight.detach().clone()
+    b0 = bias.detach().clone() if bias is not None else None
+    points = []
+    try:
+        for level in levels:
+            if cancel is not None:
+                cancel.check()
+            t1 = time.perf_counter()
+            new_w, new_b = _level_tensors(layer, ts, method, level, w0, b0)
+            weight.copy_(new_w)
+            if bias is not None:
+                bias.copy_(new_b if new_b is not None else b0)
+            m = _metrics(ref.runner.run(layer.tensor), ref.out, ref.y, ref.n, ref.classifier)
+            points.append(_point(level, m, ref.metrics))
+            tracker.measured(index, layer.name, time.perf_counter() - t1)
+    finally:
+        weight.copy_(w0)
+        if bias is not None:
+            bias.copy_(b0)
+    return LayerCurve(layer.name, str(layer.tensor), ts.numel, tuple(points))
+
+
 def scan(
     loaded: Any,
     stats: Any,
@@ -617,13 +747,8 @@ def scan(
     SensitivityScan
     """
 
-    spec = prune_method(method)
     levels = tuple(levels or default_levels(method))
-    if spec.needs_gradients and not getattr(stats, "has_gradients", False):
-        raise CompressionError(
-            f"the {method!r} criterion needs gradient statistics; the analysis ran without data",
-            hint="analyze with labelled data, or scan with --method magnitude",
-        )
+    _require_gradients(method, stats)
     if not loaded.can_run or data is None:
         why = "weights-only checkpoint" if not loaded.can_run else "no data given"
         return proxy_scan(stats, method, levels, notes=(why,))
@@ -634,27 +759,11 @@ def scan(
     head = output_layer(loaded, stats.layers) if method in STRUCTURED_METHODS else None
 
     n = min(len(data), max_samples)
-    x_all = data.x[:n]
     y_all = data.y[:n] if data.y is not None else None
-    fixed = fixed_batch(loaded)
-    if fixed is not None:
-        pad = (-n) % fixed
-        if pad:
-            x_all = torch.cat([x_all, x_all[:1].expand(pad, *x_all.shape[1:])])
-        batches = list(x_all.split(fixed))
-    else:
-        batches = [x_all]
-
+    batches = _eval_batches(loaded, data.x, n)
     mhash = model_hash(loaded.module)
     dhash = data_hash(data.x[:n], y_all)
-    key = scan_key(mhash, dhash, method, levels, n)
-    folder = Path(cache_dir) if cache_dir is not None else cache_root()
-    folder = folder / key
-    if cache:
-        try:
-            folder.mkdir(parents=True, exist_ok=True)
-        except OSError:
-            cache = False
+    folder, cache = _cache_folder(cache, cache_dir, scan_key(mhash, dhash, method, levels, n))
 
     work = clone_model(loaded)
     module = work.module
@@ -662,16 +771,9 @@ def scan(
     curves: list[LayerCurve] = []
     cached = 0
     with torch.no_grad(), eval_mode(module):
-        t0 = time.perf_counter()
-        runner = _Runner(module, batches)
-        base_out = torch.cat([first_tensor(o).detach().float() for o in runner.run()])[:n]
-        eval_seconds = time.perf_counter() - t0
-        classifier = y_all is not None and is_classifier_output(loaded, base_out, True)
-        base = _metrics([base_out], base_out, y_all, n, classifier)
+        ref, eval_seconds = _reference(loaded, module, batches, y_all, n)
         todo = sum(len(_levels_for(layer, levels, method, head)) for layer in layers)
-        done = 0
-        measured_time = 0.0
-        measured_levels = 0
+        tracker = _ScanProgress(progress, todo, len(layers))
         for li, layer in enumerate(layers):
             lv_here = _levels_for(layer, levels, method, head)
             path = _layer_file(folder, li, layer.name)
@@ -679,58 +781,28 @@ def scan(
             if curve is not None:
                 curves.append(curve)
                 cached += 1
-                done += len(lv_here)
-                progress(done / todo, f"{layer.name}: from cache ({li + 1}/{len(layers)})")
+                tracker.from_cache(li, layer.name, len(lv_here))
                 continue
             ts = stats.tensors[layer.name]
-            weight = tensors[layer.tensor]
-            bias_n = _bias_name(layer, tensors)
-            bias = tensors[bias_n] if bias_n is not None else None
-            w0 = weight.detach().clone()
-            b0 = bias.detach().clone() if bias is not None else None
-            points = []
-            try:
-                for level in lv_here:
-                    if cancel is not None:
-                        cancel.check()
-                    t1 = time.perf_counter()
-                    new_w, new_b = _level_tensors(layer, ts, method, level, w0, b0)
-                    weight.copy_(new_w)
-                    if bias is not None:
-                        bias.copy_(new_b if new_b is not None else b0)
-                    m = _metrics(runner.run(layer.tensor), base_out, y_all, n, classifier)
-                    points.append(_point(level, m, base))
-                    measured_time += time.perf_counter() - t1
-                    measured_levels += 1
-                    done += 1
-                    eta = (todo - done) * measured_time / max(measured_levels, 1)
-                    progress(
-                        done / todo,
-                        f"{layer.name} ({li + 1}/{len(layers)}), ETA {eta:.0f} s",
-                    )
-            finally:
-                weight.copy_(w0)
-                if bias is not None:
-                    bias.copy_(b0)
-            curve = LayerCurve(layer.name, str(layer.tensor), ts.numel, tuple(points))
+            curve = _measure_layer(layer, li, ts, tensors, method, lv_here, ref, tracker, cancel)
             if cache:
                 _write_json(path, curve.to_dict())
             curves.append(curve)
     progress(1.0, "scan finished")
     return SensitivityScan(
         method=method,
-        metric="loss" if classifier else "fidelity",
+        metric="loss" if ref.classifier else "fidelity",
         estimate=False,
         levels=levels,
         layers=tuple(curves),
-        baseline={"loss": base["loss"], "acc": base["acc"]},
+        baseline={"loss": ref.metrics["loss"], "acc": ref.metrics["acc"]},
         model_hash=mhash,
         data_hash=dhash,
         samples=n,
         seconds=time.perf_counter() - start,
         eval_seconds=eval_seconds,
         cached_layers=cached,
-        notes=(runner.note,),
+        notes=(ref.runner.note,),
     )
 
 

@@ -169,6 +169,70 @@ def _latency(modules, x) -> float:
     return float(sum(measure_latency(m, x, warmup=2, repeats=10) for m in modules))
 
 
+def _build_members(
+    loaded: Any,
+    spec: EnsembleSpec,
+    stats: Any,
+    fit: Any,
+    val: Any,
+    test: Any,
+    out: Path,
+    progress: ProgressFn,
+    cancel: CancelToken | None,
+) -> tuple[list[Any], list[dict[str, Any]]]:
+    """Build, write and score each member; returns the results and their report entries."""
+    k = spec.members
+    members, entries = [], []
+    for i in range(k):
+        sub = scaled(progress, i / (k + 2), (i + 1) / (k + 2))
+        sub(0.0, f"member {i + 1}/{k}")
+        res = _build(loaded, spec.plan(i), fit, val, stats, spec.seed + i, sub, cancel)
+        info = write_packed(res, out / f"member_{i + 1}.packed.safetensors", force=True)
+        members.append(res)
+        entries.append(
+            {
+                "method": spec.methods[i % len(spec.methods)],
+                "seed": spec.seed + i,
+                "bytes": info.bytes_on_disk,
+                "estimate_bytes": _estimate(res),
+                **_score([res.compressed.module], test, loaded.module),
+            }
+        )
+    return members, entries
+
+
+def _build_single(
+    loaded: Any,
+    spec: EnsembleSpec,
+    stats: Any,
+    target: int,
+    fit: Any,
+    val: Any,
+    out: Path,
+    cancel: CancelToken | None,
+) -> tuple[float, Any, Any]:
+    """The single model matched to ``target`` estimated bytes: its sparsity, result and
+    written archive's info."""
+    sparsity, _ = match_single(loaded, stats, target, spec.bits, spec.methods[0])
+    single_plan = replace(spec, sparsity=sparsity).plan(0)
+    single = _build(loaded, single_plan, fit, val, stats, spec.seed + 1000, no_progress, cancel)
+    sinfo = write_packed(single, out / "single.packed.safetensors", force=True)
+    return sparsity, single, sinfo
+
+
+def _spec_block(spec: EnsembleSpec) -> dict[str, Any]:
+    """The report's ``spec`` entry."""
+    return {
+        "members": spec.members,
+        "sparsity": spec.sparsity,
+        "bits": spec.bits,
+        "methods": list(spec.methods),
+        "epochs": spec.epochs,
+        "distill": spec.distill,
+        "seed": spec.seed,
+    }
+
+
 def run_ensemble(
     loaded: Any,
     spec: EnsembleSpec,
@@ -207,44 +271,18 @@ def run_ensemble(
     needs_grad = any(m in ("taylor", "gradient_stability") for m in spec.methods)
     stats = analyze(loaded, fit if needs_grad else None)
     k = spec.members
-    members, entries = [], []
-    for i in range(k):
-        sub = scaled(progress, i / (k + 2), (i + 1) / (k + 2))
-        sub(0.0, f"member {i + 1}/{k}")
-        res = _build(loaded, spec.plan(i), fit, val, stats, spec.seed + i, sub, cancel)
-        info = write_packed(res, out / f"member_{i + 1}.packed.safetensors", force=True)
-        members.append(res)
-        entries.append(
-            {
-                "method": spec.methods[i % len(spec.methods)],
-                "seed": spec.seed + i,
-                "bytes": info.bytes_on_disk,
-                "estimate_bytes": _estimate(res),
-                **_score([res.compressed.module], test, loaded.module),
-            }
-        )
+    members, entries = _build_members(loaded, spec, stats, fit, val, test, out, progress, cancel)
     total = sum(e["bytes"] for e in entries)
     progress(k / (k + 2), "matching the single model's size")
     target = sum(e["estimate_bytes"] for e in entries)
-    sparsity, _ = match_single(loaded, stats, target, spec.bits, spec.methods[0])
-    single_plan = replace(spec, sparsity=sparsity).plan(0)
-    single = _build(loaded, single_plan, fit, val, stats, spec.seed + 1000, no_progress, cancel)
-    sinfo = write_packed(single, out / "single.packed.safetensors", force=True)
+    sparsity, single, sinfo = _build_single(loaded, spec, stats, target, fit, val, out, cancel)
     progress((k + 1) / (k + 2), "scoring")
     x = test.x[:64]
     ens = _score([m.compressed.module for m in members], test, loaded.module)
     one = _score([single.compressed.module], test, loaded.module)
     orig = _score([loaded.module], test, loaded.module)
     result = {
-        "spec": {
-            "members": k,
-            "sparsity": spec.sparsity,
-            "bits": spec.bits,
-            "methods": list(spec.methods),
-            "epochs": spec.epochs,
-            "distill": spec.distill,
-            "seed": spec.seed,
-        },
+        "spec": _spec_block(spec),
         "data": getattr(test, "name", "test"),
         "original": {
             "bytes_fp32": sum(

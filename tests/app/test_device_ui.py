@@ -65,16 +65,16 @@ def cell(w: MainWindow, row: int, title: str):
 def test_device_fit_flips_with_profile_and_measures_activations_once(
     qtbot, window, tmp_path, monkeypatch
 ):
-    import core.export.devices
+    import core.session
 
     calls = []
-    real = core.export.devices.peak_activation_bytes
+    real = core.session.peak_activation_bytes
 
     def counting(module, x):
         calls.append(tuple(x.shape))
         return real(module, x)
 
-    monkeypatch.setattr(core.export.devices, "peak_activation_bytes", counting)
+    monkeypatch.setattr(core.session, "peak_activation_bytes", counting)
     open_mlp(qtbot, window)
     c = window.controller
     # The shipped catalogue is offered at start, after "none".

@@ -279,14 +279,14 @@ def test_unknown_layers_in_recipe_are_refused(qtbot, demo_window, tmp_path):
 def test_unexpected_exception_in_a_job_still_gets_a_short_dialog(
     qtbot, window, tmp_path, monkeypatch, capfd
 ):
-    import core.io.model_io
+    import core.session
 
     path = _write(tmp_path, "fine.safetensors", b"irrelevant")
 
     def broken(*args, **kwargs):
         raise RuntimeError("simulated engine bug\nwith a second line that stays out")
 
-    monkeypatch.setattr(core.io.model_io, "load_model", broken)
+    monkeypatch.setattr(core.session, "load_model", broken)
     box = _dialog_after(qtbot, window, lambda: window.open_model(str(path)))
     text = box.text()
     assert box.windowTitle() == "Open model failed"

@@ -65,11 +65,11 @@ def test_session_device_choice_and_cached_activations(session, monkeypatch):
         s.set_device("nope")
     x = s.model.example_input[:1]
     expected = peak_activation_bytes(s.model.module, x)
-    import core.export.devices
+    import core.session
 
     calls = []
     monkeypatch.setattr(
-        core.export.devices, "peak_activation_bytes", lambda m, x: calls.append(1) or expected
+        core.session, "peak_activation_bytes", lambda m, x: calls.append(1) or expected
     )
     s._activations = None
     fits = [s.device_fit(b) for b in (10_000, 20_000, 2 * 2**20)]
