@@ -38,6 +38,8 @@ JOB_TITLES = {
     "export": "Export",
     "ensemble": "Ensemble",
     "scan": "Scan sensitivity",
+    "pins": "Re-plan around pins",
+    "frontier": "Predict frontier",
 }
 
 __all__ = ["JOB_KINDS", "JOB_TITLES", "SUPERSEDES", "Controller", "Evaluation"]
@@ -69,6 +71,8 @@ class Controller(QObject):
     scanReady = Signal(object)  # core.planning.sensitivity.SensitivityScan | None
     pinsChanged = Signal(object)  # frozenset of layer names the solver keeps as they are
     solved = Signal(object)  # core.planning.solver.Solution of the last target step
+    solverReady = Signal(object)  # (dense bytes, smallest bytes): the tables for new pins are in
+    frontierReady = Signal(object)  # predicted frontier points (`frontier_points`), None: failed
     devicesLoaded = Signal(tuple)  # names of the device catalogue's profiles
     deviceChanged = Signal(object)  # core.export.devices.DeviceProfile | None
     exportTargets = Signal(object)  # {"device": ..., "cost": ...} blocks of the last export
@@ -86,6 +90,9 @@ class Controller(QObject):
         self._session_jobs: dict[int, Job] = {}
         #: Set by `shutdown`: results that arrive afterwards are dropped.
         self._closing = False
+        #: The last target step asked for while the solver's tables for new pins were being
+        #: rebuilt: ``(target, merge, exact, verify)``, solved when they are in (`set_pins`).
+        self._pending_target: tuple[Any, bool, bool, bool] | None = None
 
         self.session = Session()
         self.session.subscribe(self._on_session_event)
@@ -113,6 +120,8 @@ class Controller(QObject):
     ) -> int:
         for handle in self.runner.running():
             if handle.kind in SUPERSEDES[kind]:
+                if handle.kind == "pins" and kind != "pins":
+                    self._pending_target = None  # new model, data or scan: the step is stale
                 handle.cancel()
                 if self._current.get(handle.kind) == handle.job_id:
                     del self._current[handle.kind]
@@ -185,6 +194,8 @@ class Controller(QObject):
         subject = self._subjects.pop(job_id, "")
         if kind is None:
             return
+        if kind == "pins":
+            self._pending_target = None  # no tables for the new pins: drop the waiting step
         if isinstance(exc, Cancelled):
             self.statusMessaged.emit(f"{JOB_TITLES[kind]} cancelled; nothing was changed.")
             self.jobFinished.emit(kind, "cancelled")
@@ -257,6 +268,8 @@ class Controller(QObject):
                 "scan_ready": self.scanReady,
                 "pins_changed": self.pinsChanged,
                 "solved": self.solved,
+                "solver_ready": self.solverReady,
+                "frontier_ready": self.frontierReady,
                 "devices_loaded": self.devicesLoaded,
                 "device_changed": self.deviceChanged,
                 "export_targets": self.exportTargets,
@@ -485,19 +498,53 @@ class Controller(QObject):
     ) -> Any:
         """Re-solve the plan for ``target`` from the cached scan (one undoable edit; drag
         steps ``merge`` and skip the size check, ``verify=False``); an unreachable target
-        goes to the status bar. Returns the `core.planning.solver.Solution` or None."""
+        goes to the status bar. Returns the `core.planning.solver.Solution` or None.
+
+        While the solver's tables for new pins are rebuilt (`set_pins`) the step waits: it
+        is kept (a later step replaces it) and solved when the tables are in, so no step is
+        planned with a pinned layer still free; None is returned meanwhile and the result
+        arrives through `solved`."""
+        if self.rebuilding_pins:
+            self._pending_target = (target, merge, exact, verify)
+            return None
         try:
             return self.session.plan_to_target(target, merge=merge, exact=exact, verify=verify)
         except WorkbenchError as exc:
             self.statusMessaged.emit(str(exc))
             return None
 
-    def set_pins(self, names: Sequence[str]) -> None:
-        """Layers whose settings the solver keeps (it plans the others around them)."""
+    @property
+    def rebuilding_pins(self) -> bool:
+        """Whether the solver's tables for a pin change are being rebuilt (a worker, or a
+        job the session made and the controller is about to start)."""
+        return self.busy("pins") or self.session.busy("pins")
+
+    def set_pins(self, names: Sequence[str]) -> int | None:
+        """Layers whose settings the solver keeps (it plans the others around them).
+
+        The marks follow at once (`pinsChanged`); the solver's tables for the new pins are
+        rebuilt in a worker (`core.session.Session.set_pins`), superseding an older rebuild,
+        and `solverReady` says when they are in; a target step asked for meanwhile is solved
+        then (see `plan_to_target`). Returns the job id, or None when nothing is rebuilt."""
         try:
-            self.session.set_pins(names)
+            job = self.session.set_pins(names)
         except WorkbenchError as exc:
             self.statusMessaged.emit(str(exc))
+            return None
+        if job is None:
+            return None
+        return self._run(lambda: job, JOB_TITLES["pins"], after=self._solve_pending)
+
+    def _solve_pending(self) -> None:
+        """The tables for the new pins are in: solve the step that waited for them. A drag
+        step (unverified) still belongs to its drag; a release that came meanwhile (verified;
+        the drag has ended) becomes its own undo step."""
+        pending, self._pending_target = self._pending_target, None
+        if pending is None or self.sensitivity is None:
+            return
+        target, merge, exact, verify = pending
+        merge = merge and (not verify or self.session.dragging)
+        self.plan_to_target(target, merge=merge, exact=exact, verify=verify)
 
     def frontier_points(self) -> list[dict[str, Any]]:
         """The predicted frontier in the run history's units
@@ -507,6 +554,22 @@ class Controller(QObject):
         except WorkbenchError as exc:
             self.statusMessaged.emit(f"Predicted frontier unavailable: {exc}")
             return []
+
+    def predict_frontier(self) -> list[dict[str, Any]] | None:
+        """The predicted frontier when it is known (after a scan it is); otherwise its job
+        starts in a worker (`core.session.Session.frontier_job`), `frontierReady` brings
+        the points and None is returned."""
+        if self.busy("frontier"):
+            return None
+        try:
+            job = self.session.frontier_job()
+        except WorkbenchError as exc:
+            self.statusMessaged.emit(f"Predicted frontier unavailable: {exc}")
+            return []
+        if job is None:
+            return self.frontier_points()
+        self._run(lambda: job, JOB_TITLES["frontier"])
+        return None
 
     def target_range(self) -> tuple[int, int] | None:
         """(dense bytes, smallest reachable archive bytes) for the target control."""

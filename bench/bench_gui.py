@@ -16,6 +16,9 @@
    (`core.planning.solver.quick_plan`, aim < 16 ms) and the whole step, then the release (which
    re-solves with the archive size checked). ``--target-only`` runs just this.
 
+``--resnet-only`` runs just the ResNet-50-shaped drag, once with the module tree (the layer
+view a nested model of more than 30 layers opens with) and once with the flat table.
+
 Run: ``.venv/bin/python bench/bench_gui.py [--quick]``. Writes the section between
 ``<!-- bench:gui -->`` and ``<!-- /bench:gui -->`` in docs/benchmarks.md.
 """
@@ -157,8 +160,17 @@ def stall_probe(app, tmp: Path, *, epochs: int, samples: int) -> dict:
 
 
 def slider_drag(
-    app, tmp: Path, *, steps: int, make=Wide, select: str = "blocks.0", tag: str = "wide"
+    app,
+    tmp: Path,
+    *,
+    steps: int,
+    make=Wide,
+    select: str = "blocks.0",
+    tag: str = "wide",
+    grouped: bool | None = None,
 ) -> dict:
+    """``grouped``: force the module tree (True) or the flat table (False); None keeps the
+    window's own choice (the tree for nested models of more than 30 layers)."""
     torch.manual_seed(0)
     model = make().eval()
     params = sum(p.numel() for p in model.parameters())
@@ -170,6 +182,8 @@ def slider_drag(
     t0 = time.perf_counter()
     _open(app, window, str(path), timeout_s=1200)
     open_s = time.perf_counter() - t0
+    if grouped is not None:
+        window.layer_table.grouped.setChecked(grouped)
     window.scope.setCurrentIndex(window.scope.findData("model"))
     c.set_selection((select,))
     window.quant_panel.bits.setValue(6)
@@ -208,6 +222,7 @@ def slider_drag(
         "full_ms": full_ms,
         "cpu_ms": cpu_ms,
         "final_sparsity": sparsity,
+        "grouped": window.layer_table.grouped.isChecked(),
         "load": os.getloadavg()[0],
     }
 
@@ -276,6 +291,27 @@ def target_drag(app, tmp: Path, *, steps: int = 40) -> dict:
     }
     window.close()
     return out
+
+
+def _resnet_views(app, tmp: Path, steps: int = 100) -> None:
+    """The ResNet-50-shaped sparsity drag with the module tree, then with the flat table."""
+    for grouped in (True, False):
+        r = slider_drag(
+            app,
+            tmp,
+            steps=steps,
+            make=ResNet50,
+            select="layer3.0.conv2",
+            tag=f"resnet50-{'tree' if grouped else 'flat'}",
+            grouped=grouped,
+        )
+        print(
+            f"ResNet-50 shape, {'module tree' if r['grouped'] else 'flat table'} "
+            f"({r['layers']} layers): update+paint median {statistics.median(r['paint_ms']):.2f} "
+            f"ms, max {max(r['paint_ms']):.2f} ms; UI-thread CPU median "
+            f"{statistics.median(r['cpu_ms']):.2f} ms; update median "
+            f"{statistics.median(r['update_ms']):.2f} ms; load {r['load']:.1f}"
+        )
 
 
 def _fmt_row(name: str, values: list[float]) -> str:
@@ -395,12 +431,21 @@ def main(argv: list[str] | None = None) -> int:
         action="store_true",
         help="only the target-slider re-solve steps (implies --no-write)",
     )
+    parser.add_argument(
+        "--resnet-only",
+        action="store_true",
+        help="only the ResNet-50-shaped sparsity drag, with the module tree and with the flat "
+        "table (implies --no-write)",
+    )
     args = parser.parse_args(argv)
     from PySide6.QtWidgets import QApplication
 
     app = QApplication.instance() or QApplication([])
     with tempfile.TemporaryDirectory() as d:
         tmp = Path(d)
+        if args.resnet_only:
+            _resnet_views(app, tmp)
+            return 0
         target = target_drag(app, tmp)
         print(
             f"target slider, {target['layers']} layers x {target['levels']} levels: median "

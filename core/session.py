@@ -64,6 +64,7 @@ from core.io.data import check_data, demo_data_for, load_data, split_dataset, wi
 from core.io.model_io import load_model
 from core.planning.sensitivity import MAX_SAMPLES, scan
 from core.planning.solver import (
+    Target,
     build_problem,
     plan_for_target,
     quick_frontier,
@@ -98,17 +99,24 @@ JOB_KINDS = (
     "export",
     "ensemble",
     "scan",
+    "pins",
+    "frontier",
 )
 SUPERSEDES: dict[str, tuple[str, ...]] = {
     "load": JOB_KINDS,
-    "data": ("data", "analyze", "finetune", "evaluate", "ensemble", "scan"),
-    "analyze": ("analyze", "scan"),
+    "data": ("data", "analyze", "finetune", "evaluate", "ensemble", "scan", "pins", "frontier"),
+    "analyze": ("analyze", "scan", "pins", "frontier"),
     "compress": ("compress", "finetune", "evaluate", "export"),
     "finetune": ("finetune", "evaluate", "export"),
     "evaluate": ("evaluate",),
     "export": ("export",),
     "ensemble": ("ensemble",),
-    "scan": ("scan",),
+    "scan": ("scan", "pins", "frontier"),
+    # The solver's tables for a new set of pinned layers (`Session.set_pins`) and the
+    # predicted frontier for them (`Session.frontier_job`): a newer pin change makes both
+    # stale.
+    "pins": ("pins", "frontier"),
+    "frontier": ("frontier",),
 }
 
 Listener = Callable[[str, Any], None]
@@ -300,11 +308,13 @@ class Session:
         self._activations: tuple[Any, int | None] | None = None
         self.export_targets: dict[str, Any] = {}
         # Sensitivity (`scan`, `plan_to_target`): the last scan of this model and data, the
-        # layers the solver must leave as they are, the solver's option tables for the
-        # current scan/stats/pins (built once, re-solved per target step) and the last
-        # solution.
+        # layers the solver must leave as they are, every scanned layer's option table
+        # (`_tables`: built once per scan and statistics, the previews), the solver's
+        # problem for the current pins (those rows minus the pinned ones; re-solved per
+        # target step) and the last solution.
         self.sensitivity: Any = None
         self.pins: frozenset[str] = frozenset()
+        self._tables: tuple[Any, Any] | None = None
         self._problem: tuple[Any, Any] | None = None
         self.solution: Any = None
 
@@ -718,6 +728,7 @@ class Session:
         """A new model or data set: the scan, the pins and the solver tables are stale."""
         had = self.sensitivity is not None or bool(self.pins)
         self.sensitivity, self.solution, self._problem = None, None, None
+        self._tables = None
         self.pins = frozenset()
         if had:
             self._emit("scan_ready", None)
@@ -762,29 +773,40 @@ class Session:
             progress(0.8, "building the solver's option tables")
             scanned = {c.name for c in result.layers}
             pinned = {n: plan.config_for(n) for n in sorted(pins) if n in scanned}
-            problem = build_problem(stats, result, pinned=pinned)
+            tables = build_problem(stats, result)
             cancel.check()
-            memo: dict[str, Any] = {}
-            progress(0.9, "predicting the size/damage frontier")
-            _frontier_points(stats, result, problem, memo, plan)
-            key = (result, stats, tuple(sorted(pinned.items())))
-            return result, (key, (problem, memo))
+            prepared = _prepare_problem(
+                stats, result, tables, pinned, plan, scaled(progress, 0.9, 1.0), cancel
+            )
+            return result, ((result, stats), tables), prepared
 
         def done(payload: Any) -> None:
-            result, prepared = payload
+            result, tables, prepared = payload
             self.sensitivity, self.solution, self._problem = result, None, prepared
-            # Pins of layers the scan does not cover (not prunable) mean nothing to the solver.
+            self._tables = tables
+            # Pins of layers the scan does not cover (not prunable) mean nothing to the solver
+            # (the tables for the pins left are derived on the next use).
             scanned = {c.name for c in result.layers}
             if not self.pins <= scanned:
-                self.set_pins(self.pins & scanned)
+                self._change_pins(self.pins & scanned)
             self._emit("scan_ready", result)
 
         what = "Scanning layer sensitivity" if data is not None else "Estimating sensitivity"
         return self._job("scan", what, fn, done)
 
-    def set_pins(self, names: Sequence[str]) -> None:
+    def set_pins(self, names: Sequence[str]) -> Job | None:
         """Layers whose current settings the solver keeps (`plan_to_target` plans around
-        them). Unknown names are refused."""
+        them). Unknown names are refused.
+
+        With a scan, a change returns the job (kind ``"pins"``) that prepares the solver for
+        the new pins off the owner's thread: the problem is the per-layer option tables
+        (`_tables`, built once per scan) without the pinned layers' rows, then the smallest
+        plan (the target control's reach) and the live path's sizes (`quick_plan`'s memo);
+        the predicted frontier for the new pins is a job of its own (`frontier_job`), so a
+        target step need not wait for it. A newer pin change supersedes both. The window runs it in a worker; a caller that does not run it loses
+        nothing: the next target step derives the same problem itself. None when the pins
+        did not change or there is no scan.
+        """
         pins = frozenset(names)
         unknown = sorted(n for n in pins if self.layers and n not in self.layer_names)
         if unknown:
@@ -792,13 +814,58 @@ class Session:
                 f"pin: the model has no layer {unknown[0]!r}",
                 hint="`workbench inspect MODEL` lists the layer names",
             )
-        if pins != self.pins:
-            self.pins = pins
-            self._emit("pins_changed", pins)
+        if pins == self.pins:
+            return None
+        # The job first, so that `busy("pins")` holds while "pins_changed" is handled.
+        job = self._pins_job(pins)
+        self._change_pins(pins)
+        return job
+
+    def _change_pins(self, pins: frozenset[str]) -> None:
+        self.pins = pins
+        self._emit("pins_changed", pins)
+
+    def _pins_job(self, pins: frozenset[str]) -> Job | None:
+        """The job that prepares the solver's problem for ``pins`` (see `set_pins`)."""
+        scan, stats, plan = self.sensitivity, self.stats, self.plan
+        if scan is None or stats is None:
+            return None
+        pinned = {n: plan.config_for(n) for n in sorted(pins)}
+        tables = self._tables if self._tables_current() else None
+
+        def fn(progress: ProgressFn, cancel: CancelToken):
+            full = tables
+            if full is None:  # a new analysis since the scan: the previews once more
+                progress(0.0, "building the solver's option tables")
+                full = ((scan, stats), build_problem(stats, scan))
+                cancel.check()
+            prepared = _prepare_problem(
+                stats, scan, full[1], pinned, plan, progress, cancel, frontier=False
+            )
+            return full, prepared
+
+        def done(payload: Any) -> None:
+            full, prepared = payload
+            if full[0][0] is self.sensitivity and full[0][1] is self.stats:
+                self._tables, self._problem = full, prepared
+            # else a scan came in meanwhile: its tables stand, the next use derives the
+            # problem for these pins from them
+            self._emit("solver_ready", self.target_range())
+
+        what = f"Re-planning around {len(pins)} pinned layer(s)" if pins else "Unpinning layers"
+        return self._job("pins", what, fn, done)
+
+    def _tables_current(self) -> bool:
+        """Whether `_tables` were built from the current scan and statistics (identity)."""
+        key = self._tables[0] if self._tables is not None else None
+        return key is not None and key[0] is self.sensitivity and key[1] is self.stats
 
     def _solver_problem(self, pinned: dict[str, LayerConfig]) -> Any:
-        """The solver's option tables for the current scan, statistics and pins (built once:
-        one `core.analysis.estimate.preview` per level; every target step re-uses them)."""
+        """The solver's option tables for the current scan, statistics and pins, and their
+        memo: the `_tables` rows of the layers not pinned (`_pinned_problem`; the per-layer
+        tables are built once per scan and statistics, one `core.analysis.estimate.preview`
+        per level; a pin change only drops or restores rows). Prepared by the scan and pins
+        jobs; derived here (on the caller's thread) when those did not run."""
 
         pins = tuple(sorted(pinned.items()))
         old = self._problem[0] if self._problem is not None else None
@@ -809,10 +876,15 @@ class Session:
             or old[1] is not self.stats
             or old[2] != pins
         ):
-            key = (self.sensitivity, self.stats, pins)
-            problem = build_problem(self.stats, self.sensitivity, pinned=pinned)
-            # memo: what `core.planning.solver.quick_plan` learns about this problem (configs, sizes).
-            self._problem = (key, (problem, {}))
+            if not self._tables_current():
+                self._tables = (
+                    (self.sensitivity, self.stats),
+                    build_problem(self.stats, self.sensitivity),
+                )
+            problem = _pinned_problem(self.stats, self._tables[1], pinned)
+            # memo: what `core.planning.solver.quick_plan` learns about this problem (configs,
+            # sizes), the reach (`target_range`) and the predicted frontier.
+            self._problem = ((self.sensitivity, self.stats, pins), (problem, {}))
         return self._problem[1]
 
     def plan_to_target(
@@ -841,7 +913,9 @@ class Session:
         if self.sensitivity is None or self.stats is None:
             raise WorkbenchError("scan the model first (Scan sensitivity)")
         if pins is not None:
-            self.set_pins(pins)
+            job = self.set_pins(pins)
+            if job is not None:
+                self.run(job)
         pinned = {n: self.plan.config_for(n) for n in sorted(self.pins)}
         problem, memo = self._solver_problem(pinned)
         if exact:
@@ -887,7 +961,40 @@ class Session:
             return []
         pinned = {n: self.plan.config_for(n) for n in sorted(self.pins)}
         problem, memo = self._solver_problem(pinned)
+        if "frontier_error" in memo:
+            raise memo["frontier_error"]
         return _frontier_points(self.stats, self.sensitivity, problem, memo, self.plan)
+
+    def frontier_job(self) -> Job | None:
+        """`frontier_points` for the current scan and pins as a job (kind ``"frontier"``;
+        on its own copy of the live path's memo, so target steps go on meanwhile); its
+        ``done`` keeps the points for `frontier_points` and emits ``"frontier_ready"`` (the
+        points, None when the prediction failed). None when they are known already or there
+        is no scan."""
+        if self.sensitivity is None or self.stats is None:
+            return None
+        pinned = {n: self.plan.config_for(n) for n in sorted(self.pins)}
+        problem, memo = self._solver_problem(pinned)
+        if "frontier_points" in memo or "frontier_error" in memo:
+            return None
+        stats, scan, plan, scratch = self.stats, self.sensitivity, self.plan, dict(memo)
+
+        def fn(progress: ProgressFn, cancel: CancelToken):
+            progress(0.0, "predicting the size/damage frontier")
+            try:
+                return _frontier_points(stats, scan, problem, scratch, plan), None
+            except CompressionError as exc:
+                return None, exc
+
+        def done(payload: Any) -> None:
+            points, error = payload
+            if self._problem is None or self._problem[1][0] is not problem:
+                return  # the pins or the scan changed meanwhile: a newer job predicts
+            key = "frontier_points" if error is None else "frontier_error"
+            self._problem[1][1][key] = points if error is None else error
+            self._emit("frontier_ready", points)
+
+        return self._job("frontier", "Predicting the size/damage frontier", fn, done)
 
     def target_range(self) -> tuple[int, int] | None:
         """``(dense fp32 bytes, smallest archive bytes the scanned levels allow)`` for the
@@ -896,8 +1003,10 @@ class Session:
         if self.sensitivity is None or self.stats is None:
             return None
         pinned = {n: self.plan.config_for(n) for n in sorted(self.pins)}
-        problem, _ = self._solver_problem(pinned)
-        return problem.dense_bytes, smallest_plan(self.stats, problem)[1]
+        problem, memo = self._solver_problem(pinned)
+        if "range" not in memo:
+            memo["range"] = (problem.dense_bytes, smallest_plan(self.stats, problem)[1])
+        return memo["range"]
 
     def _recovery_plan(self) -> CompressionPlan:
         """The plan to run: recovery dropped (lenient) or refused (strict) without data."""
@@ -1283,6 +1392,79 @@ def _frontier_points(
             )
         memo["frontier_points"] = out
     return list(memo["frontier_points"])
+
+
+def _pinned_problem(stats: Any, full: Any, pinned: dict[str, LayerConfig]) -> Any:
+    """``full`` (`core.planning.solver.build_problem` with nothing pinned) without the rows
+    of the ``pinned`` layers: equal to ``build_problem(stats, scan, pinned=pinned)`` (a
+    layer's row depends on that layer alone), without its one preview per level."""
+    known = {layer.name for layer in stats.layers}
+    for name in pinned:
+        if name not in known:
+            raise RecipeError(
+                f"pinned layer {name!r}: the model has no layer of that name",
+                hint="`workbench inspect MODEL` lists the layer names",
+            )
+    keep = [i for i, name in enumerate(full.names) if name not in pinned]
+    return replace(
+        full,
+        names=tuple(full.names[i] for i in keep),
+        cost=full.cost[keep],
+        damage=full.damage[keep],
+        acc_drop=full.acc_drop[keep],
+        cos_loss=full.cos_loss[keep],
+        pinned=dict(pinned),
+    )
+
+
+def _prepare_problem(
+    stats: Any,
+    scan: Any,
+    full: Any,
+    pinned: dict[str, LayerConfig],
+    plan: CompressionPlan,
+    progress: ProgressFn,
+    cancel: CancelToken,
+    *,
+    frontier: bool = True,
+) -> tuple[Any, tuple[Any, dict[str, Any]]]:
+    """``(key, (problem, memo))`` for `Session._problem`: the problem for ``pinned``
+    (`_pinned_problem`), its reach (``memo["range"]``, as `Session.target_range`), what the
+    live path learns on its first step (`quick_plan` at the dense size: the smallest plan's
+    archive, one preview) and, with ``frontier``, the predicted frontier
+    (`_frontier_points`); for a worker (touches no session state)."""
+    progress(0.1, "fitting the solver's tables to the pinned layers")
+    problem = _pinned_problem(stats, full, pinned)
+    memo: dict[str, Any] = {}
+    progress(0.2, "sizing the smallest plan")
+    memo["range"] = (problem.dense_bytes, smallest_plan(stats, problem)[1])
+    cancel.check()
+    # The first target step's preview, here instead of on the owner's thread.
+    try:
+        quick_plan(
+            stats,
+            scan,
+            Target(bytes=problem.dense_bytes),
+            problem=problem,
+            base=plan,
+            memo=memo,
+            verify=False,
+        )
+    except CompressionError:
+        pass  # not even the dense size is reachable (pins): the target steps will say so
+    cancel.check()
+    key = (scan, stats, tuple(sorted(pinned.items())))
+    if not frontier:
+        return key, (problem, memo)
+    progress(0.4, "predicting the size/damage frontier")
+    try:
+        _frontier_points(stats, scan, problem, memo, plan)
+    except CompressionError as exc:
+        # (e.g. every scanned layer pinned: nothing left to trade) the tables stand;
+        # `Session.frontier_points` reports it where the frontier is asked for.
+        memo["frontier_error"] = exc
+    cancel.check()
+    return key, (problem, memo)
 
 
 def _layer_sum(result: Any, key: str) -> int | None:

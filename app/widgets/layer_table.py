@@ -81,6 +81,8 @@ _ROLES = frozenset(
         Qt.ItemDataRole.ForegroundRole,
     )
 )
+#: Every role a cell may answer with something other than None (`LayerTableModel.cell`).
+CELL_ROLES = _ROLES | {_DISPLAY}
 
 
 class LayerTableModel(QAbstractTableModel):
@@ -95,6 +97,7 @@ class LayerTableModel(QAbstractTableModel):
         # Display strings per row, rebuilt once per preview: the view asks for every visible
         # cell and role on each repaint, which during a slider drag is every step.
         self._cells: list[tuple[str, ...]] = []
+        self._muted_color = None
 
     def set_layers(self, layers: Sequence) -> None:
         self.beginResetModel()
@@ -104,6 +107,7 @@ class LayerTableModel(QAbstractTableModel):
         self.endResetModel()
 
     def _rebuild_cells(self) -> None:
+        self._muted_color = None  # the palette may have changed since the last preview
         self._cells = [
             tuple(
                 self._display(layer, self._preview.get(layer.name), col, self._overrides)
@@ -186,16 +190,45 @@ class LayerTableModel(QAbstractTableModel):
             return self._cells[index.row()][index.column()]
         if role not in _ROLES or not index.isValid():
             return None
+        return self.cell(index.row(), index.column(), role)
+
+    def multiData(self, index, span) -> None:  # noqa: N802 - Qt signature
+        if index.isValid():
+            self.fill(index.row(), index.column(), span)
+
+    def fill(self, row: int, col: int, span, display: str | None = None) -> None:
+        """`cell` for every role of ``span`` (a `QModelRoleDataSpan`) in one call: the item
+        delegate asks each cell it paints for seven roles at once, one Python call instead
+        of seven. ``display``: the text shown instead of the cell's (the tree's short
+        names)."""
+        for k in range(len(span)):
+            slot = span[k]
+            role = slot.role()
+            if role == _DISPLAY:
+                value = self._cells[row][col] if display is None else display
+            elif role in _ROLES:
+                value = self.cell(row, col, role)
+            else:
+                continue
+            if value is not None:
+                slot.setData(value)
+
+    def cell(self, row: int, col: int, role=Qt.ItemDataRole.DisplayRole):
+        """`data` of the cell at ``row``, ``col`` without a model index (the module tree
+        reads its leaves' cells here: a repaint asks for every visible cell and role)."""
+        if role == _DISPLAY:
+            return self._cells[row][col]
+        if role not in _ROLES:
+            return None
         # The roles a repaint asks of every visible cell first, without the lookups below.
         if role == _ALIGNMENT:
-            return _RIGHT if index.column() >= 2 else None
+            return _RIGHT if col >= 2 else None
         if role == _FOREGROUND:
-            return None if self._layers[index.row()].prunable else self._muted()
-        if role == _FONT and index.column() != 0:
+            return None if self._layers[row].prunable else self._muted()
+        if role == _FONT and col != 0:
             return None
-        layer = self._layers[index.row()]
+        layer = self._layers[row]
         lp = self._preview.get(layer.name)
-        col = index.column()
         if role == NAME_ROLE:
             return layer.name
         if role == OVERRIDE_ROLE:
@@ -233,12 +266,17 @@ class LayerTableModel(QAbstractTableModel):
             return self._muted()
         return None
 
-    @staticmethod
-    def _muted():
-        from PySide6.QtGui import QPalette
-        from PySide6.QtWidgets import QApplication
+    def _muted(self):
+        """The disabled-text colour of the application palette (looked up once per preview:
+        every painted cell of a norm's row asks for it)."""
+        if self._muted_color is None:
+            from PySide6.QtGui import QPalette
+            from PySide6.QtWidgets import QApplication
 
-        return QApplication.palette().color(QPalette.ColorGroup.Disabled, QPalette.ColorRole.Text)
+            self._muted_color = QApplication.palette().color(
+                QPalette.ColorGroup.Disabled, QPalette.ColorRole.Text
+            )
+        return self._muted_color
 
     @staticmethod
     def _display(layer, lp, col: int, overrides: frozenset[str] = frozenset()) -> str:
@@ -491,7 +529,8 @@ class LayerTable(QWidget):
         first = preview is not None and not self.model._preview
         # Only the cells whose text changed are signalled; the grouped tree maps those rows
         # to its leaves and the groups above them.
-        self.model.set_preview(preview, changed_only=True)
+        with self.tree_model.batched():
+            self.model.set_preview(preview, changed_only=True)
         if first:
             # Once per model, not per slider step: sizing columns measures every cell.
             self._fit_columns()

@@ -3,16 +3,32 @@
 `LayerTreeModel` is a view of the flat `LayerTableModel`: leaves show the same cells as the
 table (read from it, so the live preview's numbers are computed once) with the short name in
 the first column; group rows sum parameters and packed bytes of the layers under them.
+
+Per slider step the flat model signals one change per run of changed rows (a whole-model
+drag on a ResNet: ~50 runs, prunable rows between the norms'). `LayerTable.set_preview`
+wraps that in `LayerTreeModel.batched`, so the tree maps the rows once and tells its view one
+change per group of siblings: the leaves' changed columns, and for the groups above them only
+the summed Packed column (their name, count and parameters do not follow the plan).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 
 from PySide6.QtCore import QAbstractItemModel, QModelIndex, QPersistentModelIndex, Qt
 
 from app.style import human_bytes, human_count
-from app.widgets.layer_table import COLUMNS, NAME_ROLE, LayerTableModel
+from app.widgets.layer_table import CELL_ROLES, COLUMNS, NAME_ROLE, LayerTableModel
+
+#: The one column of a group row that follows the plan (its leaves' summed packed bytes).
+PACKED_COLUMN = COLUMNS.index("Packed")
+#: The roles a leaf answers (the table's cell roles).
+_LEAF_ROLES = CELL_ROLES
+#: The roles a group row answers.
+_GROUP_ROLES = frozenset(
+    (Qt.ItemDataRole.DisplayRole, Qt.ItemDataRole.ToolTipRole, Qt.ItemDataRole.TextAlignmentRole)
+)
 
 
 class _Node:
@@ -56,6 +72,8 @@ class LayerTreeModel(QAbstractItemModel):
         self._leaves_of: dict[int, list[_Node]] = {}
         self._packed_text: dict[int, str | None] = {}
         self._accept: Callable[[int], bool] = lambda _row: True
+        #: Inside `batched`: the source rows changed so far and the span of their columns.
+        self._batch: tuple[set[int], list[int]] | None = None
         #: Whether a view shows the tree: a hidden tree skips the per-step change signals
         #: (a view asks for fresh cells when it is shown again).
         self.live = False
@@ -118,6 +136,13 @@ class LayerTreeModel(QAbstractItemModel):
             return QModelIndex()
         return self.createIndex(node.index_in_parent, 0, node)
 
+    def sibling(self, row, column, index):
+        """`index` (the default goes through `parent` and `index`: the view asks for the
+        column-0 sibling of every cell it locates)."""
+        if index.isValid() and row == index.row() and 0 <= column < len(COLUMNS):
+            return self.createIndex(row, column, index.internalPointer())
+        return super().sibling(row, column, index)
+
     def rowCount(self, parent=QModelIndex()) -> int:  # noqa: B008 - Qt signature
         if parent.isValid() and parent.column() != 0:
             return 0
@@ -145,12 +170,16 @@ class LayerTreeModel(QAbstractItemModel):
         node: _Node = index.internalPointer()
         col = index.column()
         if node.row >= 0:
+            # A repaint asks every visible cell for a dozen roles: most are answered None
+            # here, without a call into the table.
+            if role not in _LEAF_ROLES:
+                return None
             if col == 0 and role == Qt.ItemDataRole.DisplayRole:
-                text = self.source.index(node.row, 0).data()
+                text = self.source.cell(node.row, 0)
                 # Keep the override mark, show the short name (the full one is in the tooltip).
                 mark = text[: len(text) - len(node.path)] if text.endswith(node.path) else ""
                 return mark + node.name
-            return self.source.index(node.row, col).data(role)
+            return self.source.cell(node.row, col, role)
         if role == NAME_ROLE:
             return None
         if role == Qt.ItemDataRole.DisplayRole and col not in (0, 2, 5):
@@ -178,6 +207,24 @@ class LayerTreeModel(QAbstractItemModel):
             return int(Qt.AlignmentFlag.AlignRight | Qt.AlignmentFlag.AlignVCenter)
         return None
 
+    def multiData(self, index, span) -> None:  # noqa: N802 - Qt signature
+        """`data` for every role of ``span`` at once: a repaint asks each visible cell for
+        seven roles in one call (the item delegate), one Python call here instead of seven."""
+        if not index.isValid():
+            return
+        node: _Node = index.internalPointer()
+        col = index.column()
+        if node.row >= 0:
+            name = self.data(index) if col == 0 else None
+            self.source.fill(node.row, col, span, display=name)
+            return
+        for k in range(len(span)):
+            slot = span[k]
+            if slot.role() in _GROUP_ROLES:
+                value = self.data(index, slot.role())
+                if value is not None:
+                    slot.setData(value)
+
     def _group_leaves(self, node: _Node) -> list[_Node]:
         """The leaves under a group (built once per tree)."""
         leaves = self._leaves_of.get(id(node))
@@ -191,39 +238,74 @@ class LayerTreeModel(QAbstractItemModel):
                 yield child
             yield from self._leaves_under(child)
 
+    @contextmanager
+    def batched(self) -> Iterator[None]:
+        """Collect the source's change signals inside the block and pass them on at its end,
+        grouped by the tree's siblings (see module docstring)."""
+        if self._batch is not None:  # nested: the outer block passes them on
+            yield
+            return
+        self._batch = {}
+        try:
+            yield
+        finally:
+            rows, self._batch = self._batch, None
+            if rows:
+                self._rows_changed(rows)
+
     def _on_source_dataChanged(self, top_left=None, bottom_right=None, *_args) -> None:
         self._packed_text.clear()
         if not self.live:
             return
         if top_left is None or bottom_right is None or not top_left.isValid():
+            if self._batch is not None:
+                self._batch.clear()
             self._changed(self._root)
             return
-        # The source's rows top..bottom changed: those leaves and the groups above them (whose
-        # packed sums follow), one dataChanged per run of siblings.
-        lo, hi = top_left.row(), bottom_right.row()
-        first_col, last_col = top_left.column(), bottom_right.column()
-        runs: dict[int, tuple[_Node, list[int]]] = {}
-        groups: dict[int, tuple[_Node, list[int]]] = {}
-        for row in range(lo, hi + 1):
+        span = (top_left.column(), bottom_right.column())
+        rows = dict.fromkeys(range(top_left.row(), bottom_right.row() + 1), span)
+        if self._batch is None:
+            self._rows_changed(rows)
+            return
+        for row in rows:
+            old = self._batch.get(row)
+            self._batch[row] = span if old is None else (min(old[0], span[0]), max(old[1], span[1]))
+
+    def _rows_changed(self, rows: dict[int, tuple[int, int]]) -> None:
+        """Source ``rows`` changed (``{row: (first column, last column)}``): one dataChanged
+        per parent over its changed leaves' rows and columns, and one per parent over the
+        Packed cells of the groups above them when a leaf's Packed cell changed. One span per
+        parent, not one per run of changed rows: the view merges the spans into one region
+        either way, and painting a region of many small rects costs it more than painting
+        the few unchanged cells (the norms' rows between a block's convolutions) inside one.
+        """
+        leaves: dict[int, tuple[_Node, dict[int, tuple[int, int]]]] = {}
+        groups: dict[int, tuple[_Node, dict[int, tuple[int, int]]]] = {}
+        packed = (PACKED_COLUMN, PACKED_COLUMN)
+        for row, (first, last) in rows.items():
             leaf = self._by_row.get(row)
             if leaf is None:
                 continue
-            parent = leaf.parent
-            runs.setdefault(id(parent), (parent, []))[1].append(leaf.index_in_parent)
-            node = parent
-            while node is not None and node is not self._root:
-                up = node.parent
-                groups.setdefault(id(up), (up, []))[1].append(node.index_in_parent)
-                node = up
-        for table, cols in ((runs, (first_col, last_col)), (groups, (0, len(COLUMNS) - 1))):
-            for parent, rows in table.values():
-                index = (
-                    QModelIndex()
-                    if parent is self._root
-                    else self.createIndex(parent.index_in_parent, 0, parent)
-                )
+            leaves.setdefault(id(leaf.parent), (leaf.parent, {}))[1][leaf.index_in_parent] = (
+                first,
+                last,
+            )
+            if not first <= PACKED_COLUMN <= last:
+                continue
+            node = leaf.parent
+            # Each group once: its ancestors were added by the first leaf under it.
+            while node is not self._root:
+                siblings = groups.setdefault(id(node.parent), (node.parent, {}))[1]
+                if node.index_in_parent in siblings:
+                    break
+                siblings[node.index_in_parent] = packed
+                node = node.parent
+        for table in (leaves, groups):
+            for parent, changed in table.values():
+                lo, hi, first, last = _span(changed)
                 self.dataChanged.emit(
-                    self.index(min(rows), cols[0], index), self.index(max(rows), cols[1], index)
+                    self.createIndex(lo, first, parent.children[lo]),
+                    self.createIndex(hi, last, parent.children[hi]),
                 )
 
     def _changed(self, node: _Node) -> None:
@@ -237,3 +319,14 @@ class LayerTreeModel(QAbstractItemModel):
         self.dataChanged.emit(self.index(0, 0, parent), self.index(last, len(COLUMNS) - 1, parent))
         for child in node.children:
             self._changed(child)
+
+
+def _span(changed: dict[int, tuple[int, int]]) -> tuple[int, int, int, int]:
+    """``(first row, last row, first column, last column)`` around ``{row: (first column,
+    last column)}``."""
+    return (
+        min(changed),
+        max(changed),
+        min(first for first, _ in changed.values()),
+        max(last for _, last in changed.values()),
+    )

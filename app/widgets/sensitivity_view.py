@@ -697,6 +697,15 @@ class TargetPanel(QGroupBox):
         for name in sorted(names):
             self.pins.addItem(f"{PIN_MARK} {name}")
 
+    def show_rebuilding(self, pinned: int) -> None:
+        """The solver's tables for new pins are being rebuilt (a worker): the sliders stay
+        live, their steps are solved when the tables are in (`set_scan` then)."""
+        self.state.setText(
+            f"Re-planning around {pinned} pinned layer(s)… the target follows when ready."
+            if pinned
+            else "Re-planning without pins… the target follows when ready."
+        )
+
 
 class SensitivityUI(QObject):
     """Installs the scan action, the Sensitivity dock and the Target tab in ``window`` and
@@ -767,12 +776,15 @@ class SensitivityUI(QObject):
 
         c.scanReady.connect(self._on_scanReady)
         c.pinsChanged.connect(self._on_pinsChanged)
+        c.solverReady.connect(self._on_solverReady)
+        c.frontierReady.connect(self._on_frontierReady)
         c.solved.connect(self._on_solved)
         c.previewUpdated.connect(self._on_previewUpdated)
         c.selectionChanged.connect(self.view.set_layers)
         c.statsReady.connect(lambda _s: self._update_action())
         c.jobStarted.connect(lambda *_: self._update_action())
         c.jobFinished.connect(lambda *_: self._update_action())
+        c.jobFinished.connect(self._on_jobFinished)
         c.runRecorded.connect(lambda _r: self._refresh_frontier())
         self.view.layerClicked.connect(lambda name: c.set_selection((name,)))
         self.panel.ratioMoved.connect(self._on_ratioMoved)
@@ -877,7 +889,21 @@ class SensitivityUI(QObject):
         self.window.layer_table.set_pins(pins)
         self.view.set_pins(pins)
         self.panel.set_pins(pins)
+        if self.controller.rebuilding_pins:
+            # The reach and the frontier follow when the worker is done (`_on_solverReady`).
+            self.panel.show_rebuilding(len(pins))
+        else:
+            self._refresh_range()
+
+    def _on_solverReady(self, _reach: Any) -> None:
         self._refresh_range()
+        self._refresh_frontier()  # for the new pins: a job of its own, the steps go on
+
+    def _on_jobFinished(self, kind: str, outcome: str) -> None:
+        # A cancelled or failed rebuild leaves no tables for the pins: the reach is derived
+        # here (`Session.target_range`) instead of "Re-planning…" staying on.
+        if kind == "pins" and outcome != "done":
+            self._refresh_range()
 
     # ------------------------------------------------------------------ scan / plan
     def _on_scanReady(self, scan: Any) -> None:
@@ -897,12 +923,26 @@ class SensitivityUI(QObject):
 
     def _refresh_range(self) -> None:
         c = self.controller
+        if c.rebuilding_pins:  # the tables for the new pins are not in yet
+            return
         scan = c.sensitivity
         self.panel.set_scan(scan, c.target_range() if scan is not None else None)
 
     def _refresh_frontier(self) -> None:
+        """The predicted frontier on the runs plot: at once when known (a scan computes it),
+        else when its job is done (`_on_frontierReady`)."""
         c = self.controller
-        self.window.runs_view.set_frontier(c.frontier_points() if c.sensitivity is not None else [])
+        if c.rebuilding_pins:  # `_on_solverReady` asks for the frontier of the new pins
+            return
+        points = c.predict_frontier() if c.sensitivity is not None else []
+        if points is not None:
+            self.window.runs_view.set_frontier(points)
+
+    def _on_frontierReady(self, points: Any) -> None:
+        # None: the prediction failed; `frontier_points` says why in the status bar.
+        self.window.runs_view.set_frontier(
+            points if points is not None else self.controller.frontier_points()
+        )
 
     def _on_previewUpdated(self, preview: Any) -> None:
         if self.controller.sensitivity is not None:

@@ -5,9 +5,12 @@ cached live preview equals `core.analysis.estimate.preview`."""
 from __future__ import annotations
 
 import pytest
+from PySide6.QtCore import QModelIndex, QModelRoleData, QModelRoleDataSpan, Qt
+from PySide6.QtWidgets import QStyledItemDelegate, QStyleOptionViewItem
 
 from app.widgets.histogram_view import HistogramView
 from app.widgets.layer_table import COLUMNS, LayerTable, LayerTableModel, changed_runs
+from app.widgets.layer_tree import PACKED_COLUMN
 from core.analysis.estimate import preview
 from core.analysis.stats import analyze
 from core.base.model import LoadedModel
@@ -107,6 +110,102 @@ def test_table_and_tree_signal_only_changed_rows(qtbot, stats):
     assert tree_ranges
     changed = sum(b - t + 1 for t, b in ranges)
     assert changed < len(stats.layers)  # the BatchNorm rows (no plan numbers) are not signalled
+
+
+def _tree_cells(model) -> dict[tuple[str, int], tuple[object, tuple[int, int]]]:
+    """Every cell of the tree: ``(path, column) -> (text, (parent id, row))``."""
+    out = {}
+
+    def walk(parent):
+        for row in range(model.rowCount(parent)):
+            for col in range(len(COLUMNS)):
+                idx = model.index(row, col, parent)
+                node = idx.internalPointer()
+                out[(node.path, col)] = (idx.data(), (parent.internalId(), row))
+                # the view locates cells through their column-0 sibling
+                assert model.sibling(row, 0, idx) == model.index(row, 0, parent)
+            walk(model.index(row, 0, parent))
+
+    walk(QModelIndex())
+    return out
+
+
+def test_tree_signals_one_change_per_group_of_siblings(qtbot, stats):
+    """A step in the grouped tree: one dataChanged per parent (leaves) plus one per parent
+    for the groups' Packed cells, covering every cell whose text changed."""
+    table = LayerTable()
+    qtbot.addWidget(table)
+    table.set_layers(stats.layers)
+    table.grouped.setChecked(True)
+    tree = table.tree_model
+    table.set_preview(preview(stats, simple_plan(0.3, 6)))
+    before = _tree_cells(tree)
+    signals = []
+    tree.dataChanged.connect(
+        lambda tl, br, *_: signals.append(
+            (tl.parent().internalId(), tl.row(), br.row(), tl.column(), br.column())
+        )
+    )
+    table.set_preview(preview(stats, simple_plan(0.5, 6)))
+    after = _tree_cells(tree)
+    changed = [key for key in after if after[key][0] != before[key][0]]
+    assert changed
+    for path, col in changed:
+        parent, row = after[(path, col)][1]
+        assert any(
+            p == parent and lo <= row <= hi and first <= col <= last
+            for p, lo, hi, first, last in signals
+        ), (path, col)
+    leaf_spans = [s for s in signals if (s[3], s[4]) != (PACKED_COLUMN, PACKED_COLUMN)]
+    group_spans = [s for s in signals if (s[3], s[4]) == (PACKED_COLUMN, PACKED_COLUMN)]
+    # One span per parent of each kind (the ~50 runs of changed rows of the flat table are
+    # not passed on one by one).
+    assert len({s[0] for s in leaf_spans}) == len(leaf_spans)
+    assert len({s[0] for s in group_spans}) == len(group_spans) and group_spans
+    assert len(signals) < len({after[k][1][0] for k in changed}) * 2 + 1
+
+
+def test_tree_and_table_answer_all_roles_of_a_cell_at_once(qtbot, stats):
+    """`multiData` (one call per painted cell) answers what `data` answers, role by role."""
+    table = LayerTable()
+    qtbot.addWidget(table)
+    table.set_layers(stats.layers)
+    table.set_overrides({stats.layers[1].name})
+    table.set_preview(preview(stats, simple_plan(0.5, 6)))
+    roles = [
+        Qt.ItemDataRole.DisplayRole,
+        Qt.ItemDataRole.DecorationRole,
+        Qt.ItemDataRole.FontRole,
+        Qt.ItemDataRole.TextAlignmentRole,
+        Qt.ItemDataRole.BackgroundRole,
+        Qt.ItemDataRole.ForegroundRole,
+        Qt.ItemDataRole.CheckStateRole,
+        Qt.ItemDataRole.ToolTipRole,
+    ]
+    cells = [table.model.index(r, c) for r in range(3) for c in range(len(COLUMNS))]
+    tree = table.tree_model
+    group = tree.index(0, 0)
+    while group.isValid() and not tree.rowCount(group):
+        group = tree.index(group.row() + 1, 0)
+    leaf = tree.index(0, 0, group)
+    cells += [tree.index(0, c, group) for c in range(len(COLUMNS))]
+    cells += [tree.index(leaf.row(), c, group) for c in range(len(COLUMNS))]
+    cells += [tree.index(group.row(), c) for c in range(len(COLUMNS))]
+    checked = 0
+    for idx in cells:
+        for role in roles:
+            slot = QModelRoleData(role)
+            idx.model().multiData(idx, QModelRoleDataSpan(slot))
+            assert slot.data() == idx.data(role), (idx.row(), idx.column(), role)
+            checked += slot.data() is not None
+    assert checked > len(cells)  # not all None
+    # What a repaint does: the delegate asks for its roles in one span.
+    delegate = QStyledItemDelegate()
+    for idx in (tree.index(leaf.row(), 0, group), table.model.index(1, 0)):
+        option = QStyleOptionViewItem()
+        delegate.initStyleOption(option, idx)
+        assert option.text == idx.data() and option.text
+        assert option.font.bold() == bool(idx.data(Qt.ItemDataRole.FontRole))
 
 
 def test_histogram_keeps_the_grid_while_only_the_threshold_moves(qtbot, stats, monkeypatch):

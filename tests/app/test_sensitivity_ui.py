@@ -191,6 +191,8 @@ def test_pinning_keeps_a_layers_settings(qtbot, window):
     assert mine.quant.bits == 8
     ui.panel.pin.click()
     assert c.pins == frozenset({"fc1"})
+    # The solver's tables for the new pins come from a worker (see the test below).
+    qtbot.waitUntil(lambda: not c.rebuilding_pins, timeout=TIMEOUT)
     row = window.layer_table.model.row_of("fc1")
     assert window.layer_table.model.index(row, 0).data().startswith(PIN_MARK)
     assert ui.panel.pins.count() == 1
@@ -210,9 +212,80 @@ def test_pinning_keeps_a_layers_settings(qtbot, window):
     # Unpinned, the solver is free to change fc1 again.
     ui.panel.unpin.click()
     assert c.pins == frozenset()
+    qtbot.waitUntil(lambda: not c.rebuilding_pins, timeout=TIMEOUT)
     assert not window.layer_table.model.index(row, 0).data().startswith(PIN_MARK)
     drag_ratio(qtbot, window, [25.0])
     assert c.plan.config_for("fc1") != mine
+
+
+def test_pinning_rebuilds_in_a_worker_and_a_step_meanwhile_lands_after(qtbot, window):
+    """A pin change does not block the event loop: the click returns with the solver's
+    tables still being rebuilt (a job), a target step asked for meanwhile waits and arrives
+    through `solved` once they are in, planned around the pin; pinning again supersedes
+    the older rebuild."""
+    open_ready(qtbot, window, "demo:mlp")
+    c = window.controller
+    scan_done(qtbot, window)
+    ui = window.sensitivity_ui
+    drag_ratio(qtbot, window, [3.0])
+    window._end_drag()
+    reach_before = ui.panel.max_ratio
+    c.set_selection(("fc1",))
+    c.set_target("selection")
+    window.quant_panel.bits.setValue(8)
+    window._end_drag()
+    mine = c.plan.config_for("fc1")
+    events = []
+    c.jobStarted.connect(lambda kind, _what: events.append((kind, "started")))
+    c.jobFinished.connect(lambda kind, outcome: events.append((kind, outcome)))
+    progress = []
+    c.jobProgressed.connect(lambda kind, f, _msg: progress.append((kind, f)))
+    solves = []
+    c.solved.connect(solves.append)
+    ui.panel.pin.click()
+    # Back from the click before the rebuild is done (no event has been processed since,
+    # so no worker result can have been applied): the marks are there, the reach is not.
+    assert ("pins", "started") in events and c.rebuilding_pins
+    assert c.pins == frozenset({"fc1"}) and ui.panel.pins.count() == 1
+    assert "Re-planning" in ui.panel.state.text()
+    start = c.plan
+    # A target step meanwhile waits for the new tables (it would plan fc1 away otherwise).
+    assert c.plan_to_target(Target(ratio=5.0), merge=True, verify=False) is None
+    assert c.plan == start and not solves
+    with qtbot.waitSignal(c.solved, timeout=TIMEOUT) as solved:
+        pass
+    sol = solved.args[0]
+    assert sol.target == Target(ratio=5.0) and ("pins", "done") in events
+    assert any(kind == "pins" for kind, _ in progress)  # with progress
+    assert c.plan == sol.plan and c.plan.config_for("fc1") == mine
+    assert c.plan.config_for("fc2") != mine  # the others were planned around fc1
+    window._end_drag()
+    # The predicted frontier for the new pins follows as a job of its own.
+    qtbot.waitUntil(lambda: ("frontier", "done") in events, timeout=TIMEOUT)
+    assert window.runs_view.frontier_xy()[0].size >= 2
+    assert c.session.frontier_job() is None  # known for these pins
+    # The reach follows the pin (fc1 kept at 8 bits caps it).
+    assert ui.panel.max_ratio < reach_before and f"{ui.panel.max_ratio:.1f}×" in (
+        ui.panel.state.text()
+    )
+    # Two pin changes in a row: the first rebuild is superseded, the second lands.
+    events.clear()
+    ui._pin(["fc2"], True)
+    ui._pin(["fc3"], True)
+    assert ("pins", "cancelled") in events and c.rebuilding_pins
+    qtbot.waitUntil(lambda: not c.rebuilding_pins, timeout=TIMEOUT)
+    assert events.count(("pins", "done")) == 1
+    assert c.pins == frozenset({"fc1", "fc2", "fc3"})
+    problem, _ = c.session._solver_problem({n: c.plan.config_for(n) for n in sorted(c.pins)})
+    assert set(problem.pinned) == {"fc1", "fc2", "fc3"}
+    # Esc during a rebuild: whether it was cancelled or had just finished, the panel shows
+    # the reach for the pins again, not "Re-planning…".
+    ui._pin(["fc3"], False)
+    assert "Re-planning" in ui.panel.state.text()
+    c.cancel_jobs()
+    qtbot.waitUntil(lambda: not c.rebuilding_pins, timeout=TIMEOUT)
+    assert "Re-planning" not in ui.panel.state.text()
+    assert f"{ui.panel.max_ratio:.1f}×" in ui.panel.state.text()
 
 
 def test_predicted_frontier_drawn_beside_the_runs(qtbot, window):
