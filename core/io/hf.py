@@ -31,6 +31,10 @@ The wrapper shares the wrapped model's parameter, buffer and child dictionaries 
 holding it as a child, so ``named_parameters()`` and ``state_dict()`` keys stay exactly the
 checkpoint's (``bert.encoder.layer.0.attention.self.query.weight``), which is what plans,
 recipes and packed archives are keyed by.
+
+Why one module of this size: opening a folder (config, weights, pooling, tokenizer), the forward
+wrapper and writing a folder back all follow the same folder layout rules (which files, which
+names); keeping them together keeps the read and write sides of that layout in step.
 """
 
 from __future__ import annotations
