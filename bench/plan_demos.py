@@ -61,7 +61,8 @@ def section(rows: list[tuple[str, str, str, dict, float]]) -> str:
         "checked after fine-tuning on the validation part of the training split; a plan that "
         "misses it is re-solved at the same bytes with another damage model (output error "
         "energy, then the weights' own error energy) and the plan with the smallest "
-        "validation drop is used.",
+        "validation drop is used. The archive header (format version 2) stores the recipe "
+        "deflated with a preset dictionary.",
         "",
         "| Command | Target | Size on disk | Compression | Accuracy before -> after | Drop "
         "(points) | Met | Time |",

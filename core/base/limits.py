@@ -34,6 +34,8 @@ JSON
     `load_json` refuses text longer than its ``max_bytes`` (recipes `MAX_RECIPE_BYTES`, packed
     metadata `MAX_METADATA_JSON_BYTES`, safetensors headers `MAX_HEADER_BYTES`), nesting deeper
     than `MAX_JSON_DEPTH` levels, integers beyond ``2**63 - 1`` and, where asked, duplicate keys.
+    `inflate_text` unpacks a deflated text (a packed archive's recipe, format version 2) and
+    stops one byte past its cap (`MAX_RECIPE_BYTES` for recipes), whatever the stream says.
 Element counts
     `check_alloc` compares ``numel * itemsize`` with the bytes actually present before anything
     is allocated, and `check_shape` accepts only non-negative integer dimensions whose product
@@ -50,6 +52,7 @@ to point at.
 
 from __future__ import annotations
 
+import base64
 import json
 import math
 import os
@@ -439,6 +442,41 @@ def check_zip(
         total += size
     check_decoded(total, file_bytes, ratio=ratio, what=what, path=p, error=error)
     return infos
+
+
+def inflate_text(
+    text: str,
+    *,
+    what: str,
+    path: str | Path | None,
+    max_bytes: int,
+    zdict: bytes = b"",
+    error: ErrorType = ModelLoadError,
+    hint: str = "the file is corrupt",
+) -> str:
+    """The UTF-8 text behind ``base85(raw deflate)`` (`core.packed.bytemodel.pack_recipe`).
+
+    Never inflates past ``max_bytes``: the encoded text is refused when it is longer than a
+    stream of that output could be (deflate expands incompressible input by ~0.03%, base85 by
+    25%), and the stream is inflated with ``max_length`` set one byte past the cap, so a
+    deflate bomb (~1000x) stops there. Truncated streams, bytes after the stream's end, bad
+    base85 and invalid UTF-8 are refused too.
+    """
+    if len(text) > (5 * (max_bytes + max_bytes // 512 + 64)) // 4 + 5:
+        raise error(f"{what} is longer than {_fmt_bytes(max_bytes)} could pack to", path=path,
+                    hint=hint)  # fmt: skip
+    try:
+        raw = base64.b85decode(text)
+        z = zlib.decompressobj(-15, zdict=zdict)
+        out = z.decompress(raw, max_bytes + 1)
+        if len(out) > max_bytes:
+            raise error(f"{what} inflates to more than {_fmt_bytes(max_bytes)}", path=path,
+                        hint=hint)  # fmt: skip
+        if not z.eof or z.unused_data or z.unconsumed_tail:
+            raise ValueError("the deflate stream is truncated or followed by other bytes")
+        return out.decode("utf-8")
+    except (ValueError, zlib.error) as exc:
+        raise error(f"{what} is corrupt ({str(exc)[:120]})", path=path, hint=hint) from None
 
 
 def escape_name(name: str) -> str:

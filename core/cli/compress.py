@@ -19,11 +19,14 @@ from core.base.errors import RecipeError
 from core.base.outdir import output_dir
 from core.base.progress import ProgressFn
 from core.cli.plan import add_target_options, planned_plan, record_planning
+from core.evaluate import evaluate
 from core.export.deploy import cost_block
 from core.export.devices import device_block, fits_line, get_device
 from core.export.formats import check_formats, parse_formats
 from core.export.outputs import owned_names, write_into
+from core.export.stream import can_stream_outputs, stream_into
 from core.io.data import make_dataset
+from core.io.model_io import load_packed
 from core.recipe.edits import ReplacePlan
 from core.recipe.plan import (
     METHOD_HELP,
@@ -55,6 +58,19 @@ def register(subparsers) -> None:
         "model", metavar="MODEL", help="model file, Hugging Face folder or demo:mlp / demo:cnn"
     )
     p.add_argument("--out", required=True, metavar="DIR", help="output directory")
+    _add_recipe_args(p)
+    _add_training_args(p)
+    _add_loading_args(p)
+    _add_export_args(p)
+    _add_device_args(p)
+    p.add_argument("--force", action="store_true", help="overwrite existing files in --out")
+    p.add_argument("--quiet", action="store_true", help="no progress messages on stderr")
+    add_target_options(p, compress=True)
+    p.set_defaults(func=run)
+
+
+def _add_recipe_args(p: argparse.ArgumentParser) -> None:
+    """Recipe options: a recipe file, or the simple plan's sparsity, bits, quantizer and method."""
     p.add_argument("--recipe", metavar="R.json", help="recipe file (excludes the three below)")
     p.add_argument(
         "--sparsity",
@@ -80,6 +96,10 @@ def register(subparsers) -> None:
         metavar="M",
         help=f"pruning criterion: {', '.join(PRUNE_METHODS)} (default magnitude)",
     )
+
+
+def _add_training_args(p: argparse.ArgumentParser) -> None:
+    """Data and fine-tuning options: held-out / calibration data, epochs, distillation."""
     p.add_argument(
         "--data",
         metavar="FILE",
@@ -91,6 +111,10 @@ def register(subparsers) -> None:
     p.add_argument(
         "--distill", action="store_true", help="distil from the original model while fine-tuning"
     )
+
+
+def _add_loading_args(p: argparse.ArgumentParser) -> None:
+    """Model loading options: unpickling and a demo architecture for weights-only files."""
     p.add_argument(
         "--trust", action="store_true", help="allow unpickling a full model (runs its code)"
     )
@@ -101,6 +125,10 @@ def register(subparsers) -> None:
         metavar="DEMO",
         help="give a state_dict/safetensors file a demo architecture (demo:mlp or demo:cnn)",
     )
+
+
+def _add_export_args(p: argparse.ArgumentParser) -> None:
+    """Export options: formats and the packed archive's entropy coding."""
     p.add_argument(
         "--format",
         default=",".join(DEFAULT_FORMATS),
@@ -113,6 +141,10 @@ def register(subparsers) -> None:
         action="store_true",
         help="entropy-code the packed archive's codes with zstd where smaller",
     )
+
+
+def _add_device_args(p: argparse.ArgumentParser) -> None:
+    """Deployment target options: device profile fit and serving cost."""
     p.add_argument(
         "--device",
         metavar="NAME",
@@ -136,10 +168,6 @@ def register(subparsers) -> None:
         help="batches served in parallel for --instance-price (default 1: the latency is "
         "measured with all CPU threads)",
     )
-    p.add_argument("--force", action="store_true", help="overwrite existing files in --out")
-    p.add_argument("--quiet", action="store_true", help="no progress messages on stderr")
-    add_target_options(p, compress=True)
-    p.set_defaults(func=run)
 
 
 # ---------------------------------------------------------------------------------------
@@ -318,6 +346,8 @@ def _pipeline(
         args, session.model, session.stats, session.train, session.plan, progress
     )
     session.edit(ReplacePlan(plan=planned), merge=False)
+    if _streams(args, session, formats):
+        return _pipeline_streamed(args, session, stage, out, progress)
     progress(0.0, "compressing")
     session.run(session.compress(), progress)
     eval_data = session.test
@@ -347,6 +377,54 @@ def _pipeline(
     )
     _print_targets(content or {})
     return record_planning(stage / "report.json", args)
+
+
+def _streams(args: argparse.Namespace, session: Session, formats: list[str]) -> bool:
+    """A model packed without data, fine-tuning, calibration, channel removal or device/cost
+    blocks: compressed tensor by tensor into the archive (`core.export.stream`)."""
+    if getattr(args, "device_profile", None) is not None or args.instance_price is not None:
+        return False
+    return can_stream_outputs(session.model, session.plan, session.stats, formats, session.test)
+
+
+def _pipeline_streamed(
+    args: argparse.Namespace, session: Session, stage: Path, out: Path, progress: ProgressFn
+) -> dict[str, Any]:
+    """`_pipeline`'s compress and export steps in one pass over the tensors (the same
+    archive); a model with a forward pass is then evaluated on random inputs like the dense
+    path does, on the model the archive restores (`_evaluate_archive`)."""
+    progress(0.0, "compressing and exporting packed")
+    eval_data = _random_inputs(session.model) if session.model.can_run else None
+    evals: Any = {"before": None, "after": None, "data": None}
+    if eval_data is not None:
+        evals = _evaluate_archive(session, eval_data, progress)
+    _, content, _ = stream_into(
+        stage,
+        out,
+        session.model,
+        session.plan,
+        session.stats,
+        recipe=session.plan,
+        evals=evals,
+        entropy=args.entropy,
+        progress=progress,
+    )
+    _print_targets(content)
+    return record_planning(stage / "report.json", args)
+
+
+def _evaluate_archive(session: Session, data: Any, progress: ProgressFn):
+    """``evals`` for `stream_into`: the original and the model restored from the written
+    archive (its weights equal the dense path's compressed model exactly) on ``data``."""
+
+    def measure(archive: Path) -> dict[str, Any]:
+        progress(0.0, f"evaluating on {data.name}")
+        before = evaluate(session.model, data)
+        restored = load_packed(archive, base=session.model)
+        after = evaluate(restored, data, reference=session.model)
+        return {"before": before, "after": after, "data": data.name}
+
+    return measure
 
 
 def _check_target_args(args: argparse.Namespace) -> None:

@@ -16,8 +16,11 @@ import argparse
 import json
 import math
 import sys
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
+
+import torch
 
 from core.base.errors import CompressionError, RecipeError
 from core.base.progress import ProgressFn
@@ -252,15 +255,8 @@ def frontier_table(points: list[Any]) -> str:
     return "\n".join(lines)
 
 
-def run(args: argparse.Namespace) -> int:
-    """Run ``workbench plan``."""
-
-    target = target_from_args(args)
-    pins = parse_pins(args.pin)
-    profile = None
-    if args.device:
-        profile = get_device(args.device, args.devices)
-    sized = target is not None and (target.bytes is not None or target.ratio is not None)
+def _check_run_args(args: argparse.Namespace, target: Any, profile: Any) -> None:
+    """Refuse ``workbench plan`` flags that cannot work together, before anything runs."""
     if not args.frontier:
         if target is None and profile is None:
             raise RecipeError(
@@ -274,6 +270,58 @@ def run(args: argparse.Namespace) -> int:
         raise RecipeError(f"--points: {args.points} is out of range 10..20")
     if not 1 <= args.rounds <= 10:
         raise RecipeError(f"--rounds: {args.rounds} is out of range 1..10")
+
+
+def _run_frontier(args: argparse.Namespace, session: Any, curves: Any, pins: Any) -> int:
+    """``workbench plan --frontier``: print the trade-off (and write it with ``--out``)."""
+    points = frontier(
+        session.stats,
+        curves,
+        points=args.points,
+        pinned=pins,
+        base=session.plan,
+        min_bits=args.min_bits,
+    )
+    print(frontier_table(points))
+    if args.out:
+        write_json(
+            args.out,
+            {"points": [{**sol.to_dict(), "recipe": sol.plan.to_dict()} for sol in points]},
+        )
+        print(f"wrote {len(points)} recipes to {args.out}")
+    return 0
+
+
+def _write_plan(
+    args: argparse.Namespace, sol: Any, measured: Any, curves: Any, device_info: Any
+) -> None:
+    """Print the solution (and the measurement), write the recipe and its ``.plan.json``."""
+    print(solution_table(sol))
+    if measured is not None:
+        line = f"measured:  {measured.bytes:,} B on disk, damage {measured.damage:.4g}"
+        if measured.accuracy_drop is not None:
+            line += f", accuracy drop {measured.accuracy_drop:.2f} points"
+        print(line + f", cosine {measured.cosine:.4f} (no fine-tuning)")
+    out = Path(args.out)
+    sol.plan.save(out)
+    info = {**sol.to_dict(), "measured": measured.to_dict() if measured else None}
+    info["scan"] = {"method": curves.method, "metric": curves.metric, "estimate": curves.estimate}
+    info["device_budget"] = device_info
+    side = out.with_name(out.stem + ".plan.json")
+    write_json(side, info)
+    print(f"wrote {out} and {side}")
+
+
+def run(args: argparse.Namespace) -> int:
+    """Run ``workbench plan``."""
+
+    target = target_from_args(args)
+    pins = parse_pins(args.pin)
+    profile = None
+    if args.device:
+        profile = get_device(args.device, args.devices)
+    sized = target is not None and (target.bytes is not None or target.ratio is not None)
+    _check_run_args(args, target, profile)
     progress = progress_printer(args.quiet)
     session = open_session(args, progress)
     curves = run_scan(args, session, progress)
@@ -287,22 +335,7 @@ def run(args: argparse.Namespace) -> int:
         note = _device_note(device_info, 4 * int(stats.total_params), profile)
         print(f"note: {note}", file=sys.stderr, flush=True)
     if args.frontier:
-        points = frontier(
-            stats,
-            curves,
-            points=args.points,
-            pinned=pins,
-            base=session.plan,
-            min_bits=args.min_bits,
-        )
-        print(frontier_table(points))
-        if args.out:
-            write_json(
-                args.out,
-                {"points": [{**sol.to_dict(), "recipe": sol.plan.to_dict()} for sol in points]},
-            )
-            print(f"wrote {len(points)} recipes to {args.out}")
-        return 0
+        return _run_frontier(args, session, curves, pins)
     measured = None
     if args.verify:
         sol, measured = plan_and_verify(
@@ -321,41 +354,19 @@ def run(args: argparse.Namespace) -> int:
         sol = plan_for_target(
             stats, curves, target, pinned=pins, base=session.plan, min_bits=args.min_bits
         )
-    print(solution_table(sol))
-    if measured is not None:
-        line = f"measured:  {measured.bytes:,} B on disk, damage {measured.damage:.4g}"
-        if measured.accuracy_drop is not None:
-            line += f", accuracy drop {measured.accuracy_drop:.2f} points"
-        print(line + f", cosine {measured.cosine:.4f} (no fine-tuning)")
-    out = Path(args.out)
-    sol.plan.save(out)
-    info = {**sol.to_dict(), "measured": measured.to_dict() if measured else None}
-    info["scan"] = {"method": curves.method, "metric": curves.metric, "estimate": curves.estimate}
-    info["device_budget"] = device_info
-    side = out.with_name(out.stem + ".plan.json")
-    write_json(side, info)
-    print(f"wrote {out} and {side}")
+    _write_plan(args, sol, measured, curves, device_info)
     return 0
 
 
 # ---------------------------------------------------------------------------------------
 # workbench compress --target-ratio ...
 # ---------------------------------------------------------------------------------------
-def planned_plan(
-    args: argparse.Namespace,
-    loaded: Any,
-    stats: Any,
-    train: Any,
-    plan: CompressionPlan,
-    progress: ProgressFn,
-) -> CompressionPlan:
-    """``plan`` replaced by a solved one when ``compress`` got a target (else unchanged).
-
-    The scan runs on the validation part of the training split (`core.recovery.training.recovery_split`)
-    so the test split the report uses stays unseen. The solution is kept on ``args`` for
-    `record_planning`.
-    """
-
+def _planning_target(
+    args: argparse.Namespace, loaded: Any, stats: Any, train: Any
+) -> tuple[Any, dict[str, Any] | None]:
+    """``(target, device budget record)`` of ``compress``'s flags: a size target, or with
+    ``--device`` alone the device's memory; None when nothing asks for planning. Refuses
+    targets combined with hand settings, and quality targets without a size target."""
     target = target_from_args(args)
     profile = getattr(args, "device_profile", None)
     clash = [f for f in ("recipe", "sparsity", "bits") if getattr(args, f, None) is not None]
@@ -373,7 +384,7 @@ def planned_plan(
     if target is None:
         if args.pin:
             raise RecipeError("--pin needs a target", hint="add --target-ratio R")
-        return plan
+        return None, None
     if clash:
         raise RecipeError(
             f"--{clash[0]} cannot be combined with a target",
@@ -384,7 +395,38 @@ def planned_plan(
             "--max-drop/--min-cosine need a size target in compress",
             hint="add --target-ratio R or --target-bytes N",
         )
+    return target, device_info
 
+
+def _quant_fields(plan: CompressionPlan) -> dict[str, Any]:
+    """The user's rounding rule, group size and bias correction, for every planned layer."""
+    q = plan.default.quant
+    quant: dict[str, Any] = {"method": q.method} if q.method != "rtn" else {}
+    if q.group_size is not None:
+        quant["group_size"] = q.group_size
+    if q.bias_correction:
+        quant["bias_correction"] = True
+    return quant
+
+
+def planned_plan(
+    args: argparse.Namespace,
+    loaded: Any,
+    stats: Any,
+    train: Any,
+    plan: CompressionPlan,
+    progress: ProgressFn,
+) -> CompressionPlan:
+    """``plan`` replaced by a solved one when ``compress`` got a target (else unchanged).
+
+    The scan runs on the validation part of the training split (`core.recovery.training.recovery_split`)
+    so the test split the report uses stays unseen. The solution is kept on ``args`` for
+    `record_planning`.
+    """
+
+    target, device_info = _planning_target(args, loaded, stats, train)
+    if target is None:
+        return plan
     data = None
     if loaded.can_run and train is not None:
         data = recovery_split(train)[1]
@@ -394,8 +436,6 @@ def planned_plan(
     min_bits = args.min_bits
     recovery = plan.recovery
     if recovery.epochs > 0:
-        from dataclasses import replace
-
         recovery = replace(recovery, **PLANNED_RECOVERY, epochs=recovery.epochs)
         if min_bits is None:
             min_bits = FINETUNE_MIN_BITS
@@ -403,35 +443,20 @@ def planned_plan(
     # The recovery settings are part of the recipe in the archive header: solve with them.
     # --quant gptq / --group-size apply to every layer the planner quantizes (the byte model
     # counts the group scales); the scan's damage stays the round-to-nearest one.
-    q = plan.default.quant
-    quant = {"method": q.method} if q.method != "rtn" else {}
-    if q.group_size is not None:
-        quant["group_size"] = q.group_size
-    if q.bias_correction:
-        quant["bias_correction"] = True
-    sol = plan_for_target(
-        stats,
-        curves,
-        target,
-        pinned=parse_pins(args.pin),
-        base=plan.with_recovery(recovery),
-        min_bits=min_bits,
-        quant=quant,
-    )
+    solve = {
+        "pinned": parse_pins(args.pin),
+        "base": plan.with_recovery(recovery),
+        "min_bits": min_bits,
+        "quant": _quant_fields(plan),
+    }
+    sol = plan_for_target(stats, curves, target, **solve)
     checked: list[dict[str, Any]] = []
     if (
         recovery.epochs > 0
         and target.max_drop is not None
         and data is not None
         and curves.metric == "loss"
-        and (target.bytes is not None or target.ratio is not None)
     ):
-        solve = {
-            "pinned": parse_pins(args.pin),
-            "base": plan.with_recovery(recovery),
-            "min_bits": min_bits,
-            "quant": quant,
-        }
         sol, checked = verify_after_finetune(
             loaded, stats, curves, target, train, sol, solve, progress
         )
@@ -455,8 +480,6 @@ def _rescored(curves: Any, stats: Any, model: str) -> Any:
     the outputs (does not saturate where the loss delta of a destroyed layer does), ``weights``
     = the layer's own error energy (1/SQNR, `core.planning.sensitivity.proxy_scan`: how much of the
     layer survives, whatever the rest does). Accuracy and cosine stay the measured ones."""
-    from dataclasses import replace
-
     if model == "loss":
         return curves
     proxy = None
@@ -497,8 +520,6 @@ def verify_after_finetune(
     `DAMAGE_MODELS` is solved at the same byte budget, and the plan with the smallest measured
     drop wins. Returns the chosen solution and one record per round.
     """
-    import torch
-
     fit, val = recovery_split(train)
     y = val.y.reshape(-1).long()
 

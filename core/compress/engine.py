@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import copy
 import math
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -886,3 +886,147 @@ def _remove(
         n_rows = int(before[f"{root}.weight"][0])
         kept[root] = sorted(set(range(n_rows)) - set(idxs))
     return kept, aligned, new_masks
+
+
+# ---------------------------------------------------------------------------------------
+# streaming (weights-only checkpoints)
+# ---------------------------------------------------------------------------------------
+def can_stream(loaded: LoadedModel, plan: CompressionPlan, stats) -> bool:
+    """Whether `compress_stream` applies: a model of any format whose plan compresses every
+    layer from its own weights alone (no calibration, fine-tuning or channel removal, no bias
+    quantization, which edits a second tensor) and whose state tensors share no memory (a
+    tied weight is compressed once in the dense path's clone, so its second name would hold
+    the compressed values, which a stream of the original's tensors does not know)."""
+    layers = [layer for layer in stats.layers if layer.prunable and layer.tensor is not None]
+    if plan.recovery.epochs > 0 or second_order.plan_needs_calibration(plan, layers):
+        return False
+    if plan.remove_channels and _uses_channels(plan, layers):
+        return False
+    if any(plan.config_for(layer.name).quant.bias_bits is not None for layer in layers):
+        return False
+    return not _shares_memory(loaded.module.state_dict().values())
+
+
+def _shares_memory(tensors) -> bool:
+    """Whether any two of ``tensors`` overlap in memory (tied weights, views of one another)."""
+    spans = sorted(
+        (t.data_ptr(), t.data_ptr() + t.numel() * t.element_size())
+        for t in tensors
+        if isinstance(t, torch.Tensor) and t.numel() > 0 and t.device.type != "meta"
+    )
+    reach = 0
+    for start, end in spans:
+        if start < reach:
+            return True
+        reach = max(reach, end)
+    return False
+
+
+#: One state tensor of `compress_stream`: ``(name, value, codes, mask, report, original)``;
+#: ``report`` is ``None`` for tensors that are not a layer's weight.
+StreamedTensor = tuple[
+    str,
+    torch.Tensor,
+    QuantizedTensor | None,
+    torch.Tensor | None,
+    LayerReport | None,
+    torch.Tensor,
+]
+
+
+def compress_stream(
+    loaded: LoadedModel,
+    plan: CompressionPlan,
+    stats,
+    *,
+    progress: ProgressFn = no_progress,
+    cancel: CancelToken | None = None,
+) -> Iterator[StreamedTensor]:
+    """`compress` of a model `can_stream` accepts, one state tensor at a time.
+
+    Yields every tensor of ``loaded``'s state dict in order, as the compressed model of
+    `compress` would hold it (same values, codes, masks and `LayerReport`s), each made from
+    the original (a view of the memory-mapped file for weights-only checkpoints; ``loaded``
+    is never modified) and dropped by the caller before the next:
+    no copy of the whole model is ever made. Groups of small same-shape tensors are done
+    first (`_compress_group`, as `compress` does); they are small by definition.
+    """
+    _check_plan(loaded, plan, stats)
+    if not can_stream(loaded, plan, stats):
+        raise CompressionError("this model or plan cannot be compressed tensor by tensor")
+    _check(cancel)
+    progress(0.0, "computing thresholds")
+    targets = pruning_targets(stats, plan)
+    thresholds = {name: t for name, (t, _) in targets.items()}
+    counts = {name: c for name, (_, c) in targets.items()}
+    layers = [layer for layer in stats.layers if layer.prunable and layer.tensor is not None]
+    source = named_tensors(loaded.module)
+    by_tensor = {str(layer.tensor): layer for layer in layers}
+    for name, layer in by_tensor.items():
+        _tensor(source, name, where=layer.name)
+    grouped = _small_groups(layers, plan, source)
+    small: dict[str, torch.Tensor] = {}
+    done: dict[str, tuple[QuantizedTensor | None, torch.Tensor | None, LayerReport]] = {}
+    for members in grouped:
+        _check(cancel)
+        names = [str(layer.tensor) for layer in members]
+        small.update((n, source[n].detach().clone()) for n in names)
+        gm, gq, gr = _compress_group(
+            members, plan.config_for(members[0].name), small, thresholds, counts
+        )
+        done.update(
+            (n, (gq.get(n), gm.get(n), gr[m.name])) for n, m in zip(names, members, strict=True)
+        )
+    state = loaded.module.state_dict()
+    for i, (name, value) in enumerate(state.items()):
+        _check(cancel)
+        original = value.detach()
+        layer = by_tensor.get(name)
+        if name in done:
+            qt, mask, report = done.pop(name)
+            yield name, small.pop(name), qt, mask, report, original
+        elif layer is None:
+            yield name, original, None, None, None, original
+        else:
+            progress(i / max(len(state), 1), f"compressing {layer.name}")
+            yield _stream_layer(layer, plan, stats, original, thresholds, counts)
+    progress(1.0, "compressed")
+
+
+def _stream_layer(
+    layer: LayerInfo,
+    plan: CompressionPlan,
+    stats,
+    original: torch.Tensor,
+    thresholds: Mapping[str, float | None],
+    counts: Mapping[str, int | None],
+) -> StreamedTensor:
+    """One layer as `_prune_layers` + `_compress_layer` make it: the mask (`layer_mask`) and
+    codes (`quantize`) of the original weights, the final values ``dequantize(codes)`` (or the
+    masked weights) as a new tensor; the original (a view of the file) is only read."""
+    name = str(layer.tensor)
+    cfg = plan.config_for(layer.name)
+    threshold = thresholds.get(layer.name)
+    mask = None
+    if not cfg.skip and cfg.prune.active:
+        ts = stats.tensors.get(layer.name)
+        grad = ts.grad if ts is not None else None
+        mask = layer_mask(layer, cfg, original, threshold, grad, counts.get(layer.name))
+    qt = None
+    with torch.no_grad():
+        if not cfg.skip and cfg.quant.active:
+            qt = quantize(
+                original,
+                cfg.quant.bits,  # type: ignore[arg-type]
+                symmetric=cfg.quant.symmetric,
+                per_channel=cfg.quant.per_channel,
+                mask=mask,
+                group_size=cfg.quant.group_size,
+            )
+            value = dequantize(qt).to(original.dtype)
+        elif mask is not None:
+            value = original * mask.to(original.dtype)
+        else:
+            value = original  # unchanged: nothing to copy
+    report = _report(layer, cfg, threshold, original, original, value, qt, mask is not None)
+    return name, value, qt, mask, report, original

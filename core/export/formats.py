@@ -301,6 +301,12 @@ def _export_packed(result, path, x, force, cancel, entropy: bool = False, progre
         restored = load_packed(path, base=result.original)
         diff = _max_abs_diff(_forward(restored.module, x), _forward(result.compressed.module, x))
         lat = _torch_latency(restored.module, x)
+    note, extra = packed_note(info)
+    return diff, lat, note, extra
+
+
+def packed_note(info: Any) -> tuple[str, dict[str, Any]]:
+    """The export record's note and extra numbers for a written archive (`PackedInfo`)."""
     err = 100.0 * (info.bytes_on_disk - info.estimate_bytes) / max(info.estimate_bytes, 1)
     if info.entropy_coded:
         note = (
@@ -318,7 +324,7 @@ def _export_packed(result, path, x, force, cancel, entropy: bool = False, progre
         "header_bytes": info.header_bytes,
         "entropy_coded": info.entropy_coded,
     }
-    return diff, lat, note, extra
+    return note, extra
 
 
 def _scripted(result: Any, x: torch.Tensor | None) -> tuple[torch.jit.ScriptModule, str]:

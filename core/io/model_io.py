@@ -1008,6 +1008,75 @@ def load_model(
         ) from None
 
 
+def _open_demo(
+    demo: str, source: str | Path, *, architecture: str | None, base: Any, progress: ProgressFn
+) -> LoadedModel:
+    """A built-in demo (neither a base model nor an architecture applies)."""
+    if base is not None:
+        raise ModelLoadError(
+            "a base model only applies to packed archives",
+            path=str(source),
+            hint="drop the base option",
+        )
+    if architecture is not None:
+        raise ModelLoadError(
+            "an architecture only applies to weights-only files",
+            path=str(source),
+            hint="drop the architecture option for built-in demos",
+        )
+    loaded = _demo(demo)
+    progress(1.0, f"opened {loaded.name}")
+    return loaded
+
+
+def _open_folder(
+    path: Path,
+    *,
+    trust: bool,
+    architecture: str | None,
+    base: Any,
+    progress: ProgressFn,
+    cancel: CancelToken | None,
+) -> LoadedModel:
+    """A directory: a Hugging Face folder opens (it brings its own architecture), any other
+    directory is refused."""
+    if not is_hf_folder(path):
+        raise ModelLoadError(
+            "is a directory, not a model file (no config.json: not a Hugging Face folder)",
+            path=path,
+            hint=f"pick the model file itself: {SUPPORTED}",
+        )
+    if architecture is not None or base is not None:
+        raise ModelLoadError(
+            "a Hugging Face folder brings its own architecture (config.json)",
+            path=path,
+            hint="drop the architecture/base option",
+        )
+    loaded = load_hf_folder(path, trust=trust, progress=progress, cancel=cancel)
+    note_nonfinite(loaded)
+    return loaded
+
+
+def _sniff_file(path: Path) -> str:
+    """The content class of a non-empty, readable file (see `_sniff`)."""
+    try:
+        size = path.stat().st_size
+    except OSError as exc:
+        raise ModelLoadError(
+            f"cannot be read ({exc.strerror})", path=path, hint="check permissions"
+        ) from None
+    if size == 0:
+        raise ModelLoadError(
+            "the file is empty (0 bytes)", path=path, hint="copy or save the model again"
+        )
+    try:
+        return _sniff(path)
+    except OSError as exc:
+        raise ModelLoadError(
+            f"cannot be read ({exc.strerror})", path=path, hint="check permissions"
+        ) from None
+
+
 def _load_model(
     source: str | Path,
     *,
@@ -1059,57 +1128,21 @@ def _load_model(
     progress(0.0, f"opening {source}")
     demo = demo_name(source)
     if demo is not None:
-        if base is not None:
-            raise ModelLoadError(
-                "a base model only applies to packed archives",
-                path=str(source),
-                hint="drop the base option",
-            )
-        if architecture is not None:
-            raise ModelLoadError(
-                "an architecture only applies to weights-only files",
-                path=str(source),
-                hint="drop the architecture option for built-in demos",
-            )
-        loaded = _demo(demo)
-        progress(1.0, f"opened {loaded.name}")
-        return loaded
+        return _open_demo(demo, source, architecture=architecture, base=base, progress=progress)
 
     path = Path(source).expanduser()
     if not path.exists():
         raise ModelLoadError("no such file", path=path, hint="check the path to the model file")
     if path.is_dir():
-        if is_hf_folder(path):
-            if architecture is not None or base is not None:
-                raise ModelLoadError(
-                    "a Hugging Face folder brings its own architecture (config.json)",
-                    path=path,
-                    hint="drop the architecture/base option",
-                )
-            loaded = load_hf_folder(path, trust=trust, progress=progress, cancel=cancel)
-            note_nonfinite(loaded)
-            return loaded
-        raise ModelLoadError(
-            "is a directory, not a model file (no config.json: not a Hugging Face folder)",
-            path=path,
-            hint=f"pick the model file itself: {SUPPORTED}",
+        return _open_folder(
+            path,
+            trust=trust,
+            architecture=architecture,
+            base=base,
+            progress=progress,
+            cancel=cancel,
         )
-    try:
-        size = path.stat().st_size
-    except OSError as exc:
-        raise ModelLoadError(
-            f"cannot be read ({exc.strerror})", path=path, hint="check permissions"
-        ) from None
-    if size == 0:
-        raise ModelLoadError(
-            "the file is empty (0 bytes)", path=path, hint="copy or save the model again"
-        )
-    try:
-        kind = _sniff(path)
-    except OSError as exc:
-        raise ModelLoadError(
-            f"cannot be read ({exc.strerror})", path=path, hint="check permissions"
-        ) from None
+    kind = _sniff_file(path)
     _check(cancel)
     progress(0.1, f"reading {kind.replace('_', ' ')}")
 

@@ -99,6 +99,7 @@ from core.packed.writer import (
     _state,
     pack_result,
     write_packed,
+    write_packed_stream,
 )
 
 __all__ = [
@@ -177,4 +178,5 @@ __all__ = [
     "tensor_packed_bytes",
     "unpack_bits",
     "write_packed",
+    "write_packed_stream",
 ]

@@ -3,9 +3,11 @@ the whole-archive estimate the live preview shares with the writer."""
 
 from __future__ import annotations
 
+import base64
 import functools
 import json
 import math
+import zlib
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -18,11 +20,25 @@ from core.recipe.plan import (
 )
 
 #: Value of ``__metadata__["format"]`` identifying our archives.
-
-
-#: Value of ``__metadata__["format"]`` identifying our archives.
 FORMAT_ID = "workbench.packed"
-FORMAT_VERSION = "1"
+#: Version the writer stores: 2 keeps the recipe deflated (`pack_recipe`), 1 kept it as JSON.
+FORMAT_VERSION = "2"
+#: Versions `core.packed.read_packed` reads.
+READ_VERSIONS = ("1", "2")
+#: Preset dictionary of the recipe's deflate stream (format version 2; changing a byte of it
+#: is a new format version): the recipe's keys and common values, the most frequent last,
+#: so a tiny model's recipe costs tens of bytes instead of hundreds of escaped JSON characters.
+RECIPE_DICTIONARY = (
+    '{"version":1,"default":{"prune":{"method":"gradient_stability","mode":"threshold",'
+    '"threshold":0.01,"scope":"global","n":1,"m":8},"quant":{"bits":8,"symmetric":false,'
+    '"method":"gptq","group_size":128,"bias_correction":true}},"recovery":{"epochs":10,'
+    '"lr":0.001,"batch_size":64,"distill":true,"temperature":2.0,"alpha":0.7,'
+    '"prune_steps":10},"remove_channels":true,"layers":{"features.0":{"skip":true},'
+    '"classifier.":{"prune":{"method":"taylor","sparsity":0.5},"quant":{"bits":6,'
+    '"per_channel":true,"bias_bits":8}},"layer1.0.conv":{"prune":{"method":"channel_l2",'
+    '"sparsity":0.75}},"fc":{"prune":{"method":"magnitude","sparsity":0.9},'
+    '"quant":{"bits":4,"per_channel":true,"bias_bits":8}},'
+).encode("ascii")
 #: Name of the single uint8 blob tensor in the safetensors file.
 BLOB_NAME = "packed"
 #: Relative-index widths the writer may choose from.
@@ -446,6 +462,16 @@ def compact_recipe(plan: CompressionPlan) -> str:
     return _json(out)
 
 
+@functools.lru_cache(maxsize=8)  # previews of one plan repeat; a huge model's recipe is MBs
+def pack_recipe(text: str) -> str:
+    """The recipe JSON as format version 2 stores it: base85 (RFC 1924 alphabet, which has no
+    character JSON must escape) of a raw deflate stream (level 9, preset dictionary
+    `RECIPE_DICTIONARY`). The reader inflates it within `core.base.limits.MAX_RECIPE_BYTES`."""
+    z = zlib.compressobj(9, zlib.DEFLATED, -15, 9, zdict=RECIPE_DICTIONARY)
+    raw = z.compress(text.encode("utf-8")) + z.flush()
+    return base64.b85encode(raw).decode("ascii")
+
+
 def archive_metadata(
     plan: CompressionPlan,
     *,
@@ -454,7 +480,8 @@ def archive_metadata(
     architecture: str | None = None,
     removed_channels: Mapping[str, Sequence[int]] | None = None,
 ) -> dict[str, str]:
-    """The descriptive metadata the writer stores (pass it to `estimate_archive_bytes`).
+    """The descriptive metadata the writer stores (pass it to `estimate_archive_bytes`); the
+    recipe is `compact_recipe` packed by `pack_recipe`.
 
     ``architecture`` is the demo architecture a weights-only file was opened with
     (``LoadedModel.metadata["architecture"]``), so the loader can rebuild a runnable model.
@@ -462,7 +489,8 @@ def archive_metadata(
     if source and not source.startswith("demo:"):
         # Absolute, so `workbench export` finds the original from any working directory.
         source = str(Path(source).absolute())
-    meta = {"source": source, "source_format": source_format, "recipe": compact_recipe(plan)}
+    recipe = pack_recipe(compact_recipe(plan))
+    meta = {"source": source, "source_format": source_format, "recipe": recipe}
     if architecture:
         meta["architecture"] = architecture
     if removed_channels:

@@ -5,9 +5,10 @@ from __future__ import annotations
 
 import hashlib
 import math
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -16,15 +17,18 @@ from core.base.errors import ModelLoadError
 from core.base.limits import (
     MAX_EXAMPLE_BYTES,
     MAX_METADATA_JSON_BYTES,
+    MAX_RECIPE_BYTES,
     PACKED_RATIO,
     SAFETENSORS_ITEMSIZE,
     check_alloc,
     check_decoded,
     check_shape,
     escape_name,
+    inflate_text,
     load_json,
     safetensors_header,
 )
+from core.base.memory import release_pages, trim_heap
 from core.ops.quantization import (
     QuantizedTensor,
     code_dtype,
@@ -39,9 +43,10 @@ from core.packed.bytemodel import (
     CHECKSUM_HEX,
     CODED_DTYPES,
     FORMAT_ID,
-    FORMAT_VERSION,
     INDEX_BITS,
     PATTERN_CODES,
+    READ_VERSIONS,
+    RECIPE_DICTIONARY,
     ST_DTYPES,
     _ceil_bytes,
 )
@@ -200,6 +205,22 @@ def _layout_group(flags: int, bits: int, shown: str) -> int | None:
     return group
 
 
+#: Codes are unpacked this many at a time (a multiple of 8: every chunk starts on a byte).
+_UNPACK_CHUNK = 1 << 22
+
+
+def _unpack_codes(buf: bytes, count: int, bits: int) -> np.ndarray:
+    """`unpack_bits` into the codes' own dtype (`code_dtype`), chunk by chunk: no int64 array
+    of a whole 10**8-weight tensor."""
+    out = np.empty(count, dtype=np.uint8 if code_dtype(bits) == torch.uint8 else np.int32)
+    raw = np.frombuffer(buf, dtype=np.uint8)
+    for start in range(0, count, _UNPACK_CHUNK):
+        n = min(_UNPACK_CHUNK, count - start)
+        first = start * bits // 8
+        out[start : start + n] = unpack_bits(raw[first : first + _ceil_bytes(n * bits)], n, bits)
+    return out
+
+
 def _decode_entry(
     entry: list, cur: _Cursor
 ) -> tuple[str, torch.Tensor, QuantizedTensor | None, torch.Tensor | None]:
@@ -236,7 +257,7 @@ def _decode_entry(
         # Packed codes: the bits must be in the blob before the int64 array is allocated.
         if _ceil_bytes(count * bits) > cur.left:
             check_alloc(count, 1, cur.left * 8 // bits, shown, cur.path)
-        values = unpack_bits(cur.take(_ceil_bytes(count * bits)), count, bits)
+        values = _unpack_codes(cur.take(_ceil_bytes(count * bits)), count, bits)
     n_params = n_quant_params(shape, per_channel=per_channel, group_size=group)
     scale = torch.from_numpy(np.frombuffer(cur.take(4 * n_params), dtype="<f4").astype(np.float32))
     if symmetric:
@@ -246,7 +267,7 @@ def _decode_entry(
     # in the codes' own dtype throughout: no int64 copies of a 10**8-weight tensor
     cdt = np.uint8 if code_dtype(bits) == torch.uint8 else np.int32
     if mask_np is None:
-        codes = values.reshape(shape).astype(cdt)
+        codes = values.reshape(shape).astype(cdt, copy=False)
     else:
         zfull = expand_params(torch.from_numpy(zp.astype(cdt)), torch.Size(shape), group)
         codes = np.array(np.broadcast_to(zfull.numpy(), shape), dtype=cdt)
@@ -263,6 +284,82 @@ def _decode_entry(
         group_size=group,
     )
     return name, dequantize(qt).to(dtype), qt, mask
+
+
+#: After decoding a tensor of at least this many elements the C heap is trimmed (`trim_heap`).
+_TRIM_NUMEL = 1 << 20
+
+
+class _Coded(Mapping):
+    """The codes (or masks) of an archive's coded tensors, decoded from the blob on access.
+
+    `read_packed` restores every tensor in one pass and keeps only the dense values: holding
+    the codes and masks of all of them too would add up to half the weights' float32 bytes
+    again at 10**8-10**9 weights. Each access decodes that one tensor anew (nothing cached).
+    """
+
+    def __init__(self, cur: _Cursor, at: dict[str, tuple[list, int]], index: int):
+        self._cur, self._at, self._index = cur, at, index
+
+    def __getitem__(self, name: str) -> Any:
+        entry, pos = self._at[name]
+        cur = _Cursor(self._cur.blob, self._cur.path)
+        cur.pos = pos
+        return _decode_entry(entry, cur)[self._index]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._at)
+
+    def __len__(self) -> int:
+        return len(self._at)
+
+
+def _decode_all(layout: list, cur: _Cursor) -> tuple[dict[str, torch.Tensor], _Coded, _Coded]:
+    """``(tensors, codes, masks)`` of a checked layout: tensor by tensor, each one's codes
+    and mask dropped once its value is restored (`_Coded` decodes them again on demand)."""
+    tensors: dict[str, torch.Tensor] = {}
+    coded: dict[str, tuple[list, int]] = {}
+    q_names, m_names = [], []
+    for entry in layout:
+        start = cur.pos
+        name, value, qt, mask = _decode_entry(entry, cur)
+        tensors[name] = value
+        if qt is not None:
+            q_names.append(name)
+        if mask is not None:
+            m_names.append(name)
+        if qt is not None or mask is not None:
+            coded[name] = (entry, start)
+        del value, qt, mask
+        release_pages(cur.blob[start : cur.pos])
+        if math.prod(tensors[name].shape) >= _TRIM_NUMEL:
+            trim_heap()  # the freed temporaries of a large tensor back to the system
+    quantized = _Coded(cur, {n: coded[n] for n in q_names}, 2)
+    return tensors, quantized, _Coded(cur, {n: coded[n] for n in m_names}, 3)
+
+
+def _readable_metadata(meta: dict[str, str], path: Path) -> dict[str, str]:
+    """The metadata as version 1 stores it: a version 2 recipe (`pack_recipe`) inflated back to
+    its JSON (within `core.base.limits.MAX_RECIPE_BYTES`), so `PackedArchive.metadata` reads
+    the same whatever version wrote the file."""
+    version = meta.get("version")
+    if version not in READ_VERSIONS:
+        raise ModelLoadError(
+            f"packed format version {str(version)[:20]!r} is not supported",
+            path=path,
+            hint=f"this workbench reads versions {', '.join(READ_VERSIONS)}",
+        )
+    if version != "1" and "recipe" in meta:
+        meta = dict(meta)
+        meta["recipe"] = inflate_text(
+            meta["recipe"],
+            what="the archive's recipe",
+            path=path,
+            max_bytes=MAX_RECIPE_BYTES,
+            zdict=RECIPE_DICTIONARY,
+            hint="the archive is corrupt; re-export the model",
+        )
+    return meta
 
 
 def _removed_channels(meta: Mapping[str, str], path: Path) -> dict[str, list[int]]:
@@ -330,26 +427,23 @@ def read_packed(path: str | Path) -> PackedArchive:
         with safe_open(str(p), framework="np") as fh:
             meta = dict(fh.metadata() or {})
             names = list(fh.keys())
-            blob = fh.get_tensor(BLOB_NAME) if BLOB_NAME in names else None
+            has_blob = BLOB_NAME in names
     except (SafetensorError, OSError, ValueError) as exc:
         raise ModelLoadError(
             f"not a readable safetensors file ({exc})", path=p, hint="re-export the model"
         ) from None
-    if meta.get("format") != FORMAT_ID or blob is None:
+    if meta.get("format") != FORMAT_ID or not has_blob:
         raise ModelLoadError(
             "not a workbench packed archive (no 'format: workbench.packed' metadata)",
             path=p,
             hint="open it as a model instead, or export it again with --format packed",
         )
-    if meta.get("version") != FORMAT_VERSION:
-        raise ModelLoadError(
-            f"packed format version {meta.get('version')!r} is not supported",
-            path=p,
-            hint=f"this workbench reads version {FORMAT_VERSION}",
-        )
-    blob = np.ascontiguousarray(blob, dtype=np.uint8).reshape(-1)
+    meta = _readable_metadata(meta, p)
+    blob = _mapped_blob(p, entries[BLOB_NAME]["data_offsets"])
     # hashed in place (a contiguous uint8 array): no copy of the whole blob
-    if hashlib.sha256(blob).hexdigest()[:CHECKSUM_HEX] != meta.get("sha256"):
+    digest = hashlib.sha256(blob).hexdigest()[:CHECKSUM_HEX]
+    release_pages(blob)
+    if digest != meta.get("sha256"):
         raise ModelLoadError(
             "checksum mismatch: the archive is corrupt", path=p, hint="re-export the model"
         )
@@ -364,14 +458,7 @@ def read_packed(path: str | Path) -> PackedArchive:
     try:
         _check_layout(layout, int(blob.size), p.stat().st_size, p)
         cur = _Cursor(blob, p)
-        tensors, quantized, masks = {}, {}, {}
-        for entry in layout:
-            name, value, qt, mask = _decode_entry(entry, cur)
-            tensors[name] = value
-            if qt is not None:
-                quantized[name] = qt
-            if mask is not None:
-                masks[name] = mask
+        tensors, quantized, masks = _decode_all(layout, cur)
     except ModelLoadError:
         raise
     except (KeyError, ValueError, TypeError, IndexError) as exc:
@@ -385,6 +472,18 @@ def read_packed(path: str | Path) -> PackedArchive:
             f"{blob.size - cur.pos} bytes of the blob are not described by the layout", path=p
         )
     return PackedArchive(path=p, metadata=meta, tensors=tensors, quantized=quantized, masks=masks)
+
+
+def _mapped_blob(path: Path, offsets: Any) -> np.ndarray:
+    """The blob's bytes as a read-only memory map of the file (header checked already): its
+    pages are read as tensors are decoded and given back after (`release_pages`), instead
+    of a copy of the whole blob held next to the restored weights."""
+    start, end = (int(x) for x in offsets)
+    with path.open("rb") as fh:
+        base = 8 + int.from_bytes(fh.read(8), "little")
+    if end <= start:
+        return np.zeros(0, dtype=np.uint8)
+    return np.memmap(path, dtype=np.uint8, mode="r", offset=base + start, shape=(end - start,))
 
 
 def _recorded_input(archive: PackedArchive) -> torch.Tensor:

@@ -5,7 +5,10 @@ from __future__ import annotations
 
 import hashlib
 import math
-from collections.abc import Sequence
+import os
+import shutil
+import tempfile
+from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -577,6 +580,16 @@ def pack_result(
         records.append(rec)
         specs.append(spec)
     blob = b"".join(parts)
+    checksum = hashlib.sha256(blob).hexdigest()[:CHECKSUM_HEX]
+    full, estimate = _archive_meta(result, layout, specs, checksum)
+    return blob, full, tuple(records), estimate
+
+
+def _archive_meta(
+    result: Any, layout: list, specs: list[TensorSpec], checksum: str
+) -> tuple[dict[str, str], ArchiveEstimate]:
+    """``(metadata, estimate)`` of an archive of ``result`` with this layout and blob checksum
+    (shared by `pack_result` and `write_packed_stream`, so both write the same header)."""
     original = result.original
     meta = archive_metadata(
         result.plan,
@@ -589,9 +602,7 @@ def pack_result(
         ex = original.example_input
         meta["input"] = _json([list(ex.shape), str(ex.dtype).removeprefix("torch.")])
     estimate = estimate_archive_bytes(specs, meta)
-    checksum = hashlib.sha256(blob).hexdigest()[:CHECKSUM_HEX]
-    full = finalize_metadata(meta, layout, checksum)
-    return blob, full, tuple(records), estimate
+    return finalize_metadata(meta, layout, checksum), estimate
 
 
 def write_packed(
@@ -630,14 +641,87 @@ def write_packed(
     )
     header = build_header(meta, len(blob))
     atomic_write(target, [header, blob], force=force, cancel=cancel)
-    size = target.stat().st_size
+    return _packed_info(target, header, records, estimate)
+
+
+def _packed_info(
+    target: Path, header: bytes, records: Sequence[TensorRecord], estimate: ArchiveEstimate
+) -> PackedInfo:
     bound = len(header) + sum(r.entropy_bytes for r in records)
     return PackedInfo(
         path=target,
-        bytes_on_disk=size,
+        bytes_on_disk=target.stat().st_size,
         header_bytes=len(header),
         estimate_bytes=estimate.total,
         entropy_bound_bytes=bound,
         entropy_coded=any(r.zstd for r in records),
-        tensors=records,
+        tensors=tuple(records),
     )
+
+
+#: One state tensor for `write_packed_stream`: ``(name, value, codes or None, mask or None)``.
+StreamItem = tuple[str, torch.Tensor, QuantizedTensor | None, torch.Tensor | None]
+
+
+def write_packed_stream(
+    result: Any,
+    items: Iterable[StreamItem],
+    path: str | Path,
+    *,
+    force: bool = False,
+    entropy: bool = False,
+    cancel: CancelToken | None = None,
+) -> PackedInfo:
+    """`write_packed` of tensors that arrive one at a time: the same bytes, never the model.
+
+    ``items`` yields every state tensor of the compressed model in state-dict order (what
+    `pack_result` reads from ``result.compressed``); each is checked (`_check_restores`),
+    encoded (`_encode_tensor`), appended to a temporary blob file in the target's folder and
+    dropped before the next is asked for. ``result`` supplies what the header records
+    (``original``, ``plan``, ``removed_channels``). The blob's checksum and the layout are
+    known only at the end, so the header is written then and the blob copied behind it.
+    """
+    target = Path(path)
+    if target.exists() and not force:
+        raise ExportError("file already exists", path=target, hint="pass --force to overwrite it")
+    fd, blob_name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".blob", dir=target.parent)
+    blob_path = Path(blob_name)
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            layout, records, specs, digest, size = _stream_blob(fh, items, entropy, cancel)
+        full, estimate = _archive_meta(result, layout, specs, digest.hexdigest()[:CHECKSUM_HEX])
+        header = build_header(full, size)
+
+        def append_blob(tmp: Path) -> None:
+            with blob_path.open("rb") as src, tmp.open("ab") as dst:
+                shutil.copyfileobj(src, dst, 1 << 22)
+
+        atomic_write(target, [header], force=force, writer=append_blob, cancel=cancel)
+    finally:
+        blob_path.unlink(missing_ok=True)
+    return _packed_info(target, header, records, estimate)
+
+
+def _stream_blob(
+    fh: Any, items: Iterable[StreamItem], entropy: bool, cancel: CancelToken | None
+) -> tuple[list, list[TensorRecord], list[TensorSpec], Any, int]:
+    """Encode and append every item to ``fh``: ``(layout, records, specs, sha256, bytes)``."""
+    layout: list = []
+    records: list[TensorRecord] = []
+    specs: list[TensorSpec] = []
+    digest = hashlib.sha256()
+    size = 0
+    for name, value, qt, mask in items:
+        if cancel is not None:
+            cancel.check()
+        _check_restores(name, value, qt, mask)
+        entry, parts, rec, spec = _encode_tensor(name, value, qt, mask, entropy=entropy)
+        for part in parts:
+            fh.write(part)
+            digest.update(part)
+            size += len(part)
+        layout.append(entry)
+        records.append(rec)
+        specs.append(spec)
+        del value, qt, mask, parts
+    return layout, records, specs, digest, size

@@ -675,59 +675,135 @@ def plan_for_target(
     problem = problem or build_problem(stats, scan, pinned=pinned, min_bits=min_bits, quant=quant)
     goal = target.budget(problem.dense_bytes)
     solve_for = budget if budget is not None else goal
-    warnings: list[str] = []
-    small_plan, small = smallest_plan(stats, problem)
     if solve_for is not None:
-        if small > solve_for:
-            raise CompressionError(
-                f"a {solve_for:,}-byte archive is not reachable: the smallest plan the scanned "
-                f"levels allow is {small:,} bytes ({problem.dense_bytes / small:.1f}x)",
-                hint=f"ask for at least {small:,} bytes (--target-ratio "
-                f"{math.floor(10 * problem.dense_bytes / small) / 10:g} or less)",
-            )
-        margin = max(1, int(MARGIN * solve_for))
-        overhead = small - int(
-            problem.cost[np.arange(len(problem.names)), np.argmin(problem.cost, 1)].sum()
-        )
-        primary = problem.damage if target.min_cosine is None else problem.cos_loss
-        choice, how = None, ""
-        total = small
-        for _ in range(10):
-            limit = solve_for - margin - overhead
-            choice, how = solve(primary, problem.cost, limit)
-            if choice is None:
-                choice = np.argmin(problem.cost, axis=1)
-            candidate = make_plan(problem, choice, base=base)
-            total = _total(stats, candidate)
-            spread = max(int(MARGIN * solve_for), math.ceil(index_uncertainty(stats, candidate)))
-            if total <= solve_for - spread:
-                margin = max(margin, spread)
-                break
-            layer_bytes = float(problem.cost[np.arange(len(choice)), choice].sum())
-            overhead = max(overhead + 1, int(total - layer_bytes))
-            margin = max(margin, spread)
-        if total > solve_for - margin:
-            choice = np.argmin(problem.cost, axis=1)
-            total = small
-        choice, sparsities, total = _fill(stats, problem, choice, solve_for - margin, total, base)
+        choice, sparsities, total, how = _solve_budget(stats, problem, target, solve_for, base)
     else:
-        if target.max_drop is not None:
-            if scan.metric != "loss":
-                raise CompressionError(
-                    "--max-drop needs labelled data (accuracy); these curves have none",
-                    hint="give labelled --data, or use --min-cosine",
-                )
-            secondary = problem.acc_drop * factors.get("acc", 1.0)
-            limit = target.max_drop / 100.0
-        else:
-            secondary = problem.cos_loss * factors.get("cos", 1.0)
-            limit = 1.0 - float(target.min_cosine)
-        choice, how = solve(problem.cost, secondary, limit)
-        if choice is None:
-            raise CompressionError("no plan meets the quality target even without compression")
+        choice, how = _solve_quality(problem, scan, target, factors)
         sparsities = {}
         total = _total(stats, make_plan(problem, choice, base=base))
     plan = make_plan(problem, choice, sparsities=sparsities, base=base)
+    return _solution(
+        problem,
+        scan,
+        target,
+        plan,
+        choice,
+        sparsities,
+        total,
+        factors=factors,
+        how=how,
+        goal=goal,
+        t0=t0,
+        check_quality=True,
+    )
+
+
+def _unreachable(solve_for: int, small: int, dense_bytes: int, flag: str) -> CompressionError:
+    """The error for a budget below the smallest plan the scanned levels allow."""
+    return CompressionError(
+        f"a {solve_for:,}-byte archive is not reachable: the smallest plan the scanned "
+        f"levels allow is {small:,} bytes ({dense_bytes / small:.1f}x)",
+        hint=f"ask for at least {small:,} bytes ({flag}"
+        f"{math.floor(10 * dense_bytes / small) / 10:g} or less)",
+    )
+
+
+def _solve_budget(
+    stats: Any,
+    problem: Problem,
+    target: Target,
+    solve_for: int,
+    base: CompressionPlan | None,
+) -> tuple[np.ndarray, dict[int, float], int, str]:
+    """``(choice, sparsities, predicted bytes, solver)`` for a byte budget: the knapsack on the
+    grid with the bytes outside the scanned layers measured on the candidate (re-solved while
+    the candidate's preview, plus the spread of its relative indices, does not fit), then the
+    continuous sparsity fill (`_fill`)."""
+    _, small = smallest_plan(stats, problem)
+    if small > solve_for:
+        raise _unreachable(solve_for, small, problem.dense_bytes, "--target-ratio ")
+    margin = max(1, int(MARGIN * solve_for))
+    rows = np.arange(len(problem.names))
+    overhead = small - int(problem.cost[rows, np.argmin(problem.cost, 1)].sum())
+    primary = problem.damage if target.min_cosine is None else problem.cos_loss
+    choice, how = None, ""
+    total = small
+    for _ in range(10):
+        limit = solve_for - margin - overhead
+        choice, how = solve(primary, problem.cost, limit)
+        if choice is None:
+            choice = np.argmin(problem.cost, axis=1)
+        candidate = make_plan(problem, choice, base=base)
+        total = _total(stats, candidate)
+        spread = max(int(MARGIN * solve_for), math.ceil(index_uncertainty(stats, candidate)))
+        if total <= solve_for - spread:
+            margin = max(margin, spread)
+            break
+        layer_bytes = float(problem.cost[rows, choice].sum())
+        overhead = max(overhead + 1, int(total - layer_bytes))
+        margin = max(margin, spread)
+    if total > solve_for - margin:
+        choice = np.argmin(problem.cost, axis=1)
+        total = small
+    choice, sparsities, total = _fill(stats, problem, choice, solve_for - margin, total, base)
+    return choice, sparsities, total, how
+
+
+def _solve_quality(
+    problem: Problem, scan: SensitivityScan, target: Target, factors: Mapping[str, float]
+) -> tuple[np.ndarray, str]:
+    """The smallest grid plan meeting a quality target alone (``--max-drop``/``--min-cosine``)."""
+    if target.max_drop is not None:
+        if scan.metric != "loss":
+            raise CompressionError(
+                "--max-drop needs labelled data (accuracy); these curves have none",
+                hint="give labelled --data, or use --min-cosine",
+            )
+        secondary = problem.acc_drop * factors.get("acc", 1.0)
+        limit = target.max_drop / 100.0
+    else:
+        secondary = problem.cos_loss * factors.get("cos", 1.0)
+        limit = 1.0 - float(target.min_cosine)
+    choice, how = solve(problem.cost, secondary, limit)
+    if choice is None:
+        raise CompressionError("no plan meets the quality target even without compression")
+    return choice, how
+
+
+def _quality_warnings(predicted: Mapping[str, float | None], target: Target) -> list[str]:
+    """Warnings for a prediction that misses the target's quality floor."""
+    warnings = []
+    drop = predicted["accuracy_drop"]
+    if target.max_drop is not None and drop is not None and drop > target.max_drop + 1e-9:
+        warnings.append(
+            f"predicted accuracy drop {drop:.2f} points exceeds "
+            f"--max-drop {target.max_drop:g} (before any fine-tuning)"
+        )
+    cosine = predicted["cosine"]
+    if target.min_cosine is not None and cosine is not None and cosine < target.min_cosine - 1e-12:
+        warnings.append(
+            f"predicted cosine {cosine:.4f} is below --min-cosine {target.min_cosine:g}"
+        )
+    return warnings
+
+
+def _solution(
+    problem: Problem,
+    scan: SensitivityScan,
+    target: Target,
+    plan: CompressionPlan,
+    choice: Sequence[int],
+    sparsities: Mapping[int, float],
+    total: int,
+    *,
+    factors: dict[str, float],
+    how: str,
+    goal: int | None,
+    t0: float,
+    check_quality: bool,
+) -> Solution:
+    """The `Solution` of a chosen plan: its prediction, per-layer table and warnings
+    (``check_quality``: also warn when the prediction misses the target's quality floor)."""
     acc_base = scan.baseline.get("acc")
     predicted, rows = _predict(
         problem,
@@ -738,23 +814,7 @@ def plan_for_target(
         scan.metric,
         1.0 if acc_base is None else float(acc_base),
     )
-    if (
-        target.max_drop is not None
-        and predicted["accuracy_drop"] is not None
-        and (predicted["accuracy_drop"] > target.max_drop + 1e-9)
-    ):
-        warnings.append(
-            f"predicted accuracy drop {predicted['accuracy_drop']:.2f} points exceeds "
-            f"--max-drop {target.max_drop:g} (before any fine-tuning)"
-        )
-    if (
-        target.min_cosine is not None
-        and predicted["cosine"] is not None
-        and (predicted["cosine"] < target.min_cosine - 1e-12)
-    ):
-        warnings.append(
-            f"predicted cosine {predicted['cosine']:.4f} is below --min-cosine {target.min_cosine:g}"
-        )
+    warnings = _quality_warnings(predicted, target) if check_quality else []
     if scan.estimate:
         warnings.append("damage is a data-free estimate (weights-only curves)")
     return Solution(
@@ -1016,86 +1076,100 @@ def quick_plan(
     goal = target.budget(problem.dense_bytes)
     if goal is None:
         return plan_for_target(stats, scan, target, base=base, problem=problem, factors=factors)
-    factors = dict(factors or {})
-    rows = np.arange(len(problem.names))
-    cheapest = np.argmin(problem.cost, axis=1)
-    if "small" not in memo:
-        small_plan = _quick_make_plan(problem, cheapest, memo, base)
-        memo["small"] = small = _total(stats, small_plan)
-        # Bytes outside the scanned layers' options: the rest of the archive and its header,
-        # which grows with the overrides in the recipe and the layout of pruned tensors
-        # (14.4-22.6 KB over 1.5-40x on 200 layers). Drag steps assume the largest seen on a
-        # verified plan, so they err towards smaller archives.
-        memo["outside"] = memo["outside0"] = small - int(problem.cost[rows, cheapest].sum())
-    small = memo["small"]
+    small = _quick_smallest(stats, problem, memo, base)
     if small > goal:
-        raise CompressionError(
-            f"a {goal:,}-byte archive is not reachable: the smallest plan the scanned levels "
-            f"allow is {small:,} bytes ({problem.dense_bytes / small:.1f}x)",
-            hint=f"ask for at least {small:,} bytes (ratio "
-            f"{math.floor(10 * problem.dense_bytes / small) / 10:g} or less)",
-        )
-    margin = max(1, int(MARGIN * goal))
+        raise _unreachable(goal, small, problem.dense_bytes, "ratio ")
     primary = problem.damage if target.min_cosine is None else problem.cos_loss
-    outside = int(memo["outside"])
-
-    def predicted_size(choice: np.ndarray) -> int:
-        return int(problem.cost[rows, choice].sum()) + outside
-
-    choice, how, total = cheapest, "smallest", small
-    plan = None
-    limit = goal - margin - outside
-    if not verify:
-        for _ in range(4):
-            found, solver = solve(primary, problem.cost, limit)
-            if found is None:
-                break
-            size = predicted_size(found)
-            if size <= goal - margin:
-                choice, how, total = found, f"{solver}, predicted size", size
-                break
-            limit = min(limit, int(problem.cost[rows, found].sum())) - (size - goal) - margin
-        plan = _quick_make_plan(problem, choice, memo, base)
+    if verify:
+        choice, how, total, plan = _quick_verified(stats, problem, primary, goal, memo, base)
     else:
-        # Start from the smallest plan's outside bytes (as `plan_for_target` does) and shrink.
-        limit = goal - margin - int(memo["outside0"])
-        for _ in range(6):
-            found, solver = solve(primary, problem.cost, limit)
-            if found is None:
-                break
-            candidate = _quick_make_plan(problem, found, memo, base)
-            size = _total(stats, candidate)
-            layer_bytes = int(problem.cost[rows, found].sum())
-            memo["outside"] = max(int(memo["outside"]), size - layer_bytes)
-            if size <= goal:
-                choice, how, total, plan = found, solver, size, candidate
-                break
-            # Below this candidate's own layer bytes by the excess: the next one differs.
-            limit = min(limit, layer_bytes) - (size - goal) - margin
-        if plan is None:
-            plan = _quick_make_plan(problem, cheapest, memo, base)
-    acc_base = scan.baseline.get("acc")
-    predicted, table = _predict(
+        choice, how, total = _quick_predicted(problem, primary, goal, memo)
+        plan = _quick_make_plan(problem, choice, memo, base)
+    return _solution(
         problem,
+        scan,
+        target,
+        plan,
         choice,
         {},
         total,
-        factors,
-        scan.metric,
-        1.0 if acc_base is None else float(acc_base),
+        factors=dict(factors or {}),
+        how=how,
+        goal=goal,
+        t0=t0,
+        check_quality=False,
     )
-    warnings = ["damage is a data-free estimate (weights-only curves)"] if scan.estimate else []
-    return Solution(
-        plan=plan,
-        predicted=predicted,
-        choices=tuple(table),
-        target=target,
-        budget=goal,
-        factors=factors,
-        solver=how,
-        seconds=time.perf_counter() - t0,
-        warnings=tuple(warnings),
-    )
+
+
+def _quick_smallest(
+    stats: Any, problem: Problem, memo: dict[str, Any], base: CompressionPlan | None
+) -> int:
+    """Predicted bytes of the smallest grid plan (kept in ``memo`` with the bytes outside the
+    scanned layers' options: the rest of the archive and its header, which grows with the
+    overrides in the recipe and the layout of pruned tensors, 14.4-22.6 KB over 1.5-40x on
+    200 layers). Drag steps assume the largest outside bytes seen on a verified plan, so they
+    err towards smaller archives."""
+    if "small" not in memo:
+        rows = np.arange(len(problem.names))
+        cheapest = np.argmin(problem.cost, axis=1)
+        small_plan = _quick_make_plan(problem, cheapest, memo, base)
+        memo["small"] = small = _total(stats, small_plan)
+        memo["outside"] = memo["outside0"] = small - int(problem.cost[rows, cheapest].sum())
+    return int(memo["small"])
+
+
+def _quick_predicted(
+    problem: Problem, primary: np.ndarray, goal: int, memo: dict[str, Any]
+) -> tuple[np.ndarray, str, int]:
+    """``(choice, solver, predicted bytes)`` of a drag step: no preview; the archive is the
+    chosen levels' bytes plus the largest outside bytes seen (``memo``) plus the margin."""
+    rows = np.arange(len(problem.names))
+    margin = max(1, int(MARGIN * goal))
+    outside = int(memo["outside"])
+    choice, how, total = np.argmin(problem.cost, axis=1), "smallest", int(memo["small"])
+    limit = goal - margin - outside
+    for _ in range(4):
+        found, solver = solve(primary, problem.cost, limit)
+        if found is None:
+            break
+        layer_bytes = int(problem.cost[rows, found].sum())
+        size = layer_bytes + outside
+        if size <= goal - margin:
+            choice, how, total = found, f"{solver}, predicted size", size
+            break
+        limit = min(limit, layer_bytes) - (size - goal) - margin
+    return choice, how, total
+
+
+def _quick_verified(
+    stats: Any,
+    problem: Problem,
+    primary: np.ndarray,
+    goal: int,
+    memo: dict[str, Any],
+    base: CompressionPlan | None,
+) -> tuple[np.ndarray, str, int, CompressionPlan]:
+    """``(choice, solver, bytes, plan)`` sized with `core.analysis.estimate.preview`: from the
+    smallest plan's outside bytes (as `plan_for_target` does), the limit drops below an
+    over-budget candidate's layer bytes by the excess (at most 6 rounds); if none fits, the
+    smallest plan."""
+    rows = np.arange(len(problem.names))
+    margin = max(1, int(MARGIN * goal))
+    limit = goal - margin - int(memo["outside0"])
+    for _ in range(6):
+        found, solver = solve(primary, problem.cost, limit)
+        if found is None:
+            break
+        candidate = _quick_make_plan(problem, found, memo, base)
+        size = _total(stats, candidate)
+        layer_bytes = int(problem.cost[rows, found].sum())
+        memo["outside"] = max(int(memo["outside"]), size - layer_bytes)
+        if size <= goal:
+            return found, solver, size, candidate
+        # Below this candidate's own layer bytes by the excess: the next one differs.
+        limit = min(limit, layer_bytes) - (size - goal) - margin
+    cheapest = np.argmin(problem.cost, axis=1)
+    return cheapest, "smallest", int(memo["small"]), _quick_make_plan(problem, cheapest, memo, base)
 
 
 def quick_frontier(

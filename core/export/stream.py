@@ -1,0 +1,187 @@
+"""A weights-only checkpoint compressed straight into its packed archive, tensor by tensor.
+
+`write_outputs`/`write_into` (`core.export.outputs`) pack a `CompressionResult` that holds a
+dense compressed copy of the whole model next to the original: two to three times the
+weights in memory at 10**8-10**9 of them. A checkpoint without a forward pass, compressed
+without data or fine-tuning into the packed format alone, needs none of that:
+`stream_into` takes each tensor from the memory-mapped file, compresses it
+(`core.compress.engine.compress_stream`), appends it to the archive
+(`core.packed.write_packed_stream`) and drops it. The archive's bytes, ``recipe.json`` and
+the report are those of the dense path (only the report's ``generated`` time differs): the
+report's weight histograms are taken while each layer is at hand.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import html
+import json
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from core.base.memory import release_pages, trim_heap
+from core.base.outdir import atomic_write, pause_point
+from core.base.progress import CancelToken, ProgressFn, no_progress
+from core.compress.engine import CompressionResult, LayerReport, can_stream, compress_stream
+from core.export.formats import ExportRecord, file_name, packed_note
+from core.export.report import (
+    HTML_HISTOGRAMS,
+    _pct,
+    dumps,
+    histogram_pair,
+    render_html,
+    report_data,
+    svg_histogram,
+)
+from core.io.model_io import WeightsOnlyModule
+from core.packed import write_packed_stream
+from core.recipe.plan import CompressionPlan
+
+#: After a layer of at least this many weights the C heap is trimmed (`trim_heap`).
+_TRIM_NUMEL = 1 << 20
+#: ``(edges, before counts, after counts)`` of one layer (`histogram_pair`).
+Histogram = tuple[np.ndarray, np.ndarray, np.ndarray]
+
+
+def can_stream_outputs(
+    loaded: Any, plan: CompressionPlan, stats: Any, formats: Sequence[str], data: Any
+) -> bool:
+    """Whether `stream_into` writes what `write_into` would: the packed format alone, no
+    data, and a checkpoint and plan `core.compress.engine.can_stream` accepts."""
+    return list(formats) == ["packed"] and data is None and can_stream(loaded, plan, stats)
+
+
+def _keep(_tensor: Any) -> None:
+    """`release_pages`' stand-in for tensors that are not views of a mapped file."""
+
+
+def _histogram_tensors(loaded: Any, stats: Any) -> set[str]:
+    """Tensors of the layers the report draws (the `HTML_HISTOGRAMS` largest, ties in layer
+    order, as `core.export.report` picks them)."""
+    layers = [layer for layer in stats.layers if layer.prunable and layer.tensor is not None]
+    sizes = {k: int(v.numel()) for k, v in loaded.module.state_dict().items()}
+    order = sorted(range(len(layers)), key=lambda i: -sizes.get(str(layers[i].tensor), 0))
+    return {str(layers[i].tensor) for i in order[:HTML_HISTOGRAMS]}
+
+
+def stream_packed(
+    target: Path,
+    loaded: Any,
+    plan: CompressionPlan,
+    stats: Any,
+    *,
+    entropy: bool = False,
+    progress: ProgressFn = no_progress,
+    cancel: CancelToken | None = None,
+) -> tuple[CompressionResult, Any, dict[str, Histogram]]:
+    """Compress ``loaded`` into the archive ``target`` tensor by tensor.
+
+    Returns ``(result, info, histograms)``: a `CompressionResult` with the layer reports
+    (its ``compressed`` model holds no tensors), the `core.packed.PackedInfo` and the report
+    histograms by tensor name.
+    """
+    drawn = _histogram_tensors(loaded, stats)
+    # Loading and analysing read every page of a mapped checkpoint; from here each layer
+    # is read again when its turn comes, and given back after (`release_pages`). Other
+    # models' tensors live in anonymous memory, which paging out would only push to swap.
+    mapped = type(loaded.module) is WeightsOnlyModule
+    release = release_pages if mapped else _keep
+    for tensor in loaded.module.state_dict().values():
+        release(tensor)
+    reports: dict[str, LayerReport] = {}
+    hists: dict[str, Histogram] = {}
+
+    def items():
+        for name, value, qt, mask, report, original in compress_stream(
+            loaded, plan, stats, progress=progress, cancel=cancel
+        ):
+            if report is not None:
+                reports[report.name] = report
+                if name in drawn:
+                    hists[name] = histogram_pair(original, value, mask)
+            # done with the original: its pages of the mapped checkpoint leave the process
+            # before the encoder's temporaries arrive (read again where it is the value)
+            release(original)
+            yield name, value, qt, mask
+            release(original)
+            del value, qt, mask, original
+            if report is not None and report.numel >= _TRIM_NUMEL:
+                trim_heap()  # the freed temporaries of a large layer back to the system
+
+    empty = WeightsOnlyModule(source=str(loaded.source))
+    result = CompressionResult(
+        original=loaded,
+        compressed=dataclasses.replace(loaded, module=empty),
+        plan=plan,
+        masks={},
+        quantized={},
+        layers=(),
+    )
+    info = write_packed_stream(result, items(), target, force=True, entropy=entropy, cancel=cancel)
+    layers = [layer for layer in stats.layers if layer.prunable and layer.tensor is not None]
+    result = dataclasses.replace(result, layers=tuple(reports[layer.name] for layer in layers))
+    return result, info, hists
+
+
+def stream_into(
+    stage: Path,
+    out: Path,
+    loaded: Any,
+    plan: CompressionPlan,
+    stats: Any,
+    *,
+    recipe: CompressionPlan | None = None,
+    evals: Mapping[str, Any] | Callable[[Path], Mapping[str, Any]] | None = None,
+    entropy: bool = False,
+    report_extra: Mapping[str, Any] | Callable[[list[Any]], Mapping[str, Any]] | None = None,
+    progress: ProgressFn = no_progress,
+    cancel: CancelToken | None = None,
+) -> tuple[list[ExportRecord], dict[str, Any], CompressionResult]:
+    """`core.export.outputs.write_into` of ``["packed"]`` for a model `can_stream_outputs`
+    accepts, compressing as it writes: ``(records, report content, result)``. ``evals``
+    may be a function of the written archive (a model with a forward pass is measured on the
+    model the archive restores, as it holds no compressed copy)."""
+    target = stage / file_name("packed")
+    result, info, hists = stream_packed(
+        target, loaded, plan, stats, entropy=entropy, progress=progress, cancel=cancel
+    )
+    if callable(evals):
+        evals = evals(target)
+    note, extra = packed_note(info)
+    record = ExportRecord(
+        format="packed",
+        path=out / target.name,
+        bytes_on_disk=target.stat().st_size,
+        max_abs_diff=None,
+        latency_ms=None,
+        note=note,
+        extra=extra,
+    )
+    pause_point("exported")
+    (recipe or result.plan).save(stage / "recipe.json")
+    blocks = report_extra([record]) if callable(report_extra) else report_extra
+    data = report_data(
+        result, evals=evals or {}, exports=[record], extra={"warnings": [], **dict(blocks or {})}
+    )
+    text = dumps(data)
+    atomic_write(stage / "report.json", [text.encode("utf-8")], force=True)
+    page = _with_histograms(render_html(result, data), result, hists)
+    atomic_write(stage / "report.html", [page.encode("utf-8")], force=True)
+    return [record], json.loads(text), result
+
+
+def _with_histograms(page: str, result: CompressionResult, hists: Mapping[str, Histogram]) -> str:
+    """``page`` (rendered from a result without compressed tensors, so without histogram
+    plots) with the plots `core.export.report.render_html` draws, in layer order."""
+    marker = "</div><h2>Recipe</h2>"
+    plots = [
+        f"<div class='hist'><h3>{html.escape(r.name)} <span class='muted'>"
+        f"{_pct(r.sparsity)} pruned</span></h3>{svg_histogram(*hists[r.tensor])}</div>"
+        for r in result.layers
+        if r.tensor in hists
+    ]
+    head, found, tail = page.rpartition(marker)
+    return head + "".join(plots) + found + tail if found else page
