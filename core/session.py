@@ -219,12 +219,19 @@ class PlanHistory:
         return tuple(e for e in self._edits[1 : self._index + 1] if e is not None)
 
     def push(self, plan: CompressionPlan, edit: Edit | None, merge_key: str | None) -> bool:
-        """Record ``plan``; returns False when it equals the current plan (nothing recorded)."""
+        """Record ``plan``; returns False when it equals the current plan (nothing recorded).
+
+        Within a merged step the last edit is kept even when it leaves the plan as it was (a
+        target drag past a point where the solved plan does not change), so the step's recorded
+        edit is always the drag's last position."""
+        merging = merge_key is not None and merge_key == self._merge_key and self._index > 0
         if plan == self.plan:
+            if merging and edit is not None:
+                self._edits[self._index] = edit
             return False
         del self._plans[self._index + 1 :]
         del self._edits[self._index + 1 :]
-        if merge_key is not None and merge_key == self._merge_key and self._index > 0:
+        if merging:
             self._plans[self._index] = plan
             self._edits[self._index] = edit
         else:

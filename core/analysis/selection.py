@@ -72,9 +72,8 @@ def count_mask(scores: torch.Tensor, count: int) -> torch.Tensor:
     nonfinite = n - int(torch.count_nonzero(finite))
     if count <= nonfinite:
         return finite.reshape(scores.shape)
-    values = flat[finite] if nonfinite else flat
     kf = count - nonfinite
-    v = torch.kthvalue(values, kf).values  # the largest finite score pruned
+    v = kth_finite(flat, kf)  # the largest finite score pruned
     prune = flat < v
     extra = kf - int(torch.count_nonzero(prune))
     if extra > 0:
@@ -83,6 +82,52 @@ def count_mask(scores: torch.Tensor, count: int) -> torch.Tensor:
     if nonfinite:
         prune |= ~finite
     return (~prune).reshape(scores.shape)
+
+
+#: `kth_finite` reads its tensor in chunks of this many elements.
+_SELECT_CHUNK = 1 << 22
+#: Buckets of one radix pass (16 of the 32 key bits).
+_RADIX = 1 << 16
+
+
+def _keys(chunk: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(keys, finite)`` of a float32 chunk: int32 keys in the order of the values (the bits,
+    with a negative value's magnitude bits flipped; -0.0 just below +0.0), and which are finite."""
+    bits = chunk.view(torch.int32)
+    return bits ^ ((bits >> 31) & 0x7FFFFFFF), torch.isfinite(chunk)
+
+
+def _bucket(hist: torch.Tensor, k: int) -> tuple[int, int]:
+    """``(bucket, rank within it)`` of the ``k``-th (1-based) element counted by ``hist``."""
+    cum = torch.cumsum(hist, 0)
+    b = int(torch.searchsorted(cum, torch.tensor([k], dtype=cum.dtype))[0])
+    return b, k - (int(cum[b - 1]) if b else 0)
+
+
+def kth_finite(flat: torch.Tensor, k: int) -> torch.Tensor:
+    """The ``k``-th smallest (1-based) finite value of the float32 vector ``flat``, exactly
+    (``torch.kthvalue`` of its finite values), as a 0-d tensor.
+
+    A radix select on the values' bit patterns in two passes of `_SELECT_CHUNK` elements:
+    a histogram of the keys' high 16 bits finds the bucket holding the ``k``-th value, one of
+    that bucket's low 16 bits the value itself. Temporaries are a few bytes per element of
+    one chunk, where `kthvalue` copies the values with int64 indices (~3x the tensor).
+    """
+    n = flat.numel()
+    high = torch.zeros(_RADIX, dtype=torch.int64)
+    for s in range(0, n, _SELECT_CHUNK):
+        key, finite = _keys(flat[s : s + _SELECT_CHUNK])
+        high += torch.bincount(((key[finite] >> 16) + (_RADIX >> 1)).long(), minlength=_RADIX)
+    bucket, rank = _bucket(high, k)
+    low = torch.zeros(_RADIX, dtype=torch.int64)
+    for s in range(0, n, _SELECT_CHUNK):
+        key, finite = _keys(flat[s : s + _SELECT_CHUNK])
+        key = key[finite & ((key >> 16) == bucket - (_RADIX >> 1))]
+        low += torch.bincount((key & 0xFFFF).long(), minlength=_RADIX)
+    bits = torch.tensor(
+        [((bucket - (_RADIX >> 1)) << 16) | _bucket(low, rank)[0]], dtype=torch.int32
+    )
+    return (bits ^ ((bits >> 31) & 0x7FFFFFFF)).view(torch.float32)[0]
 
 
 def _segment_sums(flags: np.ndarray, sizes: np.ndarray) -> np.ndarray:

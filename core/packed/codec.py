@@ -79,10 +79,18 @@ def relidx_decode(entries: np.ndarray, index_bits: int) -> np.ndarray:
 def relidx_cost(positions: np.ndarray) -> tuple[int, int, int]:
     """``(bytes, index_bits, entries)`` of the cheapest real relative-index stream."""
     pos = np.asarray(positions, dtype=np.int64)
-    gaps = np.diff(pos, prepend=-1) - 1
+    # the escapes each width needs, summed over `_KEY_CHUNK` gaps at a time (not the gaps and
+    # their quotients as whole-tensor int64 arrays)
+    escapes = dict.fromkeys(INDEX_BITS, 0)
+    for start in range(0, pos.size, _KEY_CHUNK):
+        chunk = pos[start : start + _KEY_CHUNK]
+        gaps = np.diff(chunk, prepend=pos[start - 1] if start else -1)
+        gaps -= 1
+        for k in INDEX_BITS:
+            escapes[k] += int((gaps // ((1 << k) - 1)).sum())
     best: tuple[int, int, int] | None = None
     for k in INDEX_BITS:
-        entries = int((gaps // ((1 << k) - 1)).sum()) + pos.size
+        entries = escapes[k] + pos.size
         cost = _ceil_bytes(entries * k)
         if best is None or cost < best[0]:
             best = (cost, k, entries)
@@ -204,13 +212,19 @@ def scrambled_positions(mask: np.ndarray) -> np.ndarray:
 
     The rank of a position is the number of keys below its key: the keys sorted in place and
     the kept ones looked up (in ascending order, so the ranks come out sorted), which needs no
-    int64 permutation of the whole tensor besides the keys (10**8-weight tensors).
+    int64 permutation of the whole tensor besides the keys (10**8-weight tensors). The ranks
+    are written over the kept keys, `_KEY_CHUNK` at a time, so no second array of that size
+    is made.
     """
     keys = scramble_keys(int(mask.size))
     kept = keys[mask.ravel()]
     keys.sort()
     kept.sort()
-    return np.searchsorted(keys, kept)
+    ranks = kept.view(np.int64)
+    for start in range(0, kept.size, _KEY_CHUNK):
+        stop = start + _KEY_CHUNK
+        ranks[start:stop] = np.searchsorted(keys, kept[start:stop])
+    return ranks
 
 
 def encode_pattern(

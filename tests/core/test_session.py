@@ -21,6 +21,7 @@ from core.recipe.edits import (
     SetQuant,
     SetRecovery,
     SetSkip,
+    SolvedPlan,
     apply_edit,
     edit_from_dict,
     protect_output,
@@ -218,6 +219,23 @@ def test_undo_redo_and_drag_merge(mlp_session):
     s.undo()
     s.edit(SetQuant(bits=3))
     assert not s.history.can_redo
+
+
+def test_a_drag_step_that_leaves_the_plan_keeps_the_last_edit():
+    # Two target positions can solve to the same plan: the drag's one undo step must still
+    # record where the drag ended, not where the plan last changed.
+    small = CompressionPlan(default=LayerConfig(quant=QuantConfig(bits=4)))
+    h = PlanHistory(CompressionPlan())
+    first = SolvedPlan(plan=small, target=(("ratio", 7.0),))
+    last = SolvedPlan(plan=small, target=(("ratio", 7.5),))
+    assert h.push(small, first, "solve")
+    assert not h.push(small, last, "solve")  # the plan is unchanged: nothing new to undo
+    assert h.edits() == (last,) and h.plan == small
+    h.end_merge()
+    # Outside a drag an equal plan records nothing.
+    assert not h.push(small, SolvedPlan(plan=small, target=(("ratio", 9.0),)), "solve")
+    assert h.edits() == (last,)
+    assert h.undo() and h.plan == CompressionPlan() and h.redo() and h.edits() == (last,)
 
 
 def test_equal_plan_is_not_recorded(mlp_session):
