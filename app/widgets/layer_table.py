@@ -209,8 +209,12 @@ class LayerTableModel(QAbstractTableModel):
             elif role in _ROLES:
                 value = self.cell(row, col, role)
             else:
-                continue
-            if value is not None:
+                value = None
+            # Every slot is written: a span's slots can hold the previous cell's values (Qt
+            # reuses them), so an unanswered role must be cleared, not skipped.
+            if value is None:
+                slot.clearData()
+            else:
                 slot.setData(value)
 
     def cell(self, row: int, col: int, role=Qt.ItemDataRole.DisplayRole):

@@ -220,10 +220,12 @@ class LayerTreeModel(QAbstractItemModel):
             return
         for k in range(len(span)):
             slot = span[k]
-            if slot.role() in _GROUP_ROLES:
-                value = self.data(index, slot.role())
-                if value is not None:
-                    slot.setData(value)
+            value = self.data(index, slot.role()) if slot.role() in _GROUP_ROLES else None
+            # Unanswered roles are cleared: the span can hold the previous cell's values.
+            if value is None:
+                slot.clearData()
+            else:
+                slot.setData(value)
 
     def _group_leaves(self, node: _Node) -> list[_Node]:
         """The leaves under a group (built once per tree)."""
