@@ -67,7 +67,7 @@ def count_mask(scores: torch.Tensor, count: int) -> torch.Tensor:
         return torch.from_numpy(keep).reshape(scores.shape)
     if flat.dtype != torch.float32:
         flat = flat.to(torch.float32)
-    finite = torch.isfinite(flat)
+    finite = _finite(flat)
     # count_nonzero, not sum(): a bool sum makes an int64 copy (8 bytes per weight)
     nonfinite = n - int(torch.count_nonzero(finite))
     if count <= nonfinite:
@@ -85,16 +85,28 @@ def count_mask(scores: torch.Tensor, count: int) -> torch.Tensor:
 
 
 #: `kth_finite` reads its tensor in chunks of this many elements.
-_SELECT_CHUNK = 1 << 22
+_SELECT_CHUNK = 1 << 20
 #: Buckets of one radix pass (16 of the 32 key bits).
 _RADIX = 1 << 16
+
+
+def _finite(flat: torch.Tensor) -> torch.Tensor:
+    """``torch.isfinite(flat)`` made `_SELECT_CHUNK` elements at a time (``isfinite`` of a
+    float tensor makes a whole-tensor ``abs`` copy and two bool temporaries)."""
+    out = torch.empty(flat.shape, dtype=torch.bool)
+    for s in range(0, flat.numel(), _SELECT_CHUNK):
+        out[s : s + _SELECT_CHUNK] = torch.isfinite(flat[s : s + _SELECT_CHUNK])
+    return out
 
 
 def _keys(chunk: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """``(keys, finite)`` of a float32 chunk: int32 keys in the order of the values (the bits,
     with a negative value's magnitude bits flipped; -0.0 just below +0.0), and which are finite."""
     bits = chunk.view(torch.int32)
-    return bits ^ ((bits >> 31) & 0x7FFFFFFF), torch.isfinite(chunk)
+    key = bits >> 31
+    key &= 0x7FFFFFFF
+    key ^= bits
+    return key, torch.isfinite(chunk)
 
 
 def _bucket(hist: torch.Tensor, k: int) -> tuple[int, int]:
@@ -111,19 +123,23 @@ def kth_finite(flat: torch.Tensor, k: int) -> torch.Tensor:
     A radix select on the values' bit patterns in two passes of `_SELECT_CHUNK` elements:
     a histogram of the keys' high 16 bits finds the bucket holding the ``k``-th value, one of
     that bucket's low 16 bits the value itself. Temporaries are a few bytes per element of
-    one chunk, where `kthvalue` copies the values with int64 indices (~3x the tensor).
+    one chunk (int32 keys, made in place), where `kthvalue` copies the values with int64
+    indices (~3x the tensor).
     """
     n = flat.numel()
     high = torch.zeros(_RADIX, dtype=torch.int64)
     for s in range(0, n, _SELECT_CHUNK):
         key, finite = _keys(flat[s : s + _SELECT_CHUNK])
-        high += torch.bincount(((key[finite] >> 16) + (_RADIX >> 1)).long(), minlength=_RADIX)
+        key >>= 16
+        key += _RADIX >> 1
+        high += torch.bincount(key[finite], minlength=_RADIX)
     bucket, rank = _bucket(high, k)
     low = torch.zeros(_RADIX, dtype=torch.int64)
     for s in range(0, n, _SELECT_CHUNK):
         key, finite = _keys(flat[s : s + _SELECT_CHUNK])
-        key = key[finite & ((key >> 16) == bucket - (_RADIX >> 1))]
-        low += torch.bincount((key & 0xFFFF).long(), minlength=_RADIX)
+        finite &= (key >> 16) == bucket - (_RADIX >> 1)
+        key &= 0xFFFF
+        low += torch.bincount(key[finite], minlength=_RADIX)
     bits = torch.tensor(
         [((bucket - (_RADIX >> 1)) << 16) | _bucket(low, rank)[0]], dtype=torch.int32
     )

@@ -889,7 +889,7 @@ def _remove(
 
 
 # ---------------------------------------------------------------------------------------
-# streaming (weights-only checkpoints)
+# streaming (no model clone, no dense compressed copy)
 # ---------------------------------------------------------------------------------------
 def can_stream(loaded: LoadedModel, plan: CompressionPlan, stats) -> bool:
     """Whether `compress_stream` applies: a model of any format whose plan compresses every

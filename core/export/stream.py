@@ -1,14 +1,16 @@
-"""A weights-only checkpoint compressed straight into its packed archive, tensor by tensor.
+"""A model compressed straight into its packed archive, tensor by tensor.
 
 `write_outputs`/`write_into` (`core.export.outputs`) pack a `CompressionResult` that holds a
 dense compressed copy of the whole model next to the original: two to three times the
-weights in memory at 10**8-10**9 of them. A checkpoint without a forward pass, compressed
-without data or fine-tuning into the packed format alone, needs none of that:
-`stream_into` takes each tensor from the memory-mapped file, compresses it
-(`core.compress.engine.compress_stream`), appends it to the archive
-(`core.packed.write_packed_stream`) and drops it. The archive's bytes, ``recipe.json`` and
-the report are those of the dense path (only the report's ``generated`` time differs): the
-report's weight histograms are taken while each layer is at hand.
+weights in memory at 10**8-10**9 of them. A model of any format compressed without data,
+fine-tuning, calibration or channel removal into the packed format alone needs none of
+that: `stream_into` takes each tensor from the model (for a weights-only checkpoint, from
+the memory-mapped file), compresses it (`core.compress.engine.compress_stream`), appends it
+to the archive (`core.packed.write_packed_stream`) and drops it. The archive's bytes and
+``recipe.json`` are those of the dense path; for a weights-only checkpoint the report too
+(only its ``generated`` time differs): the report's weight histograms are taken while each
+layer is at hand. A model with a forward pass is evaluated afterwards on the weights the
+archive restores (``evals`` as a function of the archive; `core.cli.compress`).
 """
 
 from __future__ import annotations
@@ -50,7 +52,7 @@ def can_stream_outputs(
     loaded: Any, plan: CompressionPlan, stats: Any, formats: Sequence[str], data: Any
 ) -> bool:
     """Whether `stream_into` writes what `write_into` would: the packed format alone, no
-    data, and a checkpoint and plan `core.compress.engine.can_stream` accepts."""
+    data, and a model and plan `core.compress.engine.can_stream` accepts."""
     return list(formats) == ["packed"] and data is None and can_stream(loaded, plan, stats)
 
 

@@ -10,8 +10,9 @@ elements). Measured here above the post-import baseline: before the streaming ch
 peaked at 3.8x, compress at 8.5x and the reload at 5.2x the weight bytes; with chunked
 statistics and mapped tensors 1.25x / 5.6x / 3.1x; since compress streams tensor by tensor
 into the archive (`core.export.stream`) and the reader decodes codes and masks one tensor at a
-time, 1.3x / 3.5x / 1.55x (compress is dominated by per-tensor work on the 8.4M-weight table,
-half of this model; see docs/benchmarks.md "Memory at scale" for 0.2B and 1B weights).
+time, 1.3x / 3.5x / 1.55x; with `count_mask`'s radix select and the packed codec's chunked
+temporaries compress 2.9x (dominated by per-tensor work on the 8.4M-weight table, half of
+this model; see docs/benchmarks.md "Memory at scale" for 0.2B and 1B weights).
 """
 
 from __future__ import annotations
@@ -47,13 +48,13 @@ def kib(key):
 import torch, numpy, safetensors  # noqa
 import core.cli.main, core.cli.inspect, core.cli.compress, core.compress.engine, core.analysis.stats  # noqa
 import core.packed.writer, core.packed.reader, core.export.report, core.export.formats  # noqa
-import core.ops.quantization, core.io.model_io, core.packed.codec  # noqa
+import core.ops.quantization, core.io.model_io, core.packed.codec, core.analysis.selection  # noqa
 # the streaming code's chunks scaled down with the model (4M elements -> 256K)
 for mod, attr in [
     (core.cli.inspect, "_STATS_CHUNK"), (core.compress.engine, "_SQNR_CHUNK"),
     (core.export.report, "_PAIR_CHUNK"), (core.io.model_io, "_CHUNK_NUMEL"),
     (core.ops.quantization, "_DEQUANT_CHUNK"), (core.packed.codec, "_KEY_CHUNK"),
-    (core.packed.reader, "_UNPACK_CHUNK"),
+    (core.packed.reader, "_UNPACK_CHUNK"), (core.analysis.selection, "_SELECT_CHUNK"),
 ]:
     if hasattr(mod, attr):  # (absent before the streaming changes)
         setattr(mod, attr, 1 << 18)

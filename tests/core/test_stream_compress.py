@@ -148,6 +148,7 @@ def test_streamed_archive_of_a_runnable_model_equals_the_dense_path(
         assert want is None or got == pytest.approx(want, rel=1e-6)
     # the archive restores a runnable model (for the HF folder: from its recorded folder)
     assert main(["inspect", str(s / packed), "--json"]) == 0
+    assert main(["inspect", str(s / packed), "--base", str(model), "--json", *extra]) == 0
     restored = load_model(str(s / packed), trust=True, base=str(model))
     assert restored.can_run
     weights = dict(read_packed(s / packed).tensors)
