@@ -511,10 +511,24 @@ def _compress_group(
         w, cfg, [thresholds.get(m.name) for m in members], [counts.get(m.name) for m in members]
     )
     masks: dict[str, torch.Tensor] = {}
-    quantized: dict[str, QuantizedTensor] = {}
     if mask is not None:
         masks = dict(zip(names, mask.unbind(0), strict=True))
-    qts: list[QuantizedTensor | None] = [None] * len(members)
+    final, qts = _group_quantize(w, cfg, mask)
+    quantized: dict[str, QuantizedTensor] = {
+        n: qt for n, qt in zip(names, qts, strict=True) if qt is not None
+    }
+    with torch.no_grad():
+        for t, f in zip(live, final.unbind(0), strict=True):
+            t.copy_(f)
+    reports = _group_reports(members, cfg, thresholds, original, final, qts, mask is not None)
+    return masks, quantized, reports
+
+
+def _group_quantize(
+    w: torch.Tensor, cfg: LayerConfig, mask: torch.Tensor | None
+) -> tuple[torch.Tensor, list[QuantizedTensor | None]]:
+    """Final (dequantized, masked) values of a stacked group and each member's codes
+    (``None`` each when ``cfg`` does not quantize)."""
     if cfg.quant.active:
         got, deq = quantize_stack(
             w,
@@ -524,25 +538,31 @@ def _compress_group(
             mask=mask,
             group_size=cfg.quant.group_size,
         )
-        final = deq.to(w.dtype)
-        qts = list(got)
-        quantized = dict(zip(names, got, strict=True))
-    elif mask is not None:
-        final = w * mask.to(w.dtype)
-    else:
-        final = w
-    with torch.no_grad():
-        for t, f in zip(live, final.unbind(0), strict=True):
-            t.copy_(f)
+        return deq.to(w.dtype), list(got)
+    qts: list[QuantizedTensor | None] = [None] * w.shape[0]
+    if mask is not None:
+        return w * mask.to(w.dtype), qts
+    return w, qts
+
+
+def _group_reports(
+    members: list[LayerInfo],
+    cfg: LayerConfig,
+    thresholds: Mapping[str, float | None],
+    original: torch.Tensor,
+    final: torch.Tensor,
+    qts: list[QuantizedTensor | None],
+    pruned: bool,
+) -> dict[str, LayerReport]:
+    """`_report` of each member of a stacked group, from batched SQNR sums and counts."""
     b = len(members)
     o = original.reshape(b, -1).double()
     f = final.reshape(b, -1).double()
     sig = o.pow(2).sum(dim=1).tolist()
     err = (f - o).pow(2).sum(dim=1).tolist()
     nnz = torch.count_nonzero(final.reshape(b, -1), dim=1).tolist()
-    numel = int(w[0].numel())
-    shape = tuple(int(x) for x in w.shape[1:])
-    pruned = mask is not None
+    numel = int(original[0].numel())
+    shape = tuple(int(x) for x in original.shape[1:])
     reports = {}
     for i, layer in enumerate(members):
         qt = qts[i]
@@ -578,7 +598,7 @@ def _compress_group(
             original_numel=numel,
             skipped=cfg.skip,
         )
-    return masks, quantized, reports
+    return reports
 
 
 def compress(
@@ -628,11 +648,7 @@ def compress(
     calibrated = second_order.plan_needs_calibration(plan, list(stats.layers))
     if calibrated:
         second_order.check_calibration(loaded, calibration)
-    _check(cancel)
-    progress(0.0, "computing thresholds")
-    targets = pruning_targets(stats, plan)
-    thresholds = {name: t for name, (t, _) in targets.items()}
-    counts = {name: c for name, (_, c) in targets.items()}
+    thresholds, counts = _targets(stats, plan, progress, cancel)
     _check(cancel)
     progress(0.02, "copying the model")
     work = clone_model(loaded)
@@ -657,55 +673,26 @@ def compress(
         cancel,
     )
 
-    removed: dict[str, list[int]] = {}
-    aligned: dict[str, torch.Tensor] = {}
-    if plan.remove_channels and _uses_channels(plan, layers):
-        _check(cancel)
-        progress(0.4, "removing pruned channels")
-        removed, aligned, masks = _remove(work, layers, plan, masks)
+    removed, aligned, masks = _remove_pruned_channels(work, layers, plan, masks, progress, cancel)
 
     quantized: dict[str, QuantizedTensor] = {}
-    reports = []
     current = named_tensors(module)
-    group_reports: dict[str, LayerReport] = {}
-    for g, members in enumerate(grouped):
-        _check(cancel)
-        progress(0.4 + 0.1 * g / len(grouped), f"compressing {members[0].name} and others")
-        gm, gq, gr = _compress_group(
-            members, plan.config_for(members[0].name), current, thresholds, counts
-        )
-        masks.update(gm)
-        quantized.update(gq)
-        group_reports.update(gr)
-    recon = None
-    if calibrated:
-        recon = second_order.Reconstructor(
-            work, calibration, progress=progress, cancel=cancel, reference=loaded
-        )
-        order = recon.order(layers)
-    else:
-        order = layers
-    for i, layer in enumerate(order):
-        if layer.name in group_reports:
-            reports.append(group_reports[layer.name])
-            continue
-        _check(cancel)
-        progress(0.5 + 0.5 * i / n, f"quantizing {layer.name}")
-        original = originals[str(layer.tensor)]
-        reports.append(
-            _compress_layer(
-                layer,
-                plan.config_for(layer.name),
-                current,
-                (masks, quantized),
-                recon,
-                (original, aligned.get(str(layer.tensor), original)),
-                thresholds.get(layer.name),
-            )
-        )
-    if recon is not None:
-        rank = {layer.name: i for i, layer in enumerate(layers)}
-        reports.sort(key=lambda r: rank[r.name])
+    group_reports = _compress_groups(
+        grouped, plan, current, (thresholds, counts), (masks, quantized), progress, cancel
+    )
+    recon = _reconstructor(calibrated, work, loaded, calibration, progress, cancel)
+    reports = _compress_layers(
+        layers,
+        plan,
+        current,
+        (masks, quantized),
+        recon,
+        group_reports,
+        (originals, aligned),
+        thresholds,
+        progress,
+        cancel,
+    )
     progress(1.0, "compressed")
     # A cancel that arrives with the last progress message still wins: a cancelled run
     # never hands back a result.
@@ -720,6 +707,122 @@ def compress(
         removed_channels=removed,
         aligned_original=aligned,
     )
+
+
+def _targets(
+    stats, plan: CompressionPlan, progress: ProgressFn, cancel: CancelToken | None
+) -> tuple[dict[str, float | None], dict[str, int | None]]:
+    """Per-layer thresholds and exact keep counts (`pruning_targets`), by layer name."""
+    _check(cancel)
+    progress(0.0, "computing thresholds")
+    targets = pruning_targets(stats, plan)
+    thresholds = {name: t for name, (t, _) in targets.items()}
+    counts = {name: c for name, (_, c) in targets.items()}
+    return thresholds, counts
+
+
+def _remove_pruned_channels(
+    work: LoadedModel,
+    layers: list[LayerInfo],
+    plan: CompressionPlan,
+    masks: dict[str, torch.Tensor],
+    progress: ProgressFn,
+    cancel: CancelToken | None,
+) -> tuple[dict[str, list[int]], dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """`_remove` when the plan removes channels of channel-pruned layers; else nothing
+    removed, nothing aligned and ``masks`` as they are."""
+    removed: dict[str, list[int]] = {}
+    aligned: dict[str, torch.Tensor] = {}
+    if plan.remove_channels and _uses_channels(plan, layers):
+        _check(cancel)
+        progress(0.4, "removing pruned channels")
+        removed, aligned, masks = _remove(work, layers, plan, masks)
+    return removed, aligned, masks
+
+
+def _compress_groups(
+    grouped: list[list[LayerInfo]],
+    plan: CompressionPlan,
+    current: Mapping[str, torch.Tensor],
+    targets: tuple[Mapping[str, float | None], Mapping[str, int | None]],
+    out: tuple[dict[str, torch.Tensor], dict[str, QuantizedTensor]],
+    progress: ProgressFn,
+    cancel: CancelToken | None,
+) -> dict[str, LayerReport]:
+    """`_compress_group` each group in place; record masks and codes in ``out`` (masks,
+    quantized) and return the reports by layer name."""
+    thresholds, counts = targets
+    masks, quantized = out
+    group_reports: dict[str, LayerReport] = {}
+    for g, members in enumerate(grouped):
+        _check(cancel)
+        progress(0.4 + 0.1 * g / len(grouped), f"compressing {members[0].name} and others")
+        gm, gq, gr = _compress_group(
+            members, plan.config_for(members[0].name), current, thresholds, counts
+        )
+        masks.update(gm)
+        quantized.update(gq)
+        group_reports.update(gr)
+    return group_reports
+
+
+def _reconstructor(
+    calibrated: bool,
+    work: LoadedModel,
+    loaded: LoadedModel,
+    calibration,
+    progress: ProgressFn,
+    cancel: CancelToken | None,
+) -> second_order.Reconstructor | None:
+    """The `second_order.Reconstructor` of ``work`` (reference ``loaded``) for a calibrated
+    plan; ``None`` otherwise."""
+    if not calibrated:
+        return None
+    return second_order.Reconstructor(
+        work, calibration, progress=progress, cancel=cancel, reference=loaded
+    )
+
+
+def _compress_layers(
+    layers: list[LayerInfo],
+    plan: CompressionPlan,
+    current: Mapping[str, torch.Tensor],
+    out: tuple[dict[str, torch.Tensor], dict[str, QuantizedTensor]],
+    recon: Any,
+    group_reports: Mapping[str, LayerReport],
+    sources: tuple[Mapping[str, torch.Tensor], Mapping[str, torch.Tensor]],
+    thresholds: Mapping[str, float | None],
+    progress: ProgressFn,
+    cancel: CancelToken | None,
+) -> list[LayerReport]:
+    """`_compress_layer` each layer not in a group (in call order with ``recon``); return
+    all reports in the order of ``layers``."""
+    originals, aligned = sources
+    n = max(len(layers), 1)
+    order = recon.order(layers) if recon is not None else layers
+    reports = []
+    for i, layer in enumerate(order):
+        if layer.name in group_reports:
+            reports.append(group_reports[layer.name])
+            continue
+        _check(cancel)
+        progress(0.5 + 0.5 * i / n, f"quantizing {layer.name}")
+        original = originals[str(layer.tensor)]
+        reports.append(
+            _compress_layer(
+                layer,
+                plan.config_for(layer.name),
+                current,
+                out,
+                recon,
+                (original, aligned.get(str(layer.tensor), original)),
+                thresholds.get(layer.name),
+            )
+        )
+    if recon is not None:
+        rank = {layer.name: i for i, layer in enumerate(layers)}
+        reports.sort(key=lambda r: rank[r.name])
+    return reports
 
 
 def _compress_layer(

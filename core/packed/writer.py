@@ -104,63 +104,61 @@ def _mask_np(mask: torch.Tensor | None, shape: Sequence[int]) -> np.ndarray | No
     return m.numpy()
 
 
-def _encode_tensor(
-    name: str,
-    value: torch.Tensor,
-    qt: QuantizedTensor | None,
-    mask: torch.Tensor | None,
-    *,
-    entropy: bool,
+def _raw_tensor(
+    name: str, value: torch.Tensor, shape: tuple[int, ...], dtype: str
 ) -> tuple[list, list[bytes], TensorRecord, TensorSpec]:
-    """Layout entry, byte parts, record and size-model spec of one state tensor."""
-    shape = tuple(int(s) for s in value.shape)
-    dtype = _st_dtype(value, name)
+    """A tensor stored as it is (neither pruned nor quantized)."""
+    raw = _raw_bytes(value)
     numel = value.numel()
-    floating = value.is_floating_point()
-    if qt is None and (mask is None or not floating):
-        raw = _raw_bytes(value)
-        rec = TensorRecord(name, shape, dtype, None, "raw", numel, len(raw), len(raw))
-        return (
-            layout_entry(name, shape, dtype),
-            [raw],
-            rec,
-            TensorSpec(name, shape, numel, dtype=dtype),
-        )
-    if dtype not in CODED_DTYPES:
-        raise ExportError(f"tensor {name!r} of dtype {dtype} cannot be pruned or quantized")
-    m = _mask_np(qt.mask if (qt is not None and qt.mask is not None) else mask, shape)
+    rec = TensorRecord(name, shape, dtype, None, "raw", numel, len(raw), len(raw))
+    return layout_entry(name, shape, dtype), [raw], rec, TensorSpec(name, shape, numel, dtype=dtype)
+
+
+def _kept_positions(
+    mask: torch.Tensor | None, shape: tuple[int, ...], numel: int
+) -> tuple[np.ndarray | None, int, np.ndarray | None]:
+    """Mask as numpy, number of kept weights and, where a relative index can win, the
+    scrambled positions (needed both to size and to write the index: computed once; the
+    argsort behind them is 3x int64 of the tensor)."""
+    m = _mask_np(mask, shape)
     nnz = numel if m is None else int(m.sum())
-    # the scrambled positions are needed to size and to write the index: compute them once
-    # (only where a relative index can win: the argsort behind it is 3x int64 of the tensor)
     spos = (
         scrambled_positions(m)
         if (m is not None and 0 < nnz < numel and relidx_may_win(m, nnz))
         else None
     )
-    if qt is None:
-        itemsize = value.element_size()
-        choice = actual_pattern(m, None, itemsize, spos)
-        flat = value.detach().contiguous().reshape(-1)
-        kept = flat if choice.kind == "d" else flat[torch.from_numpy(m.ravel())]
-        parts = [encode_pattern(m, choice, spos) if m is not None else b"", _raw_bytes(kept)]
-        values_raw = kept.detach().contiguous().view(torch.uint8).numpy() if kept.numel() else None
-        ent = _entropy_bits(values_raw) if values_raw is not None else 0.0
-        entry = layout_entry(name, shape, dtype, pattern=choice)
-        spec = TensorSpec(name, shape, nnz, dtype=dtype, structured=_mask_structured(m))
-        pat_ent = _pattern_entropy_bits(m, choice, parts[0])
-        rec = TensorRecord(
-            name,
-            shape,
-            dtype,
-            None,
-            choice.kind,
-            nnz,
-            sum(map(len, parts)),
-            math.ceil((ent + pat_ent) / 8),
-        )
-        return entry, parts, rec, spec
-    # quantized: codes of the kept positions, pruned positions forced to the zero point so a
-    # dense coding dequantizes them to exactly 0.0 as the mask would.
+    return m, nnz, spos
+
+
+def _pruned_tensor(
+    name: str,
+    value: torch.Tensor,
+    shape: tuple[int, ...],
+    dtype: str,
+    m: np.ndarray | None,
+    nnz: int,
+    spos: np.ndarray | None,
+) -> tuple[list, list[bytes], TensorRecord, TensorSpec]:
+    """A pruned, unquantized tensor: the sparsity pattern plus the kept values stored raw."""
+    choice = actual_pattern(m, None, value.element_size(), spos)
+    flat = value.detach().contiguous().reshape(-1)
+    kept = flat if choice.kind == "d" else flat[torch.from_numpy(m.ravel())]
+    parts = [encode_pattern(m, choice, spos) if m is not None else b"", _raw_bytes(kept)]
+    values_raw = kept.detach().contiguous().view(torch.uint8).numpy() if kept.numel() else None
+    ent = _entropy_bits(values_raw) if values_raw is not None else 0.0
+    entry = layout_entry(name, shape, dtype, pattern=choice)
+    spec = TensorSpec(name, shape, nnz, dtype=dtype, structured=_mask_structured(m))
+    pat_ent = _pattern_entropy_bits(m, choice, parts[0])
+    ent_bytes = math.ceil((ent + pat_ent) / 8)
+    rec = TensorRecord(name, shape, dtype, None, choice.kind, nnz, sum(map(len, parts)), ent_bytes)
+    return entry, parts, rec, spec
+
+
+def _checked_codes(
+    name: str, qt: QuantizedTensor, shape: tuple[int, ...], m: np.ndarray | None
+) -> tuple[np.ndarray, np.ndarray]:
+    """Codes (pruned positions forced to the zero point, so a dense coding dequantizes them to
+    exactly 0.0 as the mask would) and flat zero points of ``qt``, after checking it fits."""
     if tuple(qt.codes.shape) != shape:
         raise ExportError(
             f"tensor {name!r}: codes of shape {tuple(qt.codes.shape)} for a weight of shape {shape}",
@@ -181,14 +179,36 @@ def _encode_tensor(
     if m is not None:
         zfull = expand_params(torch.from_numpy(zp.astype(codes.dtype)), torch.Size(shape), group)
         codes = np.where(m, codes, np.broadcast_to(zfull.numpy(), shape))
-    choice = actual_pattern(m, bits, 0, spos)
-    flat_codes = codes.reshape(-1) if choice.kind == "d" else codes.reshape(-1)[m.ravel()]
+    return codes, zp
+
+
+def _coded_codes(flat_codes: np.ndarray, bits: int, *, entropy: bool) -> tuple[bytes, int | None]:
+    """Bit-packed codes, or their zstd coding (and its size) where ``entropy`` and smaller."""
     packed_codes = pack_bits(flat_codes, bits)
-    zbytes = None
     if entropy:
         z = _zstd_codes(flat_codes, bits)
         if len(z) < len(packed_codes):
-            packed_codes, zbytes = z, len(z)
+            return z, len(z)
+    return packed_codes, None
+
+
+def _quantized_tensor(
+    name: str,
+    qt: QuantizedTensor,
+    shape: tuple[int, ...],
+    dtype: str,
+    m: np.ndarray | None,
+    nnz: int,
+    spos: np.ndarray | None,
+    *,
+    entropy: bool,
+) -> tuple[list, list[bytes], TensorRecord, TensorSpec]:
+    """A quantized tensor: pattern, codes of the kept positions, scales and zero points."""
+    codes, zp = _checked_codes(name, qt, shape, m)
+    bits = int(qt.bits)
+    choice = actual_pattern(m, bits, 0, spos)
+    flat_codes = codes.reshape(-1) if choice.kind == "d" else codes.reshape(-1)[m.ravel()]
+    packed_codes, zbytes = _coded_codes(flat_codes, bits, entropy=entropy)
     parts = [
         encode_pattern(m, choice, spos) if m is not None else b"",
         packed_codes,
@@ -204,7 +224,7 @@ def _encode_tensor(
         per_channel=qt.per_channel,
         pattern=choice,
         zstd_bytes=zbytes,
-        group_size=group,
+        group_size=qt.group_size,
     )
     spec = TensorSpec(
         name,
@@ -215,22 +235,37 @@ def _encode_tensor(
         per_channel=qt.per_channel,
         structured=_mask_structured(m),
         dtype=dtype,
-        group_size=group,
+        group_size=qt.group_size,
     )
     pat_ent = _pattern_entropy_bits(m, choice, parts[0])
     ent_bytes = math.ceil((_entropy_bits(flat_codes) + pat_ent) / 8) + len(parts[2]) + len(parts[3])
+    total = sum(map(len, parts))
     rec = TensorRecord(
-        name,
-        shape,
-        dtype,
-        bits,
-        choice.kind,
-        nnz,
-        sum(map(len, parts)),
-        ent_bytes,
-        zbytes is not None,
+        name, shape, dtype, bits, choice.kind, nnz, total, ent_bytes, zbytes is not None
     )
     return entry, parts, rec, spec
+
+
+def _encode_tensor(
+    name: str,
+    value: torch.Tensor,
+    qt: QuantizedTensor | None,
+    mask: torch.Tensor | None,
+    *,
+    entropy: bool,
+) -> tuple[list, list[bytes], TensorRecord, TensorSpec]:
+    """Layout entry, byte parts, record and size-model spec of one state tensor."""
+    shape = tuple(int(s) for s in value.shape)
+    dtype = _st_dtype(value, name)
+    if qt is None and (mask is None or not value.is_floating_point()):
+        return _raw_tensor(name, value, shape, dtype)
+    if dtype not in CODED_DTYPES:
+        raise ExportError(f"tensor {name!r} of dtype {dtype} cannot be pruned or quantized")
+    eff_mask = qt.mask if (qt is not None and qt.mask is not None) else mask
+    m, nnz, spos = _kept_positions(eff_mask, shape, value.numel())
+    if qt is None:
+        return _pruned_tensor(name, value, shape, dtype, m, nnz, spos)
+    return _quantized_tensor(name, qt, shape, dtype, m, nnz, spos, entropy=entropy)
 
 
 #: Quantized tensors up to this many elements sharing shape and quantizer settings are
