@@ -1,5 +1,10 @@
 """Writing a compression result as a packed archive (encode every tensor, then one atomic
-safetensors file)."""
+safetensors file).
+
+Why one module of this size: the one-tensor encoder, the batched encoder for groups of small
+tensors and the streaming writer must produce the same bytes (tested byte for byte), so they
+share the encoding helpers here; the byte model (`bytemodel`) and the bit codecs (`codec`) are
+already their own modules."""
 
 from __future__ import annotations
 
