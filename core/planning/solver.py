@@ -830,6 +830,16 @@ def _solution(
     )
 
 
+def _frontier_budgets(stats: Any, problem: Problem, small: int, points: int) -> np.ndarray:
+    """``points`` byte budgets spaced geometrically from ``small`` (the smallest reachable
+    archive) to the least damaged plan's archive, duplicates dropped."""
+    dense_choice = np.argmin(
+        np.where(np.isfinite(problem.cost), problem.damage + 1e-12 * problem.cost, np.inf), axis=1
+    )
+    big = _total(stats, make_plan(problem, dense_choice))
+    return np.unique(np.geomspace(small, max(big, small + 1), points).astype(int))
+
+
 def frontier(
     stats: Any,
     scan: SensitivityScan,
@@ -844,11 +854,7 @@ def frontier(
     the smallest reachable archive to the dense one (duplicates dropped)."""
     problem = build_problem(stats, scan, pinned=pinned, min_bits=min_bits, quant=quant)
     _, small = smallest_plan(stats, problem)
-    dense_choice = np.argmin(
-        np.where(np.isfinite(problem.cost), problem.damage + 1e-12 * problem.cost, np.inf), axis=1
-    )
-    big = _total(stats, make_plan(problem, dense_choice))
-    budgets = np.unique(np.geomspace(small, max(big, small + 1), points).astype(int))
+    budgets = _frontier_budgets(stats, problem, small, points)
     out: list[Solution] = []
     seen = set()
     for b in budgets:
@@ -1185,12 +1191,10 @@ def quick_frontier(
     the predicted size/damage trade-off at ``points`` budgets spaced geometrically from the
     smallest reachable archive to the least damaged one, duplicates dropped."""
     memo = {} if memo is None else memo
-    _, small = smallest_plan(stats, problem)
-    dense_choice = np.argmin(
-        np.where(np.isfinite(problem.cost), problem.damage + 1e-12 * problem.cost, np.inf), axis=1
-    )
-    big = _total(stats, make_plan(problem, dense_choice))
-    budgets = np.unique(np.geomspace(small, max(big, small + 1), points).astype(int))
+    # `quick_plan` sizes the smallest plan with its own recipe (its overrides), which can be a
+    # few bytes over `smallest_plan`'s: start from the larger so the first point is reachable.
+    small = max(smallest_plan(stats, problem)[1], _quick_smallest(stats, problem, memo, base))
+    budgets = _frontier_budgets(stats, problem, small, points)
     out: list[Solution] = []
     seen = set()
     for b in budgets:

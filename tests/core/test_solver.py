@@ -24,6 +24,7 @@ from core.planning.solver import (
     measure,
     plan_and_verify,
     plan_for_target,
+    quick_frontier,
     solve_exact,
     solve_lagrangian,
 )
@@ -152,6 +153,20 @@ def test_frontier_points_are_valid_recipes(mlp):
     for p in points:
         assert CompressionPlan.from_dict(p.plan.to_dict()) == p.plan
         assert preview(s.stats, p.plan).packed_bytes == p.predicted["bytes"]
+
+
+def test_quick_frontier_starts_at_a_reachable_budget_with_pins(mlp):
+    # quick_plan sizes its smallest plan with its own recipe, a few bytes over smallest_plan's
+    # when every layer is pinned: the frontier's first budget must be one quick_plan can reach.
+    s, curves = mlp
+    pins = {name: Level(0.5, 8).config("magnitude") for name in ("fc1", "fc2", "fc3")}
+    problem = build_problem(s.stats, curves, pinned=pins)
+    points = quick_frontier(s.stats, curves, problem, points=6)
+    assert points
+    sizes = [p.predicted["bytes"] for p in points]
+    assert sizes == sorted(sizes)
+    for p in points:
+        assert p.plan.config_for("fc1") == pins["fc1"]
 
 
 # ---------------------------------------------------------------------------------------
