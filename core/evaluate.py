@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from core.base.errors import CompressionError
+from core.base.memory import paged_forward
 from core.base.model import LoadedModel, first_tensor
 from core.base.progress import CancelToken, ProgressFn, no_progress
 from core.io.hf import next_token_stats
@@ -154,6 +155,7 @@ def evaluate(
     reference: LoadedModel | None = None,
     batch_size: int = 256,
     latency: bool = True,
+    paged: bool = False,
     progress: ProgressFn = no_progress,
     cancel: CancelToken | None = None,
 ) -> EvalResult:
@@ -171,6 +173,10 @@ def evaluate(
         Batch size for evaluation and for the latency measurement.
     latency
         Measure CPU latency per batch (median after warm-up).
+    paged
+        Give back each layer's memory-mapped weight pages once it has run
+        (`core.base.memory.paged_forward`): a pass over weights that view a file then holds
+        one layer of them at a time. The latency passes run without it.
 
     Returns
     -------
@@ -190,7 +196,8 @@ def evaluate(
         fixed = fixed_batch(reference)
     with torch.no_grad(), eval_mode(loaded.module):
         ctx = eval_mode(reference.module) if reference is not None else nullcontext()
-        with ctx:
+        modules = [loaded.module] + ([reference.module] if reference is not None else [])
+        with ctx, paged_forward(*modules) if paged else nullcontext():
             for x, y, real in batches_for(data, batch_size, fixed):
                 if cancel is not None:
                     cancel.check()

@@ -55,6 +55,7 @@ from torch import nn
 
 from core.analysis.inventory import float_param_count, inventory
 from core.base.errors import CompressionError, DataError, WorkbenchError
+from core.base.memory import MappedPages
 from core.base.methods import channel_rows, prune_methods
 from core.base.methods import score_tensor as registry_score
 from core.base.model import LayerInfo, LoadedModel, first_tensor
@@ -1104,6 +1105,7 @@ def _all_tensor_stats(
             )
             done.update({i: st for i, st in zip(part, got, strict=True) if st is not None})
     tensors: dict[str, TensorStats] = {}
+    pages = MappedPages()
     for i, layer in enumerate(layers):
         st = done.get(i)
         if st is None:
@@ -1113,6 +1115,7 @@ def _all_tensor_stats(
             t = layer.tensor
             assert t is not None
             st = _tensor_stats(layer, named[t], grads.get(t), dtypes.get(t, "F32"))
+            pages.release(named[t])  # a mapped checkpoint's pages, read again when used
         tensors[layer.name] = st
     return tensors
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import math
 import sys
+import tempfile
 from collections.abc import Mapping
 from dataclasses import replace
 from pathlib import Path
@@ -28,7 +29,7 @@ from core.export.formats import check_formats, parse_formats
 from core.export.outputs import owned_names, write_into
 from core.export.stream import can_stream_outputs, stream_into
 from core.io.data import make_dataset
-from core.packed import read_packed
+from core.packed import restore_to_file
 from core.recipe.edits import ReplacePlan
 from core.recipe.plan import (
     METHOD_HELP,
@@ -409,6 +410,7 @@ def _pipeline_streamed(
         recipe=session.plan,
         evals=evals,
         entropy=args.entropy,
+        report_extra={"warnings": _latency_warning(session)},
         progress=progress,
     )
     _print_targets(content)
@@ -431,22 +433,54 @@ class _Substituted(torch.nn.Module):
         return functional_call(self.inner, self.state, args, kwargs)
 
 
+#: Models with more fp32 weight bytes than this are not timed by the streamed compress:
+#: a latency pass needs every weight resident, which is what streaming avoids.
+STREAM_LATENCY_MAX_BYTES = 1 << 28
+#: Evaluation batch of a streamed compress of such a model (activations of a 512-token
+#: encoder at 64 sequences a batch are larger than its weights).
+STREAM_EVAL_BATCH = 8
+
+
+def _weight_bytes(module: torch.nn.Module) -> int:
+    return sum(t.numel() * t.element_size() for t in module.state_dict().values())
+
+
 def _evaluate_archive(session: Session, data: Any, progress: ProgressFn):
     """``evals`` for `stream_into`: the original and the model the written archive restores
-    (its weights equal the dense path's compressed model exactly) on ``data``; the restored
-    weights are run in the original's module, not in a copy of it (one model's weights more,
-    where `load_packed` would briefly hold two)."""
+    (its weights equal the dense path's compressed model exactly) on ``data``.
+
+    The restored weights are written to a file beside the archive and mapped
+    (`core.packed.restore_to_file`), then run in the original's module (no copy of it);
+    both passes give back each layer's mapped pages once it has run
+    (`core.base.memory.paged_forward`), so a Hugging Face model (whose weights view its
+    safetensors file) is evaluated holding about one layer of weights. Models over
+    `STREAM_LATENCY_MAX_BYTES` are not timed (the report says so)."""
 
     def measure(archive: Path) -> dict[str, Any]:
         progress(0.0, f"evaluating on {data.name}")
-        before = evaluate(session.model, data)
-        restored = replace(
-            session.model, module=_Substituted(session.model.module, read_packed(archive).tensors)
-        )
-        after = evaluate(restored, data, reference=session.model)
+        model = session.model
+        timed = _weight_bytes(model.module) <= STREAM_LATENCY_MAX_BYTES
+        # untimed (a large model): small batches, so activations stay small beside it
+        size = {} if timed else {"batch_size": STREAM_EVAL_BATCH}
+        before = evaluate(model, data, latency=timed, paged=True, **size)
+        with tempfile.TemporaryDirectory(dir=archive.parent, prefix=".restored-") as tmp:
+            state = restore_to_file(archive, Path(tmp) / "weights.bin")
+            restored = replace(model, module=_Substituted(model.module, state))
+            after = evaluate(restored, data, reference=model, latency=timed, paged=True, **size)
+            del state, restored
         return {"before": before, "after": after, "data": data.name}
 
     return measure
+
+
+def _latency_warning(session: Session) -> list[str]:
+    if not session.model.can_run or _weight_bytes(session.model.module) <= STREAM_LATENCY_MAX_BYTES:
+        return []
+    return [
+        "latency not measured: this compress streamed the model tensor by tensor to bound "
+        "memory, and timing needs every weight in memory (export another format too, or "
+        "give --data, to have it timed)"
+    ]
 
 
 def _check_target_args(args: argparse.Namespace) -> None:

@@ -35,6 +35,7 @@ import torch
 
 from core.analysis.inventory import float_param_count, iter_inventory
 from core.base.limits import escape_name
+from core.base.memory import MappedPages
 from core.base.model import LayerInfo, LoadedModel
 from core.io.data import check_data, load_data
 from core.io.model_io import get_tensor, load_model
@@ -206,13 +207,30 @@ class _LayerStream:
     def __iter__(self) -> Iterator[dict[str, Any]]:
         module = self._loaded.module
         rows = iter_inventory(self._loaded)
+        pages = MappedPages()
         while chunk := list(itertools.islice(rows, _CHUNK)):
             tensors = [
                 get_tensor(module, r.tensor if r.tensor is not None else r.param_names[0])
                 for r in chunk
             ]
-            for row, ws in zip(chunk, _bulk_weight_stats(tensors), strict=True):
+            for row, ws in zip(chunk, _chunk_stats(tensors, pages), strict=True):
                 yield _layer_json(row, ws)
+
+
+#: Tensors of at least this many elements are summarised alone (`_chunk_stats`).
+_ALONE_NUMEL = 1 << 16
+
+
+def _chunk_stats(tensors: list[torch.Tensor], pages: MappedPages) -> list[dict[str, Any]]:
+    """`_bulk_weight_stats` of ``tensors``; large ones one at a time, each one's pages of a
+    mapped checkpoint given back after it (the pass never holds the whole file)."""
+    alone = {i for i, t in enumerate(tensors) if t.numel() >= _ALONE_NUMEL}
+    rest = [i for i in range(len(tensors)) if i not in alone]
+    out = dict(zip(rest, _bulk_weight_stats([tensors[i] for i in rest]), strict=True))
+    for i in sorted(alone):
+        out[i] = weight_stats(tensors[i])
+        pages.release(tensors[i])
+    return [out[i] for i in range(len(tensors))]
 
 
 def describe(loaded: LoadedModel, *, stream: bool = False) -> dict[str, Any]:

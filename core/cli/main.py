@@ -13,6 +13,7 @@ import os
 import sys
 
 from core.base.errors import Cancelled, WorkbenchError
+from core.base.memory import map_large_allocations
 from core.base.outdir import interrupt_exit, interrupts_raise
 
 #: subcommand -> module defining ``register(subparsers)``
@@ -44,6 +45,7 @@ def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = build_parser()
     args = parser.parse_args(argv)
+    map_large_allocations()  # a batch run: its peak memory is what counts
     try:
         # SIGTERM must unwind like Ctrl-C so a half-written output directory is removed.
         with interrupts_raise():

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import copy
 import math
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -28,6 +28,7 @@ from core.analysis.estimate import pruning_targets
 from core.analysis.selection import count_mask
 from core.analysis.stats import score_tensor
 from core.base.errors import CompressionError
+from core.base.memory import paged_forward
 from core.base.methods import prune_method
 from core.base.model import LayerInfo, LoadedModel
 from core.base.progress import CancelToken, ProgressFn, no_progress
@@ -231,7 +232,7 @@ def output_layer(loaded: LoadedModel, layers) -> str | None:
         return heads[-1].name if heads else None
     owners = {layer.tensor.rsplit(".", 1)[0]: layer.name for layer in prunable}
     module = loaded.module
-    with torch.no_grad(), eval_mode(module):
+    with torch.no_grad(), eval_mode(module), paged_forward(module):
         if not isinstance(module, torch.jit.ScriptModule | torch.fx.GraphModule):
             for owner in output_modules(module, loaded.example_input):
                 if owner in owners:
@@ -1044,8 +1045,14 @@ def compress_stream(
     *,
     progress: ProgressFn = no_progress,
     cancel: CancelToken | None = None,
+    release: Callable[[torch.Tensor], None] | None = None,
 ) -> Iterator[StreamedTensor]:
     """`compress` of a model `can_stream` accepts, one state tensor at a time.
+
+    ``release``, if given, is called on a layer's original between the passes that read it
+    (mask, codes): `core.base.memory.MappedPages.release` gives back the pages of a mapped
+    checkpoint that the next pass reads again, instead of holding them beside its
+    temporaries.
 
     Yields every tensor of ``loaded``'s state dict in order, as the compressed model of
     `compress` would hold it (same values, codes, masks and `LayerReport`s), each made from
@@ -1092,7 +1099,7 @@ def compress_stream(
             yield name, original, None, None, None, original
         else:
             progress(i / max(len(state), 1), f"compressing {layer.name}")
-            yield _stream_layer(layer, plan, stats, original, thresholds, counts)
+            yield _stream_layer(layer, plan, stats, original, thresholds, counts, release)
     progress(1.0, "compressed")
 
 
@@ -1103,6 +1110,7 @@ def _stream_layer(
     original: torch.Tensor,
     thresholds: Mapping[str, float | None],
     counts: Mapping[str, int | None],
+    release: Callable[[torch.Tensor], None] | None = None,
 ) -> StreamedTensor:
     """One layer as `_prune_layers` + `_compress_layer` make it: the mask (`layer_mask`) and
     codes (`quantize`) of the original weights, the final values ``dequantize(codes)`` (or the
@@ -1115,6 +1123,8 @@ def _stream_layer(
         ts = stats.tensors.get(layer.name)
         grad = ts.grad if ts is not None else None
         mask = layer_mask(layer, cfg, original, threshold, grad, counts.get(layer.name))
+    if release is not None:
+        release(original)
     qt = None
     with torch.no_grad():
         if not cfg.skip and cfg.quant.active:
@@ -1126,6 +1136,8 @@ def _stream_layer(
                 mask=mask,
                 group_size=cfg.quant.group_size,
             )
+            if release is not None:
+                release(original)
             value = dequantize(qt).to(original.dtype)
         elif mask is not None:
             value = original * mask.to(original.dtype)

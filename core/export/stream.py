@@ -24,7 +24,7 @@ from typing import Any
 
 import numpy as np
 
-from core.base.memory import release_pages, trim_heap
+from core.base.memory import MappedPages, trim_heap
 from core.base.outdir import atomic_write, pause_point
 from core.base.progress import CancelToken, ProgressFn, no_progress
 from core.compress.engine import CompressionResult, LayerReport, can_stream, compress_stream
@@ -56,10 +56,6 @@ def can_stream_outputs(
     return list(formats) == ["packed"] and data is None and can_stream(loaded, plan, stats)
 
 
-def _keep(_tensor: Any) -> None:
-    """`release_pages`' stand-in for tensors that are not views of a mapped file."""
-
-
 def _histogram_tensors(loaded: Any, stats: Any) -> set[str]:
     """Tensors of the layers the report draws (the `HTML_HISTOGRAMS` largest, ties in layer
     order, as `core.export.report` picks them)."""
@@ -86,11 +82,10 @@ def stream_packed(
     histograms by tensor name.
     """
     drawn = _histogram_tensors(loaded, stats)
-    # Loading and analysing read every page of a mapped checkpoint; from here each layer
-    # is read again when its turn comes, and given back after (`release_pages`). Other
-    # models' tensors live in anonymous memory, which paging out would only push to swap.
-    mapped = type(loaded.module) is WeightsOnlyModule
-    release = release_pages if mapped else _keep
+    # Tensors that view a mapped file (a safetensors checkpoint, a Hugging Face model's
+    # parameters) are read when their turn comes and given back after (`MappedPages`);
+    # tensors in anonymous memory are left alone (paging them out would only swap).
+    release = MappedPages().release
     for tensor in loaded.module.state_dict().values():
         release(tensor)
     reports: dict[str, LayerReport] = {}
@@ -98,7 +93,7 @@ def stream_packed(
 
     def items():
         for name, value, qt, mask, report, original in compress_stream(
-            loaded, plan, stats, progress=progress, cancel=cancel
+            loaded, plan, stats, progress=progress, cancel=cancel, release=release
         ):
             if report is not None:
                 reports[report.name] = report

@@ -61,6 +61,7 @@ from core.base.limits import (
     escape_name,
     safetensors_header,
 )
+from core.base.memory import MappedPages
 from core.base.model import LoadedModel
 from core.base.progress import CancelToken, ProgressFn, no_progress
 from core.io.data import digits_split
@@ -905,6 +906,7 @@ def note_nonfinite(loaded: LoadedModel) -> dict[str, int]:
     # few attribute reads (10**6 tiny tensors).
     small: dict[torch.dtype, list[tuple[str, torch.Tensor]]] = {}
     small_counts: dict[str, int] = {}
+    pages = MappedPages()  # a mapped checkpoint's pages go back after each large tensor
     with torch.no_grad():
         for pname, param in loaded.module.named_parameters():
             if not param.is_floating_point():
@@ -922,6 +924,7 @@ def note_nonfinite(loaded: LoadedModel) -> dict[str, int]:
                 int(torch.count_nonzero(torch.isfinite(flat[s : s + _CHUNK_NUMEL])))
                 for s in range(0, numel, _CHUNK_NUMEL)
             )
+            pages.release(flat)
             if bad:
                 counts[pname] = bad
         for tensors in small.values():

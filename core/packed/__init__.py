@@ -83,6 +83,7 @@ from core.packed.reader import (
     _recorded_input,
     _removed_channels,
     read_packed,
+    restore_to_file,
 )
 from core.packed.restore import (
     _assign_state,
@@ -168,6 +169,7 @@ __all__ = [
     "pattern_nbytes",
     "quant_param_bytes",
     "read_packed",
+    "restore_to_file",
     "reapply_removal",
     "relidx_cost",
     "relidx_decode",

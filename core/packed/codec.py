@@ -24,15 +24,27 @@ def pack_bits(values: np.ndarray, bits: int) -> bytes:
     """Pack unsigned integers ``< 2**bits`` into a little-endian bit stream."""
     if not 1 <= bits <= 16:
         raise ValueError(f"bits must be in 1..16, got {bits}")
-    values = np.asarray(values, dtype=np.uint32).ravel()
-    if values.size and int(values.max()) >> bits:
-        raise ValueError(f"a value does not fit in {bits} bits")
+    values = np.asarray(values)
+    if values.dtype.kind not in "ui" or values.dtype.itemsize > 4:
+        values = values.astype(np.uint32)  # floats, int64: as before (small arrays)
+    values = values.ravel()
+    # chunk by chunk in the values' own dtype (uint8 codes of a 10**8-weight tensor are not
+    # widened whole)
+    for start in range(0, values.size, _CHUNK):
+        v = values[start : start + _CHUNK]
+        if int(v.min()) < 0 or int(v.max()) >> bits:
+            raise ValueError(f"a value does not fit in {bits} bits")
+    if bits == 8 and values.dtype.itemsize == 1:
+        return values.astype(np.uint8, copy=False).tobytes()
     if bits in (8, 16):  # whole bytes, little-endian: the bit stream is the array's bytes
-        return values.astype(np.uint8 if bits == 8 else "<u2").tobytes()
+        dt = np.uint8 if bits == 8 else np.dtype("<u2")
+        return b"".join(
+            values[s : s + _CHUNK].astype(dt).tobytes() for s in range(0, values.size, _CHUNK)
+        )
     shifts = np.arange(bits, dtype=np.uint32)
     out = []
     for start in range(0, values.size, _CHUNK):
-        v = values[start : start + _CHUNK]
+        v = values[start : start + _CHUNK].astype(np.uint32)
         bitmat = ((v[:, None] >> shifts) & 1).astype(np.uint8)
         out.append(np.packbits(bitmat.ravel(), bitorder="little").tobytes())
     return b"".join(out)
@@ -177,6 +189,8 @@ def _hash_in_place(c: np.ndarray, tmp: np.ndarray) -> None:
 
 #: Positions hashed per step by `relidx_may_win`.
 _KEY_CHUNK = 1 << 22
+#: Keys hashed at a time by `relidx_may_win` (three 8-byte arrays of it live at once).
+_TAIL_CHUNK = 1 << 20
 
 
 def relidx_may_win(mask: np.ndarray, nnz: int) -> bool:
@@ -195,8 +209,8 @@ def relidx_may_win(mask: np.ndarray, nnz: int) -> bool:
         return True
     tail = numel - 8 * (_ceil_bytes(numel) - 1)  # positions coded by the bitmap's last byte
     keys, where = np.empty(0, np.uint64), np.empty(0, np.int64)
-    for start in range(0, numel, _KEY_CHUNK):
-        z = np.arange(start, min(numel, start + _KEY_CHUNK), dtype=np.uint64)
+    for start in range(0, numel, _TAIL_CHUNK):
+        z = np.arange(start, min(numel, start + _TAIL_CHUNK), dtype=np.uint64)
         _hash_in_place(z, np.empty_like(z))
         top = np.argpartition(z, z.size - min(tail, z.size))[z.size - min(tail, z.size) :]
         keys = np.concatenate([keys, z[top]])
@@ -377,8 +391,12 @@ def _entropy_bits(values: np.ndarray) -> float:
     if values.dtype.kind in "iu" and values.size > 1 << 16:
         lo, hi = int(values.min()), int(values.max())
         if 0 <= lo and hi < 1 << 17:
-            # the counts of `np.unique` (same order: by value) without sorting 10**8 codes
-            counts = np.bincount(values.ravel())
+            # the counts of `np.unique` (same order: by value) without sorting 10**8 codes;
+            # in chunks (bincount widens its input to int64)
+            flat = values.ravel()
+            counts = np.zeros(hi + 1, dtype=np.int64)
+            for start in range(0, flat.size, _CHUNK):
+                counts += np.bincount(flat[start : start + _CHUNK], minlength=hi + 1)
             counts = counts[counts > 0]
             p = counts / values.size
             return float(-(counts * np.log2(p)).sum())

@@ -398,22 +398,11 @@ def _removed_channels(meta: Mapping[str, str], path: Path) -> dict[str, list[int
     return out
 
 
-def read_packed(path: str | Path) -> PackedArchive:
-    """Decode a packed archive with safetensors (no pickle): tensors, codes, masks, metadata.
-
-    Every size the archive declares is checked before it is used (`_check_layout`,
-    `core.base.limits`): a corrupt or hostile archive fails with one `ModelLoadError` line, within
-    bounded time and memory.
-
-    Raises
-    ------
-    ModelLoadError
-        Missing file, not a safetensors file, not our format, checksum mismatch, corrupt
-        layout, or declared sizes beyond the limits of `core.base.limits`.
-    """
+def _open_checked(p: Path) -> tuple[dict[str, str], list, _Cursor]:
+    """``(metadata, layout, cursor at the blob's start)`` of an archive whose header,
+    checksum and layout are checked (`read_packed`'s errors)."""
     from safetensors import SafetensorError, safe_open
 
-    p = Path(path)
     if not p.is_file():
         raise ModelLoadError("packed archive not found", path=p, hint="check the path")
     entries, _ = safetensors_header(p, supported=SAFETENSORS_ITEMSIZE)
@@ -457,21 +446,97 @@ def read_packed(path: str | Path) -> PackedArchive:
     _removed_channels(meta, p)
     try:
         _check_layout(layout, int(blob.size), p.stat().st_size, p)
-        cur = _Cursor(blob, p)
+    except ModelLoadError:
+        raise
+    except (KeyError, ValueError, TypeError, IndexError) as exc:
+        raise _corrupt(exc, p) from None
+    return meta, layout, _Cursor(blob, p)
+
+
+def _corrupt(exc: BaseException, path: Path) -> ModelLoadError:
+    return ModelLoadError(
+        f"corrupt layout ({type(exc).__name__}: {str(exc)[:160]})",
+        path=path,
+        hint="re-export the model",
+    )
+
+
+def _check_consumed(cur: _Cursor) -> None:
+    if cur.pos != cur.blob.size:
+        raise ModelLoadError(
+            f"{cur.blob.size - cur.pos} bytes of the blob are not described by the layout",
+            path=cur.path,
+        )
+
+
+def read_packed(path: str | Path) -> PackedArchive:
+    """Decode a packed archive with safetensors (no pickle): tensors, codes, masks, metadata.
+
+    Every size the archive declares is checked before it is used (`_check_layout`,
+    `core.base.limits`): a corrupt or hostile archive fails with one `ModelLoadError` line, within
+    bounded time and memory.
+
+    Raises
+    ------
+    ModelLoadError
+        Missing file, not a safetensors file, not our format, checksum mismatch, corrupt
+        layout, or declared sizes beyond the limits of `core.base.limits`.
+    """
+    p = Path(path)
+    meta, layout, cur = _open_checked(p)
+    try:
         tensors, quantized, masks = _decode_all(layout, cur)
     except ModelLoadError:
         raise
     except (KeyError, ValueError, TypeError, IndexError) as exc:
-        raise ModelLoadError(
-            f"corrupt layout ({type(exc).__name__}: {str(exc)[:160]})",
-            path=p,
-            hint="re-export the model",
-        ) from None
-    if cur.pos != blob.size:
-        raise ModelLoadError(
-            f"{blob.size - cur.pos} bytes of the blob are not described by the layout", path=p
-        )
+        raise _corrupt(exc, p) from None
+    _check_consumed(cur)
     return PackedArchive(path=p, metadata=meta, tensors=tensors, quantized=quantized, masks=masks)
+
+
+#: Byte alignment of each tensor in `restore_to_file`'s file.
+_FILE_ALIGN = 64
+
+
+def restore_to_file(path: str | Path, target: Path) -> dict[str, torch.Tensor]:
+    """The tensors `read_packed` restores, as views of a memory-mapped file ``target``.
+
+    Each tensor is decoded, written to ``target`` and dropped before the next, so the
+    restored weights never sit whole in the process's own memory: their pages belong to the
+    file, are read when used and can be given back (`core.base.memory.paged_forward`). The
+    file is mapped copy-on-write (writes to the tensors never reach it); the caller deletes
+    it (the mapping stays valid). Same checks and errors as `read_packed`.
+    """
+    p = Path(path)
+    _, layout, cur = _open_checked(p)
+    spans: list[tuple[str, int, torch.dtype, tuple[int, ...]]] = []
+    offset = 0
+    with target.open("wb") as fh:
+        try:
+            for entry in layout:
+                start = cur.pos
+                name, value, _, _ = _decode_entry(entry, cur)
+                raw = value.contiguous().reshape(-1).view(torch.uint8).numpy()
+                fh.write(b"\0" * (-offset % _FILE_ALIGN))
+                offset += -offset % _FILE_ALIGN
+                spans.append((name, offset, value.dtype, tuple(value.shape)))
+                fh.write(raw.data)
+                offset += raw.nbytes
+                release_pages(cur.blob[start : cur.pos])
+                if value.numel() >= _TRIM_NUMEL:
+                    del value, raw
+                    trim_heap()
+        except ModelLoadError:
+            raise
+        except (KeyError, ValueError, TypeError, IndexError) as exc:
+            raise _corrupt(exc, p) from None
+    _check_consumed(cur)
+    mapped = np.memmap(target, dtype=np.uint8, mode="c") if offset else np.zeros(0, np.uint8)
+    out: dict[str, torch.Tensor] = {}
+    for name, at, dtype, shape in spans:
+        nbytes = math.prod(shape) * torch.empty(0, dtype=dtype).element_size()
+        out[name] = torch.from_numpy(mapped[at : at + nbytes]).view(dtype).reshape(shape)
+    return out
 
 
 def _mapped_blob(path: Path, offsets: Any) -> np.ndarray:
