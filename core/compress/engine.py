@@ -292,6 +292,8 @@ def layer_mask(
 # ---------------------------------------------------------------------------------------
 #: Tensors above this many elements are measured in chunks (`_sqnr_sums_chunked`).
 _SQNR_CHUNK = 1 << 22
+#: Elements per chunk there (1M: float64 temporaries of ~8 MB each).
+_SQNR_STEP = 1 << 20
 
 
 def _sqnr_sums_chunked(
@@ -303,16 +305,16 @@ def _sqnr_sums_chunked(
     def sum_sq(t: torch.Tensor) -> float:
         flat = t.detach().reshape(-1)
         return sum(
-            float(flat[s : s + _SQNR_CHUNK].double().square_().sum())
-            for s in range(0, flat.numel(), _SQNR_CHUNK)
+            float(flat[s : s + _SQNR_STEP].double().square_().sum())
+            for s in range(0, flat.numel(), _SQNR_STEP)
         )
 
     sig = sum_sq(original)
     removed = 0.0 if aligned is original else max(sig - sum_sq(aligned), 0.0)
     a, f = aligned.detach().reshape(-1), final.detach().reshape(-1)
     err = removed + sum(
-        float((f[s : s + _SQNR_CHUNK].double() - a[s : s + _SQNR_CHUNK]).square_().sum())
-        for s in range(0, f.numel(), _SQNR_CHUNK)
+        float((f[s : s + _SQNR_STEP].double() - a[s : s + _SQNR_STEP]).square_().sum())
+        for s in range(0, f.numel(), _SQNR_STEP)
     )
     return sig, removed, err
 

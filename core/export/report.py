@@ -145,12 +145,14 @@ def report_data(
 # ---------------------------------------------------------------------------------------
 #: Tensors above this many elements are histogrammed in chunks (`_histogram_pair_chunked`).
 _PAIR_CHUNK = 1 << 22
+#: Elements per chunk of `_histogram_pair_chunked` (float64 and sort temporaries ~8 MB each).
+_PAIR_STEP = 1 << 20
 
 
 def _histogram_pair_chunked(
     before: torch.Tensor, after: torch.Tensor, mask: torch.Tensor | None, bins: int
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """`histogram_pair` in chunks of `_PAIR_CHUNK` elements (the same edges and counts: min/max
+    """`histogram_pair` in chunks of `_PAIR_STEP` elements (the same edges and counts: min/max
     and binning are per element), with a few tens of MB of float64 temporaries instead of
     about eight copies of a 10**8-weight tensor."""
     b_flat = before.detach().reshape(-1)
@@ -158,14 +160,14 @@ def _histogram_pair_chunked(
     m_flat = mask.reshape(-1) if (mask is not None and mask.shape == after.shape) else None
 
     def b_chunks():
-        for s in range(0, b_flat.numel(), _PAIR_CHUNK):
-            c = b_flat[s : s + _PAIR_CHUNK].double().numpy()
+        for s in range(0, b_flat.numel(), _PAIR_STEP):
+            c = b_flat[s : s + _PAIR_STEP].double().numpy()
             yield c[np.isfinite(c)]
 
     def a_chunks():
-        for s in range(0, a_flat.numel(), _PAIR_CHUNK):
-            c = a_flat[s : s + _PAIR_CHUNK].double()
-            c = c[m_flat[s : s + _PAIR_CHUNK]] if m_flat is not None else c[c != 0]
+        for s in range(0, a_flat.numel(), _PAIR_STEP):
+            c = a_flat[s : s + _PAIR_STEP].double()
+            c = c[m_flat[s : s + _PAIR_STEP]] if m_flat is not None else c[c != 0]
             c = c.numpy()
             yield c[np.isfinite(c)]
 

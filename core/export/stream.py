@@ -102,6 +102,11 @@ def stream_packed(
             # done with the original: its pages of the mapped checkpoint leave the process
             # before the encoder's temporaries arrive (read again where it is the value)
             release(original)
+            if qt is not None:
+                # The encoder reads the codes and mask alone; the dense values (the codes
+                # dequantized, nothing to check them against) need not sit beside its
+                # temporaries: a meta tensor keeps their shape and dtype.
+                value = value.to("meta")
             yield name, value, qt, mask
             release(original)
             del value, qt, mask, original

@@ -78,7 +78,7 @@ from core.io.vetting import (
     vet_torchscript,
 )
 from core.io.zoo import DEMOS, build_demo, demo_info, demo_name, demo_spec, load_demo
-from core.packed import FORMAT_ID, read_packed, restore_into
+from core.packed import FORMAT_ID, read_packed_spilled, restore_into
 
 SUPPORTED = (
     "TorchScript (torch.jit.save), torch.export programs (.pt2), state_dict files "
@@ -812,7 +812,7 @@ def load_packed(
         The base's architecture with every parameter and buffer replaced by the archive's; the
         weights equal the compressed model's dequantized weights exactly.
     """
-    archive = read_packed(path)
+    archive = read_packed_spilled(path)
     return restore_into(archive, resolve_base(archive, base, trust))
 
 
@@ -825,7 +825,7 @@ def _open_packed(path: Path, *, trust: bool, base: Any = None) -> LoadedModel:
     A file path recorded in the archive is never followed: the dequantized weights open
     weights-only with a note saying how to get a runnable model.
     """
-    archive = read_packed(path)
+    archive = read_packed_spilled(path)
     meta: dict[str, Any] = {"detected": "packed", "packed": str(path)}
     source = archive.metadata.get("source", "")
     if base is not None or source.startswith("demo:"):

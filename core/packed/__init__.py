@@ -83,6 +83,7 @@ from core.packed.reader import (
     _recorded_input,
     _removed_channels,
     read_packed,
+    read_packed_spilled,
     restore_to_file,
 )
 from core.packed.restore import (
@@ -169,6 +170,7 @@ __all__ = [
     "pattern_nbytes",
     "quant_param_bytes",
     "read_packed",
+    "read_packed_spilled",
     "restore_to_file",
     "reapply_removal",
     "relidx_cost",

@@ -4,7 +4,7 @@ sparsity patterns in a pinned pseudo-random order, raw dtype bytes, zstd code st
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 
 import numpy as np
 import torch
@@ -91,11 +91,11 @@ def relidx_decode(entries: np.ndarray, index_bits: int) -> np.ndarray:
 def relidx_cost(positions: np.ndarray) -> tuple[int, int, int]:
     """``(bytes, index_bits, entries)`` of the cheapest real relative-index stream."""
     pos = np.asarray(positions, dtype=np.int64)
-    # the escapes each width needs, summed over `_KEY_CHUNK` gaps at a time (not the gaps and
-    # their quotients as whole-tensor int64 arrays)
+    # the escapes each width needs, summed over `_TAIL_CHUNK` gaps at a time (not the gaps
+    # and their quotients as whole-tensor int64 arrays)
     escapes = dict.fromkeys(INDEX_BITS, 0)
-    for start in range(0, pos.size, _KEY_CHUNK):
-        chunk = pos[start : start + _KEY_CHUNK]
+    for start in range(0, pos.size, _TAIL_CHUNK):
+        chunk = pos[start : start + _TAIL_CHUNK]
         gaps = np.diff(chunk, prepend=pos[start - 1] if start else -1)
         gaps -= 1
         for k in INDEX_BITS:
@@ -189,7 +189,7 @@ def _hash_in_place(c: np.ndarray, tmp: np.ndarray) -> None:
 
 #: Positions hashed per step by `relidx_may_win`.
 _KEY_CHUNK = 1 << 22
-#: Keys hashed at a time by `relidx_may_win` (three 8-byte arrays of it live at once).
+#: Keys hashed (`relidx_may_win`, `_hashed_chunks`) or gaps summed (`relidx_cost`) at a time.
 _TAIL_CHUNK = 1 << 20
 
 
@@ -224,12 +224,15 @@ def relidx_may_win(mask: np.ndarray, nnz: int) -> bool:
 def scrambled_positions(mask: np.ndarray) -> np.ndarray:
     """Sorted ranks, in `scramble_order`, of the kept positions of ``mask``.
 
-    The rank of a position is the number of keys below its key: the keys sorted in place and
-    the kept ones looked up (in ascending order, so the ranks come out sorted), which needs no
-    int64 permutation of the whole tensor besides the keys (10**8-weight tensors). The ranks
-    are written over the kept keys, `_KEY_CHUNK` at a time, so no second array of that size
-    is made.
+    The rank of a position is the number of keys below its key. Up to `_BUCKET` * 2
+    positions: the keys sorted in place and the kept ones looked up (in ascending order, so
+    the ranks come out sorted), which needs no int64 permutation of the whole tensor besides
+    the keys; the ranks are written over the kept keys, `_KEY_CHUNK` at a time. Larger
+    tensors go range of keys by range of keys (`_scrambled_positions_by_range`): the same
+    ranks without the keys of the whole tensor in memory.
     """
+    if mask.size > 2 * _BUCKET:
+        return _scrambled_positions_by_range(mask)
     keys = scramble_keys(int(mask.size))
     kept = keys[mask.ravel()]
     keys.sort()
@@ -239,6 +242,63 @@ def scrambled_positions(mask: np.ndarray) -> np.ndarray:
         stop = start + _KEY_CHUNK
         ranks[start:stop] = np.searchsorted(keys, kept[start:stop])
     return ranks
+
+
+#: Keys sorted at once by `_scrambled_positions_by_range` (about).
+_BUCKET = 1 << 21
+
+
+def _hashed_chunks(numel: int) -> Iterator[tuple[int, np.ndarray]]:
+    """``(start, keys)`` of `scramble_keys`, `_TAIL_CHUNK` positions at a time."""
+    tmp = np.empty(min(numel, _TAIL_CHUNK), dtype=np.uint64)
+    for start in range(0, numel, _TAIL_CHUNK):
+        z = np.arange(start, min(numel, start + _TAIL_CHUNK), dtype=np.uint64)
+        _hash_in_place(z, tmp[: z.size])
+        yield start, z
+
+
+def _scrambled_positions_by_range(mask: np.ndarray) -> np.ndarray:
+    """`scrambled_positions` of a large mask, one range of key values at a time.
+
+    The keys are uniform over 64 bits, so their top bits split the positions into buckets of
+    about equal size; a first pass counts each bucket, then consecutive buckets are taken
+    together up to about `_BUCKET` keys: their keys (and kept keys) are gathered by hashing
+    the positions again, sorted, and the kept ones' ranks are the keys below all earlier
+    ranges plus their place in the range. Memory: the int64 ranks of the kept positions
+    plus two ranges' keys, instead of the keys of every position, a sorted copy of the kept
+    ones and the ranks (3.4x the float32 tensor at density 0.5). Time: one hashing pass per
+    range.
+    """
+    flat = mask.ravel()
+    numel = int(flat.size)
+    top = max(1, math.ceil(math.log2(4 * numel / _BUCKET)))
+    shift = np.uint64(64 - top)
+    counts = np.zeros(1 << top, dtype=np.int64)
+    for _, z in _hashed_chunks(numel):
+        counts += np.bincount((z >> shift).astype(np.int64), minlength=1 << top)
+    out = np.empty(int(np.count_nonzero(flat)), dtype=np.int64)
+    below = filled = 0
+    lo = 0
+    while lo < counts.size:
+        hi, size = lo, 0
+        while hi < counts.size and (hi == lo or size + counts[hi] <= _BUCKET):
+            size += int(counts[hi])
+            hi += 1
+        keys, kept = [], []
+        for start, z in _hashed_chunks(numel):
+            b = z >> shift
+            sel = (b >= np.uint64(lo)) & (b < np.uint64(hi))
+            keys.append(z[sel])
+            kept.append(z[sel & flat[start : start + z.size]])
+        k_all, k_kept = np.concatenate(keys), np.concatenate(kept)
+        del keys, kept
+        k_all.sort()
+        k_kept.sort()
+        out[filled : filled + k_kept.size] = below + np.searchsorted(k_all, k_kept)
+        filled += k_kept.size
+        below += k_all.size
+        lo = hi
+    return out
 
 
 def encode_pattern(

@@ -1,10 +1,18 @@
 """Reading a packed archive back: every field of the layout is checked against the bytes
-present and the limits before anything is decoded."""
+present and the limits before anything is decoded.
+
+Why one module of this size: the in-memory restore (`read_packed`), the restore to a mapped
+file (`restore_to_file`, `read_packed_spilled`) and the on-demand decoding of codes and masks
+(`_Coded`) all walk the same checked layout with the same per-tensor decoder, so a check added
+to one cannot be missed by the others; the bit codecs live in `codec` already."""
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import math
+import os
+import tempfile
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -314,16 +322,49 @@ class _Coded(Mapping):
         return len(self._at)
 
 
-def _decode_all(layout: list, cur: _Cursor) -> tuple[dict[str, torch.Tensor], _Coded, _Coded]:
+class _FileSink:
+    """Restored tensors written one after another to an open file (each at a
+    `_FILE_ALIGN`-byte offset), then mapped copy-on-write (`views`)."""
+
+    def __init__(self, fh: Any):
+        self.fh, self.offset = fh, 0
+        self.spans: list[tuple[str, int, torch.dtype, tuple[int, ...]]] = []
+
+    def put(self, name: str, value: torch.Tensor) -> None:
+        raw = value.contiguous().reshape(-1).view(torch.uint8).numpy()
+        pad = -self.offset % _FILE_ALIGN
+        self.fh.write(b"\0" * pad)
+        self.offset += pad
+        self.spans.append((name, self.offset, value.dtype, tuple(value.shape)))
+        self.fh.write(raw.data)
+        self.offset += raw.nbytes
+
+    def views(self, path: Path) -> dict[str, torch.Tensor]:
+        mapped = np.memmap(path, dtype=np.uint8, mode="c") if self.offset else np.zeros(0, np.uint8)
+        out: dict[str, torch.Tensor] = {}
+        for name, at, dtype, shape in self.spans:
+            nbytes = math.prod(shape) * torch.empty(0, dtype=dtype).element_size()
+            out[name] = torch.from_numpy(mapped[at : at + nbytes]).view(dtype).reshape(shape)
+        return out
+
+
+def _decode_all(
+    layout: list, cur: _Cursor, sink: _FileSink | None = None
+) -> tuple[dict[str, torch.Tensor], _Coded, _Coded]:
     """``(tensors, codes, masks)`` of a checked layout: tensor by tensor, each one's codes
-    and mask dropped once its value is restored (`_Coded` decodes them again on demand)."""
+    and mask dropped once its value is restored (`_Coded` decodes them again on demand).
+    With a ``sink`` each value goes to its file instead (``tensors`` is then empty)."""
     tensors: dict[str, torch.Tensor] = {}
     coded: dict[str, tuple[list, int]] = {}
     q_names, m_names = [], []
     for entry in layout:
         start = cur.pos
         name, value, qt, mask = _decode_entry(entry, cur)
-        tensors[name] = value
+        numel = value.numel()
+        if sink is None:
+            tensors[name] = value
+        else:
+            sink.put(name, value)
         if qt is not None:
             q_names.append(name)
         if mask is not None:
@@ -332,7 +373,7 @@ def _decode_all(layout: list, cur: _Cursor) -> tuple[dict[str, torch.Tensor], _C
             coded[name] = (entry, start)
         del value, qt, mask
         release_pages(cur.blob[start : cur.pos])
-        if math.prod(tensors[name].shape) >= _TRIM_NUMEL:
+        if numel >= _TRIM_NUMEL:
             trim_heap()  # the freed temporaries of a large tensor back to the system
     quantized = _Coded(cur, {n: coded[n] for n in q_names}, 2)
     return tensors, quantized, _Coded(cur, {n: coded[n] for n in m_names}, 3)
@@ -469,8 +510,11 @@ def _check_consumed(cur: _Cursor) -> None:
         )
 
 
-def read_packed(path: str | Path) -> PackedArchive:
+def read_packed(path: str | Path, *, restore_to: Path | None = None) -> PackedArchive:
     """Decode a packed archive with safetensors (no pickle): tensors, codes, masks, metadata.
+
+    ``restore_to``: write the restored tensors to this file, one at a time, and return them
+    as views of its copy-on-write mapping (`restore_to_file`, `read_packed_spilled`).
 
     Every size the archive declares is checked before it is used (`_check_layout`,
     `core.base.limits`): a corrupt or hostile archive fails with one `ModelLoadError` line, within
@@ -485,12 +529,19 @@ def read_packed(path: str | Path) -> PackedArchive:
     p = Path(path)
     meta, layout, cur = _open_checked(p)
     try:
-        tensors, quantized, masks = _decode_all(layout, cur)
+        if restore_to is None:
+            tensors, quantized, masks = _decode_all(layout, cur)
+        else:
+            with restore_to.open("wb") as fh:
+                sink = _FileSink(fh)
+                _, quantized, masks = _decode_all(layout, cur, sink)
     except ModelLoadError:
         raise
     except (KeyError, ValueError, TypeError, IndexError) as exc:
         raise _corrupt(exc, p) from None
     _check_consumed(cur)
+    if restore_to is not None:
+        tensors = sink.views(restore_to)
     return PackedArchive(path=p, metadata=meta, tensors=tensors, quantized=quantized, masks=masks)
 
 
@@ -507,36 +558,36 @@ def restore_to_file(path: str | Path, target: Path) -> dict[str, torch.Tensor]:
     file is mapped copy-on-write (writes to the tensors never reach it); the caller deletes
     it (the mapping stays valid). Same checks and errors as `read_packed`.
     """
+    return dict(read_packed(path, restore_to=target).tensors)
+
+
+#: Archives of at least this many bytes restore to a temporary file (`read_packed_spilled`).
+SPILL_MIN_BYTES = 1 << 24
+
+
+def read_packed_spilled(path: str | Path) -> PackedArchive:
+    """`read_packed`; an archive of `SPILL_MIN_BYTES` or more restores its tensors to an
+    unlinked temporary file and maps them (`restore_to_file`): the kernel can page the
+    restored weights out and read them back like a memory-mapped checkpoint's, and passes
+    over them give their pages back (`core.base.memory.MappedPages`). Where the temporary
+    folder cannot take the file the tensors are restored in memory as usual."""
     p = Path(path)
-    _, layout, cur = _open_checked(p)
-    spans: list[tuple[str, int, torch.dtype, tuple[int, ...]]] = []
-    offset = 0
-    with target.open("wb") as fh:
-        try:
-            for entry in layout:
-                start = cur.pos
-                name, value, _, _ = _decode_entry(entry, cur)
-                raw = value.contiguous().reshape(-1).view(torch.uint8).numpy()
-                fh.write(b"\0" * (-offset % _FILE_ALIGN))
-                offset += -offset % _FILE_ALIGN
-                spans.append((name, offset, value.dtype, tuple(value.shape)))
-                fh.write(raw.data)
-                offset += raw.nbytes
-                release_pages(cur.blob[start : cur.pos])
-                if value.numel() >= _TRIM_NUMEL:
-                    del value, raw
-                    trim_heap()
-        except ModelLoadError:
-            raise
-        except (KeyError, ValueError, TypeError, IndexError) as exc:
-            raise _corrupt(exc, p) from None
-    _check_consumed(cur)
-    mapped = np.memmap(target, dtype=np.uint8, mode="c") if offset else np.zeros(0, np.uint8)
-    out: dict[str, torch.Tensor] = {}
-    for name, at, dtype, shape in spans:
-        nbytes = math.prod(shape) * torch.empty(0, dtype=dtype).element_size()
-        out[name] = torch.from_numpy(mapped[at : at + nbytes]).view(dtype).reshape(shape)
-    return out
+    try:
+        small = p.stat().st_size < SPILL_MIN_BYTES
+    except OSError:
+        small = True  # read_packed says what is wrong
+    if small:
+        return read_packed(p)
+    fd, name = tempfile.mkstemp(prefix="workbench-restored-", suffix=".bin")
+    os.close(fd)
+    target = Path(name)
+    try:
+        return read_packed(p, restore_to=target)
+    except OSError:  # no room for the file: in memory instead
+        return read_packed(p)
+    finally:
+        with contextlib.suppress(OSError):
+            target.unlink()  # the mapping stays valid; nothing is left behind
 
 
 def _mapped_blob(path: Path, offsets: Any) -> np.ndarray:

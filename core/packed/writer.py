@@ -545,7 +545,14 @@ def _state(module: torch.nn.Module) -> dict[str, torch.Tensor]:
 
 
 def _check_restores(name: str, value: torch.Tensor, qt: QuantizedTensor | None, mask) -> None:
-    """The archive restores ``dequantize(codes)``; refuse to write if that is not the model's weight."""
+    """The archive restores ``dequantize(codes)``; refuse to write if that is not the model's weight.
+
+    A meta ``value`` (the streamed compress, `core.export.stream`: the weight *is* its codes
+    dequantized, dropped before encoding) has nothing to compare with."""
+    if value.is_meta:
+        if qt is None:
+            raise ExportError(f"tensor {name!r} has no values and no codes to store")
+        return
     if qt is not None:
         restored = dequantize(qt).to(value.dtype)
     elif mask is not None and value.is_floating_point():

@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import math
 import sys
+import tempfile
 
 import numpy as np
 import pytest
@@ -17,14 +18,18 @@ from torch import nn
 
 import core.cli.compress as cli_compress
 import core.cli.inspect as cli_inspect
-from core.base.errors import ModelLoadError
+import core.packed.codec as codec
+import core.packed.reader as packed_reader
+import core.packed.writer as writer
+from core.base.errors import ExportError, ModelLoadError
 from core.base.memory import MappedPages, map_large_allocations, paged_forward
 from core.base.model import LoadedModel
 from core.cli.main import main
 from core.evaluate import evaluate
 from core.io.data import Dataset
 from core.io.model_io import load_model
-from core.packed import read_packed, restore_to_file
+from core.ops.quantization import dequantize, quantize
+from core.packed import read_packed, read_packed_spilled, restore_to_file
 from core.packed.codec import _entropy_bits, pack_bits, unpack_bits
 from tests import hf_models
 
@@ -235,3 +240,65 @@ def test_streamed_compress_of_a_large_model_is_not_timed(tmp_path, monkeypatch):
     assert sorted(p.name for p in (tmp_path / "untimed").iterdir()) == sorted(
         p.name for p in (tmp_path / "timed").iterdir()
     )
+
+
+@pytest.mark.parametrize("density", [0.0, 0.02, 0.49, 0.5, 0.97, 1.0])
+def test_scrambled_positions_by_range_equal_the_whole_sort(monkeypatch, density):
+    rng = np.random.default_rng(int(density * 100))
+    mask = (rng.random((313, 257)) < density).reshape(313, 257)
+    keys = codec.scramble_keys(mask.size)
+    kept = keys[mask.ravel()]
+    keys.sort()
+    kept.sort()
+    want = np.searchsorted(keys, kept)
+    monkeypatch.setattr(codec, "_BUCKET", 4096)  # ~20 ranges of keys
+    monkeypatch.setattr(codec, "_TAIL_CHUNK", 1000)  # chunks not aligned with anything
+    got = codec.scrambled_positions(mask)
+    assert got.dtype == np.int64 and np.array_equal(got, want)
+
+
+def test_spilled_archive_equals_the_in_memory_one_and_leaves_no_file(tmp_path, monkeypatch):
+    archive = _archive(tmp_path)
+    monkeypatch.setattr(packed_reader, "SPILL_MIN_BYTES", 0)
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "tmp"))
+    (tmp_path / "tmp").mkdir()
+    spilled = read_packed_spilled(archive)
+    plain = read_packed(archive)
+    assert list(spilled.tensors) == list(plain.tensors)
+    assert all(torch.equal(spilled.tensors[k], v) for k, v in plain.tensors.items())
+    assert set(spilled.quantized) == set(plain.quantized)
+    assert list((tmp_path / "tmp").iterdir()) == []  # unlinked at once
+    if sys.platform.startswith("linux"):
+        assert MappedPages().maps(spilled.tensors["a.weight"])
+    # a model opened from it runs on those weights
+    opened = load_model(str(archive))
+    assert torch.equal(opened.module.state_dict()["a.weight"], plain.tensors["a.weight"])
+
+
+def test_spilled_archive_falls_back_to_memory_when_the_file_cannot_be_written(
+    tmp_path, monkeypatch
+):
+    archive = _archive(tmp_path)
+    monkeypatch.setattr(packed_reader, "SPILL_MIN_BYTES", 0)
+    real = packed_reader._FileSink.put
+
+    def full(self, name, value):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(packed_reader._FileSink, "put", full)
+    got = read_packed_spilled(archive)
+    monkeypatch.setattr(packed_reader._FileSink, "put", real)
+    want = read_packed(archive)
+    assert all(torch.equal(got.tensors[k], v) for k, v in want.tensors.items())
+
+
+def test_a_meta_value_is_encoded_from_its_codes_alone():
+    w = torch.randn(64, 48, generator=torch.Generator().manual_seed(3))
+    qt = quantize(w, 4, symmetric=False, per_channel=True)
+    value = dequantize(qt)
+    dense = writer._encode_tensor("w", value, qt, None, entropy=False)
+    writer._check_restores("w", value.to("meta"), qt, None)  # nothing to compare with
+    meta = writer._encode_tensor("w", value.to("meta"), qt, None, entropy=False)
+    assert meta[0] == dense[0] and meta[1] == dense[1]
+    with pytest.raises(ExportError, match="no values and no codes"):
+        writer._check_restores("w", value.to("meta"), None, None)
