@@ -15,8 +15,8 @@ import math
 
 import numpy as np
 import pyqtgraph as pg
-from PySide6.QtCore import Qt, Signal
-from PySide6.QtGui import QPen
+from PySide6.QtCore import QEvent, Qt, Signal
+from PySide6.QtGui import QFont, QFontMetrics, QPen
 from PySide6.QtWidgets import (
     QCheckBox,
     QHBoxLayout,
@@ -30,9 +30,12 @@ from PySide6.QtWidgets import (
 from superqt.utils import signals_blocked
 
 from app import style
-from app.widgets.quiet_slot import QuietSlot
+from app.widgets.quiet_slot import QuietSlot, settle_text
 
 TITLE_SIZE = "10pt"
+#: Pixels of a plot's width its title does not get besides the axes (the plot item's
+#: margins and some air).
+TITLE_MARGIN = 8
 
 #: Fewest pixels between two drawn grid lines: a denser grid is drawn every k-th level.
 MIN_LEVEL_PX = 6
@@ -68,6 +71,8 @@ def legend_title(title: str, entries) -> str:
     keys = " ".join(
         f"<span style='color:{color.name()}'>■ {name}</span>" for name, color in entries
     )
+    if not title:
+        return keys
     return f"{title} &nbsp; {keys}" if keys else title
 
 
@@ -128,6 +133,8 @@ class HistogramView(QWidget):
         self._per_channel = False
         self._layer_preview = None
         self._weights_only = False
+        #: Per plot, its title variants for a width in pixels (`_fit_title`).
+        self._titles: dict = {}
 
         self.log_counts = QCheckBox("Log counts", self)
         self.log_counts.setChecked(True)
@@ -248,6 +255,8 @@ class HistogramView(QWidget):
         layout.addWidget(splitter, 1)
         # (in a slot: a new caption per slider step must not lay out the window again)
         layout.addWidget(QuietSlot(self.caption, height=self.caption.height()))
+        for plot in (self.plot, self.grad_plot):
+            plot.installEventFilter(self)
         self.apply_theme()
         self._redraw_all()
 
@@ -312,7 +321,7 @@ class HistogramView(QWidget):
         if ts is None:
             self.curve.setData([], [])
             self.after_curve.setData([], [])
-            self.plot.setTitle("Weights — select a layer", size=TITLE_SIZE)
+            self._set_title(self.plot, lambda _room: ["Weights — select a layer", "Weights"])
             return
         hist = ts.hist_log if abs_axis else ts.hist
         x, y = _step_xy(hist.edges, hist.counts, log_counts)
@@ -326,7 +335,16 @@ class HistogramView(QWidget):
             entries.append(("compressed", style.AFTER_COLOR))
         else:
             self.after_curve.setData([], [])
-        self.plot.setTitle(legend_title(f"Weights of {ts.layer.name}", entries), size=TITLE_SIZE)
+        name = ts.layer.name
+        self._set_title(
+            self.plot,
+            lambda room: [
+                legend_title(f"Weights of {name}", entries),
+                legend_title(name, entries),
+                f"Weights of {name}",
+                self._elided(name, room),
+            ],
+        )
         self.plot.enableAutoRange()
 
     def _redraw_gradients(self) -> None:
@@ -342,19 +360,60 @@ class HistogramView(QWidget):
         self.grad_plot.setLabel("left", "log10(count + 1)" if log_counts else "count")
         self.grad_mean.setData(*_step_xy(grad.hist_mean.edges, grad.hist_mean.counts, log_counts))
         self.grad_std.setData(*_step_xy(grad.hist_std.edges, grad.hist_std.counts, log_counts))
-        self.grad_plot.setTitle(
-            # The layer is named in the weights plot beside it and in the tooltip: the
-            # narrower gradient plot keeps its title short enough not to be clipped.
-            legend_title(
-                "Gradients", [("mean", style.GRAD_MEAN_COLOR), ("std", style.GRAD_STD_COLOR)]
-            ),
-            size=TITLE_SIZE,
+        # The layer is named in the weights plot beside it and in the tooltip; the legend
+        # goes before the title does when the plot is narrow.
+        keys = [("mean", style.GRAD_MEAN_COLOR), ("std", style.GRAD_STD_COLOR)]
+        self._set_title(
+            self.grad_plot,
+            lambda _room: [legend_title("Gradients", keys), legend_title("", keys), "Gradients"],
         )
         self.grad_plot.setToolTip(
             f"Per-weight gradient mean and standard deviation of {ts.layer.name} over "
             f"{grad.batches} recorded batches"
         )
         self.grad_plot.enableAutoRange()
+
+    # ------------------------------------------------------------------ titles
+    def _set_title(self, plot, variants) -> None:
+        """Title ``plot`` with the first of ``variants(room)`` (most to least detailed) that
+        fits its width of ``room`` pixels; re-fitted when the plot is resized. A title
+        wider than its plot is clipped, and widens the plot item past its view (which then
+        clips the axis on the right as well)."""
+        self._titles[plot] = variants
+        self._fit_title(plot)
+
+    def _fit_title(self, plot) -> None:
+        variants = self._titles.get(plot)
+        if variants is None:
+            return
+        item = plot.getPlotItem()
+        label = item.titleLabel
+        # The title sits over the data column only (the axes' columns are beside it).
+        axes = sum(
+            item.getAxis(side).geometry().width()
+            for side in ("left", "right")
+            if item.getAxis(side).isVisible()
+        )
+        room = max(int(plot.width() - axes) - TITLE_MARGIN, 0)
+        texts = variants(room)
+        for text in texts:
+            if label.text != text:
+                plot.setTitle(text, size=TITLE_SIZE)
+            if label.item.boundingRect().width() <= room:
+                return
+        # None fits: the last (shortest) stays.
+
+    def _elided(self, text: str, room: int) -> str:
+        """``text`` shortened in the middle to fit ``room`` pixels at the title's size."""
+        font = QFont(self.font())
+        font.setPointSizeF(float(TITLE_SIZE.removesuffix("pt")))
+        # the title item's own margins (a text document's: 4 px each side)
+        return QFontMetrics(font).elidedText(text, Qt.TextElideMode.ElideMiddle, room - 10)
+
+    def eventFilter(self, watched, event) -> bool:  # noqa: N802 - Qt signature
+        if event.type() == QEvent.Type.Resize and watched in self._titles:
+            self._fit_title(watched)
+        return super().eventFilter(watched, event)
 
     def _x_of(self, t: float) -> float | None:
         """x position of threshold ``t`` on the current axis (None: not drawable)."""
@@ -465,7 +524,7 @@ class HistogramView(QWidget):
                 grid = f"{self._bits}-bit grid, {n} levels ({drawn})"
                 parts.append(grid)
         # (The "after compression" overlay is named in the plot's title.)
-        self.caption.setText(" · ".join(parts))
+        settle_text(self.caption, " · ".join(parts))
         self.caption.setToolTip(
             f"{ts.layer.name}: mean {ts.mean:.4g}, std {ts.std:.4g}, min {ts.min:.4g}, "
             f"max {ts.max:.4g}"

@@ -12,11 +12,13 @@ from PySide6.QtCore import (
     QItemSelectionModel,
     QModelIndex,
     QPersistentModelIndex,
+    QPoint,
     QRegularExpression,
     QSortFilterProxyModel,
     Qt,
     Signal,
 )
+from PySide6.QtGui import QPaintEvent
 from PySide6.QtWidgets import (
     QAbstractItemView,
     QCheckBox,
@@ -97,66 +99,87 @@ class LayerTableModel(QAbstractTableModel):
         # Display strings per row, rebuilt once per preview: the view asks for every visible
         # cell and role on each repaint, which during a slider drag is every step.
         self._cells: list[tuple[str, ...]] = []
+        self._row_index: dict[str, int] = {}
         self._muted_color = None
 
     def set_layers(self, layers: Sequence) -> None:
         self.beginResetModel()
         self._layers = tuple(layers)
+        self._row_index = {layer.name: i for i, layer in enumerate(self._layers)}
         self._preview = {}
         self._rebuild_cells()
         self.endResetModel()
 
+    def _row_cells(self, layer) -> tuple[str, ...]:
+        """The display strings of ``layer``'s row."""
+        lp = self._preview.get(layer.name)
+        cells = tuple(self._display(layer, lp, col, self._overrides) for col in range(len(COLUMNS)))
+        if layer.name in self._pins:
+            return (f"{PIN_MARK} {cells[0]}", *cells[1:])
+        return cells
+
     def _rebuild_cells(self) -> None:
         self._muted_color = None  # the palette may have changed since the last preview
-        self._cells = [
-            tuple(
-                self._display(layer, self._preview.get(layer.name), col, self._overrides)
-                for col in range(len(COLUMNS))
-            )
-            for layer in self._layers
-        ]
-        if self._pins:
-            self._cells = [
-                (f"{PIN_MARK} {cells[0]}", *cells[1:]) if layer.name in self._pins else cells
-                for layer, cells in zip(self._layers, self._cells, strict=True)
-            ]
+        self._cells = [self._row_cells(layer) for layer in self._layers]
+
+    def _update_rows(self, rows: Sequence[int]) -> None:
+        """Rebuild the cells of ``rows`` (ascending) and signal the ones whose text changed
+        (one dataChanged per run of rows with the same changed columns)."""
+        old = [self._cells[r] for r in rows]
+        for r in rows:
+            self._cells[r] = self._row_cells(self._layers[r])
+        new = [self._cells[r] for r in rows]
+        for top, bottom, first, last in changed_runs(old, new, rows):
+            self.dataChanged.emit(self.index(top, first), self.index(bottom, last))
+
+    def _rows_named(self, names) -> list[int]:
+        return sorted(self._row_index[n] for n in names if n in self._row_index)
 
     def set_pins(self, names) -> None:
         """Mark (⚑) the layers the target solver keeps as they are (no-op when unchanged)."""
         names = frozenset(names)
         if names == self._pins:
             return
+        changed = names ^ self._pins
         self._pins = names
-        self._rebuild_cells()
-        if self._layers:
-            self.dataChanged.emit(self.index(0, 0), self.index(len(self._layers) - 1, 0))
+        self._update_rows(self._rows_named(changed))
 
     def set_overrides(self, names) -> None:
-        """Mark the layers ``names`` as having their own settings (no-op when unchanged)."""
+        """Mark the layers ``names`` as having their own settings (no-op when unchanged).
+        Only the rows that gain or lose the mark are rebuilt and signalled (a target step
+        re-plans every layer, but few of them change between override and default)."""
         names = frozenset(names)
         if names == self._overrides:
             return
+        changed = names ^ self._overrides
         self._overrides = names
-        self._rebuild_cells()
-        if self._layers:
-            self.dataChanged.emit(self.index(0, 0), self.index(len(self._layers) - 1, 0))
+        self._update_rows(self._rows_named(changed))
 
     def set_preview(self, preview, *, changed_only: bool = False) -> None:
-        """Show ``preview``'s numbers. ``changed_only``: signal only the cells whose text
+        """Show ``preview``'s numbers. ``changed_only``: rebuild only the rows whose
+        `LayerPreview` is a new object (`core.analysis.estimate.PreviewCache` hands back the
+        same object for a layer a step did not change) and signal only the cells whose text
         changed (one dataChanged per run of rows), so a view repaints just those; a
         whole-model drag changes the prunable rows' numbers, not the norms' rows or Bits."""
-        old = self._cells
+        old = self._preview
         self._preview = {} if preview is None else {lp.name: lp for lp in preview.layers}
-        self._rebuild_cells()
         if not self._layers:
+            self._cells = []
             return
-        if not changed_only or len(old) != len(self._cells):
+        if not changed_only or not old or not self._preview:
+            self._rebuild_cells()
             self.dataChanged.emit(
                 self.index(0, 3), self.index(len(self._layers) - 1, len(COLUMNS) - 1)
             )
             return
-        for top, bottom, first, last in changed_runs(old, self._cells):
-            self.dataChanged.emit(self.index(top, first), self.index(bottom, last))
+        self._muted_color = None  # the palette may have changed since the last preview
+        new = self._preview
+        rows = [
+            i
+            for i, layer in enumerate(self._layers)
+            if new.get(layer.name) is not old.get(layer.name)
+        ]
+        self._update_rows(rows)
 
     def layer(self, row: int):
         return self._layers[row]
@@ -166,10 +189,7 @@ class LayerTableModel(QAbstractTableModel):
         return self._preview.get(name)
 
     def row_of(self, name: str) -> int:
-        for i, layer in enumerate(self._layers):
-            if layer.name == name:
-                return i
-        return -1
+        return self._row_index.get(name, -1)
 
     def rowCount(self, parent=QModelIndex()) -> int:  # noqa: B008 - Qt signature
         return 0 if parent.isValid() else len(self._layers)
@@ -326,14 +346,18 @@ class LayerTableModel(QAbstractTableModel):
 
 
 def changed_runs(
-    old: Sequence[tuple[str, ...]], new: Sequence[tuple[str, ...]]
+    old: Sequence[tuple[str, ...]],
+    new: Sequence[tuple[str, ...]],
+    rows: Sequence[int] | None = None,
 ) -> list[tuple[int, int, int, int]]:
     """``(top, bottom, first column, last column)`` per run of consecutive rows whose cells
-    differ between ``old`` and ``new`` (same row count) over the same span of columns."""
+    differ between ``old`` and ``new`` (same row count) over the same span of columns.
+    ``rows``: the row number of each entry (ascending; default ``0, 1, ...``)."""
     runs: list[tuple[int, int, int, int]] = []
-    for row, (a, b) in enumerate(zip(old, new, strict=True)):
+    for i, (a, b) in enumerate(zip(old, new, strict=True)):
         if a == b:
             continue
+        row = i if rows is None else rows[i]
         cols = [c for c, (x, y) in enumerate(zip(a, b, strict=True)) if x != y]
         first, last = cols[0], cols[-1]
         if runs and runs[-1][1] == row - 1 and runs[-1][2:] == (first, last):
@@ -349,6 +373,13 @@ class _Proxy(QSortFilterProxyModel):
 
     prunable_only = False
 
+    def multiData(self, index, span) -> None:  # noqa: N802 - Qt signature
+        """Every role of a painted cell in one call to the table (Qt's proxy asks its
+        source role by role: seven calls into Python per painted cell)."""
+        if index.isValid():
+            source = self.mapToSource(index)
+            self.sourceModel().fill(source.row(), source.column(), span)
+
     def filterAcceptsRow(self, source_row: int, source_parent: QModelIndex) -> bool:
         model = self.sourceModel()
         if self.prunable_only and not model.layer(source_row).prunable:
@@ -361,6 +392,24 @@ class _Proxy(QSortFilterProxyModel):
             if text and rx.match(text).hasMatch():
                 return True
         return False
+
+
+class _TreeView(QTreeView):
+    """The module tree's view, painting each rectangle of the dirty region on its own.
+
+    For a dirty region of several rectangles (a drag changes the number columns of rows
+    spread over several groups) `QTreeView.drawTree` paints the *whole width* of every row it
+    touches, the indented, elided names included; for a single rectangle it paints only the
+    rows and columns under it. Painting rectangle by rectangle thus paints the cells that
+    changed, not every visible cell (the rectangles of a region do not overlap)."""
+
+    def paintEvent(self, event: QPaintEvent) -> None:  # noqa: N802 - Qt signature
+        region = event.region()
+        if region.rectCount() <= 1:
+            super().paintEvent(event)
+            return
+        for rect in region:
+            super().paintEvent(QPaintEvent(rect))
 
 
 class LayerTable(QWidget):
@@ -408,7 +457,7 @@ class LayerTable(QWidget):
         from app.widgets.layer_tree import LayerTreeModel
 
         self.tree_model = LayerTreeModel(self.model, self)
-        self.tree = QTreeView(self)
+        self.tree = _TreeView(self)
         self.tree.setObjectName("layerTree")
         self.tree.setModel(self.tree_model)
         self.tree.setSelectionBehavior(QAbstractItemView.SelectionBehavior.SelectRows)
@@ -419,6 +468,7 @@ class LayerTable(QWidget):
         self.tree.header().setSectionResizeMode(0, QHeaderView.ResizeMode.Stretch)
         self.tree.selectionModel().selectionChanged.connect(self._on_tree_selectionChanged)
         self.tree_model.modelReset.connect(self._on_treeModel_modelReset)
+        self.tree_model.shown = self._tree_rows_shown
         self.views = QStackedWidget(self)
         self.views.addWidget(self.view)
         self.views.addWidget(self.tree)
@@ -541,11 +591,13 @@ class LayerTable(QWidget):
 
     def set_overrides(self, names) -> None:
         """Mark (◆, bold) the layers that have their own settings."""
-        self.model.set_overrides(names)
+        with self.tree_model.batched():
+            self.model.set_overrides(names)
 
     def set_pins(self, names) -> None:
         """Mark (⚑) the layers pinned for the target solver."""
-        self.model.set_pins(names)
+        with self.tree_model.batched():
+            self.model.set_pins(names)
 
     def selected_names(self) -> tuple[str, ...]:
         rows = self.view.selectionModel().selectedRows()
@@ -631,6 +683,22 @@ class LayerTable(QWidget):
         # column gives them its room (the type is in the details line and the tooltip).
         self.tree.setIndentation(12)
         self.tree.setColumnHidden(1, True)
+
+    def _tree_rows_shown(self) -> set[int]:
+        """The ids of the tree nodes whose rows the tree view shows now (a slider step
+        signals only those: `LayerTreeModel.shown`)."""
+        view = self.tree
+        index = view.indexAt(QPoint(0, 0))
+        if not index.isValid():
+            return set()  # no row in view (an empty tree, or not laid out: painted later)
+        rows = view.viewport().height() // max(1, view.rowHeight(index)) + 2
+        shown = set()
+        for _ in range(rows):
+            if not index.isValid():
+                break
+            shown.add(id(index.internalPointer()))
+            index = view.indexBelow(index)
+        return shown
 
     def tree_selected_names(self) -> tuple[str, ...]:
         rows = self.tree.selectionModel().selectedRows()

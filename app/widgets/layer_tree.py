@@ -7,8 +7,8 @@ the first column; group rows sum parameters and packed bytes of the layers under
 Per slider step the flat model signals one change per run of changed rows (a whole-model
 drag on a ResNet: ~50 runs, prunable rows between the norms'). `LayerTable.set_preview`
 wraps that in `LayerTreeModel.batched`, so the tree maps the rows once and tells its view one
-change per group of siblings: the leaves' changed columns, and for the groups above them only
-the summed Packed column (their name, count and parameters do not follow the plan).
+change per run of changed siblings: the leaves' changed columns, and for the groups above
+them only the summed Packed column (their name, count and parameters do not follow the plan).
 """
 
 from __future__ import annotations
@@ -77,6 +77,10 @@ class LayerTreeModel(QAbstractItemModel):
         #: Whether a view shows the tree: a hidden tree skips the per-step change signals
         #: (a view asks for fresh cells when it is shown again).
         self.live = False
+        #: ``shown()``: the ids of the nodes whose rows the view shows now (None: all). Rows
+        #: scrolled out of view or folded away are not signalled: a view reads their cells
+        #: when it paints them, and signalling them costs the view a walk over them.
+        self.shown: Callable[[], set[int] | None] = lambda: None
         source.modelReset.connect(self.rebuild)
         source.dataChanged.connect(self._on_source_dataChanged)
         self.rebuild()
@@ -275,40 +279,34 @@ class LayerTreeModel(QAbstractItemModel):
 
     def _rows_changed(self, rows: dict[int, tuple[int, int]]) -> None:
         """Source ``rows`` changed (``{row: (first column, last column)}``): one dataChanged
-        per parent over its changed leaves' rows and columns, and one per parent over the
-        Packed cells of the groups above them when a leaf's Packed cell changed. One span per
-        parent, not one per run of changed rows: the view merges the spans into one region
-        either way, and painting a region of many small rects costs it more than painting
-        the few unchanged cells (the norms' rows between a block's convolutions) inside one.
+        per run of consecutive siblings with the same changed columns (the leaves), and for
+        the groups above a leaf whose Packed cell changed, one per run of their Packed
+        cells. Precise spans, not one per parent: the view (`_TreeView` in
+        `app.widgets.layer_table`) paints each rectangle of the dirty region on its own, so
+        the cells that did not change (the norms' rows between a block's convolutions, the
+        names) are not painted again. Only the rows `shown` says are in view are signalled.
         """
         leaves: dict[int, tuple[_Node, dict[int, tuple[int, int]]]] = {}
         groups: dict[int, tuple[_Node, dict[int, tuple[int, int]]]] = {}
-        packed = (PACKED_COLUMN, PACKED_COLUMN)
+        seen: set[int] = set()  # the groups already added (each once)
+        shown = self.shown()
         for row, (first, last) in rows.items():
             leaf = self._by_row.get(row)
             if leaf is None:
                 continue
-            leaves.setdefault(id(leaf.parent), (leaf.parent, {}))[1][leaf.index_in_parent] = (
-                first,
-                last,
-            )
-            if not first <= PACKED_COLUMN <= last:
-                continue
-            node = leaf.parent
-            # Each group once: its ancestors were added by the first leaf under it.
-            while node is not self._root:
-                siblings = groups.setdefault(id(node.parent), (node.parent, {}))[1]
-                if node.index_in_parent in siblings:
-                    break
-                siblings[node.index_in_parent] = packed
-                node = node.parent
+            if shown is None or id(leaf) in shown:
+                siblings = leaves.setdefault(id(leaf.parent), (leaf.parent, {}))[1]
+                siblings[leaf.index_in_parent] = (first, last)
+            # (a leaf out of view can have its groups' Packed cells in view)
+            if first <= PACKED_COLUMN <= last:
+                _groups_changed(leaf, self._root, groups, seen, shown)
         for table in (leaves, groups):
             for parent, changed in table.values():
-                lo, hi, first, last = _span(changed)
-                self.dataChanged.emit(
-                    self.createIndex(lo, first, parent.children[lo]),
-                    self.createIndex(hi, last, parent.children[hi]),
-                )
+                for lo, hi, first, last in _runs(changed):
+                    self.dataChanged.emit(
+                        self.createIndex(lo, first, parent.children[lo]),
+                        self.createIndex(hi, last, parent.children[hi]),
+                    )
 
     def _changed(self, node: _Node) -> None:
         """Every visible cell may have new numbers: one dataChanged per group of siblings."""
@@ -323,12 +321,32 @@ class LayerTreeModel(QAbstractItemModel):
             self._changed(child)
 
 
-def _span(changed: dict[int, tuple[int, int]]) -> tuple[int, int, int, int]:
-    """``(first row, last row, first column, last column)`` around ``{row: (first column,
-    last column)}``."""
-    return (
-        min(changed),
-        max(changed),
-        min(first for first, _ in changed.values()),
-        max(last for _, last in changed.values()),
-    )
+def _groups_changed(
+    leaf: _Node,
+    root: _Node,
+    groups: dict[int, tuple[_Node, dict[int, tuple[int, int]]]],
+    seen: set[int],
+    shown: set[int] | None,
+) -> None:
+    """Add the groups above ``leaf`` that ``shown`` holds (None: all) to ``groups`` (their
+    Packed cell, by parent), each once: ``seen`` holds the groups already walked."""
+    node = leaf.parent
+    while node is not root and id(node) not in seen:
+        seen.add(id(node))
+        if shown is None or id(node) in shown:
+            siblings = groups.setdefault(id(node.parent), (node.parent, {}))[1]
+            siblings[node.index_in_parent] = (PACKED_COLUMN, PACKED_COLUMN)
+        node = node.parent
+
+
+def _runs(changed: dict[int, tuple[int, int]]) -> list[tuple[int, int, int, int]]:
+    """``(first row, last row, first column, last column)`` per run of consecutive rows of
+    ``{row: (first column, last column)}`` with the same columns."""
+    runs: list[tuple[int, int, int, int]] = []
+    for row in sorted(changed):
+        first, last = changed[row]
+        if runs and runs[-1][1] == row - 1 and runs[-1][2:] == (first, last):
+            runs[-1] = (runs[-1][0], row, first, last)
+        else:
+            runs.append((row, row, first, last))
+    return runs

@@ -84,7 +84,9 @@ class PrunePanel(QGroupBox):
         self.sparsity.setPageStep(50)
         self.sparsity.setToolTip("Target fraction of zeros (drag; the summary updates live)")
         self.sparsity_label = QLabel("0.0 %", self)
-        self.sparsity_label.setFixedWidth(64)
+        # Fixed in both directions: a new value (every slider step) then does not ask the
+        # panel, the tabs and the dock to lay out again (and repaint).
+        self.sparsity_label.setFixedSize(64, self.sparsity_label.sizeHint().height())
         self.sparsity.valueChanged.connect(self._on_sparsity_valueChanged)
         self.sparsity.sliderReleased.connect(self.editFinished)
 
@@ -97,7 +99,7 @@ class PrunePanel(QGroupBox):
             "as the red line on the histogram."
         )
         self.threshold_label = QLabel("0", self)
-        self.threshold_label.setFixedWidth(64)
+        self.threshold_label.setFixedSize(64, self.threshold_label.sizeHint().height())
         self.threshold.valueChanged.connect(self._on_threshold_valueChanged)
         self.threshold.sliderReleased.connect(self.editFinished)
 

@@ -6,6 +6,10 @@ whole window is laid out again on every step (about 1-1.5 ms per such label on t
 bench machine, `bench/bench_gui.py`), although nothing moves. `QuietSlot` takes the label's
 place in the layout and holds it as its only child, without a layout of its own: the slot's
 size hint never changes, so a new text only repaints the label.
+
+`settle_text` is for the labels whose text can be selected with the mouse: such a label lays
+its new text out in its next paint event, and that asks for one more paint (Qt posts it, the
+label is painted twice per new text); laid out at once, it is painted once.
 """
 
 from __future__ import annotations
@@ -41,3 +45,12 @@ class QuietSlot(QWidget):
     def resizeEvent(self, event) -> None:
         self.label.setGeometry(self.rect())
         super().resizeEvent(event)
+
+
+def settle_text(label: QLabel, text: str) -> None:
+    """``label.setText(text)``, with the text laid out now rather than in the next paint
+    (for a selectable label; see the module docstring). No-op when the text is the same."""
+    if label.text() == text:
+        return
+    label.setText(text)
+    label.heightForWidth(label.width())  # lays the text document out

@@ -34,6 +34,7 @@ from PySide6.QtWidgets import (
     QListWidget,
     QMenu,
     QPushButton,
+    QSizePolicy,
     QSlider,
     QSplitter,
     QVBoxLayout,
@@ -44,6 +45,7 @@ from superqt.utils import qthrottled, signals_blocked
 from app import style
 from app.style import human_bytes
 from app.widgets.layer_table import PIN_MARK
+from app.widgets.quiet_slot import QuietSlot
 
 #: Slider steps of the target-ratio control (log scale between 1x and the reachable maximum).
 RATIO_STEPS = 1000
@@ -195,6 +197,9 @@ class SensitivityView(QWidget):
         )
         self.heat.addItem(self.marks)
         self.heat.addItem(self.pin_marks)
+        #: What ``marks`` / ``pin_marks`` show (a target step moves few of them: equal points
+        #: are not set again, which would re-lay out and repaint the heat map).
+        self._marks_shown: dict[Any, list] = {}
         self.heat.scene().sigMouseClicked.connect(self._on_heat_clicked)
         self.heat.scene().sigMouseMoved.connect(self._on_heat_moved)
         self.curve_items: list[Any] = []  # the curves drawn now
@@ -457,6 +462,9 @@ class SensitivityView(QWidget):
         plain = [(c + 0.5, r + 0.5) for n, (r, c) in cells.items() if n not in self._pins]
         pinned = [(c + 0.5, r + 0.5) for n, (r, c) in cells.items() if n in self._pins]
         for item, pts in ((self.marks, plain), (self.pin_marks, pinned)):
+            if self._marks_shown.get(item) == pts:
+                continue
+            self._marks_shown[item] = pts
             if pts:
                 xy = np.asarray(pts)
                 item.setData(x=xy[:, 0], y=xy[:, 1])
@@ -550,7 +558,10 @@ class TargetPanel(QGroupBox):
             "layer's sparsity and bits from the scan, least predicted damage first"
         )
         self.ratio_label = QLabel("—", self)
-        self.ratio_label.setMinimumWidth(120)
+        # Fixed in both directions: a new value (every slider step) then does not ask the
+        # panel, the tabs and the dock to lay out again (and repaint).
+        widest = self.ratio_label.fontMetrics().horizontalAdvance("999.9× (999.9 KiB)") + 6
+        self.ratio_label.setFixedSize(max(120, widest), self.ratio_label.sizeHint().height())
         self.damage = QSlider(Qt.Orientation.Horizontal, self)
         self.damage.setObjectName("maxDamageSlider")
         self.damage.setRange(0, 200)
@@ -563,6 +574,8 @@ class TargetPanel(QGroupBox):
         self.prediction = QLabel("", self)
         self.prediction.setObjectName("targetPrediction")
         self.prediction.setWordWrap(True)
+        self.prediction.setAlignment(Qt.AlignmentFlag.AlignLeft | Qt.AlignmentFlag.AlignTop)
+        self.prediction.setSizePolicy(QSizePolicy.Policy.Ignored, QSizePolicy.Policy.Fixed)
         self.pins = QListWidget(self)
         self.pins.setObjectName("pinsList")
         self.pins.setMaximumHeight(70)
@@ -596,7 +609,10 @@ class TargetPanel(QGroupBox):
         v.addLayout(top)
         v.addWidget(self.state)
         v.addLayout(form)
-        v.addWidget(self.prediction)
+        # In a slot of three lines: a new prediction per slider step must not lay out the
+        # tabs and the dock again (`QuietSlot`).
+        lines = 3 * self.prediction.fontMetrics().lineSpacing() + 4
+        v.addWidget(QuietSlot(self.prediction, height=lines))
         v.addWidget(QLabel(f"Pinned layers ({PIN_MARK}):", self))
         v.addWidget(self.pins)
         v.addLayout(pins)

@@ -7,7 +7,7 @@ from PySide6.QtGui import QFont
 from PySide6.QtWidgets import QGridLayout, QGroupBox, QLabel, QSizePolicy
 
 from app.style import decibels, human_bytes, human_count, percent, ratio
-from app.widgets.quiet_slot import QuietSlot
+from app.widgets.quiet_slot import QuietSlot, settle_text
 
 ROWS = (
     (
@@ -133,7 +133,12 @@ class SummaryPanel(QGroupBox):
         grid.setColumnStretch(3, 1)
         self.note = QLabel(self)
         self.note.setWordWrap(True)
-        grid.addWidget(self.note, len(ROWS) // 2 + 1, 0, 1, 4)
+        self.note.setAlignment(Qt.AlignmentFlag.AlignLeft | Qt.AlignmentFlag.AlignTop)
+        self.note.setSizePolicy(QSizePolicy.Policy.Ignored, QSizePolicy.Policy.Fixed)
+        # In a slot of two lines: the note follows the plan (a target step changes its count
+        # of overrides), and must not lay out the dock again each time (`QuietSlot`).
+        lines = 2 * self.note.fontMetrics().lineSpacing() + 2
+        grid.addWidget(QuietSlot(self.note, height=lines), len(ROWS) // 2 + 1, 0, 1, 4)
         # "fits / does not fit" on the chosen device (empty and hidden without one).
         self.device = QLabel(self)
         self.device.setObjectName("summary_device")
@@ -153,10 +158,11 @@ class SummaryPanel(QGroupBox):
 
     def set_preview(self, preview, note: str = "", before_bytes: int | None = None) -> None:
         for key, text in summary_texts(preview, before_bytes).items():
-            self.labels[key].setText(text)
+            settle_text(self.labels[key], text)
         if preview is None and not note:
             note = "Numbers appear once the model is analysed."
         self.note.setText(note)
+        self.note.setToolTip(note)  # (two lines shown: a narrow dock may cut a long note)
 
     def texts(self) -> dict[str, str]:
         return {key: label.text() for key, label in self.labels.items()}

@@ -372,7 +372,9 @@ class PreviewCache:
     count), its preview row and archive specs (keyed by its config and pruning), the global
     pool's counts (keyed by the default's prune settings and the members), each archive
     tensor's bytes and layout entry (keyed by its spec), and per-layer arrays that make the
-    entropy of the kept weights O(cells + log bins) instead of O(bins) (`_KeptHistogram`).
+    entropy of the kept weights O(cells + log bins) instead of O(bins) (`_KeptHistogram`),
+    and each layer's `LayerPreview` (keyed by its row and packed bytes: a layer the step did
+    not change keeps the very same object, which views compare by identity).
     Every number is computed by the same code from the same inputs as `preview`, so
     ``PreviewCache(stats).preview(plan) == preview(stats, plan)`` field for field
     (tests/core/test_estimate_cache.py). Only the previous plan's entries are kept (a slider
@@ -389,11 +391,18 @@ class PreviewCache:
         self._prunings = _Recent()
         self._rows = _Recent()
         self._parts = _Recent()
+        self._layer_previews = _Recent()
         self._kept: dict[str, _KeptHistogram] = {}  # arrays only, one per quantized layer
 
     def preview(self, plan: CompressionPlan) -> PlanPreview:
         """Same as ``preview(self.stats, plan)``."""
-        for table in (self._pools, self._prunings, self._rows, self._parts):
+        for table in (
+            self._pools,
+            self._prunings,
+            self._rows,
+            self._parts,
+            self._layer_previews,
+        ):
             table.rotate()
         return _preview(self.stats, plan, self)
 
@@ -421,6 +430,15 @@ class PreviewCache:
                 kept = self._kept[layer.name] = _KeptHistogram(ts.scores["magnitude"])
             hit = self._rows[key] = _layer_entry(layer, ts, cfg, pr, self._state_shapes, kept)
         return hit
+
+    def _layer_preview(self, row: dict, packed: int, coded: bool) -> LayerPreview:
+        """The previous preview's `LayerPreview` object for an unchanged layer (same row
+        object, same bytes), so views can skip it by identity (`LayerTableModel`)."""
+        key = (id(row), packed, coded)
+        hit = self._layer_previews.get(key)
+        if hit is None or hit[0] is not row:
+            hit = self._layer_previews[key] = (row, _layer_preview(row, packed, coded))
+        return hit[1]
 
 
 def _layer_entry(
@@ -665,6 +683,14 @@ def _layer_row(
     return row, spec
 
 
+def _layer_preview(row: dict, packed: int, coded: bool) -> LayerPreview:
+    """The `LayerPreview` of a preview row whose tensor takes ``packed`` archive bytes
+    (``coded``: quantized or pruned; else its entropy bound is its raw size)."""
+    if not coded:
+        row = {**row, "entropy_bytes": packed}
+    return LayerPreview(packed_bytes=packed, **row)
+
+
 def _assemble(
     stats: ModelStats,
     plan: CompressionPlan,
@@ -698,9 +724,10 @@ def _assemble(
             packed = archive.tensors[tensor]
         else:
             packed = row["numel"] * ST_DTYPES.get(stats.tensors[row["name"]].dtype, 4)
-        if tensor not in coded:
-            row = {**row, "entropy_bytes": packed}
-        layers.append(LayerPreview(packed_bytes=int(packed), **row))
+        if cache is None:
+            layers.append(_layer_preview(row, int(packed), tensor in coded))
+        else:
+            layers.append(cache._layer_preview(row, int(packed), tensor in coded))
 
     total_numel = sum(lp.numel for lp in layers)
     total_nnz = sum(lp.nnz for lp in layers)

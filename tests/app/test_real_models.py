@@ -203,6 +203,36 @@ def test_legends_are_out_of_the_data(qtbot, window, resnet50_file):
     assert "original" in window.histograms.plot.getPlotItem().titleLabel.text
 
 
+def test_histogram_titles_fit_at_1366x768_without_gradients(qtbot, window, resnet50_file):
+    """No data (the "no gradients" panel beside the weights plot): the weights plot's title
+    for a long layer name fits the plot instead of being clipped and pushing the plot item
+    (and its right axis) past the view; the gradients title fits once there are gradients."""
+    open_ready(qtbot, window, resnet50_file)
+    h = window.histograms
+    name = "layer3.0.downsample.0"
+    window.controller.set_selection((name,))
+    window.layout().activate()
+    qtbot.wait(20)
+    assert h.grad_stack.currentWidget() is h.grad_hint and h.grad_hint.isVisible()
+
+    def title_fits(plot) -> bool:
+        return plot.getPlotItem().titleLabel.item.boundingRect().width() <= plot.width()
+
+    def fits(plot) -> bool:
+        item = plot.getPlotItem()
+        return title_fits(plot) and item.geometry().width() <= plot.viewport().width() + 1
+
+    assert fits(h.plot), (h.plot.width(), h.plot.getPlotItem().titleLabel.text)
+    assert name in h.plot.getPlotItem().titleLabel.text  # the name, shortened only if need be
+    # narrower still (the splitter dragged): the title follows the width (the axes may
+    # then need more than the plot has; the title does not add to it)
+    h.splitter.setSizes([140, 400])
+    qtbot.wait(20)
+    text = h.plot.getPlotItem().titleLabel.text
+    assert title_fits(h.plot) and "original" not in text and "…" in text, text
+    assert fits(h.grad_plot) or not h.grad_plot.isVisible()
+
+
 def test_kept_text_is_not_cut(qtbot, window, resnet50_file):
     open_ready(qtbot, window, resnet50_file)
     label = window.summary.labels["nonzeros"]

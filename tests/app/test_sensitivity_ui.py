@@ -367,3 +367,28 @@ def test_session_plan_to_target_without_a_window(tmp_path):
     assert s.history.edits()[-1].pinned == ("fc3",)
     s.undo()  # each solve outside a drag is its own undo step
     assert preview(s.stats, s.plan).compression_ratio >= 20.0
+
+
+def test_heat_map_marks_follow_target_steps(qtbot, window):
+    """The plan's marks on the heat map (set only when they moved) sit on the plan's cells
+    after every step of a target drag, also when a step leaves them where they were."""
+    open_ready(qtbot, window, "demo:mlp")
+    scan_done(qtbot, window)
+    ui = window.sensitivity_ui
+    ui.dock.show()
+    ui.dock.raise_()
+    view = ui.view
+    qtbot.waitUntil(view.isVisible)
+
+    def shown():
+        xs, ys = view.marks.getData()
+        return sorted((float(x) - 0.5, float(y) - 0.5) for x, y in zip(xs, ys, strict=True))
+
+    seen = set()
+    top = ui.panel.max_ratio
+    for ratios in ([1.2, top / 2], [top / 2], [0.95 * top, 1.1], [1.1]):
+        drag_ratio(qtbot, window, ratios)
+        expected = sorted((float(c), float(r)) for r, c in view.plan_cells().values())
+        assert shown() == expected and len(expected) == 3
+        seen.add(tuple(expected))
+    assert len(seen) > 1  # the marks moved between drags

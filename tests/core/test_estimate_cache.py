@@ -280,3 +280,27 @@ def test_one_exact_member_prunes_exactly_its_count(resnet50_stats):
             # members pool as pairs, so the boundary value is the same)
             assert threshold == _merged_counts([index], count)[1]
             assert index.count_below(threshold) <= count
+
+
+def test_unchanged_layers_keep_their_layer_preview_object(resnet50_stats):
+    """A step hands back the previous `LayerPreview` object for every layer it did not
+    change (the window's table skips those rows by identity) and a new, equal-to-`preview`
+    one for every layer it changed."""
+    stats = resnet50_stats
+    cache = PreviewCache(stats)
+    base = simple_plan(0.5, 6, scope="layer")  # (a global pool moves with any member)
+    first = cache.preview(base)
+    name = _prunable(stats)[7]
+    plan = base.with_layer(name, LayerConfig(prune=PruneConfig(method="magnitude", sparsity=0.9)))
+    second = cache.preview(plan)
+    assert repr(second) == repr(preview(stats, plan))
+    kept = {lp.name for a, lp in zip(first.layers, second.layers, strict=True) if a is lp}
+    changed = {lp.name for a, lp in zip(first.layers, second.layers, strict=True) if a != lp}
+    assert name in changed and name not in kept
+    # all the others are the very same objects (their packed bytes did not move either)
+    assert kept == {lp.name for lp in second.layers} - changed and len(kept) > 40
+    # a whole-model step: the kept objects still hold the right numbers
+    third_plan = simple_plan(0.6, 6, scope="layer").with_layer(name, plan.config_for(name))
+    third = cache.preview(third_plan)
+    assert repr(third) == repr(preview(stats, third_plan))
+    assert any(a is b for a, b in zip(second.layers, third.layers, strict=True))  # name's
