@@ -445,21 +445,36 @@ def compact_recipe(plan: CompressionPlan) -> str:
     Per-layer overrides are reduced against the default `LayerConfig` (not the plan's default),
     which is what ``from_dict`` fills them with.
     """
-    full = plan.to_dict()
-    base = CompressionPlan().to_dict()
+    base = _default_plan_dict()
+    full = {
+        "default": asdict(plan.default),
+        "recovery": asdict(plan.recovery),
+        "remove_channels": plan.remove_channels,
+    }
     out: dict[str, object] = {"version": RECIPE_VERSION}
     for key in ("default", "recovery", "remove_channels"):
         reduced = _non_default(full[key], base[key])
         if reduced is not _SAME:
             out[key] = reduced
-    layer_default = asdict(LayerConfig())
-    layers = {}
-    for name, cfg in full["layers"].items():
-        reduced = _non_default(cfg, layer_default)
-        layers[name] = {} if reduced is _SAME else reduced
+    # the reduced form of each distinct layer config once: a live preview of a 200-layer
+    # plan asks for this on every slider step, with few of the configs changed
+    layers = {name: _reduced_layer(cfg) for name, cfg in plan.overrides}
     if layers:
         out["layers"] = layers
     return _json(out)
+
+
+@functools.lru_cache(maxsize=1)
+def _default_plan_dict() -> dict:
+    return CompressionPlan().to_dict()
+
+
+@functools.lru_cache(maxsize=4096)
+def _reduced_layer(cfg: LayerConfig) -> dict:
+    """`_non_default` of one override against the default `LayerConfig` (``{}`` when equal);
+    shared, never modified: only serialised."""
+    reduced = _non_default(asdict(cfg), asdict(LayerConfig()))
+    return {} if reduced is _SAME else reduced  # type: ignore[return-value]
 
 
 @functools.lru_cache(maxsize=8)  # previews of one plan repeat; a huge model's recipe is MBs
