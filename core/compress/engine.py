@@ -28,7 +28,7 @@ from core.analysis.estimate import pruning_targets
 from core.analysis.selection import count_mask
 from core.analysis.stats import score_tensor
 from core.base.errors import CompressionError
-from core.base.memory import paged_forward
+from core.base.memory import MappedPages, paged_forward
 from core.base.methods import prune_method
 from core.base.model import LayerInfo, LoadedModel
 from core.base.progress import CancelToken, ProgressFn, no_progress
@@ -264,8 +264,11 @@ def layer_mask(
     threshold: float | None,
     grad,
     count: int | None = None,
+    release: Callable[[torch.Tensor], None] | None = None,
 ) -> torch.Tensor:
     """The keep mask the plan asks for on one layer.
+
+    ``release`` (see `compress_stream`) is called on ``weight`` once its scores are made.
 
     ``count`` (`core.analysis.estimate.LayerPreview.count`, for a target sparsity) prunes exactly that
     many scores (`core.analysis.selection.count_mask`); otherwise ``threshold`` (from the preview) is
@@ -276,6 +279,8 @@ def layer_mask(
     if prune_method(method).semi_structured:
         return nm_mask(weight, cfg.prune.n, cfg.prune.m)
     scores = score_tensor(SCORE_ALIASES.get(method, method), weight.detach(), grad)
+    if release is not None:
+        release(weight)
     if method in STRUCTURED_METHODS:
         if count is not None:
             rows = count_mask(scores.reshape(-1), count)
@@ -302,20 +307,23 @@ def _sqnr_sums_chunked(
     """(signal, removed, error) energies of `_sqnr` in float64 chunks: a few tens of MB of
     temporaries instead of four float64 copies of a 10**8-weight tensor."""
 
+    pages = MappedPages()  # a mapped original's pages, given back chunk by chunk
+
     def sum_sq(t: torch.Tensor) -> float:
         flat = t.detach().reshape(-1)
-        return sum(
-            float(flat[s : s + _SQNR_STEP].double().square_().sum())
-            for s in range(0, flat.numel(), _SQNR_STEP)
-        )
+        total = 0.0
+        for s in range(0, flat.numel(), _SQNR_STEP):
+            total += float(flat[s : s + _SQNR_STEP].double().square_().sum())
+            pages.release(flat[s : s + _SQNR_STEP])
+        return total
 
     sig = sum_sq(original)
     removed = 0.0 if aligned is original else max(sig - sum_sq(aligned), 0.0)
     a, f = aligned.detach().reshape(-1), final.detach().reshape(-1)
-    err = removed + sum(
-        float((f[s : s + _SQNR_STEP].double() - a[s : s + _SQNR_STEP]).square_().sum())
-        for s in range(0, f.numel(), _SQNR_STEP)
-    )
+    err = removed
+    for s in range(0, f.numel(), _SQNR_STEP):
+        err += float((f[s : s + _SQNR_STEP].double() - a[s : s + _SQNR_STEP]).square_().sum())
+        pages.release(a[s : s + _SQNR_STEP])
     return sig, removed, err
 
 
@@ -1124,9 +1132,9 @@ def _stream_layer(
     if not cfg.skip and cfg.prune.active:
         ts = stats.tensors.get(layer.name)
         grad = ts.grad if ts is not None else None
-        mask = layer_mask(layer, cfg, original, threshold, grad, counts.get(layer.name))
-    if release is not None:
-        release(original)
+        mask = layer_mask(
+            layer, cfg, original, threshold, grad, counts.get(layer.name), release=release
+        )
     qt = None
     with torch.no_grad():
         if not cfg.skip and cfg.quant.active:

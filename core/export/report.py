@@ -18,6 +18,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from core.base.memory import MappedPages
 from core.base.outdir import atomic_write
 
 #: Histogram bins per layer in the HTML report.
@@ -158,10 +159,13 @@ def _histogram_pair_chunked(
     b_flat = before.detach().reshape(-1)
     a_flat = after.detach().reshape(-1)
     m_flat = mask.reshape(-1) if (mask is not None and mask.shape == after.shape) else None
+    pages = MappedPages()  # the original's pages of a mapped file, given back chunk by chunk
 
     def b_chunks():
         for s in range(0, b_flat.numel(), _PAIR_STEP):
-            c = b_flat[s : s + _PAIR_STEP].double().numpy()
+            raw = b_flat[s : s + _PAIR_STEP]
+            c = raw.double().numpy()
+            pages.release(raw)
             yield c[np.isfinite(c)]
 
     def a_chunks():
