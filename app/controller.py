@@ -18,7 +18,7 @@ import traceback
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from PySide6.QtCore import QObject, Signal
+from PySide6.QtCore import QObject, QTimer, Signal
 
 from app.failures import log_unexpected, unexpected_message
 from app.workers import JobRunner
@@ -101,6 +101,14 @@ class Controller(QObject):
         #: Archive bytes with nothing compressed ("Before" in the live estimate), per stats.
         self.baseline_bytes: int | None = None
         self._baseline_of: object = None
+        self._previews: Any = None  # core.analysis.estimate.PreviewCache of `stats`
+        #: The level settings still to warm the preview cache with, in idle time
+        #: (`_warm_previews`), and the cache they are for.
+        self._warm: list[LayerConfig] = []
+        self._warm_for: Any = None
+        self._warm_timer = QTimer(self)
+        self._warm_timer.setSingleShot(True)
+        self._warm_timer.timeout.connect(self._warm_step)
 
     # ------------------------------------------------------------------ jobs
     def busy(self, kind: str | None = None) -> bool:
@@ -280,6 +288,8 @@ class Controller(QObject):
                 self.dragFinished.emit()
             elif signal is not None:
                 signal.emit(payload)
+            if event in ("scan_ready", "solver_ready"):
+                self._warm_previews()
 
     def _run(
         self,
@@ -386,6 +396,8 @@ class Controller(QObject):
                 self._previews = PreviewCache(self.stats)
                 self.baseline_bytes = self._previews.preview(starting_plan()).packed_bytes
                 self._baseline_of = self.stats
+                if self.sensitivity is not None:
+                    self._warm_previews()
             self.preview = self._previews.preview(self.plan)
             self.preview_error = ""
         except WorkbenchError as exc:
@@ -394,6 +406,47 @@ class Controller(QObject):
             self.preview_error = str(exc)
             self.statusMessaged.emit(f"Preview unavailable: {exc}")
         self.previewUpdated.emit(self.preview)
+
+    # ------------------------------------------------------------------ idle warm-up
+    #: While a drag is in progress the warm-up waits this long between checks (its steps
+    #: come first).
+    WARM_RETRY_MS = 100
+    #: At most this many layer x setting entries are warmed (~3 KB each: 200 layers x 30
+    #: levels is ~17 MB); a model with more layers warms its first levels only.
+    WARM_MAX_ENTRIES = 20_000
+
+    @property
+    def warming(self) -> bool:
+        """Whether the idle-time warm-up of the preview cache has settings left to do."""
+        return bool(self._warm) and self._warm_for is self._previews
+
+    def _warm_previews(self) -> None:
+        """Warm the live preview's cache, in idle time, with every setting a target plan
+        can give the layers (`Session.target_configs`: one per scanned level), one setting
+        per event-loop pass: the first step of a target drag sets every layer anew, and
+        without this it costs a full preview (`PreviewCache.warm`; the numbers are the
+        same either way). Waits while a drag is in progress."""
+        configs = self.session.target_configs() if self._previews is not None else []
+        self._warm = configs[: self.WARM_MAX_ENTRIES // max(1, len(self.layers))]
+        self._warm_for = self._previews
+        if self._warm:
+            self._warm_timer.start(0)
+
+    def _warm_step(self) -> None:
+        if not self.warming:
+            self._warm = []
+            return
+        if self.dragging:
+            self._warm_timer.start(self.WARM_RETRY_MS)
+            return
+        cfg = self._warm.pop(0)
+        try:
+            self._previews.warm(CompressionPlan(default=cfg))
+        except WorkbenchError:
+            self._warm = []  # (the live preview says why, if the plan needs it)
+            return
+        if self._warm:
+            self._warm_timer.start(0)
 
     def set_selection(self, names: Sequence[str]) -> None:
         self.session.set_selection(names)
@@ -629,5 +682,7 @@ class Controller(QObject):
         # Results still on their way describe a session that is ending: drop them, so no
         # callback starts a follow-up job (or opens a dialog) while the window closes.
         self._closing = True
+        self._warm_timer.stop()
+        self._warm = []
         self.cancel_jobs()
         return self.runner.wait(msecs)

@@ -66,6 +66,7 @@ from core.planning.sensitivity import MAX_SAMPLES, scan
 from core.planning.solver import (
     Target,
     build_problem,
+    level_configs,
     plan_for_target,
     quick_frontier,
     quick_plan,
@@ -948,6 +949,16 @@ class Session:
         self.edit(edit, merge=merge)
         self._emit("solved", sol)
         return sol
+
+    def target_configs(self) -> list[LayerConfig]:
+        """The settings a target plan gives the layers (one per scanned level) for the
+        current scan and pins, once the solver's tables for them are built (else ``[]``:
+        nothing is built here). The window warms its preview cache with them."""
+        key = None if self._problem is None else self._problem[0]
+        if key is None or key[0] is not self.sensitivity or key[1] is not self.stats:
+            return []
+        problem, memo = self._problem[1]
+        return level_configs(problem, memo)
 
     def frontier(self, points: int = 12) -> list[Any]:
         """The solver's predicted size/damage trade-off for the current scan and pins

@@ -166,6 +166,7 @@ class SensitivityView(QWidget):
         self._pins: frozenset[str] = frozenset()
         self._order: list[int] = []  # heat-map column -> scan level index
         self._drawn: Any = None  # what the curves show (skip identical redraws)
+        self._holding = False  # a drag holds the curve plots' ranges (`hold_ranges`)
         self._stale = False  # plan changed while hidden
 
         self.scan_button = QPushButton("Scan sensitivity", self)
@@ -222,14 +223,17 @@ class SensitivityView(QWidget):
             self.splitter.addWidget(plot)
         self.splitter.setSizes([300, 300, 380])
         # Which colour is which layer: a line above the plots (a legend would cover curves).
+        # In a slot of one line: a new legend (a target step that moves a selected layer)
+        # must not lay out the dock and the window again (`QuietSlot`).
         self.legend = QLabel(self)
         self.legend.setObjectName("curveLegend")
         self.legend.setTextFormat(Qt.TextFormat.RichText)
+        self.legend.setSizePolicy(QSizePolicy.Policy.Ignored, QSizePolicy.Policy.Fixed)
         layout = QVBoxLayout(self)
         layout.setContentsMargins(2, 2, 2, 2)
         layout.addLayout(top)
         layout.addWidget(self.banner)
-        layout.addWidget(self.legend)
+        layout.addWidget(QuietSlot(self.legend))
         layout.addWidget(self.splitter, 1)
         self._titles()
 
@@ -311,6 +315,19 @@ class SensitivityView(QWidget):
             self._redraw()
         else:
             self._stale = True
+
+    def hold_ranges(self, hold: bool) -> None:
+        """While a drag is in progress (``hold``) the curve plots keep their ranges: a step
+        moves the stars and the curves, not the axes (re-ranging them re-lays out and
+        repaints both plots, ~15 ms). Released, they fit their data again, once."""
+        if hold == self._holding:
+            return
+        self._holding = hold
+        for plot in (self.by_sparsity, self.by_bits):
+            if hold:
+                plot.getViewBox().disableAutoRange()
+            else:
+                plot.getViewBox().enableAutoRange()
 
     def showEvent(self, event) -> None:
         super().showEvent(event)
@@ -796,6 +813,7 @@ class SensitivityUI(QObject):
         c.frontierReady.connect(self._on_frontierReady)
         c.solved.connect(self._on_solved)
         c.previewUpdated.connect(self._on_previewUpdated)
+        c.dragFinished.connect(lambda: self.view.hold_ranges(False))
         c.selectionChanged.connect(self.view.set_layers)
         c.statsReady.connect(lambda _s: self._update_action())
         c.jobStarted.connect(lambda *_: self._update_action())
@@ -961,5 +979,7 @@ class SensitivityUI(QObject):
         )
 
     def _on_previewUpdated(self, preview: Any) -> None:
-        if self.controller.sensitivity is not None:
-            self.view.set_plan(self.controller.plan, preview)
+        c = self.controller
+        if c.sensitivity is not None:
+            self.view.hold_ranges(c.dragging)
+            self.view.set_plan(c.plan, preview)

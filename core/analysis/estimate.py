@@ -336,15 +336,17 @@ def preview(stats: ModelStats, plan: CompressionPlan) -> PlanPreview:
 
 class _Recent:
     """A dict of what the current preview used, falling back to what the previous one used
-    (`rotate` between previews drops the rest). Cached objects thus die young: an unbounded
-    cache would pile up long-lived objects that the garbage collector's full passes walk
-    (a ~90 ms pause in the middle of a drag)."""
+    (`rotate` between previews drops the rest), then to what `PreviewCache.warm` kept.
+    Cached objects thus die young: an unbounded cache would pile up long-lived objects that
+    the garbage collector's full passes walk (a ~90 ms pause in the middle of a drag); the
+    warm ones are bounded (one entry per layer and warmed setting)."""
 
-    __slots__ = ("old", "new")
+    __slots__ = ("kept", "new", "old")
 
     def __init__(self) -> None:
         self.old: dict = {}
         self.new: dict = {}
+        self.kept: dict = {}
 
     def rotate(self) -> None:
         self.old, self.new = self.new, {}
@@ -353,6 +355,8 @@ class _Recent:
         hit = self.new.get(key)
         if hit is None:
             hit = self.old.get(key)
+            if hit is None:
+                hit = self.kept.get(key)
             if hit is not None:
                 self.new[key] = hit
         return hit
@@ -405,6 +409,28 @@ class PreviewCache:
         ):
             table.rotate()
         return _preview(self.stats, plan, self)
+
+    def warm(self, plan: CompressionPlan) -> None:
+        """Compute what previewing ``plan`` needs and keep it for the cache's life: each
+        layer's pruning, row, archive parts and `LayerPreview` at ``plan``'s settings (not
+        the global pool, which depends on the whole plan). For idle time: a target drag's
+        plans set every layer to one of the scan's levels, so warming ``CompressionPlan(
+        default=level config)`` per level makes the drag's first step (every layer new)
+        and its big steps cost lookups. The entries the next `preview` compares with (the
+        last preview's) are left as they are; the numbers are the same as without warming.
+        """
+        kept = (self._prunings, self._rows, self._parts, self._layer_previews)
+        tables = (*kept, self._pools)
+        saved = [(t.old, t.new) for t in tables]
+        for t in tables:
+            t.old, t.new = {}, {}
+        try:
+            _preview(self.stats, plan, self)
+        finally:
+            for t, (old, new) in zip(tables, saved, strict=True):
+                if t in kept:
+                    t.kept.update(t.new)
+                t.old, t.new = old, new
 
     def _global_pool(self, plan: CompressionPlan, prunable: list):
         members = tuple(layer.name for layer in prunable if plan.is_global_member(layer.name))

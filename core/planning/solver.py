@@ -1034,6 +1034,12 @@ def _quick_configs(problem: Problem, memo: dict[str, Any]) -> list[LayerConfig]:
     return memo["configs"]
 
 
+def level_configs(problem: Problem, memo: dict[str, Any] | None = None) -> list[LayerConfig]:
+    """The `LayerConfig` of each of ``problem``'s levels: the settings `quick_plan` gives the
+    layers (``memo``: the one `quick_plan` is given, so they are built once)."""
+    return list(_quick_configs(problem, {} if memo is None else memo))
+
+
 def _quick_make_plan(
     problem: Problem, choice: np.ndarray, memo: dict[str, Any], base: CompressionPlan | None
 ) -> CompressionPlan:

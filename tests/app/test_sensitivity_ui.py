@@ -392,3 +392,105 @@ def test_heat_map_marks_follow_target_steps(qtbot, window):
         assert shown() == expected and len(expected) == 3
         seen.add(tuple(expected))
     assert len(seen) > 1  # the marks moved between drags
+
+
+def test_idle_warm_up_makes_the_first_target_step_a_lookup(qtbot, window, monkeypatch):
+    """After a scan the window warms its preview cache with every scanned level in idle
+    time; the first step of a target drag (every layer set anew) then computes no layer row,
+    and shows the same numbers as `preview`."""
+    import core.analysis.estimate as estimate
+
+    open_ready(qtbot, window, "demo:mlp")
+    c = window.controller
+    scan_done(qtbot, window)
+    qtbot.waitUntil(lambda: not c.warming, timeout=TIMEOUT)
+    computed: list[str] = []
+    row = estimate._layer_row
+
+    def counting(layer, *args, **kwargs):
+        computed.append(layer.name)
+        return row(layer, *args, **kwargs)
+
+    monkeypatch.setattr(estimate, "_layer_row", counting)
+    panel = window.sensitivity_ui.panel
+    start = c.plan
+    panel.ratio.setSliderDown(True)
+    panel.set_ratio(0.5 * panel.max_ratio)
+    window._flush_drags()
+    assert c.plan != start and computed == []
+    computed.clear()
+    assert c.preview == preview(c.stats, c.plan)
+    panel.ratio.setSliderDown(False)
+
+
+def test_curve_plots_hold_their_ranges_during_a_drag_and_fit_after_it(qtbot, window):
+    """During a drag the damage curves' axes stay put (no re-range per step) while the plan's
+    stars follow every step; released, the plots fit their curves again."""
+    from app.widgets.sensitivity_view import plan_level
+
+    open_ready(qtbot, window, "demo:mlp")
+    c = window.controller
+    scan_done(qtbot, window)
+    ui = window.sensitivity_ui
+    ui.dock.show()
+    ui.dock.raise_()
+    view = ui.view
+    c.set_selection(("fc1",))
+    qtbot.waitUntil(view.isVisible)
+    qtbot.wait(50)
+    plots = (view.by_sparsity, view.by_bits)
+    ranges = [p.getViewBox().viewRange() for p in plots]
+    panel = ui.panel
+    panel.ratio.setSliderDown(True)
+    seen = set()
+    for r in np.geomspace(1.5, 0.95 * panel.max_ratio, 8):
+        panel.set_ratio(float(r))
+        window._flush_drags()
+        qtbot.wait(5)
+        assert [p.getViewBox().viewRange() for p in plots] == ranges
+        s, bits, _pc = plan_level(c.plan.config_for("fc1"), c.preview.layer("fc1"))
+        xs, _ = view._stars[view.by_sparsity].getData()
+        assert [float(x) for x in xs] == [pytest.approx(100 * s)]
+        xs, _ = view._stars[view.by_bits].getData()
+        assert [float(x) for x in xs] == [32 if bits is None else bits]
+        seen.add((s, bits))
+    assert len(seen) > 1  # the stars moved
+    panel.ratio.setSliderDown(False)
+    panel.ratio.sliderReleased.emit()
+    qtbot.wait(50)
+    for plot in plots:
+        vb = plot.getViewBox()
+        assert vb.autoRangeEnabled() == (True, True) or vb.autoRangeEnabled() == [True, True]
+        (x0, x1), (y0, y1) = vb.viewRange()
+        for item in view._lines[plot]:
+            xd, yd = item.getData()
+            if xd is not None and len(xd):
+                assert x0 <= min(xd) and max(xd) <= x1
+                assert y0 <= min(yd) and max(yd) <= y1
+
+
+def test_cached_axes_are_redrawn_when_their_range_changes(qtbot, window):
+    """The curve plots' axes are cached as pixmaps (`app.style.apply_plot_theme`: a marker
+    move does not redraw them); a new range, as when the plots fit their curves again after
+    a drag, must still draw new ticks."""
+    from PySide6.QtWidgets import QGraphicsItem
+
+    open_ready(qtbot, window, "demo:mlp")
+    scan_done(qtbot, window)
+    ui = window.sensitivity_ui
+    ui.dock.show()
+    ui.dock.raise_()
+    view = ui.view
+    qtbot.waitUntil(view.isVisible)
+    plot = view.by_sparsity
+    axis = plot.getAxis("bottom")
+    assert axis.cacheMode() == QGraphicsItem.CacheMode.DeviceCoordinateCache
+    plot.setXRange(0, 100, padding=0)
+    qtbot.wait(20)
+    rect = axis.mapRectToScene(axis.boundingRect())
+    area = plot.mapFromScene(rect).boundingRect()
+    before = plot.grab(area).toImage()
+    assert plot.grab(area).toImage() == before  # (the grab itself is stable)
+    plot.setXRange(0, 7, padding=0)
+    qtbot.wait(20)
+    assert plot.grab(area).toImage() != before

@@ -304,3 +304,55 @@ def test_unchanged_layers_keep_their_layer_preview_object(resnet50_stats):
     third = cache.preview(third_plan)
     assert repr(third) == repr(preview(stats, third_plan))
     assert any(a is b for a, b in zip(second.layers, third.layers, strict=True))  # name's
+
+
+def test_a_warmed_cache_gives_the_same_previews_and_computes_no_warmed_row(
+    resnet50_stats, monkeypatch
+):
+    """`PreviewCache.warm` (the window's idle-time warm-up for a target drag): previews of
+    plans made of the warmed settings equal `preview` and an unwarmed cache's, compute no
+    row again, and warming leaves what the next step compares with (the last preview's
+    `LayerPreview` objects) as it was."""
+    stats = resnet50_stats
+    names = _prunable(stats)
+    levels = [
+        LayerConfig(
+            prune=PruneConfig(method="magnitude" if s else "none", sparsity=s, scope="layer"),
+            quant=QuantConfig(bits=b, symmetric=True, per_channel=pc, bias_bits=8 if b else None),
+        )
+        for s in (0.0, 0.5, 0.9)
+        for b in (4, 8, None)
+        for pc in (False, True)
+    ]
+    computed: list[str] = []
+    row = estimate._layer_row
+
+    def counting(layer, *args, **kwargs):
+        computed.append(layer.name)
+        return row(layer, *args, **kwargs)
+
+    monkeypatch.setattr(estimate, "_layer_row", counting)
+    warm, cold = PreviewCache(stats), PreviewCache(stats)
+    start = simple_plan(0.3, 6, scope="layer")
+    shown = warm.preview(start)
+    cold.preview(start)
+    for cfg in levels:
+        warm.warm(CompressionPlan(default=cfg))
+    # the warm-up did not disturb the step after it: unchanged layers keep their objects
+    again = warm.preview(start.with_layer(names[3], levels[4]))
+    assert sum(a is b for a, b in zip(shown.layers, again.layers, strict=True)) > 40
+    rng = random.Random(5)
+    for _ in range(12):  # solver-like plans: every layer at one of the levels
+        choice = [rng.choice(levels) for _ in names]
+        overrides = tuple(zip(names, choice, strict=True))
+        plan = CompressionPlan(default=rng.choice(levels), overrides=overrides)
+        computed.clear()
+        got = warm.preview(plan)
+        assert computed == []  # every row came from the warm-up
+        assert repr(got) == repr(preview(stats, plan)) == repr(cold.preview(plan))
+    # a setting that was not warmed is computed as before
+    computed.clear()
+    plan = simple_plan(0.77, 5, scope="layer")
+    got = warm.preview(plan)
+    assert sorted(computed) == sorted(names)
+    assert repr(got) == repr(preview(stats, plan))
