@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from contextlib import ExitStack
 from dataclasses import replace
 from pathlib import Path
@@ -60,16 +61,30 @@ class JobStatus(QWidget):
         layout.addWidget(self.message)
 
     def started(self, title: str, description: str) -> None:
+        self._since = time.monotonic()
         self.bar.setValue(0)
         self.bar.setFormat(f"{title}: %p%")
         self.message.setText(description + "…")
         self.cancel.setEnabled(True)
 
     def progressed(self, title: str, fraction: float, message: str) -> None:
-        self.bar.setValue(int(round(1000 * min(max(fraction, 0.0), 1.0))))
-        self.bar.setFormat(f"{title}: %p%")
+        fraction = min(max(fraction, 0.0), 1.0)
+        self.bar.setValue(int(round(1000 * fraction)))
+        self.bar.setFormat(f"{title}: %p%{self._eta(fraction)}")
         if message:
             self.message.setText(message)
+
+    def _eta(self, fraction: float) -> str:
+        """`` · about N s left`` from the time so far and the fraction done (a job reports
+        its fraction in proportion to its work), once there is enough to go on: 2 s and 2%
+        in, and not at the end."""
+        elapsed = time.monotonic() - getattr(self, "_since", time.monotonic())
+        if elapsed < 2.0 or not 0.02 <= fraction < 1.0:
+            return ""
+        left = elapsed * (1.0 - fraction) / fraction
+        if left >= 90:
+            return f" · about {left / 60:.0f} min left"
+        return f" · about {max(left, 1):.0f} s left"
 
     def finished(self, title: str, outcome: str, still_running: bool) -> None:
         if not still_running:

@@ -99,3 +99,26 @@ def test_export_dialog_asks_before_overwriting(qtbot, tmp_path, monkeypatch):
     monkeypatch.setattr(dialog, "confirm_overwrite", lambda files: True)
     dialog._on_buttons_accepted()
     assert dialog.result() == ExportDialog.DialogCode.Accepted and dialog.force
+
+
+def test_job_status_shows_the_time_left_once_it_can_tell(qtbot, monkeypatch):
+    import app.widgets.jobs_panel as jobs_panel
+
+    clock = [100.0]
+    monkeypatch.setattr(jobs_panel.time, "monotonic", lambda: clock[0])
+    status = jobs_panel.JobStatus()
+    qtbot.addWidget(status)
+    status.started("Analyze", "analysing")
+    clock[0] += 1.0
+    status.progressed("Analyze", 0.5, "statistics of fc1")
+    assert "left" not in status.bar.format()  # under 2 s in: no guess yet
+    clock[0] += 9.0  # 10 s for a quarter of the work: 30 s to go
+    status.progressed("Analyze", 0.25, "statistics of fc2")
+    assert status.bar.format() == "Analyze: %p% · about 30 s left"
+    clock[0] += 590.0  # 600 s for 40%: 15 min to go
+    status.progressed("Analyze", 0.4, "")
+    assert status.bar.format().endswith("about 15 min left")
+    status.progressed("Analyze", 1.0, "")
+    assert "left" not in status.bar.format()
+    status.finished("Analyze", "done", still_running=False)
+    assert status.bar.format() == "Analyze: done"
