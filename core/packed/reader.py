@@ -578,8 +578,11 @@ def read_packed_spilled(path: str | Path) -> PackedArchive:
         small = True  # read_packed says what is wrong
     if small:
         return read_packed(p)
-    fd, name = tempfile.mkstemp(prefix="workbench-restored-", suffix=".bin")
-    os.close(fd)
+    try:
+        fd, name = tempfile.mkstemp(prefix="workbench-restored-", suffix=".bin")
+        os.close(fd)
+    except OSError:  # no usable temporary folder: in memory instead
+        return read_packed(p)
     target = Path(name)
     try:
         return read_packed(p, restore_to=target)

@@ -302,3 +302,12 @@ def test_a_meta_value_is_encoded_from_its_codes_alone():
     assert meta[0] == dense[0] and meta[1] == dense[1]
     with pytest.raises(ExportError, match="no values and no codes"):
         writer._check_restores("w", value.to("meta"), None, None)
+
+
+def test_spilled_archive_without_a_usable_temporary_folder_reads_into_memory(tmp_path, monkeypatch):
+    archive = _archive(tmp_path)
+    monkeypatch.setattr(packed_reader, "SPILL_MIN_BYTES", 0)
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "missing" / "folder"))
+    got = read_packed_spilled(archive)
+    want = read_packed(archive)
+    assert all(torch.equal(got.tensors[k], v) for k, v in want.tensors.items())
