@@ -18,6 +18,7 @@ from core.analysis.estimate import preview
 from core.planning.sensitivity import default_levels
 from core.planning.solver import Target
 from core.recipe.edits import SolvedPlan, edit_from_dict
+from tests.core._fixtures import count_layer_rows
 from tests.models import make
 
 TIMEOUT = 120_000
@@ -45,6 +46,17 @@ def open_ready(qtbot, w: MainWindow, source: str) -> None:
     w.open_model(source)
     c = w.controller
     qtbot.waitUntil(lambda: c.stats is not None and not c.busy(), timeout=TIMEOUT)
+
+
+def shown_view_after_scan(qtbot, w: MainWindow):
+    """demo:mlp opened and scanned, the Sensitivity dock shown: its view."""
+    open_ready(qtbot, w, "demo:mlp")
+    scan_done(qtbot, w)
+    ui = w.sensitivity_ui
+    ui.dock.show()
+    ui.dock.raise_()
+    qtbot.waitUntil(ui.view.isVisible)
+    return ui.view
 
 
 def scan_done(qtbot, w: MainWindow, *, click: bool = True):
@@ -372,20 +384,14 @@ def test_session_plan_to_target_without_a_window(tmp_path):
 def test_heat_map_marks_follow_target_steps(qtbot, window):
     """The plan's marks on the heat map (set only when they moved) sit on the plan's cells
     after every step of a target drag, also when a step leaves them where they were."""
-    open_ready(qtbot, window, "demo:mlp")
-    scan_done(qtbot, window)
-    ui = window.sensitivity_ui
-    ui.dock.show()
-    ui.dock.raise_()
-    view = ui.view
-    qtbot.waitUntil(view.isVisible)
+    view = shown_view_after_scan(qtbot, window)
 
     def shown():
         xs, ys = view.marks.getData()
         return sorted((float(x) - 0.5, float(y) - 0.5) for x, y in zip(xs, ys, strict=True))
 
     seen = set()
-    top = ui.panel.max_ratio
+    top = window.sensitivity_ui.panel.max_ratio
     for ratios in ([1.2, top / 2], [top / 2], [0.95 * top, 1.1], [1.1]):
         drag_ratio(qtbot, window, ratios)
         expected = sorted((float(c), float(r)) for r, c in view.plan_cells().values())
@@ -398,20 +404,11 @@ def test_idle_warm_up_makes_the_first_target_step_a_lookup(qtbot, window, monkey
     """After a scan the window warms its preview cache with every scanned level in idle
     time; the first step of a target drag (every layer set anew) then computes no layer row,
     and shows the same numbers as `preview`."""
-    import core.analysis.estimate as estimate
-
     open_ready(qtbot, window, "demo:mlp")
     c = window.controller
     scan_done(qtbot, window)
     qtbot.waitUntil(lambda: not c.warming, timeout=TIMEOUT)
-    computed: list[str] = []
-    row = estimate._layer_row
-
-    def counting(layer, *args, **kwargs):
-        computed.append(layer.name)
-        return row(layer, *args, **kwargs)
-
-    monkeypatch.setattr(estimate, "_layer_row", counting)
+    computed = count_layer_rows(monkeypatch)
     panel = window.sensitivity_ui.panel
     start = c.plan
     panel.ratio.setSliderDown(True)
@@ -475,13 +472,7 @@ def test_cached_axes_are_redrawn_when_their_range_changes(qtbot, window):
     a drag, must still draw new ticks."""
     from PySide6.QtWidgets import QGraphicsItem
 
-    open_ready(qtbot, window, "demo:mlp")
-    scan_done(qtbot, window)
-    ui = window.sensitivity_ui
-    ui.dock.show()
-    ui.dock.raise_()
-    view = ui.view
-    qtbot.waitUntil(view.isVisible)
+    view = shown_view_after_scan(qtbot, window)
     plot = view.by_sparsity
     axis = plot.getAxis("bottom")
     assert axis.cacheMode() == QGraphicsItem.CacheMode.DeviceCoordinateCache

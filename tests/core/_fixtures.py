@@ -13,6 +13,7 @@ import copy
 import torch
 from torch import nn
 
+import core.analysis.estimate
 from core.base.model import LoadedModel
 from core.compress.engine import CompressionResult, LayerReport
 from core.ops.pruning import nm_mask
@@ -121,3 +122,17 @@ def eager(model: nn.Module, example: torch.Tensor, name: str = "test") -> Loaded
     return LoadedModel(
         module=model, format="eager", source=f"<{name}>", name=name, example_input=example
     )
+
+
+def count_layer_rows(monkeypatch) -> list[str]:
+    """The names of the layers whose preview row `core.analysis.estimate` computes from now
+    on (the list grows as they are computed)."""
+    computed: list[str] = []
+    row = core.analysis.estimate._layer_row
+
+    def counting(layer, *args, **kwargs):
+        computed.append(layer.name)
+        return row(layer, *args, **kwargs)
+
+    monkeypatch.setattr(core.analysis.estimate, "_layer_row", counting)
+    return computed

@@ -28,6 +28,7 @@ from core.io.data import Dataset
 from core.packed import estimate_archive_bytes
 from core.recipe.plan import CompressionPlan, LayerConfig, PruneConfig, QuantConfig, simple_plan
 from tests import models
+from tests.core._fixtures import count_layer_rows
 
 METHODS = prune_method_names()
 GRADIENT = set(prune_method_names(needs_gradients=True))
@@ -143,14 +144,7 @@ def test_cached_previews_equal_fresh_ones_over_random_edits(which, request):
 def test_a_layer_edit_recomputes_only_that_layer(resnet50_stats, monkeypatch):
     stats = resnet50_stats
     names = _prunable(stats)
-    computed: list[str] = []
-    row = estimate._layer_row
-
-    def counting(layer, *args, **kwargs):
-        computed.append(layer.name)
-        return row(layer, *args, **kwargs)
-
-    monkeypatch.setattr(estimate, "_layer_row", counting)
+    computed = count_layer_rows(monkeypatch)
     cache = PreviewCache(stats)
     base = simple_plan(0.6, 6, scope="layer")
     cache.preview(base)
@@ -324,14 +318,7 @@ def test_a_warmed_cache_gives_the_same_previews_and_computes_no_warmed_row(
         for b in (4, 8, None)
         for pc in (False, True)
     ]
-    computed: list[str] = []
-    row = estimate._layer_row
-
-    def counting(layer, *args, **kwargs):
-        computed.append(layer.name)
-        return row(layer, *args, **kwargs)
-
-    monkeypatch.setattr(estimate, "_layer_row", counting)
+    computed = count_layer_rows(monkeypatch)
     warm, cold = PreviewCache(stats), PreviewCache(stats)
     start = simple_plan(0.3, 6, scope="layer")
     shown = warm.preview(start)
