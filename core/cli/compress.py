@@ -9,27 +9,22 @@ from __future__ import annotations
 import argparse
 import math
 import sys
-import tempfile
-from collections.abc import Mapping
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import torch
-from torch.func import functional_call
 
 from core.base.errors import RecipeError
 from core.base.outdir import output_dir
 from core.base.progress import ProgressFn
 from core.cli.plan import add_target_options, planned_plan, record_planning
-from core.evaluate import evaluate
 from core.export.deploy import cost_block
 from core.export.devices import device_block, fits_line, get_device
 from core.export.formats import check_formats, parse_formats
 from core.export.outputs import owned_names, write_into
-from core.export.stream import can_stream_outputs, stream_into
+from core.export.stream import archive_evals, can_stream_outputs, latency_warnings, stream_into
 from core.io.data import make_dataset
-from core.packed import restore_to_file
 from core.recipe.edits import ReplacePlan
 from core.recipe.plan import (
     METHOD_HELP,
@@ -395,12 +390,12 @@ def _pipeline_streamed(
 ) -> dict[str, Any]:
     """`_pipeline`'s compress and export steps in one pass over the tensors (the same
     archive); a model with a forward pass is then evaluated on random inputs like the dense
-    path does, on the model the archive restores (`_evaluate_archive`)."""
+    path does, on the model the archive restores (`core.export.stream.archive_evals`)."""
     progress(0.0, "compressing and exporting packed")
     eval_data = _random_inputs(session.model) if session.model.can_run else None
     evals: Any = {"before": None, "after": None, "data": None}
     if eval_data is not None:
-        evals = _evaluate_archive(session, eval_data, progress)
+        evals = archive_evals(session.model, eval_data, progress)
     _, content, _ = stream_into(
         stage,
         out,
@@ -410,77 +405,11 @@ def _pipeline_streamed(
         recipe=session.plan,
         evals=evals,
         entropy=args.entropy,
-        report_extra={"warnings": _latency_warning(session)},
+        report_extra={"warnings": latency_warnings(session.model)},
         progress=progress,
     )
     _print_targets(content)
     return record_planning(stage / "report.json", args)
-
-
-class _Substituted(torch.nn.Module):
-    """``module`` run with the tensors of ``state`` in place of its own
-    (`torch.func.functional_call`): the model an archive restores, without a copy of it."""
-
-    def __init__(self, module: torch.nn.Module, state: Mapping[str, torch.Tensor]):
-        super().__init__()
-        if set(state) != set(module.state_dict()):
-            raise RuntimeError("the archive's tensors are not the model's state dict")
-        self.inner = module
-        self.state = dict(state)
-
-    def forward(self, *args: Any, **kwargs: Any) -> Any:
-        # non-persistent buffers (not in a state dict or an archive) stay the module's own
-        return functional_call(self.inner, self.state, args, kwargs)
-
-
-#: Models with more fp32 weight bytes than this are not timed by the streamed compress:
-#: a latency pass needs every weight resident, which is what streaming avoids.
-STREAM_LATENCY_MAX_BYTES = 1 << 28
-#: Evaluation batch of a streamed compress of such a model (activations of a 512-token
-#: encoder at 64 sequences a batch are larger than its weights).
-STREAM_EVAL_BATCH = 8
-
-
-def _weight_bytes(module: torch.nn.Module) -> int:
-    return sum(t.numel() * t.element_size() for t in module.state_dict().values())
-
-
-def _evaluate_archive(session: Session, data: Any, progress: ProgressFn):
-    """``evals`` for `stream_into`: the original and the model the written archive restores
-    (its weights equal the dense path's compressed model exactly) on ``data``.
-
-    The restored weights are written to a file beside the archive and mapped
-    (`core.packed.restore_to_file`), then run in the original's module (no copy of it);
-    both passes give back each layer's mapped pages once it has run
-    (`core.base.memory.paged_forward`), so a Hugging Face model (whose weights view its
-    safetensors file) is evaluated holding about one layer of weights. Models over
-    `STREAM_LATENCY_MAX_BYTES` are not timed (the report says so)."""
-
-    def measure(archive: Path) -> dict[str, Any]:
-        progress(0.0, f"evaluating on {data.name}")
-        model = session.model
-        timed = _weight_bytes(model.module) <= STREAM_LATENCY_MAX_BYTES
-        # untimed (a large model): small batches, so activations stay small beside it
-        size = {} if timed else {"batch_size": STREAM_EVAL_BATCH}
-        before = evaluate(model, data, latency=timed, paged=True, **size)
-        with tempfile.TemporaryDirectory(dir=archive.parent, prefix=".restored-") as tmp:
-            state = restore_to_file(archive, Path(tmp) / "weights.bin")
-            restored = replace(model, module=_Substituted(model.module, state))
-            after = evaluate(restored, data, reference=model, latency=timed, paged=True, **size)
-            del state, restored
-        return {"before": before, "after": after, "data": data.name}
-
-    return measure
-
-
-def _latency_warning(session: Session) -> list[str]:
-    if not session.model.can_run or _weight_bytes(session.model.module) <= STREAM_LATENCY_MAX_BYTES:
-        return []
-    return [
-        "latency not measured: this compress streamed the model tensor by tensor to bound "
-        "memory, and timing needs every weight in memory (export another format too, or "
-        "give --data, to have it timed)"
-    ]
 
 
 def _check_target_args(args: argparse.Namespace) -> None:

@@ -18,28 +18,33 @@ from __future__ import annotations
 import dataclasses
 import html
 import json
+import tempfile
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
+from torch.func import functional_call
 
 from core.base.memory import MappedPages, trim_heap
 from core.base.outdir import atomic_write, pause_point
 from core.base.progress import CancelToken, ProgressFn, no_progress
 from core.compress.engine import CompressionResult, LayerReport, can_stream, compress_stream
+from core.evaluate import evaluate
 from core.export.formats import ExportRecord, file_name, packed_note
 from core.export.report import (
     HTML_HISTOGRAMS,
     _pct,
     dumps,
+    fp32_bytes,
     histogram_pair,
     render_html,
     report_data,
     svg_histogram,
 )
 from core.io.model_io import WeightsOnlyModule
-from core.packed import write_packed_stream
+from core.packed import restore_to_file, write_packed_stream
 from core.recipe.plan import CompressionPlan
 
 #: After a layer of at least this many weights the C heap is trimmed (`trim_heap`).
@@ -187,3 +192,74 @@ def _with_histograms(page: str, result: CompressionResult, hists: Mapping[str, H
     ]
     head, found, tail = page.rpartition(marker)
     return head + "".join(plots) + found + tail if found else page
+
+
+# ---------------------------------------------------------------------------------------
+# evaluating what was streamed
+# ---------------------------------------------------------------------------------------
+#: Models with more fp32 weight bytes than this are not timed after a streamed compress:
+#: a latency pass needs every weight resident, which is what streaming avoids.
+STREAM_LATENCY_MAX_BYTES = 1 << 28
+#: Evaluation batch of such a model (activations of a 512-token encoder at 64 sequences a
+#: batch are larger than its weights).
+STREAM_EVAL_BATCH = 8
+
+
+def _timed(loaded: Any) -> bool:
+    return fp32_bytes(loaded.module) <= STREAM_LATENCY_MAX_BYTES
+
+
+class _Substituted(torch.nn.Module):
+    """``module`` run with the tensors of ``state`` in place of its own
+    (`torch.func.functional_call`): the model an archive restores, without a copy of it."""
+
+    def __init__(self, module: torch.nn.Module, state: Mapping[str, torch.Tensor]):
+        super().__init__()
+        if set(state) != set(module.state_dict()):
+            raise RuntimeError("the archive's tensors are not the model's state dict")
+        self.inner = module
+        self.state = dict(state)
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        # non-persistent buffers (not in a state dict or an archive) stay the module's own
+        return functional_call(self.inner, self.state, args, kwargs)
+
+
+def archive_evals(
+    loaded: Any, data: Any, progress: ProgressFn = no_progress
+) -> Callable[[Path], dict[str, Any]]:
+    """``evals`` for `stream_into`: the original and the model the written archive restores
+    (its weights equal the dense path's compressed model exactly) on ``data``.
+
+    The restored weights are written to a file beside the archive and mapped
+    (`core.packed.restore_to_file`), then run in the original's module (no copy of it);
+    both passes give back each layer's mapped pages once it has run
+    (`core.base.memory.paged_forward`), so a Hugging Face model (whose weights view its
+    safetensors file) is evaluated holding about one layer of weights. Models over
+    `STREAM_LATENCY_MAX_BYTES` are not timed (`latency_warnings` says so)."""
+
+    def measure(archive: Path) -> dict[str, Any]:
+        progress(0.0, f"evaluating on {data.name}")
+        timed = _timed(loaded)
+        # untimed (a large model): small batches, so activations stay small beside it
+        size = {} if timed else {"batch_size": STREAM_EVAL_BATCH}
+        before = evaluate(loaded, data, latency=timed, paged=True, **size)
+        with tempfile.TemporaryDirectory(dir=archive.parent, prefix=".restored-") as tmp:
+            state = restore_to_file(archive, Path(tmp) / "weights.bin")
+            restored = dataclasses.replace(loaded, module=_Substituted(loaded.module, state))
+            after = evaluate(restored, data, reference=loaded, latency=timed, paged=True, **size)
+            del state, restored
+        return {"before": before, "after": after, "data": data.name}
+
+    return measure
+
+
+def latency_warnings(loaded: Any) -> list[str]:
+    """The report's warning when `archive_evals` leaves the latency out."""
+    if not loaded.can_run or _timed(loaded):
+        return []
+    return [
+        "latency not measured: this compress streamed the model tensor by tensor to bound "
+        "memory, and timing needs every weight in memory (export another format too, or "
+        "give --data, to have it timed)"
+    ]

@@ -209,9 +209,7 @@ def relidx_may_win(mask: np.ndarray, nnz: int) -> bool:
         return True
     tail = numel - 8 * (_ceil_bytes(numel) - 1)  # positions coded by the bitmap's last byte
     keys, where = np.empty(0, np.uint64), np.empty(0, np.int64)
-    for start in range(0, numel, _TAIL_CHUNK):
-        z = np.arange(start, min(numel, start + _TAIL_CHUNK), dtype=np.uint64)
-        _hash_in_place(z, np.empty_like(z))
+    for start, z in _hashed_chunks(numel):
         top = np.argpartition(z, z.size - min(tail, z.size))[z.size - min(tail, z.size) :]
         keys = np.concatenate([keys, z[top]])
         where = np.concatenate([where, top.astype(np.int64) + start])

@@ -16,8 +16,8 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
-import core.cli.compress as cli_compress
 import core.cli.inspect as cli_inspect
+import core.export.stream as stream
 import core.packed.codec as codec
 import core.packed.reader as packed_reader
 import core.packed.writer as writer
@@ -224,7 +224,7 @@ def test_streamed_compress_of_a_large_model_is_not_timed(tmp_path, monkeypatch):
     hf_models.build_folder("encoder", folder)
     args = ["compress", str(folder), "--sparsity", "0.5", "--bits", "8", "--quiet"]
     assert main([*args, "--out", str(tmp_path / "timed")]) == 0
-    monkeypatch.setattr(cli_compress, "STREAM_LATENCY_MAX_BYTES", 0)
+    monkeypatch.setattr(stream, "STREAM_LATENCY_MAX_BYTES", 0)
     assert main([*args, "--out", str(tmp_path / "untimed")]) == 0
     timed = json.loads((tmp_path / "timed" / "report.json").read_text())
     untimed = json.loads((tmp_path / "untimed" / "report.json").read_text())

@@ -51,11 +51,9 @@ def _without_time(text: str) -> str:
     return re.sub(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d[^\"<]*", "T", text)
 
 
-@pytest.mark.parametrize("extra", [(), ("--entropy",), ("--group-size", "32")])
-def test_streamed_archive_and_report_equal_the_dense_path(tmp_path, monkeypatch, extra):
-    model = tmp_path / "m.safetensors"
-    _checkpoint(model)
-    calls = []
+def _spy_on_streaming(monkeypatch) -> list[str]:
+    """The sources `core.export.stream` compresses tensor by tensor from now on."""
+    calls: list[str] = []
     real = stream.compress_stream
 
     def spy(*args, **kw):
@@ -63,6 +61,14 @@ def test_streamed_archive_and_report_equal_the_dense_path(tmp_path, monkeypatch,
         yield from real(*args, **kw)
 
     monkeypatch.setattr(stream, "compress_stream", spy)
+    return calls
+
+
+@pytest.mark.parametrize("extra", [(), ("--entropy",), ("--group-size", "32")])
+def test_streamed_archive_and_report_equal_the_dense_path(tmp_path, monkeypatch, extra):
+    model = tmp_path / "m.safetensors"
+    _checkpoint(model)
+    calls = _spy_on_streaming(monkeypatch)
     _run(model, tmp_path / "streamed", *extra)
     assert calls == [str(model)]  # the streaming path was taken
     monkeypatch.setattr(cli_compress, "_streams", lambda *a: False)
@@ -118,14 +124,7 @@ def test_streamed_archive_of_a_runnable_model_equals_the_dense_path(
 ):
     model = tmp_path / name
     build(model)
-    calls = []
-    real = stream.compress_stream
-
-    def spy(*args, **kw):
-        calls.append(args[0].source)
-        yield from real(*args, **kw)
-
-    monkeypatch.setattr(stream, "compress_stream", spy)
+    calls = _spy_on_streaming(monkeypatch)
     _run(model, tmp_path / "streamed", *extra)
     assert len(calls) == 1  # the streaming path was taken
     monkeypatch.setattr(cli_compress, "_streams", lambda *a: False)
