@@ -142,6 +142,7 @@ def gui_main(argv: list[str] | None = None) -> int:
     source = source or DEFAULT_MODEL
 
     window = MainWindow(settings, trust=args.trust)
+    window.controller.settle_heap = True  # this process is the application's own
     exit_code = {"code": 0}
     if args.screenshot:
         w, h = _parse_size(args.size)

@@ -23,6 +23,7 @@ from PySide6.QtCore import QObject, QTimer, Signal
 from app.failures import log_unexpected, unexpected_message
 from app.workers import JobRunner
 from core.base.errors import Cancelled, UntrustedPickleError, WorkbenchError
+from core.base.memory import settle_heap
 from core.base.progress import CancelToken, ProgressFn
 from core.recipe.edits import Edit, ReplacePlan
 from core.recipe.plan import CompressionPlan, LayerConfig, RecoveryConfig, starting_plan
@@ -109,6 +110,10 @@ class Controller(QObject):
         self._warm_timer = QTimer(self)
         self._warm_timer.setSingleShot(True)
         self._warm_timer.timeout.connect(self._warm_step)
+        #: Whether to settle the heap (`core.base.memory.settle_heap`) once each analysis is
+        #: in: set by the application (`app.__main__`), which owns the process; off where the
+        #: window is one guest of a larger process (tests).
+        self.settle_heap = False
 
     # ------------------------------------------------------------------ jobs
     def busy(self, kind: str | None = None) -> bool:
@@ -355,7 +360,13 @@ class Controller(QObject):
         """Compute `ModelStats` (with gradient statistics when data and a forward pass exist)."""
         if self.model is None:
             return None
-        return self._run(self.session.analyze, "Analyze")
+        return self._run(self.session.analyze, "Analyze", after=self._settle_heap)
+
+    def _settle_heap(self) -> None:
+        """Right after an analysis (the user is waiting for it anyway), collect and freeze
+        the heap so the collector's full passes stay out of the slider drags that follow."""
+        if self.settle_heap:
+            settle_heap()
 
     # ------------------------------------------------------------------ plan editing
     def set_plan(self, plan: CompressionPlan, *, merge_key: str | None = None) -> None:

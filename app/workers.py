@@ -196,12 +196,15 @@ class _Job(QRunnable):
             self._signals.progressed.emit(self._id, float(fraction), str(message))
 
     def run(self) -> None:
+        # The runnable outlives the job (`JobRunner._graveyard`): it must not keep the
+        # function, whose closure holds the job's inputs (a replaced model of 10**9 weights).
+        fn, self._fn = self._fn, None
         try:
             self._token.check()
             # Never run engine code while another thread imports torch's lazy modules.
             import_engine_modules(self._token)
             self._token.check()
-            result = self._fn(self._progress, self._token)
+            result = fn(self._progress, self._token)
         except BaseException as exc:  # noqa: BLE001 - every failure must reach the UI, never kill the thread
             self._signals.failed.emit(self._id, exc, traceback.format_exc())
         else:

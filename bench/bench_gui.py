@@ -94,6 +94,7 @@ def _window(settings_path: Path):
     from app.main_window import MainWindow
 
     window = MainWindow(make_settings(str(settings_path)))
+    window.controller.settle_heap = True  # as `app.__main__` sets it for the application
     window.resize(1440, 900)
     window.show()
     return window

@@ -4,12 +4,15 @@
 a memory-mapped file once a caller is done with it for a while (the pages are read from the
 file again if used; the values never change). `trim_heap` returns memory the C allocator
 keeps after large temporaries were freed. Both are advice: no-ops where unsupported.
+`settle_heap` keeps the cyclic garbage collector's full passes short in an interactive
+process.
 """
 
 from __future__ import annotations
 
 import bisect
 import ctypes
+import gc
 import itertools
 import mmap
 import sys
@@ -184,3 +187,22 @@ def map_large_allocations(threshold: int = 1 << 20) -> None:
     """
     if _MALLOPT is not None:
         _MALLOPT(_M_MMAP_THRESHOLD, int(threshold))
+
+
+def settle_heap() -> None:
+    """Collect the cyclic garbage now, then exempt every object still alive from the
+    collector's later full passes (``gc.unfreeze``, ``gc.collect``, ``gc.freeze``).
+
+    A full pass walks every tracked object: ~0.1 s for the ~230k objects torch, numpy and Qt
+    leave after import, ~0.2 s with an opened TorchScript model, and Python starts one
+    whenever a quarter more objects have survived since the last: in the window, in the
+    middle of a slider drag (a 194 ms step in a 100-step drag measured on a 24-layer model).
+    Frozen objects are still freed when their last reference goes; only frozen *cycles*
+    wait for the next call, which thaws and collects everything first, so garbage never
+    piles up across calls. For an interactive process, at moments the user already waits
+    (the window calls it once an analysis is in: a full pass, then the short ones only walk
+    what was made since); a batch run has no use for it.
+    """
+    gc.unfreeze()
+    gc.collect()
+    gc.freeze()

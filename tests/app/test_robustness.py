@@ -431,3 +431,35 @@ def test_closing_with_a_stuck_job_returns_promptly(qtbot, settings):
     qtbot.wait(50)
     # The late result of a closed session is dropped, not applied.
     assert results == []
+
+
+def test_the_application_settles_the_heap_after_each_analysis(qtbot, settings):
+    """With ``settle_heap`` on (as `app.__main__` sets it), each analysis ends with a frozen
+    heap (no long full collections during the drags that follow), and a model replaced by
+    the next one is still freed: the next analysis thaws and collects first."""
+    import gc
+    import weakref
+
+    w = MainWindow(settings)
+    qtbot.addWidget(w)
+    c = w.controller
+    c.settle_heap = True
+    try:
+        gc.unfreeze()
+        w.open_model("demo:mlp")
+        qtbot.waitUntil(lambda: c.stats is not None and not c.busy(), timeout=TIMEOUT)
+        assert gc.get_freeze_count() > 0
+        module = c.model.module
+        module.__dict__["_cycle"] = module  # a cycle: only a full pass frees it
+        first = weakref.ref(module)
+        del module
+        w.open_model("demo:cnn")
+        qtbot.waitUntil(
+            lambda: c.stats is not None and c.stats.source == "demo:cnn" and not c.busy(),
+            timeout=TIMEOUT,
+        )
+        assert first() is None
+        assert gc.get_freeze_count() > 0
+    finally:
+        c.shutdown()
+        gc.unfreeze()

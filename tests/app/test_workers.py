@@ -99,3 +99,33 @@ def test_progress_is_throttled_and_loop_keeps_ticking(qtbot, runner):
 
 def test_runner_lives_on_creating_thread(qtbot, runner):
     assert runner.thread() is QThread.currentThread()
+
+
+@pytest.mark.parametrize("fails", [False, True])
+def test_a_finished_job_does_not_keep_its_inputs(qtbot, runner, fails):
+    """Finished runnables rest in the runner for a while; the job's function (whose
+    closure holds its inputs, e.g. the model a new one replaces) must be freed at once."""
+    import gc
+    import weakref
+
+    class Inputs:
+        pass
+
+    inputs = Inputs()
+    held = weakref.ref(inputs)
+
+    def make(inputs=inputs):
+        def job(progress, cancel):
+            if fails:
+                raise ValueError("boom")
+            return len(repr(inputs))
+
+        return job
+
+    signal = runner.jobFailed if fails else runner.jobSucceeded
+    with qtbot.waitSignal(signal, timeout=5000):
+        runner.submit("analyze", "test", make())
+    del inputs, make
+    qtbot.waitUntil(lambda: runner.running() == [], timeout=5000)
+    gc.collect()
+    assert held() is None
