@@ -227,7 +227,7 @@ class _KeptHistogram:
         cum_i = index.bin_cum
         # ScoreIndex.kept_bins: first kept bin j, the first one's count reduced by `below`
         below = index.count_below(threshold) - index.nonfinite
-        j = int(np.searchsorted(cum_i, below, side="right")) - 1
+        j = int(cum_i.searchsorted(below, side="right")) - 1
         j = min(max(j, 0), len(index.bins))
         if j >= len(index.bins):
             return 0.0, 0.0
@@ -240,7 +240,7 @@ class _KeptHistogram:
             self._upper = (cells, delta, (np.arange(1, cells + 1) - 0.5) * delta)
         upper = self._upper[2]
         xp = self.xp[2 * j :]
-        end = min(int(np.searchsorted(xp, upper[-1], side="right")) + 1, xp.size)
+        end = min(int(xp.searchsorted(upper[-1], side="right")) + 1, xp.size)
         fp = self.fp[2 * j : 2 * j + end] - float(below)
         fp[0] = 0.0
         cdf = np.interp(upper, xp[:end], fp)
@@ -252,7 +252,7 @@ class _KeptHistogram:
         nonzero = 1.0 - float(masses[0]) / total
         if total - cdf[-1] > 0.0:
             cut = float(upper[-1])
-            s = int(np.searchsorted(b, cut, side="right"))  # b ascending: b > cut is b[s:]
+            s = int(b.searchsorted(cut, side="right"))  # b ascending: b > cut is b[s:]
             counts = np.diff(cum_i[j + s :]).astype(np.float64)
             if s == 0:
                 counts[0] = float(cum_i[j + 1] - below)

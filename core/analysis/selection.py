@@ -239,7 +239,7 @@ def global_counts(
     # the boundary bin: the first whose cumulative pooled count reaches kf
     ub, inv = np.unique(bins, return_inverse=True)
     cum = np.cumsum(np.bincount(inv, weights=counts, minlength=ub.size).astype(np.int64))
-    j = int(np.searchsorted(cum, kf, side="left"))
+    j = int(cum.searchsorted(kf, side="left"))
     boundary = int(ub[j])
     pooled_below = int(cum[j - 1]) if j else 0
     below = _segment_sums(np.where(bins < boundary, counts, 0), sizes)
@@ -257,13 +257,13 @@ def _pooled_bin_counts(
     bins, its ``bin_cum`` their pooled counts): one ``searchsorted`` per member instead of
     merging every member's bins again, with the same counts and threshold."""
     cum = pool.bin_cum[1:]
-    j = int(np.searchsorted(cum, kf, side="left"))
+    j = int(cum.searchsorted(kf, side="left"))
     boundary = int(pool.bins[j])
     pooled_below = int(cum[j - 1]) if j else 0
     below = np.zeros(len(members), dtype=np.int64)
     inside = np.zeros(len(members), dtype=np.int64)
     for i, m in enumerate(members):
-        k = int(np.searchsorted(m.bins, boundary, side="left"))
+        k = int(m.bins.searchsorted(boundary, side="left"))
         below[i] = m.bin_cum[k]
         if k < m.bins.size and int(m.bins[k]) == boundary:
             inside[i] = m.bin_cum[k + 1] - m.bin_cum[k]
@@ -285,7 +285,7 @@ def energy_for_count(index: ScoreIndex, count: int) -> float:
     if index.value_energy is not None:
         return float(index.value_energy[kf]) + index.nonfinite_energy
     cum = index.bin_cum
-    i = int(np.searchsorted(cum, kf, side="left"))
+    i = int(cum.searchsorted(kf, side="left"))
     lo_n, hi_n = int(cum[i - 1]), int(cum[i])
     e_lo, e_hi = float(index.bin_energy[i - 1]), float(index.bin_energy[i])
     share = (kf - lo_n) / (hi_n - lo_n) if hi_n > lo_n else 0.0

@@ -202,9 +202,9 @@ class ScoreIndex:
         if t <= 0.0:
             return 0
         if self.values is not None:
-            return int(np.searchsorted(self.values, _f32(t), side="left"))
+            return int(self.values.searchsorted(_f32(t), side="left"))
         e = _edge_index(t)
-        return int(self.bin_cum[np.searchsorted(self.bins, e, side="left")])
+        return int(self.bin_cum[self.bins.searchsorted(e, side="left")])
 
     def count_below(self, threshold: float) -> int:
         """Number of scores the threshold prunes: finite scores ``< t`` plus non-finite ones.
@@ -226,7 +226,7 @@ class ScoreIndex:
         if self.values is not None and self.value_energy is not None:
             e = float(self.value_energy[self._finite_below(t)])
         else:
-            e = float(self.bin_energy[np.searchsorted(self.bins, _edge_index(t), side="left")])
+            e = float(self.bin_energy[self.bins.searchsorted(_edge_index(t), side="left")])
         return e + self.nonfinite_energy
 
     def threshold_for_sparsity(self, sparsity: float) -> float:
@@ -245,7 +245,7 @@ class ScoreIndex:
             return 0.0
         if self.values is not None:
             return _sorted_threshold(self.values, kf)
-        j = int(np.searchsorted(self.bin_cum, kf, side="left"))
+        j = int(self.bin_cum.searchsorted(kf, side="left"))
         if j >= len(self.bin_cum):
             j = len(self.bin_cum) - 1
         if j > 0 and (kf - self.bin_cum[j - 1]) <= (self.bin_cum[j] - kf):
@@ -258,7 +258,7 @@ class ScoreIndex:
         """``(bins, counts)`` of the finite scores at or above the (snapped) threshold."""
         t = self.snap(threshold)
         below = self._finite_below(t)
-        j = int(np.searchsorted(self.bin_cum, below, side="right")) - 1
+        j = int(self.bin_cum.searchsorted(below, side="right")) - 1
         j = min(max(j, 0), len(self.bins))
         bins = self.bins[j:]
         counts = np.diff(self.bin_cum[j:]).astype(np.float64)
@@ -311,7 +311,7 @@ def _cum(x: np.ndarray) -> np.ndarray:
 
 def _edge_index(t: float) -> int:
     """Largest edge index ``<= t`` for ``t > 0`` (float32); ``INF_EDGE`` for +inf."""
-    p = int(np.array([_f32(t)], dtype=np.float32).view(np.uint32)[0])
+    p = int(_f32(t).view(np.uint32))
     return min(p >> 16, INF_EDGE)
 
 
@@ -329,8 +329,8 @@ def _sorted_threshold(values: np.ndarray, k: int) -> float:
     if k >= m:
         return float(np.nextafter(values[-1], np.float32(np.inf)))
     v = values[k]
-    lo = int(np.searchsorted(values, v, side="left"))
-    hi = int(np.searchsorted(values, v, side="right"))
+    lo = int(values.searchsorted(v, side="left"))
+    hi = int(values.searchsorted(v, side="right"))
     if k - lo <= hi - k:
         return 0.0 if lo == 0 else _between(values[lo - 1], v)
     return _between(v, values[hi]) if hi < m else float(np.nextafter(v, np.float32(np.inf)))
@@ -922,7 +922,7 @@ def _sorted_indices(s: np.ndarray, en: np.ndarray, unit: int) -> list[ScoreIndex
     counts = np.diff(np.append(starts, b * m)).astype(np.int64)
     benergy = np.add.reduceat(ven.reshape(-1), starts)
     bins = flat_bins[starts].astype(np.int32)
-    cuts = np.searchsorted(starts, np.arange(b + 1) * m)
+    cuts = starts.searchsorted(np.arange(b + 1) * m)
     lens = np.diff(cuts)
     # each row's bins laid out left-aligned in a zero-padded (B, widest + 1) table: a
     # cumulative sum along axis 1 is then, per row, the sequential sum `_cum` makes alone
