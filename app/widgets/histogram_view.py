@@ -198,7 +198,9 @@ class HistogramView(QWidget):
             pg.InfiniteLine(angle=90, movable=True, pen=line_pen, hoverPen=hover_pen),
         )
         for item in (self.band, self.levels, self.curve, self.after_curve, *self.lines):
-            pi.addItem(item)
+            # The band and the threshold lines move on every slider step: left out of the
+            # auto range, they do not make the view re-fit every item's bounds per step.
+            pi.addItem(item, ignoreBounds=item is self.band or item in self.lines)
         for sign, line in zip((1.0, -1.0), self.lines, strict=True):
             line.setToolTip("Drag to set the pruning threshold (synced with the slider)")
             line.sigPositionChanged.connect(
