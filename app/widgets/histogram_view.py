@@ -168,6 +168,8 @@ class HistogramView(QWidget):
         no_si_prefix(self.plot)
         self._level_stride = 1
         self._levels_xy: tuple[np.ndarray, np.ndarray] | None = None  # what `levels` shows
+        #: The inputs `levels` was last drawn for (settings; the stats and curve arrays).
+        self._levels_for: tuple | None = None
         self.band = pg.LinearRegionItem(
             values=(0, 0),
             movable=False,
@@ -460,13 +462,29 @@ class HistogramView(QWidget):
             or not math.isfinite(ts.min)
             or not math.isfinite(ts.max)
         ):
+            self._levels_for = None
             self._set_levels(np.zeros(0), np.zeros(0))
             return
+        x, y = self.curve.getData()
+        # A sparsity drag moves the threshold, not the grid: the same inputs, the same lines.
+        key = (
+            self._bits,
+            self._symmetric,
+            self.abs_axis.isChecked(),
+            self.plot.getPlotItem().vb.width(),
+        )
+        last = self._levels_for
+        if (
+            last is not None
+            and last[0] == key
+            and all(a is b for a, b in zip(last[1], (ts, x, y), strict=True))
+        ):
+            return
+        self._levels_for = (key, (ts, x, y))
         levels = quant_levels(float(ts.min), float(ts.max), self._bits, self._symmetric)
         if self.abs_axis.isChecked():
             mags = np.unique(np.abs(levels[levels != 0]))
             levels = np.log10(mags) if mags.size else mags
-        x, y = self.curve.getData()
         if levels.size == 0:
             self._set_levels(np.zeros(0), np.zeros(0))
             return

@@ -85,6 +85,8 @@ _ROLES = frozenset(
 )
 #: Every role a cell may answer with something other than None (`LayerTableModel.cell`).
 CELL_ROLES = _ROLES | {_DISPLAY}
+#: Columns before this one (name, type, parameters) do not depend on the preview.
+_FIRST_NUMBER_COLUMN = 3
 
 
 class LayerTableModel(QAbstractTableModel):
@@ -122,12 +124,22 @@ class LayerTableModel(QAbstractTableModel):
         self._muted_color = None  # the palette may have changed since the last preview
         self._cells = [self._row_cells(layer) for layer in self._layers]
 
-    def _update_rows(self, rows: Sequence[int]) -> None:
+    def _update_rows(self, rows: Sequence[int], *, numbers_only: bool = False) -> None:
         """Rebuild the cells of ``rows`` (ascending) and signal the ones whose text changed
-        (one dataChanged per run of rows with the same changed columns)."""
+        (one dataChanged per run of rows with the same changed columns). ``numbers_only``:
+        only the preview changed, so the name, type and size cells are kept as they are."""
         old = [self._cells[r] for r in rows]
-        for r in rows:
-            self._cells[r] = self._row_cells(self._layers[r])
+        if numbers_only:
+            first = _FIRST_NUMBER_COLUMN
+            for r, cells in zip(rows, old, strict=True):
+                layer = self._layers[r]
+                lp = self._preview.get(layer.name)
+                self._cells[r] = cells[:first] + tuple(
+                    self._display(layer, lp, col) for col in range(first, len(COLUMNS))
+                )
+        else:
+            for r in rows:
+                self._cells[r] = self._row_cells(self._layers[r])
         new = [self._cells[r] for r in rows]
         for top, bottom, first, last in changed_runs(old, new, rows):
             self.dataChanged.emit(self.index(top, first), self.index(bottom, last))
@@ -169,7 +181,8 @@ class LayerTableModel(QAbstractTableModel):
         if not changed_only or not old or not self._preview:
             self._rebuild_cells()
             self.dataChanged.emit(
-                self.index(0, 3), self.index(len(self._layers) - 1, len(COLUMNS) - 1)
+                self.index(0, _FIRST_NUMBER_COLUMN),
+                self.index(len(self._layers) - 1, len(COLUMNS) - 1),
             )
             return
         self._muted_color = None  # the palette may have changed since the last preview
@@ -179,7 +192,7 @@ class LayerTableModel(QAbstractTableModel):
             for i, layer in enumerate(self._layers)
             if new.get(layer.name) is not old.get(layer.name)
         ]
-        self._update_rows(rows)
+        self._update_rows(rows, numbers_only=True)
 
     def layer(self, row: int):
         return self._layers[row]

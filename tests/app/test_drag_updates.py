@@ -319,6 +319,12 @@ def test_histogram_keeps_the_grid_while_only_the_threshold_moves(qtbot, stats, m
     assert len(calls) == 2  # new bit width: new grid
     state(0.013, None)
     assert len(calls) == 3 and len(view.levels.getData()[0] or []) == 0
+    state(0.013, 4)  # the same grid as before the switch-off is drawn again
+    assert len(calls) == 4 and len(view.levels.getData()[0]) > 0
+    view.set_layer(stats.tensors["layer1.0.conv1"])  # another layer: its own grid
+    assert len(calls) == 5
+    view.abs_axis.setChecked(True)  # |w| on a log axis: the grid moves with the axis
+    assert len(calls) == 6
 
 
 def test_a_selectable_label_is_painted_once_per_new_text(qtbot):
