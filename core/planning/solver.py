@@ -346,9 +346,14 @@ def solve_lagrangian(
     if float(floor.sum()) > limit:
         return None
 
+    finite = np.isfinite(sec)
+    # lam == 0: ties broken by the smaller secondary (a tiny weight on it)
+    tie_break = prim + 1e-12 * np.where(finite, sec, 0)
+    tie_break[~finite] = np.inf
+
     def pick(lam: float) -> np.ndarray:
-        score = prim + lam * sec if lam > 0 else prim + 1e-12 * np.where(np.isfinite(sec), sec, 0)
-        return np.argmin(np.where(np.isfinite(sec), score, np.inf), axis=1)
+        # lam > 0: where sec is inf, prim is inf too (and prim + lam * sec is inf)
+        return (prim + lam * sec if lam > 0 else tie_break).argmin(axis=1)
 
     choice = pick(0.0)
     if float(sec[rows, choice].sum()) > limit:
