@@ -259,15 +259,20 @@ def layout_entry(
 
 def build_header(metadata: Mapping[str, str], blob_bytes: int) -> bytes:
     """The safetensors header (8-byte length + JSON padded with spaces to a multiple of 8)."""
+    text = _header_text(metadata, blob_bytes)
+    text += b" " * (-len(text) % 8)
+    return len(text).to_bytes(8, "little") + text
+
+
+def _header_text(metadata: Mapping[str, str], blob_bytes: int) -> bytes:
+    """The header's JSON (UTF-8), before padding."""
     if BLOB_NAME in metadata:
         raise ValueError(f"metadata key {BLOB_NAME!r} is reserved")
     header = {
         "__metadata__": dict(metadata),
         BLOB_NAME: {"dtype": "U8", "shape": [blob_bytes], "data_offsets": [0, blob_bytes]},
     }
-    text = _json(header).encode("utf-8")
-    text += b" " * (-len(text) % 8)
-    return len(text).to_bytes(8, "little") + text
+    return _json(header).encode("utf-8")
 
 
 def _typical_entry(name: str) -> list:
@@ -362,8 +367,9 @@ def _spec_itemsize(spec: TensorSpec) -> int:
     return ST_DTYPES.get(spec.dtype, 4)
 
 
-def _tensor_part(s: TensorSpec) -> tuple[int, list]:
-    """``(payload bytes, layout entry)`` of one tensor in the archive."""
+def _tensor_part(s: TensorSpec) -> tuple[int, list, int]:
+    """``(payload bytes, layout entry, bytes of the entry in the header)`` of one tensor in
+    the archive (the entry's JSON as the header's ``layout`` string holds it, escaped)."""
     rows = s.shape[0] if (s.structured and len(s.shape) >= 1) else None
     itemsize = _spec_itemsize(s)
     choice = choose_pattern(s.numel, s.nnz, s.bits, structured_rows=rows, itemsize=itemsize)
@@ -386,24 +392,34 @@ def _tensor_part(s: TensorSpec) -> tuple[int, list]:
         pattern=choice,
         group_size=s.group_size if s.bits is not None else None,
     )
-    return size, entry
+    return size, entry, _escaped_bytes(_json(entry))
+
+
+def _escaped_bytes(text: str) -> int:
+    """UTF-8 bytes of ``text`` written inside a JSON string (as `_json` escapes it)."""
+    return len(_json(text).encode("utf-8")) - 2
 
 
 def estimate_archive_bytes(
     specs: Sequence[TensorSpec],
     metadata: Mapping[str, str],
     *,
-    parts: dict[TensorSpec, tuple[int, list]] | None = None,
+    parts: dict[TensorSpec, tuple[int, list, int]] | None = None,
 ) -> ArchiveEstimate:
     """Expected size of the archive the writer produces for these tensors and metadata.
 
-    Uses `tensor_packed_bytes` per tensor and builds the exact header JSON with the expected
+    Uses `tensor_packed_bytes` per tensor and sizes the exact header JSON with the expected
     layout (only relative-index stream lengths are expectations). ``parts``: a dict the caller
-    keeps between calls (`core.analysis.estimate.PreviewCache`); each spec's bytes and layout entry are
-    looked up there and stored when missing (the entries are shared: read them, never edit).
+    keeps between calls (`core.analysis.estimate.PreviewCache`); each spec's bytes and layout
+    entry are looked up there and stored when missing (the entries are shared: read them,
+    never edit).
+
+    The header is not built: JSON escapes character by character, so the ``layout`` string
+    (``[e1,e2,...]`` inside the header's JSON) takes the sum of its escaped entries plus its
+    brackets and commas, added to the header written with an empty layout (`_header_bytes`).
     """
     sizes: dict[str, int] = {}
-    layout = []
+    layout_bytes = 2 + max(len(specs) - 1, 0)  # the brackets and commas
     for s in specs:
         part = None if parts is None else parts.get(s)
         if part is None:
@@ -411,12 +427,19 @@ def estimate_archive_bytes(
             if parts is not None:
                 parts[s] = part
         sizes[s.name] = part[0]
-        layout.append(part[1])
+        layout_bytes += part[2]
     blob = sum(sizes.values())
-    header = archive_overhead_bytes(
-        [s.name for s in specs], metadata, layout=layout, blob_bytes=blob
-    )
+    header = _header_bytes(metadata, layout_bytes, blob)
     return ArchiveEstimate(total=header + blob, header=header, tensors=sizes)
+
+
+def _header_bytes(metadata: Mapping[str, str], layout_bytes: int, blob_bytes: int) -> int:
+    """`archive_overhead_bytes` for a layout whose string takes ``layout_bytes`` in the
+    header: the header's JSON with an empty layout (``"[]"``, 2 bytes) grown by the
+    difference, padded as `build_header` pads it, plus the 8-byte length."""
+    empty = finalize_metadata(metadata, [], "0" * CHECKSUM_HEX)
+    text = len(_header_text(empty, blob_bytes)) + layout_bytes - 2
+    return 8 + text + (-text % 8)
 
 
 def _non_default(value: object, default: object) -> object:

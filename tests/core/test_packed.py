@@ -9,6 +9,8 @@ import pickle
 import numpy as np
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from safetensors import safe_open
 
 from core.base.errors import ExportError, ModelLoadError
@@ -387,3 +389,33 @@ def test_inconsistent_result_is_refused(tmp_path):
     with pytest.raises(ExportError, match="nope.weight"):
         write_packed(bogus, tmp_path / "y.packed.safetensors")
     assert not list(tmp_path.iterdir())
+
+
+_NAME = st.text(
+    alphabet=st.characters(codec="utf-8", exclude_categories=("Cs",)), min_size=1, max_size=12
+)
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    names=st.lists(_NAME, max_size=6, unique=True),
+    source=_NAME,
+    bits=st.sampled_from([None, 2, 4, 8]),
+)
+def test_the_estimated_header_is_the_header_built(names, source, bits):
+    """`estimate_archive_bytes` sizes the header without building it (escaped entries
+    summed into an empty layout): the same bytes as `archive_overhead_bytes` with the
+    layout built, whatever the tensor names and the metadata (quotes, backslashes, control
+    characters, non-ASCII)."""
+    from core.packed.bytemodel import _tensor_part
+
+    specs = [
+        TensorSpec(name, (3 + i, 5), 7 if bits else 15 + 5 * i, bits=bits)
+        for i, name in enumerate(names)
+    ]
+    meta = {"source": source, "source_format": "torchscript", "recipe": source[::-1]}
+    parts = [_tensor_part(s) for s in specs]
+    built = archive_overhead_bytes(
+        names, meta, layout=[p[1] for p in parts], blob_bytes=sum(p[0] for p in parts)
+    )
+    assert estimate_archive_bytes(specs, meta).header == built
