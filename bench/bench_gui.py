@@ -22,6 +22,10 @@
 ``--resnet-only`` runs just the ResNet-50-shaped drag, once with the module tree (the layer
 view a nested model of more than 30 layers opens with) and once with the flat table.
 
+Each drag is printed with `reference_ms`, a fixed CPU workload timed right before it: the
+bench VM's speed changes over minutes, and a slow phase shows there. Each window is deleted
+after its measurement (the next one runs in a process with only its own window).
+
 Run: ``.venv/bin/python bench/bench_gui.py [--quick]``. Writes the section between
 ``<!-- bench:gui -->`` and ``<!-- /bench:gui -->`` in docs/benchmarks.md.
 """
@@ -80,6 +84,28 @@ class Wide(nn.Module):
         return self.head(x)
 
 
+def reference_ms(repeats: int = 15) -> float:
+    """Best-of-``repeats`` time of a fixed CPU workload in the mix a slider step runs (Python
+    loops over small objects, string formatting, scalar numpy calls), measured right before a
+    drag: this VM's speed changes by up to ~1.7x over minutes (the same drag 14 ms in one
+    run, 20-23 ms minutes later), so each figure is printed beside the machine's speed then.
+    """
+    rng = np.random.default_rng(0)
+    arrays = [np.sort(rng.random(256)) for _ in range(64)]
+    best = float("inf")
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        rows = []
+        for i in range(3000):
+            a = arrays[i % 64]
+            j = int(a.searchsorted(0.5))
+            rows.append({"name": f"layer{i}.weight", "n": j, "f": f"{a[j] * 100:.1f}%"})
+        total = sum(r["n"] for r in rows)
+        assert total > 0
+        best = min(best, (time.perf_counter() - t0) * 1e3)
+    return best
+
+
 def _wait(app, predicate, timeout_s: float) -> None:
     t0 = time.perf_counter()
     while not predicate():
@@ -90,11 +116,15 @@ def _wait(app, predicate, timeout_s: float) -> None:
 
 
 def _window(settings_path: Path):
+    from PySide6.QtCore import Qt
+
     from app.__main__ import make_settings
     from app.main_window import MainWindow
 
     window = MainWindow(make_settings(str(settings_path)))
     window.controller.settle_heap = True  # as `app.__main__` sets it for the application
+    # One window per measurement: a closed one is deleted, not left to the later ones' runs.
+    window.setAttribute(Qt.WidgetAttribute.WA_DeleteOnClose)
     window.resize(1440, 900)
     window.show()
     return window
@@ -145,8 +175,8 @@ def stall_probe(app, tmp: Path, *, epochs: int, samples: int) -> dict:
     job_s = time.perf_counter() - t0
     timer.stop()
     gaps_ms = np.diff(np.asarray(ticks)) * 1e3
-    window.close()
     acc = c.evaluation.after.accuracy if c.evaluation is not None else None
+    window.close()
     return {
         "params": params,
         "epochs": epochs,
@@ -193,6 +223,7 @@ def slider_drag(
     window.quant_panel.bits.setValue(6)
     app.processEvents()
     slider = window.prune_panel.sparsity
+    ref = reference_ms()
     update_ms, paint_ms, full_ms, cpu_ms = [], [], [], []
     for i in range(steps):
         pos = int(round((i + 1) * 950 / steps))
@@ -215,6 +246,7 @@ def slider_drag(
         full_ms.append((t2 - t1 + t4 - t3) * 1e3)
     window.prune_panel.editFinished.emit()
     sparsity = c.preview.sparsity
+    grouped = window.layer_table.grouped.isChecked()
     window.close()
     return {
         "params": params,
@@ -226,8 +258,9 @@ def slider_drag(
         "full_ms": full_ms,
         "cpu_ms": cpu_ms,
         "final_sparsity": sparsity,
-        "grouped": window.layer_table.grouped.isChecked(),
+        "grouped": grouped,
         "load": os.getloadavg()[0],
+        "reference_ms": ref,
     }
 
 
@@ -276,6 +309,7 @@ def target_drag(app, tmp: Path, *, steps: int = 40, settle: bool = True) -> dict
             app.processEvents()
     warm_cpu_ms = (time.thread_time() - c1) * 1e3
     warm_s = time.perf_counter() - t0
+    ref = reference_ms()
     solve_ms, update_ms, paint_ms, cpu_ms = [], [], [], []
     top = min(0.8 * panel.max_ratio, 40.0)
     panel.ratio.setSliderDown(True)  # a mouse drag: steps skip the size check, release does it
@@ -309,6 +343,7 @@ def target_drag(app, tmp: Path, *, steps: int = 40, settle: bool = True) -> dict
         "warm_cpu_ms": warm_cpu_ms,
         "warm_s": warm_s,
         "target_ratio": panel.ratio_value(),
+        "reference_ms": ref,
     }
     window.close()
     return out
@@ -331,7 +366,8 @@ def _resnet_views(app, tmp: Path, steps: int = 100) -> None:
             f"({r['layers']} layers): update+paint median {statistics.median(r['paint_ms']):.2f} "
             f"ms, max {max(r['paint_ms']):.2f} ms; UI-thread CPU median "
             f"{statistics.median(r['cpu_ms']):.2f} ms (max {max(r['cpu_ms']):.2f}); update median "
-            f"{statistics.median(r['update_ms']):.2f} ms; load {r['load']:.1f}"
+            f"{statistics.median(r['update_ms']):.2f} ms; load {r['load']:.1f}; reference "
+            f"{r['reference_ms']:.2f} ms"
         )
 
 
@@ -352,6 +388,13 @@ def _drag_table(drag: dict) -> list[str]:
         _fmt_row("update + full repaint", drag["full_ms"]),
         _fmt_row("update + paint, UI-thread CPU time", drag["cpu_ms"]),
     ]
+
+
+def _speed(run: dict) -> str:
+    return (
+        f"machine reference {run['reference_ms']:.2f} ms (`reference_ms`, measured right "
+        "before the drag; lower is a quicker machine)"
+    )
 
 
 def render(stall: dict, drag: dict, resnet: dict | None = None, target: dict | None = None) -> str:
@@ -382,7 +425,7 @@ def render(stall: dict, drag: dict, resnet: dict | None = None, target: dict | N
         "window to repaint (worst case); *UI-thread CPU time* is update + paint as CPU time "
         "of the UI thread (what the step costs without other processes' turns on the core). "
         f"Opening and analysing the model took "
-        f"{drag['open_s']:.1f} s.",
+        f"{drag['open_s']:.1f} s. {_speed(drag)}",
         "",
         *_drag_table(drag),
         "",
@@ -394,7 +437,7 @@ def render(stall: dict, drag: dict, resnet: dict | None = None, target: dict | N
             else [
                 f"**The same drag on a ResNet-50-shaped model** ({resnet['params'] / 1e6:.1f} M "
                 f"parameters, {resnet['layers']} layers: 53 conv, 53 BatchNorm, fc; opened and "
-                f"analysed in {resnet['open_s']:.1f} s):",
+                f"analysed in {resnet['open_s']:.1f} s; {_speed(resnet)}):",
                 "",
                 *_drag_table(resnet),
                 "",
@@ -408,7 +451,7 @@ def render(stall: dict, drag: dict, resnet: dict | None = None, target: dict | N
                 f"{target['target_ratio']:.1f}x) re-solving {target['layers']} layers x "
                 f"{target['levels']} levels from cached (data-free) curves; *solve* is "
                 "`core.planning.solver.quick_plan` alone, *update* adds the plan edit, preview, table, "
-                "size chart and sensitivity markers:",
+                f"size chart and sensitivity markers ({_speed(target)}):",
                 "",
                 "| per step (ms) | median | p95 | max | steps < 16 ms |",
                 "| --- | --- | --- | --- | --- |",
@@ -492,7 +535,7 @@ def main(argv: list[str] | None = None) -> int:
             f"ratio {target['final_ratio']:.1f}x for a {target['target_ratio']:.1f}x target; "
             f"first step {target['paint_ms'][0]:.2f} ms (UI CPU {target['cpu_ms'][0]:.2f}); "
             f"idle warm-up before it {target['warm_cpu_ms']:.0f} ms UI CPU in "
-            f"{target['warm_s']:.2f} s"
+            f"{target['warm_s']:.2f} s; reference {target['reference_ms']:.2f} ms"
         )
         if args.target_only:
             return 0
@@ -511,7 +554,8 @@ def main(argv: list[str] | None = None) -> int:
         )
         print(
             f"slider drag on ResNet-50 shape ({resnet['layers']} layers): median update+paint "
-            f"{statistics.median(resnet['paint_ms']):.2f} ms, max {max(resnet['paint_ms']):.2f} ms"
+            f"{statistics.median(resnet['paint_ms']):.2f} ms, max {max(resnet['paint_ms']):.2f} ms; "
+            f"reference {resnet['reference_ms']:.2f} ms"
         )
         drag = slider_drag(app, tmp, steps=100)
         rows = zip(drag["update_ms"], drag["paint_ms"], drag["full_ms"], strict=True)
@@ -524,7 +568,7 @@ def main(argv: list[str] | None = None) -> int:
             f"slider drag on {drag['params'] / 1e6:.1f} M params: median update "
             f"{statistics.median(drag['update_ms']):.2f} ms, max {max(drag['update_ms']):.2f} ms; "
             f"with paint median {statistics.median(drag['paint_ms']):.2f} ms, "
-            f"max {max(drag['paint_ms']):.2f} ms"
+            f"max {max(drag['paint_ms']):.2f} ms; reference {drag['reference_ms']:.2f} ms"
         )
     if stall is None:
         return 0
