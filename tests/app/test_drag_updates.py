@@ -139,17 +139,23 @@ def _tree_cells(model) -> dict[tuple[str, int], tuple[object, tuple[int, int]]]:
     return out
 
 
-def test_tree_signals_the_changed_cells_in_view(qtbot, stats):
-    """A step in the grouped tree: one dataChanged per run of changed siblings, covering
-    every changed cell of the rows in view and nothing else (not the BatchNorm rows between
-    the convolutions, not the rows scrolled out of view)."""
+def _shown_table(qtbot, stats, *, grouped: bool) -> LayerTable:
+    """A 500x400 layer table of ``stats``' layers, shown (grouped: the module tree)."""
     table = LayerTable()
     qtbot.addWidget(table)
     table.resize(500, 400)
     table.set_layers(stats.layers)
-    table.grouped.setChecked(True)
+    table.grouped.setChecked(grouped)
     table.show()
     qtbot.waitExposed(table)
+    return table
+
+
+def test_tree_signals_the_changed_cells_in_view(qtbot, stats):
+    """A step in the grouped tree: one dataChanged per run of changed siblings, covering
+    every changed cell of the rows in view and nothing else (not the BatchNorm rows between
+    the convolutions, not the rows scrolled out of view)."""
+    table = _shown_table(qtbot, stats, grouped=True)
     tree = table.tree_model
     table.tree.scrollTo(tree.index_of("layer2.0.conv2"))
     table.set_preview(preview(stats, simple_plan(0.3, 6)))
@@ -215,13 +221,7 @@ def test_the_incremental_repaint_shows_what_a_full_repaint_shows(qtbot, stats, g
     from core.analysis.estimate import PreviewCache
 
     cache = PreviewCache(stats)
-    table = LayerTable()
-    qtbot.addWidget(table)
-    table.resize(500, 400)
-    table.set_layers(stats.layers)
-    table.grouped.setChecked(grouped)
-    table.show()
-    qtbot.waitExposed(table)
+    table = _shown_table(qtbot, stats, grouped=grouped)
     table.set_preview(cache.preview(simple_plan(0.3, 6)))
     view = table.tree if grouped else table.view
 
