@@ -1151,6 +1151,10 @@ class MainWindow(QMainWindow):
         state = {"phase": "analyze"}
 
         def fail(title: str, message: str, _details: str = "") -> None:
+            # Once the shot is taken (or has failed), the time-out and later errors are not
+            # this screenshot's: the window may live on (tests, an embedding application).
+            if state["phase"] in ("done", "failed"):
+                return
             state["phase"] = "failed"
             self.screenshotSaved.emit("")
 

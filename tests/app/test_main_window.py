@@ -363,6 +363,23 @@ def test_screenshot_command_writes_a_png(qtbot, tmp_path):
     assert image.width() >= 1280 and image.height() >= 800
 
 
+def test_a_taken_screenshot_is_not_reported_failed_by_its_time_out(qtbot, window, tmp_path):
+    """The screenshot's time-out was armed for good: minutes after a successful shot it
+    reported a failure (in `gui_main`: "screenshot failed" and the application asked to exit
+    with code 1), into whatever ran then."""
+    saved: list[str] = []
+    window.screenshotSaved.connect(saved.append)
+    png = tmp_path / "shot.png"
+    t0 = time.perf_counter()
+    window.take_screenshot_when_ready(str(png), compress=False, timeout_s=6.0)
+    window.open_model("demo:mlp")
+    qtbot.waitUntil(lambda: bool(saved), timeout=60_000)
+    assert saved == [str(png)] and png.is_file()
+    qtbot.waitUntil(lambda: time.perf_counter() - t0 > 6.5, timeout=10_000)  # past the time-out
+    qtbot.wait(200)
+    assert saved == [str(png)]
+
+
 def test_open_data_records_gradients_and_shows_their_histogram(qtbot, window, tmp_path):
     from core.io.data import digits_split
 
