@@ -39,6 +39,7 @@ class JobStatus(QWidget):
 
     def __init__(self, parent=None):
         super().__init__(parent)
+        self._since = time.monotonic()  # when the shown job started (`started`)
         self.bar = QProgressBar(self)
         self.bar.setObjectName("jobProgress")
         self.bar.setRange(0, 1000)
@@ -78,7 +79,7 @@ class JobStatus(QWidget):
         """`` · about N s left`` from the time so far and the fraction done (a job reports
         its fraction in proportion to its work), once there is enough to go on: 2 s and 2%
         in, and not at the end."""
-        elapsed = time.monotonic() - getattr(self, "_since", time.monotonic())
+        elapsed = time.monotonic() - self._since
         if elapsed < 2.0 or not 0.02 <= fraction < 1.0:
             return ""
         left = elapsed * (1.0 - fraction) / fraction

@@ -366,13 +366,21 @@ def changed_runs(
     """``(top, bottom, first column, last column)`` per run of consecutive rows whose cells
     differ between ``old`` and ``new`` (same row count) over the same span of columns.
     ``rows``: the row number of each entry (ascending; default ``0, 1, ...``)."""
-    runs: list[tuple[int, int, int, int]] = []
+    spans: dict[int, tuple[int, int]] = {}
     for i, (a, b) in enumerate(zip(old, new, strict=True)):
         if a == b:
             continue
-        row = i if rows is None else rows[i]
         cols = [c for c, (x, y) in enumerate(zip(a, b, strict=True)) if x != y]
-        first, last = cols[0], cols[-1]
+        spans[i if rows is None else rows[i]] = (cols[0], cols[-1])
+    return row_runs(spans)
+
+
+def row_runs(spans: dict[int, tuple[int, int]]) -> list[tuple[int, int, int, int]]:
+    """``(first row, last row, first column, last column)`` per run of consecutive rows of
+    ``{row: (first column, last column)}`` with the same columns."""
+    runs: list[tuple[int, int, int, int]] = []
+    for row in sorted(spans):
+        first, last = spans[row]
         if runs and runs[-1][1] == row - 1 and runs[-1][2:] == (first, last):
             runs[-1] = (runs[-1][0], row, first, last)
         else:

@@ -19,7 +19,13 @@ from contextlib import contextmanager
 from PySide6.QtCore import QAbstractItemModel, QModelIndex, QPersistentModelIndex, Qt
 
 from app.style import human_bytes, human_count
-from app.widgets.layer_table import CELL_ROLES, COLUMNS, NAME_ROLE, LayerTableModel
+from app.widgets.layer_table import (
+    CELL_ROLES,
+    COLUMNS,
+    NAME_ROLE,
+    LayerTableModel,
+    row_runs,
+)
 
 #: The one column of a group row that follows the plan (its leaves' summed packed bytes).
 PACKED_COLUMN = COLUMNS.index("Packed")
@@ -302,7 +308,7 @@ class LayerTreeModel(QAbstractItemModel):
                 _groups_changed(leaf, self._root, groups, seen, shown)
         for table in (leaves, groups):
             for parent, changed in table.values():
-                for lo, hi, first, last in _runs(changed):
+                for lo, hi, first, last in row_runs(changed):
                     self.dataChanged.emit(
                         self.createIndex(lo, first, parent.children[lo]),
                         self.createIndex(hi, last, parent.children[hi]),
@@ -337,16 +343,3 @@ def _groups_changed(
             siblings = groups.setdefault(id(node.parent), (node.parent, {}))[1]
             siblings[node.index_in_parent] = (PACKED_COLUMN, PACKED_COLUMN)
         node = node.parent
-
-
-def _runs(changed: dict[int, tuple[int, int]]) -> list[tuple[int, int, int, int]]:
-    """``(first row, last row, first column, last column)`` per run of consecutive rows of
-    ``{row: (first column, last column)}`` with the same columns."""
-    runs: list[tuple[int, int, int, int]] = []
-    for row in sorted(changed):
-        first, last = changed[row]
-        if runs and runs[-1][1] == row - 1 and runs[-1][2:] == (first, last):
-            runs[-1] = (runs[-1][0], row, first, last)
-        else:
-            runs.append((row, row, first, last))
-    return runs
