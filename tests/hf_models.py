@@ -150,3 +150,78 @@ def write_jsonl(path: Path, n: int, seed: int = 0, *, pairs: bool = False) -> Pa
                 rec["text_pair"] = other
             fh.write(json.dumps(rec) + "\n")
     return path
+
+
+def build_seq2seq(folder: Path, *, seed: int = 0):
+    """A tiny random T5 encoder-decoder (``T5ForConditionalGeneration``, which will not run
+    without decoder inputs) with the word-level tokenizer."""
+    tf = _transformers()
+    import torch
+
+    torch.manual_seed(seed)
+    pad = SPECIALS.index("[PAD]")
+    model = tf.T5ForConditionalGeneration(
+        tf.T5Config(
+            vocab_size=vocab_size(),
+            d_model=32,
+            d_ff=64,
+            d_kv=16,
+            num_layers=2,
+            num_heads=2,
+            pad_token_id=pad,
+            decoder_start_token_id=pad,
+            eos_token_id=SPECIALS.index("[EOS]"),
+        )
+    )
+    folder.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(str(folder))
+    tokenizer().save_pretrained(str(folder))
+    return model
+
+
+def build_image_model(folder: Path, *, head: bool = True, seed: int = 0):
+    """A tiny random ViT on 3x16x16 images: ``ViTForImageClassification`` (`NUM_LABELS`
+    classes) or, with ``head=False``, the bare ``ViTModel``. No tokenizer (images)."""
+    tf = _transformers()
+    import torch
+
+    torch.manual_seed(seed)
+    config = tf.ViTConfig(
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        image_size=16,
+        patch_size=4,
+        num_labels=NUM_LABELS,
+    )
+    model = tf.ViTForImageClassification(config) if head else tf.ViTModel(config)
+    folder.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(str(folder))
+    return model
+
+
+def build_audio_model(folder: Path, *, seed: int = 0):
+    """A tiny random wav2vec 2.0 classifier: its input is a raw waveform (``input_values``),
+    which the workbench does not feed."""
+    tf = _transformers()
+    import torch
+
+    torch.manual_seed(seed)
+    model = tf.Wav2Vec2ForSequenceClassification(
+        tf.Wav2Vec2Config(
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            conv_dim=(16, 16),
+            conv_stride=(5, 2),
+            conv_kernel=(10, 3),
+            num_conv_pos_embeddings=16,
+            num_conv_pos_embedding_groups=2,
+            num_labels=2,
+        )
+    )
+    folder.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(str(folder))
+    return model

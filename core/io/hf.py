@@ -27,6 +27,14 @@ them) the token type ids. The output is what fidelity is measured on:
   ``[batch, seq, vocab]`` (perplexity and next-token agreement: `next_token_stats`);
 - ``token_logits`` (any other head with ``logits``): ``[batch, seq, classes]``.
 
+An encoder-decoder (T5, BART) also gets the decoder's input: the ids shifted right by the
+decoder's start token (`shift_right`); an encoder's embedding is then pooled from the
+encoder's states. An image model (``main_input_name`` ``pixel_values``: ViT, ConvNeXT,
+ResNet, Swin) takes ``x`` as its float ``pixel_values`` ``[batch, channels, height, width]``
+(``...ForImageClassification`` is a ``classifier``; a bare ``...Model`` an ``encoder`` whose
+output is its pooled output, else the mean over positions); its data is an ``.npz``/``.pt``
+with such ``x``. Other inputs (audio features, waveforms) are refused with a hint.
+
 The wrapper shares the wrapped model's parameter, buffer and child dictionaries rather than
 holding it as a child, so ``named_parameters()`` and ``state_dict()`` keys stay exactly the
 checkpoint's (``bert.encoder.layer.0.attention.self.query.weight``), which is what plans,
@@ -210,7 +218,7 @@ def read_pooling(folder: Path) -> tuple[str, bool, str]:
 
 
 def _kind_of(class_name: str) -> str:
-    if class_name.endswith("ForSequenceClassification"):
+    if class_name.endswith(("ForSequenceClassification", "ForImageClassification")):
         return "classifier"
     if class_name.endswith(("ForCausalLM", "LMHeadModel")):
         return "causal_lm"
@@ -255,22 +263,60 @@ class HFForward(nn.Module):
         self.training = mode
         return self
 
+    @property
+    def takes_images(self) -> bool:
+        """Whether the model's input is an image batch (``pixel_values``), not token ids."""
+        return getattr(self.hf, "main_input_name", "input_ids") == "pixel_values"
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """``x``: int64 ``[batch, 2 or 3, seq]`` (ids, attention mask[, token types])."""
+        """``x``: int64 ``[batch, 2 or 3, seq]`` (ids, attention mask[, token types]), or
+        for an image model float ``pixel_values`` ``[batch, channels, height, width]``."""
+        if self.takes_images:
+            out = self.hf(pixel_values=x, return_dict=True)
+            if self.kind != "encoder":
+                return out.logits
+            pooled = getattr(out, "pooler_output", None)
+            if pooled is not None:
+                return pooled.flatten(1)
+            hidden = out.last_hidden_state
+            return hidden.mean(dim=1) if hidden.dim() == 3 else hidden.flatten(2).mean(dim=2)
         mask = x[:, MASK]
         kwargs: dict[str, Any] = {"input_ids": x[:, IDS], "attention_mask": mask}
         if x.shape[1] > TYPES:
             kwargs["token_type_ids"] = x[:, TYPES]
-        if self.kind == "causal_lm":
+        config = getattr(self.hf, "config", None)
+        seq2seq = bool(getattr(config, "is_encoder_decoder", False))
+        if seq2seq:
+            # An encoder-decoder (T5, BART, Marian...) also needs the decoder's input: the
+            # text itself shifted right by the decoder's start token (what training feeds),
+            # so the logits predict the input tokens. BART builds the same by itself; T5
+            # refuses to run without it.
+            kwargs["decoder_input_ids"] = shift_right(x[:, IDS], config)
+        if self.kind == "causal_lm" or seq2seq:
             kwargs["use_cache"] = False
         out = self.hf(**kwargs, return_dict=True)
         if self.kind != "encoder":
             return out.logits
-        hidden = out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
+        if seq2seq and getattr(out, "encoder_last_hidden_state", None) is not None:
+            hidden = out.encoder_last_hidden_state  # the input's embedding, not the decoder's
+        else:
+            hidden = out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
         return pool(hidden, mask, self.pooling, self.normalize)
 
     def extra_repr(self) -> str:
         return f"{type(self.hf).__name__}, kind={self.kind}, pooling={self.pooling}"
+
+
+def shift_right(ids: torch.Tensor, config: Any) -> torch.Tensor:
+    """The decoder input of an encoder-decoder for target ``ids``: the decoder's start token
+    (``decoder_start_token_id``, else the pad token, else 0) then ``ids[:, :-1]``."""
+    start = getattr(config, "decoder_start_token_id", None)
+    if start is None:
+        start = getattr(config, "pad_token_id", None)
+    out = torch.empty_like(ids)
+    out[:, 1:] = ids[:, :-1]
+    out[:, 0] = int(start or 0)
+    return out
 
 
 def pool(hidden: torch.Tensor, mask: torch.Tensor, mode: str, normalize: bool) -> torch.Tensor:
@@ -421,13 +467,21 @@ def load_hf_folder(
     if cancel is not None:
         cancel.check()
     kind = _kind_of(type(model).__name__)
+    inputs = _input_name(model, arch, path)
+    images = inputs == "pixel_values"
     pooling, normalize, pooling_source = (
-        read_pooling(path) if kind == "encoder" else ("mean", False, "")
+        read_pooling(path) if kind == "encoder" and not images else ("mean", False, "")
     )
-    tokenizer = load_tokenizer(path, required=False)
+    if images and kind == "encoder":
+        pooling_source = "the model's pooled output (else the mean over positions)"
+    tokenizer = None if images else load_tokenizer(path, required=False)
     module = HFForward(model, kind, pooling, normalize)
     channels = input_channels(tokenizer, config)
-    example = example_input(tokenizer, config, channels)
+    if images:
+        image = image_shape(config)
+        example = example_image(image)
+    else:
+        example = example_input(tokenizer, config, channels)
     meta: dict[str, Any] = {
         "detected": "hf_folder",
         "hf": {
@@ -440,11 +494,14 @@ def load_hf_folder(
             "pooling_source": pooling_source or None,
             "tokenizer": tokenizer is not None,
             "weights": files,
-            "fidelity": _fidelity_text(kind, pooling_source, normalize),
+            "fidelity": _fidelity_text(kind, pooling_source, normalize, images),
             "channels": channels,
             "max_length": max_length(tokenizer, config),
+            "inputs": "image" if images else "text",
         },
     }
+    if images:
+        meta["hf"]["image_shape"] = list(image)
     num_labels = int(getattr(config, "num_labels", 0) or 0) if kind == "classifier" else None
     progress(1.0, f"opened {path.name}")
     return LoadedModel(
@@ -480,14 +537,55 @@ def _model_class(tf: Any, arch: str, config_dict: dict[str, Any], path: Path) ->
     return cls
 
 
-def _fidelity_text(kind: str, pooling_source: str, normalize: bool) -> str:
+def _input_name(model: Any, arch: str, path: Path) -> str:
+    """The model's main input: ``input_ids`` (text) or ``pixel_values`` (images); any other
+    (audio features, raw waveforms) is a `ModelLoadError`: its shape is the model's own."""
+    name = str(getattr(model, "main_input_name", "input_ids") or "input_ids")
+    if name not in ("input_ids", "pixel_values"):
+        raise ModelLoadError(
+            f"{arch} takes {name!r} as its input; the workbench feeds Hugging Face folders "
+            "token ids (text models) or pixel_values (image models) only",
+            path=path,
+            hint="export the model with its own example input to TorchScript or .pt2 "
+            "(torch.export) and open that file",
+        )
+    return name
+
+
+def image_shape(config: Any) -> tuple[int, int, int]:
+    """``(channels, height, width)`` of one image: the config's ``num_channels`` (3) and
+    ``image_size`` (an int or a pair; 224 when the config has none, as ResNet's)."""
+    channels = int(getattr(config, "num_channels", 3) or 3)
+    size = getattr(config, "image_size", None) or 224
+    if isinstance(size, (list, tuple)):
+        height, width = (int(size[0]), int(size[-1])) if size else (224, 224)
+    else:
+        height = width = int(size)
+    if not (0 < channels <= 64 and 0 < height <= 4096 and 0 < width <= 4096):
+        raise ModelLoadError(
+            f"config.json gives an image of {channels}x{height}x{width}, which is out of range",
+            hint="check num_channels and image_size in config.json",
+        )
+    return channels, height, width
+
+
+def example_image(shape: tuple[int, int, int]) -> torch.Tensor:
+    """A two-image batch ``[2, channels, height, width]`` of fixed normal noise (tracing,
+    exports; the same every time)."""
+    gen = torch.Generator().manual_seed(0)
+    return torch.randn((2, *shape), generator=gen)
+
+
+def _fidelity_text(kind: str, pooling_source: str, normalize: bool, images: bool = False) -> str:
     """What the evaluation measures for a model of this kind (reports and the window)."""
+    if images and kind == "encoder":
+        return f"cosine of the image embedding ({pooling_source})"
     return {
         "encoder": f"cosine of the pooled sentence embedding ({pooling_source}"
         f"{', L2-normalised' if normalize else ''})",
         "classifier": "accuracy (with labels) and top-1 agreement with the original",
         "causal_lm": "perplexity and next-token agreement with the original",
-        "token_logits": "cosine of the per-token logits",
+        "token_logits": "cosine of the logits" if images else "cosine of the per-token logits",
     }[kind]
 
 

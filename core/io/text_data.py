@@ -138,6 +138,14 @@ def load_text_data(
             path=path,
             hint="open the model's folder, or give .npz/.pt data with token ids in 'x'",
         )
+    if info.get("inputs") == "image":
+        raise DataError(
+            "the model takes images (pixel_values), so text cannot feed it",
+            path=path,
+            hint=f"give .npz/.pt data with float images in 'x' shaped [N, "
+            f"{', '.join(map(str, info.get('image_shape') or ['C', 'H', 'W']))}] and "
+            "optional integer labels in 'y'",
+        )
     if not info.get("tokenizer"):
         raise DataError(
             "the model folder has no tokenizer, so the text cannot be tokenized",
