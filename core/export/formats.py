@@ -177,8 +177,9 @@ def _forward(module: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
 
 
 def _max_abs_diff(a: torch.Tensor | np.ndarray, b: torch.Tensor | np.ndarray) -> float:
-    ta = torch.as_tensor(np.asarray(a)).double()
-    tb = torch.as_tensor(np.asarray(b)).double()
+    # Tensors are widened by torch (numpy has no bfloat16); arrays (onnxruntime) by numpy.
+    ta = (a if isinstance(a, torch.Tensor) else torch.as_tensor(np.asarray(a))).double()
+    tb = (b if isinstance(b, torch.Tensor) else torch.as_tensor(np.asarray(b))).double()
     if ta.shape != tb.shape:
         raise ExportError(
             f"the exported model's output has shape {tuple(ta.shape)}, PyTorch's {tuple(tb.shape)}"
@@ -428,6 +429,10 @@ def _onnx_fp32(result: Any, x: torch.Tensor, target: Path) -> None:
     """Write the fp32 ONNX graph of the compressed model to ``target`` (legacy exporter)."""
     module = result.compressed.module
     model = module if isinstance(module, torch.jit.ScriptModule) else copy_module(module).eval()
+    if not isinstance(model, torch.jit.ScriptModule) and _narrow_floats(model):
+        # fp32 as the description says: bfloat16 does not export (nor run in onnxruntime on
+        # CPU) and float16 graphs run slowly there; the verification shows the difference.
+        model = model.float()
     # Gradients stay enabled while tracing: under no_grad, nn.TransformerEncoderLayer takes
     # its fused fast path (aten::_transformer_encoder_layer_fwd), which ONNX cannot express.
     try:
@@ -455,6 +460,13 @@ def _onnx_fp32(result: Any, x: torch.Tensor, target: Path) -> None:
             f"{str(exc).splitlines()[0] if str(exc) else ''})",
             hint="export torchscript, state_dict or packed instead",
         ) from None
+
+
+def _narrow_floats(module: torch.nn.Module) -> bool:
+    """Whether ``module`` holds float16/bfloat16 parameters or buffers."""
+    narrow = (torch.float16, torch.bfloat16)
+    tensors = list(module.parameters()) + list(module.buffers())
+    return any(t.dtype in narrow for t in tensors)
 
 
 def _onnx_verify(path: Path, result: Any, x: torch.Tensor) -> tuple[float, float | None]:
