@@ -470,11 +470,22 @@ def _print_notices(event: str, payload: Any) -> None:
         print(f"workbench compress: {kind}: {text}", file=sys.stderr, flush=True)
 
 
+def _as_stored(report: dict[str, Any]) -> str:
+    """`` (N B as stored)`` when the original is narrower than fp32 (bfloat16/float16)."""
+    stored = report.get("stored_bytes")
+    if not stored or stored >= report["original_bytes"]:
+        return ""
+    return f" ({stored:,} B as stored)"
+
+
 def _summary_line(model: str, report: dict[str, Any], out: Path) -> str:
     """One line for the terminal: sizes, ratio, sparsity and accuracy before/after."""
     size = report.get("compressed_bytes")
     ratio = report.get("compression_ratio")
     packed = f"{size:,} B packed ({ratio:.1f}x)" if size and ratio else "no packed export"
+    narrow = report.get("compression_ratio_vs_stored")
+    if size and ratio and narrow and _as_stored(report):
+        packed = f"{size:,} B packed ({ratio:.1f}x; {narrow:.1f}x vs stored)"
     acc_b, acc_a = report.get("accuracy_before"), report.get("accuracy_after")
     acc = (
         f", accuracy {100 * acc_b:.2f}% -> {100 * acc_a:.2f}%"
@@ -486,6 +497,6 @@ def _summary_line(model: str, report: dict[str, Any], out: Path) -> str:
     rel_txt = f", rel. L2 error {rel:.3g}" if rel is not None else ""
     on = f" (evaluated on {fid['data']})" if fid.get("data") else ""
     return (
-        f"{model}: {report['original_bytes']:,} B fp32 -> {packed}, sparsity "
+        f"{model}: {report['original_bytes']:,} B fp32{_as_stored(report)} -> {packed}, sparsity "
         f"{100 * report['sparsity']:.1f}%{acc}{rel_txt}{on}; wrote {out}"
     )

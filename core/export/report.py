@@ -76,6 +76,14 @@ def fp32_bytes(module: torch.nn.Module) -> int:
     return sum(4 * p.numel() for p in module.parameters() if p.dtype.is_floating_point)
 
 
+def stored_bytes(module: torch.nn.Module) -> int:
+    """Bytes of the same parameters as `fp32_bytes` at their own dtype (what the original
+    model takes as stored: half of the fp32 figure for a bfloat16/float16 checkpoint)."""
+    return sum(
+        p.numel() * p.element_size() for p in module.parameters() if p.dtype.is_floating_point
+    )
+
+
 def _eval_dict(ev: Any) -> dict[str, Any] | None:
     if ev is None:
         return None
@@ -102,6 +110,7 @@ def report_data(
     evals = dict(evals or {})
     before, after = _eval_dict(evals.get("before")), _eval_dict(evals.get("after"))
     original = fp32_bytes(result.original.module)
+    stored = stored_bytes(result.original.module)
     packed = [e for e in exports if e.format == "packed"]
     estimate = sum(r.packed_bytes for r in result.layers)
     compressed = packed[0].bytes_on_disk if packed else None
@@ -113,6 +122,10 @@ def report_data(
             "original_bytes": original,
             "compressed_bytes": compressed,
             "compression_ratio": original / compressed if compressed else None,
+            # The original's parameters at their own dtype (bfloat16 checkpoints: half of
+            # original_bytes), and the ratio against that: what the user's file shrinks by.
+            "stored_bytes": stored,
+            "compression_ratio_vs_stored": stored / compressed if compressed else None,
             "layers_packed_bytes": estimate,
             "sparsity": result.sparsity,
             "accuracy_before": before.get("accuracy") if before else None,
@@ -445,6 +458,21 @@ def _html_histograms(parts: list[str], result: Any) -> None:
     parts.append("</div>")
 
 
+def _narrow(data: Mapping[str, Any]) -> bool:
+    """Whether the original is stored narrower than fp32 (a bfloat16/float16 checkpoint)."""
+    stored = data.get("stored_bytes")
+    return bool(stored) and stored < data["original_bytes"]
+
+
+def _stored_card(data: Mapping[str, Any]) -> list[tuple[str, str]]:
+    return [("size as stored", f"{data['stored_bytes']:,} B")] if _narrow(data) else []
+
+
+def _vs_stored(data: Mapping[str, Any]) -> str:
+    ratio = data.get("compression_ratio_vs_stored")
+    return f" ({_fmt(ratio, '.1f')}× vs stored)" if _narrow(data) and ratio else ""
+
+
 def render_html(result: Any, data: Mapping[str, Any]) -> str:
     """The report page for ``result`` and its `report_data`."""
     e = html.escape
@@ -452,8 +480,9 @@ def render_html(result: Any, data: Mapping[str, Any]) -> str:
     cards = [
         ("model", e(str(data["model"]))),
         ("fp32 size", f"{orig_bytes:,} B"),
+        *_stored_card(data),
         ("packed size", f"{data['compressed_bytes']:,} B" if data["compressed_bytes"] else "–"),
-        ("compression", _fmt(data["compression_ratio"], ".1f") + "×"),
+        ("compression", _fmt(data["compression_ratio"], ".1f") + "×" + _vs_stored(data)),
         ("sparsity", _pct(data["sparsity"])),
         ("accuracy", f"{_pct(data['accuracy_before'])} → {_pct(data['accuracy_after'])}"),
     ]
@@ -539,6 +568,8 @@ def update_report(result: Any, out_dir: str | Path, exports: Sequence[Any]) -> P
     if packed is not None and data.get("original_bytes"):
         data["compressed_bytes"] = packed["bytes_on_disk"]
         data["compression_ratio"] = data["original_bytes"] / packed["bytes_on_disk"]
+        if data.get("stored_bytes"):
+            data["compression_ratio_vs_stored"] = data["stored_bytes"] / packed["bytes_on_disk"]
     data = _finite(data)
     text = dumps(data)
     atomic_write(json_path, [text.encode("utf-8")], force=True)

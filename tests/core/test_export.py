@@ -435,3 +435,34 @@ def test_half_precision_models_export_fp32_onnx(tmp_path, dtype):
     # fp32 against the narrow model: within the narrow type's rounding, not bit-equal.
     assert 0.0 <= records["onnx"].max_abs_diff < 0.1
     assert "fp32 ONNX" in records["onnx"].note
+
+
+def test_a_bfloat16_model_is_also_compared_with_its_size_as_stored(tmp_path):
+    """The fp32 baseline doubles a bfloat16 checkpoint's real size: the report also gives
+    the size as stored and the ratio against it (CLI line and HTML card too); an fp32 model's
+    report has them equal and shows no extra card."""
+    from core.cli.compress import _summary_line
+
+    model, x = make("transformer")
+    result = make_result(eager(model.to(torch.bfloat16), x, "bf16"), sparsity=0.5, bits=8)
+    exports = export_all(result, ["packed"], tmp_path, data=_inputs("transformer", 8))
+    json_path, html_path = write_report(result, tmp_path, exports=exports)
+    report = json.loads(json_path.read_text())
+    floats = [p for p in model.parameters() if p.dtype.is_floating_point]
+    assert report["stored_bytes"] == sum(2 * p.numel() for p in floats)
+    assert report["original_bytes"] == 2 * report["stored_bytes"]
+    assert report["compression_ratio_vs_stored"] == pytest.approx(
+        report["stored_bytes"] / report["compressed_bytes"]
+    )
+    assert "size as stored" in html_path.read_text()
+    line = _summary_line("m", report, tmp_path)
+    assert f"({report['stored_bytes']:,} B as stored)" in line and "x vs stored" in line
+
+    fp32 = _result("transformer", sparsity=0.5, bits=8)
+    out = tmp_path / "fp32"
+    out.mkdir()
+    json_path, html_path = write_report(fp32, out, exports=export_all(fp32, ["packed"], out))
+    report = json.loads(json_path.read_text())
+    assert report["stored_bytes"] == report["original_bytes"]
+    assert "size as stored" not in html_path.read_text()
+    assert "as stored" not in _summary_line("m", report, out)
