@@ -61,6 +61,7 @@ from core.export.devices import (
 )
 from core.export.outputs import write_outputs
 from core.io.data import check_data, demo_data_for, load_data, split_dataset, with_model_labels
+from core.io.hf import language_model
 from core.io.model_io import load_model
 from core.planning.sensitivity import MAX_SAMPLES, scan
 from core.planning.solver import (
@@ -713,7 +714,7 @@ class Session:
         if model is None:
             raise WorkbenchError("open a model first")
         data = self.train if (self.train is not None and model.can_run) else None
-        if data is not None and data.y is None:
+        if data is not None and data.y is None and not language_model(model):
             data = None
             self.notice("Gradient criteria need labels or a classifier: analysing weights only.")
         want = gradients if gradients is not None else (not self.strict or self.needs_gradients())

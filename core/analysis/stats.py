@@ -61,6 +61,7 @@ from core.base.methods import score_tensor as registry_score
 from core.base.model import LayerInfo, LoadedModel, first_tensor
 from core.base.progress import CancelToken, ProgressFn, no_progress, scaled
 from core.io.data import Dataset
+from core.io.hf import language_model, next_token_loss
 from core.io.model_io import clone_model
 from core.packed import SAFETENSORS_DTYPES
 from core.recipe.plan import GRADIENT_METHODS, SCORE_ALIASES
@@ -1150,9 +1151,11 @@ def _batch_gradients(
     yb: torch.Tensor | None,
     targets: list[torch.Tensor],
     where: str | None,
+    language_model: bool = False,
 ) -> tuple[torch.Tensor | None, ...]:
     """Gradients of the batch's mean cross-entropy with respect to ``targets``; without labels
-    the model's own argmax predictions (from the same forward pass) are the labels."""
+    the model's own argmax predictions (from the same forward pass) are the labels. A causal
+    language model's loss is its own: the next token's cross-entropy over the text."""
     with torch.enable_grad():
         try:
             raw = work(xb)
@@ -1166,6 +1169,8 @@ def _batch_gradients(
                 hint="check that the data matches the model's input",
             ) from None
         out = _logits(raw)
+        if language_model:
+            return torch.autograd.grad(next_token_loss(out, xb), targets, allow_unused=True)
         if out.ndim != 2 or not out.is_floating_point():
             raise DataError(
                 f"the model's outputs have shape {list(out.shape)}, not (N, classes) "
@@ -1200,7 +1205,8 @@ def gradient_stats(
     """Running mean and std of the loss gradient of each named tensor over ``batches`` batches.
 
     The loss of a batch is the mean cross-entropy of the model's outputs against ``data.y``
-    (or, without labels, against the model's own argmax predictions). Gradients are taken on
+    (or, without labels, against the model's own argmax predictions); for a causal language
+    model (`core.io.hf.language_model`) the next-token cross-entropy over the text. Gradients are taken on
     a copy of the model in eval mode, so ``loaded`` is never modified (not even its
     ``requires_grad`` flags), also when cancelled.
 
@@ -1233,6 +1239,7 @@ def gradient_stats(
     if take == 0:
         raise DataError("the data set is empty", path=data.name, hint="provide some samples")
     data = Dataset(data.x[:take], None if data.y is None else data.y[:take], data.name)
+    lm = language_model(loaded)
     work = clone_model(loaded).module
     work.eval()
     named = _named_tensors(work)
@@ -1254,7 +1261,7 @@ def gradient_stats(
         progress(i / total, f"gradients: batch {i + 1} of {total}")
         for t in targets.values():
             t.grad = None
-        grads = _batch_gradients(work, xb, yb, list(targets.values()), data.name)
+        grads = _batch_gradients(work, xb, yb, list(targets.values()), data.name, lm)
         count += 1
         # Welford's update in float64: stable even when the spread is tiny next to the mean.
         for (name, tensor), g in zip(targets.items(), grads, strict=True):

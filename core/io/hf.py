@@ -340,7 +340,7 @@ def next_token_stats(
     of every real next token (attention mask on both positions), how many there were, and at
     how many the argmax prediction equals the reference's (0 without a reference)."""
     ids = x[:, IDS, 1:]
-    valid = (x[:, MASK, 1:] > 0) & (x[:, MASK, :-1] > 0)
+    valid = _next_token_valid(x)
     pred = logits[:, :-1].float()
     nll = torch.nn.functional.cross_entropy(
         pred.reshape(-1, pred.shape[-1]), ids.reshape(-1), reduction="none"
@@ -351,6 +351,47 @@ def next_token_stats(
         same = pred.argmax(dim=-1) == reference[:, :-1].argmax(dim=-1)
         agree = int((same & valid).sum())
     return float(nll[valid].double().sum()), tokens, agree
+
+
+def language_model(loaded: LoadedModel) -> bool:
+    """Whether ``loaded`` is a causal language model from a Hugging Face folder: its text is
+    its own target (next-token loss), so it needs no labels for gradients or fine-tuning."""
+    info = loaded.metadata.get("hf")
+    return isinstance(info, dict) and info.get("kind") == "causal_lm"
+
+
+def _next_token_valid(x: torch.Tensor) -> torch.Tensor:
+    """Positions ``t`` whose next token is real (attention mask on at ``t`` and ``t + 1``)."""
+    return (x[:, MASK, 1:] > 0) & (x[:, MASK, :-1] > 0)
+
+
+def next_token_loss(logits: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """Mean cross-entropy of the next real token (the causal LM's training loss) of a batch
+    ``x`` (`HFForward`'s packed ids and mask) under ``logits`` ``[batch, seq, vocab]``."""
+    valid = _next_token_valid(x)
+    pred = logits[:, :-1].float()[valid]
+    if pred.numel() == 0:
+        return logits.float().sum() * 0.0  # a batch of one-token texts: nothing to predict
+    return torch.nn.functional.cross_entropy(pred, x[:, IDS, 1:][valid])
+
+
+def token_kl(
+    student: torch.Tensor, teacher: torch.Tensor, x: torch.Tensor, temperature: float
+) -> torch.Tensor:
+    """``T^2 * KL(teacher^T || student^T)`` of the next-token distributions, averaged over the
+    real tokens of ``x`` (distillation of a causal LM)."""
+    valid = x[:, MASK] > 0
+    s = student.float()[valid] / temperature
+    t = teacher.float()[valid] / temperature
+    if s.numel() == 0:
+        return student.float().sum() * 0.0
+    kl = torch.nn.functional.kl_div(
+        torch.log_softmax(s, dim=-1),
+        torch.log_softmax(t, dim=-1),
+        reduction="batchmean",
+        log_target=True,
+    )
+    return kl * (temperature * temperature)
 
 
 def _architecture(config: Any, folder: Path) -> str:
@@ -709,9 +750,13 @@ __all__ = [
     "hf_info",
     "is_hf_folder",
     "load_hf_folder",
+    "language_model",
     "load_tokenizer",
+    "next_token_loss",
     "next_token_stats",
     "pool",
     "read_pooling",
+    "shift_right",
+    "token_kl",
     "write_hf_folder",
 ]

@@ -36,6 +36,7 @@ from core.evaluate import (
     require_forward,
 )
 from core.io.data import split_dataset
+from core.io.hf import language_model, next_token_loss, token_kl
 from core.io.model_io import clone_model
 from core.ops.quantization import QuantizedTensor, dequantize, quantize
 from core.recipe.plan import (
@@ -169,7 +170,10 @@ class _Trainer:
     def __init__(self, result, train, val, cfg: RecoveryConfig, cancel: CancelToken | None):
 
         require_forward(result.compressed, "fine-tuning")
-        if train.y is None:
+        # A causal language model trains on its text (next-token loss): no labels needed,
+        # and the original is needed only to distil from.
+        self.lm = language_model(result.original)
+        if train.y is None and not self.lm:
             require_forward(
                 result.original, "fine-tuning without labels (the original gives targets)"
             )
@@ -181,7 +185,9 @@ class _Trainer:
         self.teacher: LoadedModel = result.original
         if cfg.distill:
             require_forward(self.teacher, "distillation")
-        self.teacher_needed = cfg.distill or train.y is None or (val is not None and val.y is None)
+        self.teacher_needed = cfg.distill or (
+            not self.lm and (train.y is None or (val is not None and val.y is None))
+        )
         self.student = clone_model(result.compressed)
         self.module = self.student.module
         self.params = dict(self.module.named_parameters())
@@ -262,6 +268,8 @@ class _Trainer:
     def batch_loss(self, x: torch.Tensor, y: torch.Tensor | None, real: int) -> torch.Tensor:
         cfg = self.cfg
         out = self.forward(x)[:real]
+        if self.lm:
+            return self._lm_loss(out, x[:real])
         if cfg.distill or y is None:
             with torch.no_grad():
                 t_out = first_tensor(self.teacher.module(x)).detach()[:real]
@@ -278,6 +286,17 @@ class _Trainer:
             # No labels: the original model's predictions are the targets.
             y = t_out.argmax(dim=1) if self.classifier else t_out
         return task_loss(out, y, classifier=self.classifier)
+
+    def _lm_loss(self, out: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """A causal LM's loss: next-token cross-entropy on the text, blended with the
+        per-token distillation term (`core.io.hf.token_kl`) when distilling."""
+        cfg = self.cfg
+        ce = next_token_loss(out, x)
+        if not cfg.distill:
+            return ce
+        with torch.no_grad():
+            t_out = first_tensor(self.teacher.module(x)).detach()
+        return cfg.alpha * token_kl(out, t_out, x, cfg.temperature) + (1.0 - cfg.alpha) * ce
 
     def val_score(self) -> tuple[float, float]:
         """(accuracy or -inf, -loss): higher is better, compared lexicographically."""
