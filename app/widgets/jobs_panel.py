@@ -336,6 +336,18 @@ class ResultsPanel(QGroupBox):
         ("sparsity", "Sparsity", "Measured fraction of zeros in the compressed weights"),
     )
 
+    #: A causal language model's rows in place of accuracy and agreement (no classes).
+    LM_ROWS = {
+        "accuracy": (
+            "Perplexity",
+            "exp of the mean next-token cross-entropy on the held-out text (lower is better)",
+        ),
+        "agreement": (
+            "Next-token agr.",
+            "Fraction of real tokens whose most likely next token is the original's",
+        ),
+    }
+
     def __init__(self, parent=None):
         super().__init__("Results", parent)
         self.table = QTableWidget(len(self.EVAL_ROWS), 2, self)
@@ -422,8 +434,18 @@ class ResultsPanel(QGroupBox):
         """Say when the numbers shown belong to an older plan than the current one."""
         self.stale.setVisible(stale)
 
+    def _label_rows(self, language_model: bool) -> None:
+        """Accuracy and agreement rows, or a causal LM's perplexity and next-token rows."""
+        for row, (key, title, tip) in enumerate(self.EVAL_ROWS):
+            if language_model and key in self.LM_ROWS:
+                title, tip = self.LM_ROWS[key]
+            item = self.table.verticalHeaderItem(row)
+            item.setText(title)
+            item.setToolTip(tip)
+
     def set_evaluation(self, evaluation) -> None:
         if evaluation is None:
+            self._label_rows(False)
             for key in ("accuracy", "agreement", "rel_l2", "cosine", "latency"):
                 self._set(key, "—", "—")
             return
@@ -435,8 +457,14 @@ class ResultsPanel(QGroupBox):
         def num(x, fmt):
             return "n/a" if x is None else format(x, fmt)
 
-        self._set("accuracy", pct(b.accuracy), pct(a.accuracy))
-        self._set("agreement", "100.00 %", pct(a.agreement))
+        language_model = a.perplexity is not None
+        self._label_rows(language_model)
+        if language_model:
+            self._set("accuracy", num(b.perplexity, ".3f"), num(a.perplexity, ".3f"))
+            self._set("agreement", "100.00 %", pct(a.next_token_agreement))
+        else:
+            self._set("accuracy", pct(b.accuracy), pct(a.accuracy))
+            self._set("agreement", "100.00 %", pct(a.agreement))
         self._set("rel_l2", "0", num(a.rel_l2, ".4f"))
         self._set("cosine", "1", num(a.cosine, ".5f"))
         self._set(

@@ -52,6 +52,10 @@ TOOLTIPS = (
 TYPE_MAX_WIDTH = 110
 #: Layers above which a model of nested modules opens grouped by module path.
 AUTO_GROUP = 30
+#: Longest layer name (characters) the flat table shows whole in the default dock; a nested
+#: model with a longer one opens grouped too (``model.layers.0.mlp.gate_proj`` would be
+#: elided to ``mod…roj`` in every row).
+NAME_FIT = 18
 #: The Type column gives up width down to this before layer names are elided.
 TYPE_MIN_WIDTH = 56
 #: The widest text each number column shows (sizes the column once per model).
@@ -507,9 +511,9 @@ class LayerTable(QWidget):
             "click the arrows to fold blocks away"
         )
         self.grouped.toggled.connect(self._on_grouped_toggled)
-        # Until the user clicks it, grouping follows the model: on for models with more than
-        # `AUTO_GROUP` layers in nested modules (flat names like layer3.0.conv2 would be
-        # elided in a narrow dock), off otherwise.
+        # Until the user clicks it, grouping follows the model: on for models of nested
+        # modules with more than `AUTO_GROUP` layers or names longer than `NAME_FIT` (flat
+        # names like layer3.0.conv2 would be elided in a narrow dock), off otherwise.
         self._grouping_chosen = False
         self.grouped.clicked.connect(self._on_grouped_clicked)
         self.details = QLabel(self)
@@ -533,8 +537,10 @@ class LayerTable(QWidget):
             self.model.set_layers(layers)
         self._fit_columns()
         if not self._grouping_chosen:
-            nested = sum("." in str(layer.name) for layer in layers)
-            self.grouped.setChecked(len(layers) > AUTO_GROUP and nested > len(layers) // 2)
+            names = [str(layer.name) for layer in layers]
+            nested = sum("." in name for name in names)
+            long = max(map(len, names), default=0) > NAME_FIT
+            self.grouped.setChecked((len(names) > AUTO_GROUP or long) and nested > len(names) // 2)
 
     def _on_grouped_clicked(self, _checked: bool) -> None:
         self._grouping_chosen = True

@@ -439,3 +439,77 @@ def test_big_nested_model_opens_grouped_and_size_labels_do_not_overlap(
     assert not table.grouped.isChecked()
     open_ready(qtbot, window, "demo:mlp")
     assert not table.grouped.isChecked()
+
+
+class _LongNames(nn.Module):
+    """Eight layers whose names (``encoder.block.0.attention.query``) the dock would elide to
+    the same few characters in every row."""
+
+    def __init__(self):
+        super().__init__()
+        blocks = []
+        for _ in range(2):
+            block = nn.Module()
+            block.attention = nn.ModuleDict({"query": nn.Linear(8, 8), "value": nn.Linear(8, 8)})
+            block.feed_forward = nn.ModuleDict({"up": nn.Linear(8, 8), "down": nn.Linear(8, 8)})
+            blocks.append(block)
+        self.encoder = nn.Module()
+        self.encoder.block = nn.ModuleList(blocks)
+
+    def forward(self, x):
+        for b in self.encoder.block:
+            x = b.attention["value"](b.attention["query"](x))
+            x = b.feed_forward["down"](torch.relu(b.feed_forward["up"](x)))
+        return x
+
+
+def test_a_small_model_with_long_nested_names_opens_grouped(qtbot, window, tmp_path):
+    """Fewer layers than AUTO_GROUP, but names longer than NAME_FIT: the module tree, where
+    each row shows its short name; a model with short names stays a flat table."""
+    from app.widgets.layer_table import AUTO_GROUP, NAME_FIT
+
+    path = tmp_path / "long.pt2"
+    torch.export.save(torch.export.export(_LongNames().eval(), (torch.randn(2, 8),)), str(path))
+    open_ready(qtbot, window, str(path))
+    names = [layer.name for layer in window.controller.layers]
+    assert len(names) < AUTO_GROUP and max(map(len, names)) > NAME_FIT
+    table = window.layer_table
+    assert table.grouped.isChecked() and table.views.currentWidget() is table.tree
+    open_ready(qtbot, window, "demo:cnn")
+    assert not table.grouped.isChecked()
+
+
+def test_a_language_model_on_text_shows_gradients_and_perplexity(qtbot, window, tmp_path):
+    """A causal LM folder with unlabelled text: the analysis has gradient statistics (the
+    next-token loss) and the results table shows perplexity and next-token agreement in
+    place of accuracy and agreement; a classifier afterwards gets its own rows back."""
+    pytest.importorskip("transformers")
+    from tests import hf_models
+
+    folder = tmp_path / "gpt2"
+    hf_models.build_folder("causal_lm", folder)
+    text = hf_models.write_txt(tmp_path / "text.txt", 40)
+    c = window.controller
+    open_ready(qtbot, window, folder)
+    c.open_data(str(text))
+    qtbot.waitUntil(
+        lambda: c.train is not None and c.stats is not None and not c.busy(), timeout=TIMEOUT
+    )
+    qtbot.waitUntil(
+        lambda: all(ts.grad is not None for ts in c.stats.tensors.values()), timeout=TIMEOUT
+    )
+    c.set_plan(simple_plan(0.5, 8, "taylor"))
+    with qtbot.waitSignal(c.evaluated, timeout=TIMEOUT, check_params_cb=bool):
+        c.compress()
+    wait_idle(qtbot, window)
+    table = window.results.table
+    headers = [table.verticalHeaderItem(r).text() for r in range(table.rowCount())]
+    assert headers[:2] == ["Perplexity", "Next-token agr."]
+    after = c.evaluation.after
+    assert table.item(0, 1).text() == format(after.perplexity, ".3f")
+    assert table.item(1, 1).text().endswith("%")
+    open_ready(qtbot, window, "demo:mlp")
+    with qtbot.waitSignal(c.evaluated, timeout=TIMEOUT, check_params_cb=bool):
+        c.compress()
+    wait_idle(qtbot, window)
+    assert table.verticalHeaderItem(0).text() == "Accuracy"
