@@ -46,7 +46,13 @@ from core.analysis.estimate import preview
 from core.analysis.inventory import inventory
 from core.analysis.overlay import after_histograms
 from core.analysis.stats import analyze
-from core.base.errors import CompressionError, ExportError, RecipeError, WorkbenchError
+from core.base.errors import (
+    CompressionError,
+    DataError,
+    ExportError,
+    RecipeError,
+    WorkbenchError,
+)
 from core.base.methods import prune_method
 from core.base.progress import CancelToken, ProgressFn, no_progress, scaled
 from core.compress.engine import output_layer
@@ -297,6 +303,9 @@ class Session:
         self.train: Any = None
         self.test: Any = None
         self.data_name = ""
+        #: Whether the model gives class scores on the open data (unlabelled data then still
+        #: gives gradients: the model's own predictions are the labels).
+        self.data_scores = False
         self.stats: Any = None
         self.history = PlanHistory(starting_plan())
         self.selection: tuple[str, ...] = ()
@@ -625,6 +634,7 @@ class Session:
             self.after_hists, self.exports = {}, []
             self.train, self.test = data if data is not None else (None, None)
             self.data_name = "built-in digits" if data is not None else ""
+            self.data_scores = data is not None  # the demos are digit classifiers
             self._fill_example_input()
             start = self.checked_plan(plan or starting_plan(), source=recipe_path)
             self.history = PlanHistory(start)
@@ -677,23 +687,22 @@ class Session:
             out_shape = checked.output_shape
             # Only class scores can label data; other models (taggers, encoders) keep
             # unlabelled data and are judged by fidelity to the original.
-            if (
-                label_with_model
-                and data.y is None
-                and model.can_run
+            scores = (
+                model.can_run
                 and out_shape is not None
                 and len(out_shape) == 2
                 and model.task != "embedding"
-            ):
+            )
+            if label_with_model and data.y is None and scores:
                 progress(0.4, "labelling with the model's own predictions")
                 data = with_model_labels(model, data)
             cancel.check()
             train, test = split_dataset(data, holdout=0.2, seed=0)
             progress(1.0, "data ready")
-            return train, test, Path(path).name
+            return train, test, Path(path).name, scores
 
         def done(payload: Any) -> None:
-            self.train, self.test, self.data_name = payload
+            self.train, self.test, self.data_name, self.data_scores = payload
             self.evaluation = None
             self._fill_example_input()
             self._forget_scan()
@@ -714,7 +723,20 @@ class Session:
         if model is None:
             raise WorkbenchError("open a model first")
         data = self.train if (self.train is not None and model.can_run) else None
-        if data is not None and data.y is None and not language_model(model):
+        # Unlabelled data still gives gradients to a model of class scores (its own top-1
+        # predictions are the labels, `gradient_stats`) and to a causal LM (its text).
+        self_labelled = self.data_scores or language_model(model)
+        if data is not None and data.y is None and not self_labelled:
+            if self.strict and self.needs_gradients():
+                # A batch run that asked for them: say why there are none, before the plan
+                # fails on "needs gradient statistics" with data that was given.
+                raise DataError(
+                    "the data has no labels ('y') and the model's outputs are not class "
+                    "scores, so the gradient criteria have no loss to differentiate",
+                    path=self.data_name or None,
+                    hint="add integer labels 'y' to the data (a classifier), or prune by "
+                    "magnitude or channel norm",
+                )
             data = None
             self.notice("Gradient criteria need labels or a classifier: analysing weights only.")
         want = gradients if gradients is not None else (not self.strict or self.needs_gradients())

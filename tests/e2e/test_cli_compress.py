@@ -192,3 +192,40 @@ def test_pickled_eager_model_channel_removal_uses_data_as_example(tmp_path):
     report = json.loads((out / "report.json").read_text())
     assert set(report["removed_channels"]) == {"stem", "block.conv1", "pw"}
     assert report["compressed_bytes"] == (out / "model.packed.safetensors").stat().st_size
+
+
+class _Features(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.up, self.down = torch.nn.Linear(8, 16), torch.nn.Linear(16, 8)
+
+    def forward(self, x):
+        return self.down(torch.relu(self.up(x)))
+
+
+def test_unlabelled_data_gives_a_classifier_gradients_and_others_a_clear_refusal(tmp_path):
+    """--data without 'y': a classifier's own top-1 predictions are the labels of its gradient
+    statistics, so --method taylor runs; a model whose outputs are not class scores is
+    refused before any work, saying the data has no labels (not "analyze with --data")."""
+    from core.io.data import digits_split
+
+    split = digits_split("flat")
+    x = split[0].x[:200].numpy()
+    np.savez(tmp_path / "unlabelled.npz", x=x)
+    out = tmp_path / "taylor"
+    r = _run("demo:mlp", "--data", str(tmp_path / "unlabelled.npz"), "--sparsity", "0.5",
+             "--method", "taylor", "--out", str(out))  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    report = json.loads((out / "report.json").read_text())
+    assert report["sparsity"] == pytest.approx(0.5, abs=0.01)
+    assert report["recipe"]["default"]["prune"]["method"] == "taylor"
+
+    path = tmp_path / "features.pt2"  # per-position features [N, 4, 8], no class scores
+    example = torch.randn(4, 4, 8)
+    torch.export.save(torch.export.export(_Features().eval(), (example,)), str(path))
+    np.savez(tmp_path / "tokens.npz", x=torch.randn(40, 4, 8).numpy())
+    r = _run(str(path), "--data", str(tmp_path / "tokens.npz"), "--sparsity", "0.5",
+             "--method", "taylor", "--out", str(tmp_path / "refused"))  # fmt: skip
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    assert "has no labels" in r.stderr and "tokens.npz" in r.stderr
+    assert not (tmp_path / "refused").exists()
