@@ -12,7 +12,6 @@ from PySide6.QtCore import (
     QItemSelectionModel,
     QModelIndex,
     QPersistentModelIndex,
-    QPoint,
     QRegularExpression,
     QSortFilterProxyModel,
     Qt,
@@ -493,7 +492,6 @@ class LayerTable(QWidget):
         self.tree.header().setSectionResizeMode(0, QHeaderView.ResizeMode.Stretch)
         self.tree.selectionModel().selectionChanged.connect(self._on_tree_selectionChanged)
         self.tree_model.modelReset.connect(self._on_treeModel_modelReset)
-        self.tree_model.shown = self._tree_rows_shown
         self.views = QStackedWidget(self)
         self.views.addWidget(self.view)
         self.views.addWidget(self.tree)
@@ -710,22 +708,6 @@ class LayerTable(QWidget):
         # column gives them its room (the type is in the details line and the tooltip).
         self.tree.setIndentation(12)
         self.tree.setColumnHidden(1, True)
-
-    def _tree_rows_shown(self) -> set[int]:
-        """The ids of the tree nodes whose rows the tree view shows now (a slider step
-        signals only those: `LayerTreeModel.shown`)."""
-        view = self.tree
-        index = view.indexAt(QPoint(0, 0))
-        if not index.isValid():
-            return set()  # no row in view (an empty tree, or not laid out: painted later)
-        rows = view.viewport().height() // max(1, view.rowHeight(index)) + 2
-        shown = set()
-        for _ in range(rows):
-            if not index.isValid():
-                break
-            shown.add(id(index.internalPointer()))
-            index = view.indexBelow(index)
-        return shown
 
     def tree_selected_names(self) -> tuple[str, ...]:
         rows = self.tree.selectionModel().selectedRows()
