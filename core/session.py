@@ -1426,7 +1426,9 @@ def _frontier_points(
                     "payload_bytes": int(payload),
                     "archive_bytes": p["bytes"],
                     "accuracy_drop": p["accuracy_drop"],
-                    "rel_l2": None if scan.metric == "loss" else float(p["damage"]) ** 0.5,
+                    "rel_l2": (
+                        None if scan.metric in ("loss", "lm_loss") else float(p["damage"]) ** 0.5
+                    ),
                     "cosine": p["cosine"],
                     "estimate": scan.estimate,
                 }

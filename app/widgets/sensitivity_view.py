@@ -67,6 +67,7 @@ CURVE_COLORS = (
 #: What a scan's damage means, per metric (axis labels).
 DAMAGE_UNITS = {
     "loss": "loss increase",
+    "lm_loss": "next-token loss increase (nats/token)",
     "fidelity": "output error energy (rel. L2²)",
     "proxy": "1/SQNR (data-free estimate)",
 }
@@ -282,6 +283,7 @@ class SensitivityView(QWidget):
         else:
             what = {
                 "loss": "loss increase on held-out labelled data",
+                "lm_loss": "next-token loss increase on held-out text",
                 "fidelity": "output error energy on held-out data",
                 "proxy": "data-free estimate",
             }.get(scan.metric, scan.metric)

@@ -134,7 +134,12 @@ def _fmt(value: float | None) -> str:
 def scan_table(result: Any) -> str:
     """One line per layer: damage at a few sparsities (float32) and widths (unpruned)."""
 
-    unit = {"loss": "loss delta", "fidelity": "rel. L2^2", "proxy": "1/SQNR (estimate)"}
+    unit = {
+        "loss": "loss delta",
+        "lm_loss": "next-token loss delta (nats/token)",
+        "fidelity": "rel. L2^2",
+        "proxy": "1/SQNR (estimate)",
+    }
     heads = [f"s{s:g}" for s in _SPARSITY_COLUMNS] + [f"{b}b" for b in _BITS_COLUMNS]
     width = max([len(c.name) for c in result.layers] + [5])
     lines = [
@@ -155,9 +160,10 @@ def scan_table(result: Any) -> str:
         )
     base = result.baseline
     if base.get("loss") is not None:
+        acc = f", accuracy {100 * base['acc']:.2f}%" if base.get("acc") is not None else ""
+        what = "next-token loss" if result.metric == "lm_loss" else "loss"
         lines.append(
-            f"baseline on {result.samples} held-out samples: loss {base['loss']:.4f}, "
-            f"accuracy {100 * base['acc']:.2f}%"
+            f"baseline on {result.samples} held-out samples: {what} {base['loss']:.4f}{acc}"
         )
     lines.append(
         f"scan: {result.seconds:.2f} s ({result.cached_layers}/{len(result.layers)} layers from "

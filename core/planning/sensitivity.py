@@ -6,11 +6,13 @@ bit-width x per-tensor/per-channel scales), the layer is compressed exactly as t
 weights), every other layer kept, and the model is run on the held-out split:
 
 * with labels and class scores: task-loss (cross-entropy) delta and accuracy delta;
+* for a causal language model on text: its next-token loss delta (nats per token, the log
+  of the perplexity ratio; `core.io.hf.next_token_loss`), metric ``"lm_loss"``;
 * always: output fidelity against the uncompressed outputs (mean per-sample cosine, relative
   L2 error).
 
 The *damage* a point carries (the number the budget solver adds up) is the loss delta for
-labelled classifiers, else the squared relative L2 error (an error energy, which adds up over
+labelled classifiers and causal language models, else the squared relative L2 error (an error energy, which adds up over
 layers with independent errors). Negative deltas (noise) are clipped to zero.
 
 Weights-only checkpoints (no forward pass) or scans without data get a data-free proxy: the
@@ -63,6 +65,7 @@ from core.base.outdir import atomic_write
 from core.base.progress import CancelToken, ProgressFn, no_progress
 from core.compress.engine import bias_name, layer_mask, named_tensors, output_layer
 from core.evaluate import eval_mode, first_tensor, fixed_batch, is_classifier_output
+from core.io.hf import language_model, next_token_loss
 from core.io.model_io import clone_model
 from core.ops.quantization import dequantize, quantize
 from core.recipe.plan import (
@@ -233,7 +236,8 @@ class LayerCurve:
 class SensitivityScan:
     """A whole scan: per-layer curves plus what they were measured on.
 
-    ``metric``: ``"loss"`` (labelled classifier), ``"fidelity"`` (outputs only) or
+    ``metric``: ``"loss"`` (labelled classifier), ``"lm_loss"`` (a causal language model's
+    next-token loss on its text; no accuracy), ``"fidelity"`` (outputs only) or
     ``"proxy"`` (data-free estimate, ``estimate`` True). ``baseline``: the uncompressed
     model's loss/accuracy on the scan data. ``cached_layers``: layers read from the cache
     rather than measured now.
@@ -470,8 +474,15 @@ class _Runner:
 
 
 def _metrics(
-    outs: list[Any], base: torch.Tensor, y: torch.Tensor | None, real: int, classifier: bool
+    outs: list[Any],
+    base: torch.Tensor,
+    y: torch.Tensor | None,
+    real: int,
+    classifier: bool,
+    lm_x: torch.Tensor | None = None,
 ) -> dict[str, float | None]:
+    """Loss, accuracy, cosine and relative L2 error of ``outs`` against ``base``; ``lm_x``:
+    the scanned text of a causal language model (its loss is the next-token loss)."""
 
     out = torch.cat([first_tensor(o).detach().float() for o in outs])[:real]
     a = out.reshape(real, -1).double()
@@ -486,6 +497,9 @@ def _metrics(
         logits = torch.nan_to_num(out, nan=0.0, posinf=1e4, neginf=-1e4)
         loss = float(torch.nn.functional.cross_entropy(logits, yy))
         acc = float((out.argmax(dim=1) == yy).float().mean())
+    elif lm_x is not None:
+        logits = torch.nan_to_num(out, nan=0.0, posinf=1e4, neginf=-1e4)
+        loss = float(next_token_loss(logits, lm_x[:real]))
     return {"loss": loss, "acc": acc, "cosine": cos, "rel_l2": rel}
 
 
@@ -612,6 +626,8 @@ class _Reference:
     n: int
     classifier: bool
     metrics: dict[str, float | None]
+    #: A causal language model's scanned text (its loss is the next-token loss), else None.
+    lm_x: torch.Tensor | None = None
 
 
 def _reference(
@@ -628,8 +644,9 @@ def _reference(
     base_out = torch.cat([first_tensor(o).detach().float() for o in runner.run()])[:n]
     eval_seconds = time.perf_counter() - t0
     classifier = y is not None and is_classifier_output(loaded, base_out, True)
-    base = _metrics([base_out], base_out, y, n, classifier)
-    return _Reference(runner, base_out, y, n, classifier, base), eval_seconds
+    lm_x = torch.cat(batches)[:n] if language_model(loaded) and not classifier else None
+    base = _metrics([base_out], base_out, y, n, classifier, lm_x)
+    return _Reference(runner, base_out, y, n, classifier, base, lm_x), eval_seconds
 
 
 def _require_gradients(method: str, stats: Any) -> None:
@@ -696,7 +713,9 @@ def _measure_layer(
             weight.copy_(new_w)
             if bias is not None:
                 bias.copy_(new_b if new_b is not None else b0)
-            m = _metrics(ref.runner.run(layer.tensor), ref.out, ref.y, ref.n, ref.classifier)
+            m = _metrics(
+                ref.runner.run(layer.tensor), ref.out, ref.y, ref.n, ref.classifier, ref.lm_x
+            )
             points.append(_point(level, m, ref.metrics))
             tracker.measured(index, layer.name, time.perf_counter() - t1)
     finally:
@@ -763,7 +782,10 @@ def scan(
     batches = _eval_batches(loaded, data.x, n)
     mhash = model_hash(loaded.module)
     dhash = data_hash(data.x[:n], y_all)
-    folder, cache = _cache_folder(cache, cache_dir, scan_key(mhash, dhash, method, levels, n))
+    # (a language model's curves measure its next-token loss: another cache entry than the
+    # fidelity curves an older version measured on the same model and text)
+    key_method = f"{method}/lm_loss" if language_model(loaded) else method
+    folder, cache = _cache_folder(cache, cache_dir, scan_key(mhash, dhash, key_method, levels, n))
 
     work = clone_model(loaded)
     module = work.module
@@ -791,7 +813,7 @@ def scan(
     progress(1.0, "scan finished")
     return SensitivityScan(
         method=method,
-        metric="loss" if ref.classifier else "fidelity",
+        metric="loss" if ref.classifier else ("lm_loss" if ref.lm_x is not None else "fidelity"),
         estimate=False,
         levels=levels,
         layers=tuple(curves),

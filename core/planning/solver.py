@@ -248,7 +248,8 @@ def build_problem(
             j = index[p.level]
             # Loss deltas clipped at zero tie many levels; the output error energy (tiny
             # weight) breaks the ties towards the more faithful setting.
-            damage[i, j] = p.damage + (TIE_WEIGHT * p.rel_l2**2 if scan.metric == "loss" else 0.0)
+            tie = TIE_WEIGHT * p.rel_l2**2 if scan.metric in ("loss", "lm_loss") else 0.0
+            damage[i, j] = p.damage + tie
             acc[i, j] = p.acc_drop
             cos[i, j] = p.cos_loss
     for arr in (damage, acc, cos):
@@ -520,7 +521,7 @@ def _predict(
         "bytes": int(total),
         "ratio": problem.dense_bytes / total if total else math.inf,
         "damage": fd * d,
-        "loss_delta": fd * d if metric == "loss" else None,
+        "loss_delta": fd * d if metric in ("loss", "lm_loss") else None,
         # Additive drops can sum past what there is to lose: cap them at the whole accuracy.
         "accuracy_drop": min(100.0 * fa * a, 100.0 * acc_base) if metric == "loss" else None,
         "cosine": max(-1.0, 1.0 - fc * c),
@@ -925,11 +926,12 @@ def measure(
         base = first_tensor(loaded.module(x)).detach().float()
         out = result.compressed.module(x)
     classifier = scan.metric == "loss"
-    b = _metrics([base], base, y, n, classifier)
-    m = _metrics([out], base, y, n, classifier)
-    if classifier and m["loss"] is not None:
+    lm_x = x if scan.metric == "lm_loss" else None  # a language model: its next-token loss
+    b = _metrics([base], base, y, n, classifier, lm_x)
+    m = _metrics([out], base, y, n, classifier, lm_x)
+    if (classifier or lm_x is not None) and m["loss"] is not None:
         loss = float(m["loss"]) - float(b["loss"])
-        drop = 100.0 * max(0.0, float(b["acc"]) - float(m["acc"]))
+        drop = 100.0 * max(0.0, float(b["acc"]) - float(m["acc"])) if classifier else None
         damage = max(0.0, loss)
     else:
         loss = drop = None

@@ -98,3 +98,39 @@ def test_fine_tuning_a_language_model_lowers_its_perplexity_on_its_text(lm):
     tuned = finetune(result, data, None, distil)
     ev = evaluate(tuned.compressed, data, reference=loaded, latency=False)
     assert math.isfinite(ev.perplexity) and 0.0 <= ev.next_token_agreement <= 1.0
+
+
+def test_a_language_models_scan_measures_its_next_token_loss(lm, tmp_path):
+    """The scan's damage for a causal LM is its next-token loss increase on the text
+    (metric ``lm_loss``): the baseline is the model's own loss, and a point's loss delta is
+    what compressing that one layer does to it; there is no accuracy to plan against."""
+    from core.base.errors import CompressionError
+    from core.planning.sensitivity import Level, scan
+    from core.planning.solver import Target, plan_for_target
+
+    loaded, data, _ = lm
+    stats = analyze(loaded)
+    levels = [Level(0.0, None, False), Level(0.9, None, False), Level(0.0, 2, False)]
+    result = scan(loaded, stats, data, levels=levels, cache_dir=tmp_path / "cache")
+    assert result.metric == "lm_loss" and result.baseline["acc"] is None
+    n = result.samples
+    x = data.x[:n]
+    with torch.no_grad():
+        base = float(next_token_loss(loaded.module(x), x))
+    assert result.baseline["loss"] == pytest.approx(base, rel=1e-5)
+    name = "transformer.h.0.mlp.c_fc"
+    curve = result.layer(name)
+    point = curve.point(Level(0.9, None, False))
+    # Compress that layer alone (90% magnitude) and measure the loss the same way.
+    work = load_model(loaded.source).module
+    w = dict(work.named_parameters())[f"{name}.weight"]
+    with torch.no_grad():
+        k = int(0.9 * w.numel())
+        cut = w.abs().flatten().kthvalue(k).values
+        w.mul_((w.abs() > cut).to(w.dtype))
+        after = float(next_token_loss(work(x), x))
+    assert point.loss_delta == pytest.approx(after - base, abs=2e-3)
+    assert point.damage == pytest.approx(max(0.0, point.loss_delta), abs=1e-9)
+    assert point.acc_delta is None
+    with pytest.raises(CompressionError, match="max-drop"):
+        plan_for_target(stats, result, Target(max_drop=1.0))
