@@ -225,3 +225,28 @@ def build_audio_model(folder: Path, *, seed: int = 0):
     folder.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(str(folder))
     return model
+
+
+def build_two_tower(folder: Path, *, seed: int = 0):
+    """A tiny random CLIP (text and image towers): its forward needs token ids and pixels at
+    once, which the workbench does not make (it opens weights-only)."""
+    tf = _transformers()
+    import torch
+
+    torch.manual_seed(seed)
+    tower = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1}
+    config = tf.CLIPConfig(
+        text_config={
+            **tower,
+            "vocab_size": vocab_size(),
+            "num_attention_heads": 2,
+            "max_position_embeddings": 32,
+        },
+        vision_config={**tower, "num_attention_heads": 2, "image_size": 16, "patch_size": 4},
+        projection_dim=16,
+    )
+    model = tf.CLIPModel(config)
+    folder.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(str(folder))
+    tokenizer().save_pretrained(str(folder))
+    return model

@@ -544,14 +544,24 @@ def load_hf_folder(
     if images:
         meta["hf"]["image_shape"] = list(image)
     num_labels = int(getattr(config, "num_labels", 0) or 0) if kind == "classifier" else None
+    progress(0.8, "running the model once")
+    refused = _forward_refused(module, example)
+    if refused:
+        # Multi-input models (CLIP: text and images at once) need inputs the workbench does
+        # not make: their weights are still compressed and exported, without a forward pass.
+        meta["notes"] = [
+            f"{arch} does not run on {'images' if images else 'text'} alone ({refused}): "
+            "opened weights-only (compress and export work; evaluation, gradients and "
+            "fine-tuning need a forward pass)"
+        ]
     progress(1.0, f"opened {path.name}")
     return LoadedModel(
         module,
         "hf",
         str(path),
         path.name,
-        example_input=example,
-        weights_only=False,
+        example_input=None if refused else example,
+        weights_only=bool(refused),
         task={"classifier": "classification", "encoder": "embedding"}.get(kind, "unknown"),
         num_classes=num_labels,
         metadata=meta,
@@ -576,6 +586,16 @@ def _model_class(tf: Any, arch: str, config_dict: dict[str, Any], path: Path) ->
             hint="install a transformers version that knows this architecture",
         )
     return cls
+
+
+def _forward_refused(module: HFForward, example: torch.Tensor) -> str:
+    """``""`` when ``module`` runs on ``example``, else why not (``Type: first line``)."""
+    try:
+        with torch.no_grad():
+            module(example)
+    except Exception as exc:  # noqa: BLE001 - the model's own code, any failure
+        return f"{type(exc).__name__}: {_first(exc)}"
+    return ""
 
 
 def _input_name(model: Any, arch: str, path: Path) -> str:

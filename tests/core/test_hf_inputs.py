@@ -129,3 +129,28 @@ def test_a_waveform_model_is_refused_with_a_hint(tmp_path):
     with pytest.raises(ModelLoadError, match="input_values") as err:
         load_model(folder)
     assert "TorchScript or .pt2" in str(err.value)
+
+
+def test_a_model_needing_two_inputs_opens_weights_only_with_a_note(tmp_path):
+    """CLIP runs only on text and pixels together: the folder opens weights-only (with a
+    note saying why), compresses and exports; evaluation is refused with a clear error."""
+    from core.base.errors import CompressionError, WorkbenchError
+
+    folder = tmp_path / "clip"
+    hf_models.build_two_tower(folder)
+    loaded = load_model(folder)
+    assert not loaded.can_run and loaded.example_input is None
+    (note,) = loaded.metadata["notes"]
+    assert "CLIPModel does not run on text alone" in note and "weights-only" in note
+    result = compress(loaded, simple_plan(0.5, 8), analyze(loaded))
+    out = tmp_path / "out"
+    out.mkdir()
+    records = {r.format: r for r in export_all(result, ["packed", "hf"], out)}
+    assert records["packed"].bytes_on_disk < records["hf"].bytes_on_disk
+    restored = load_packed(out / "model.packed.safetensors", base=str(folder))
+    want = dict(result.compressed.module.named_parameters())
+    for name, p in restored.module.named_parameters():
+        torch.testing.assert_close(p, want[name])
+    data = load_data(hf_models.write_txt(tmp_path / "s.txt", 8), loaded)
+    with pytest.raises((CompressionError, WorkbenchError), match="forward|weights-only"):
+        evaluate(loaded, data, latency=False)
