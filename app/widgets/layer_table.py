@@ -17,7 +17,7 @@ from PySide6.QtCore import (
     Qt,
     Signal,
 )
-from PySide6.QtGui import QPaintEvent
+from PySide6.QtGui import QPaintEvent, QStandardItem, QStandardItemModel
 from PySide6.QtWidgets import (
     QAbstractItemView,
     QCheckBox,
@@ -90,6 +90,34 @@ _ROLES = frozenset(
 CELL_ROLES = _ROLES | {_DISPLAY}
 #: Columns before this one (name, type, parameters) do not depend on the preview.
 _FIRST_NUMBER_COLUMN = 3
+_TOOLTIP = Qt.ItemDataRole.ToolTipRole
+#: The Packed column: its tooltip has the layer's sizes; every other cell's is the layer's.
+_PACKED_COLUMN = COLUMNS.index("Packed")
+#: A cell's roles that do not follow the plan (copied when an item model is built).
+STATIC_ROLES = (NAME_ROLE, _ALIGNMENT, _FOREGROUND)
+#: Cells are selectable, not editable or draggable (a QAbstractItemModel's default).
+ITEM_FLAGS = Qt.ItemFlag.ItemIsSelectable | Qt.ItemFlag.ItemIsEnabled
+
+
+def copy_row(source, row: int, first: int, last: int, put, *, static=False, name=None) -> None:
+    """Copy the cells ``first..last`` of ``source``'s (a `LayerTableModel`) ``row`` into an
+    item model through ``put(column, role, value)``: the text, tooltip, and for the name
+    the bold override font and mark; ``static``: also the roles that never change for a
+    layer (`STATIC_ROLES`); ``name``: the text of column 0 (default the table's)."""
+    tip = source.cell(row, 0, _TOOLTIP)
+    for col in range(first, last + 1):
+        if col == 0:
+            put(0, _DISPLAY, source.cell(row, 0) if name is None else name)
+            put(0, _FONT, source.cell(row, 0, _FONT))
+            put(0, OVERRIDE_ROLE, source.cell(row, 0, OVERRIDE_ROLE))
+        else:
+            put(col, _DISPLAY, source.cell(row, col))
+        put(col, _TOOLTIP, source.cell(row, col, _TOOLTIP) if col == _PACKED_COLUMN else tip)
+        if static:
+            for role in STATIC_ROLES:
+                value = source.cell(row, col, role)
+                if value is not None:
+                    put(col, role, value)
 
 
 class LayerTableModel(QAbstractTableModel):
@@ -391,18 +419,119 @@ def row_runs(spans: dict[int, tuple[int, int]]) -> list[tuple[int, int, int, int
     return runs
 
 
+class LayerTableItems(QStandardItemModel):
+    """The flat table's cells in Qt's own item model, copied from a `LayerTableModel`.
+
+    The view (through the filtering and sorting proxy) paints from here without calling
+    into Python: a Python model was asked ~0.8k times per slider step (each index checked
+    against its row and column counts, each painted cell's roles). The table's change
+    signals are copied in as they come, only the cells whose value differs. The sort keys
+    are written only when a sort needs them (`refresh_sort_keys`; rows do not move during a
+    drag). A hidden table (the module tree shown) is brought up to date when shown again.
+    """
+
+    def __init__(self, source: LayerTableModel, parent=None):
+        super().__init__(parent)
+        self.source = source
+        self.setColumnCount(len(COLUMNS))
+        self._written: dict[tuple[int, int, int], object] = {}
+        self._sort_stale = True
+        self._live = True
+        self._stale = False
+        source.modelReset.connect(self.rebuild)
+        source.dataChanged.connect(self._on_source_dataChanged)
+        self.rebuild()
+
+    @property
+    def live(self) -> bool:
+        return self._live
+
+    @live.setter
+    def live(self, on: bool) -> None:
+        self._live = on
+        if on and self._stale:
+            self._refresh_all()
+
+    def layer(self, row: int):
+        return self.source.layer(row)
+
+    def headerData(self, section, orientation, role=Qt.ItemDataRole.DisplayRole):
+        return self.source.headerData(section, orientation, role)
+
+    def rebuild(self) -> None:
+        self.beginResetModel()
+        blocked = self.blockSignals(True)  # one reset, not a signal per item
+        try:
+            self.removeRows(0, self.rowCount())
+            self._written = {}
+            for _ in range(self.source.rowCount()):
+                items = [QStandardItem() for _ in COLUMNS]
+                for item in items:
+                    item.setFlags(ITEM_FLAGS)
+                self.appendRow(items)
+            self._stale = False
+            self._fill()
+        finally:
+            self.blockSignals(blocked)
+        self.endResetModel()
+
+    def _fill(self) -> None:
+        for row in range(self.rowCount()):
+            self._write(row, 0, len(COLUMNS) - 1, static=True)
+
+    def _refresh_all(self) -> None:
+        self._stale = False
+        self._fill()
+
+    def _write(self, row: int, first: int, last: int, *, static: bool = False) -> None:
+        def put(col: int, role: int, value: object) -> None:
+            key = (row, col, role)
+            if key in self._written and self._written[key] == value:
+                return
+            self._written[key] = value
+            self.item(row, col).setData(value, role)
+
+        copy_row(self.source, row, first, last, put, static=static)
+        self._sort_stale = True
+
+    def refresh_sort_keys(self) -> None:
+        """Write every cell's sort key (before a sort; no change signals: nothing is shown
+        from them)."""
+        if not self._sort_stale:
+            return
+        blocked = self.blockSignals(True)
+        try:
+            for row in range(self.rowCount()):
+                for col in range(len(COLUMNS)):
+                    self.item(row, col).setData(self.source.cell(row, col, SORT_ROLE), SORT_ROLE)
+        finally:
+            self.blockSignals(blocked)
+        self._sort_stale = False
+
+    def _on_source_dataChanged(self, top_left=None, bottom_right=None, *_args) -> None:
+        if not self._live:
+            self._stale = True
+            self._sort_stale = True
+            return
+        if top_left is None or bottom_right is None or not top_left.isValid():
+            self._refresh_all()
+            return
+        for row in range(top_left.row(), bottom_right.row() + 1):
+            self._write(row, top_left.column(), bottom_right.column())
+
+
 class _Proxy(QSortFilterProxyModel):
     """Filters on name and type at once (one line edit), sorts by the numeric sort role;
     ``prunable_only`` hides the layers the plan does not compress (norms...)."""
 
     prunable_only = False
 
-    def multiData(self, index, span) -> None:  # noqa: N802 - Qt signature
-        """Every role of a painted cell in one call to the table (Qt's proxy asks its
-        source role by role: seven calls into Python per painted cell)."""
-        if index.isValid():
-            source = self.mapToSource(index)
-            self.sourceModel().fill(source.row(), source.column(), span)
+    def sort(self, column: int, order=Qt.SortOrder.AscendingOrder) -> None:
+        """Sort on fresh keys (`LayerTableItems` writes its sort keys only when asked)."""
+        source = self.sourceModel()
+        if isinstance(source, LayerTableItems):
+            source.refresh_sort_keys()
+        super().sort(column, order)
 
     def filterAcceptsRow(self, source_row: int, source_parent: QModelIndex) -> bool:
         model = self.sourceModel()
@@ -444,8 +573,9 @@ class LayerTable(QWidget):
     def __init__(self, parent=None):
         super().__init__(parent)
         self.model = LayerTableModel(self)
+        self.items = LayerTableItems(self.model, self)
         self.proxy = _Proxy(self)
-        self.proxy.setSourceModel(self.model)
+        self.proxy.setSourceModel(self.items)
         self.proxy.setSortRole(SORT_ROLE)
         # Rows must not jump under the mouse while a slider is dragged (and re-sorting on every
         # step costs more than the preview): the order is refreshed by `resort`.
@@ -639,7 +769,7 @@ class LayerTable(QWidget):
             row = self.model.row_of(name)
             if row < 0:
                 continue
-            idx = self.proxy.mapFromSource(self.model.index(row, 0))
+            idx = self.proxy.mapFromSource(self.items.index(row, 0))
             if idx.isValid():
                 selection.select(idx, idx)
         sm = self.view.selectionModel()
@@ -652,7 +782,7 @@ class LayerTable(QWidget):
             if names:
                 row = self.model.row_of(names[0])
                 if row >= 0:
-                    idx = self.proxy.mapFromSource(self.model.index(row, 0))
+                    idx = self.proxy.mapFromSource(self.items.index(row, 0))
                     sm.setCurrentIndex(idx, QItemSelectionModel.SelectionFlag.NoUpdate)
                     self.view.scrollTo(idx)
         self.view.viewport().update()
@@ -688,6 +818,7 @@ class LayerTable(QWidget):
 
     def _on_grouped_toggled(self, on: bool) -> None:
         self.tree_model.live = on
+        self.items.live = not on
         self.views.setCurrentWidget(self.tree if on else self.view)
         if on:
             self._fit_tree_columns()

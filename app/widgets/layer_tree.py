@@ -23,24 +23,18 @@ from PySide6.QtGui import QStandardItem, QStandardItemModel
 
 from app.style import human_bytes, human_count
 from app.widgets.layer_table import (
-    CELL_ROLES,
     COLUMNS,
-    OVERRIDE_ROLE,
-    SORT_ROLE,
+    ITEM_FLAGS,
     LayerTableModel,
+    copy_row,
 )
 
 #: The one column of a group row that follows the plan (its leaves' summed packed bytes).
 PACKED_COLUMN = COLUMNS.index("Packed")
 _DISPLAY = Qt.ItemDataRole.DisplayRole
 _TOOLTIP = Qt.ItemDataRole.ToolTipRole
-_FONT = Qt.ItemDataRole.FontRole
 _ALIGNMENT = Qt.ItemDataRole.TextAlignmentRole
 _RIGHT = int(Qt.AlignmentFlag.AlignRight | Qt.AlignmentFlag.AlignVCenter)
-#: A leaf's roles that do not follow the plan (written when the tree is built).
-_STATIC_ROLES = tuple(CELL_ROLES - {_DISPLAY, _TOOLTIP, _FONT, OVERRIDE_ROLE, SORT_ROLE})
-#: Cells are selectable, not editable or draggable (a QAbstractItemModel's default).
-_FLAGS = Qt.ItemFlag.ItemIsSelectable | Qt.ItemFlag.ItemIsEnabled
 
 
 class _Node:
@@ -157,7 +151,7 @@ class LayerTreeModel(QStandardItemModel):
                     self._leaves[child_path] = child
                 items = [QStandardItem() for _ in COLUMNS]
                 for item in items:
-                    item.setFlags(_FLAGS)
+                    item.setFlags(ITEM_FLAGS)
                 self._items[id(child)] = items
                 parent_item.appendRow(items)
                 # A layer that is also a parent (a module with its own weight and children)
@@ -191,26 +185,14 @@ class LayerTreeModel(QStandardItemModel):
     def _write_leaf(self, leaf: _Node, first: int, last: int, *, static: bool = False) -> None:
         """Copy the leaf's cells ``first..last`` from the table (``static``: also the roles
         that never change for a layer: alignment, colour, name)."""
-        source, row = self.source, leaf.row
-        tip = source.cell(row, 0, _TOOLTIP)
-        for col in range(first, last + 1):
-            if col == 0:
-                text = source.cell(row, 0)
-                # Keep the override mark, show the short name (the full one is in the tooltip).
-                mark = text[: len(text) - len(leaf.path)] if text.endswith(leaf.path) else ""
-                self._set(leaf, 0, _DISPLAY, mark + leaf.name)
-                self._set(leaf, 0, _FONT, source.cell(row, 0, _FONT))
-                self._set(leaf, 0, OVERRIDE_ROLE, source.cell(row, 0, OVERRIDE_ROLE))
-            else:
-                self._set(leaf, col, _DISPLAY, source.cell(row, col))
-            # (the Packed cell's tooltip has its sizes; every other cell's is the layer's)
-            col_tip = source.cell(row, col, _TOOLTIP) if col == PACKED_COLUMN else tip
-            self._set(leaf, col, _TOOLTIP, col_tip)
-            if static:
-                for role in _STATIC_ROLES:
-                    value = source.cell(row, col, role)
-                    if value is not None:
-                        self._set(leaf, col, role, value)
+        text = self.source.cell(leaf.row, 0)
+        # Keep the override mark, show the short name (the full one is in the tooltip).
+        mark = text[: len(text) - len(leaf.path)] if text.endswith(leaf.path) else ""
+
+        def put(col: int, role: int, value: object) -> None:
+            self._set(leaf, col, role, value)
+
+        copy_row(self.source, leaf.row, first, last, put, static=static, name=mark + leaf.name)
 
     def _write_group(self, node: _Node, *, static: bool = False) -> None:
         """A group's summed Packed cell (``static``: its name, count, parameters too)."""
