@@ -118,9 +118,16 @@ class SizeView(QWidget):
         dense, packed = dense / scale, packed / scale
         n = len(names)
         y = np.arange(n, dtype=np.float64)
-        self.dense.setOpts(x0=np.zeros(n), y=y - 0.2, width=dense, height=0.38)
+        same_rows = names == self._names
+        same_dense = same_rows and self._dense.shape == dense.shape and np.array_equal(
+            self._dense, dense
+        )
+        # The dense bars do not follow the plan: a slider step redraws only the packed ones
+        # (each redraw rebuilds the bars' picture and bounds in Python).
+        if not same_dense:
+            self.dense.setOpts(x0=np.zeros(n), y=y - 0.2, width=dense, height=0.38)
         self.packed.setOpts(x0=np.zeros(n), y=y + 0.2, width=packed, height=0.38)
-        if names != self._names:
+        if not same_rows:
             self._names = names
             self._label_rows()
             self.plot.setYRange(-0.6, n - 0.4, padding=0)
