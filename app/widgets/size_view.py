@@ -119,8 +119,8 @@ class SizeView(QWidget):
         n = len(names)
         y = np.arange(n, dtype=np.float64)
         same_rows = names == self._names
-        same_dense = same_rows and self._dense.shape == dense.shape and np.array_equal(
-            self._dense, dense
+        same_dense = (
+            same_rows and self._dense.shape == dense.shape and np.array_equal(self._dense, dense)
         )
         # The dense bars do not follow the plan: a slider step redraws only the packed ones
         # (each redraw rebuilds the bars' picture and bounds in Python).
