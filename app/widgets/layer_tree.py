@@ -197,14 +197,13 @@ class LayerTreeModel(QStandardItemModel):
     def _write_group(self, node: _Node, *, static: bool = False) -> None:
         """A group's summed Packed cell (``static``: its name, count, parameters too)."""
         leaves = self._group_leaves(node)
-        packed = [self.source.preview_of(n.path) for n in leaves]
+        # The layers the plan compresses (norms have no preview row, as in the table).
+        packed = [lp for lp in map(self.source.preview_of, (n.path for n in leaves)) if lp]
         self._set(
             node,
             PACKED_COLUMN,
             _DISPLAY,
-            human_bytes(sum(lp.packed_bytes for lp in packed))
-            if packed and all(lp is not None for lp in packed)
-            else None,
+            human_bytes(sum(lp.packed_bytes for lp in packed)) if packed else None,
         )
         if not static:
             return

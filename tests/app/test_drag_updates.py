@@ -180,6 +180,15 @@ def test_tree_writes_exactly_the_changed_cells(qtbot, stats):
         row = table.model.row_of(path)
         for col in range(1, len(COLUMNS)):
             assert after[(path, col)][0] == table.model.cell(row, col)
+    # Groups show the summed packed bytes of their compressed layers (norms have none).
+    from app.style import human_bytes
+
+    layer1 = tree_node(tree, "layer1")
+    leaves = tree._group_leaves(layer1)
+    packed = [table.model.preview_of(n.path) for n in leaves]
+    assert any(lp is None for lp in packed)  # the block's BatchNorm layers
+    total = sum(lp.packed_bytes for lp in packed if lp is not None)
+    assert after[("layer1", PACKED_COLUMN)][0] == human_bytes(total)
     # A hidden tree is not written per step, and is up to date when shown again.
     table.grouped.setChecked(False)
     signalled.clear()
