@@ -12,6 +12,7 @@ from PySide6.QtCore import (
     QItemSelectionModel,
     QModelIndex,
     QPersistentModelIndex,
+    QPoint,
     QRegularExpression,
     QSortFilterProxyModel,
     Qt,
@@ -557,6 +558,10 @@ class _TreeView(QTreeView):
     changed, not every visible cell (the rectangles of a region do not overlap)."""
 
     def paintEvent(self, event: QPaintEvent) -> None:  # noqa: N802 - Qt signature
+        model = self.model()
+        if getattr(model, "_pending", None):
+            # Rows scrolled or unfolded into view get the numbers that waited for them.
+            model.flush_pending(model.shown())
         region = event.region()
         if region.rectCount() <= 1:
             super().paintEvent(event)
@@ -622,6 +627,7 @@ class LayerTable(QWidget):
         self.tree.header().setSectionResizeMode(0, QHeaderView.ResizeMode.Stretch)
         self.tree.selectionModel().selectionChanged.connect(self._on_tree_selectionChanged)
         self.tree_model.modelReset.connect(self._on_treeModel_modelReset)
+        self.tree_model.shown = self._tree_rows_shown
         self.views = QStackedWidget(self)
         self.views.addWidget(self.view)
         self.views.addWidget(self.tree)
@@ -839,6 +845,25 @@ class LayerTable(QWidget):
         # column gives them its room (the type is in the details line and the tooltip).
         self.tree.setIndentation(12)
         self.tree.setColumnHidden(1, True)
+
+    def _tree_rows_shown(self) -> set[int] | None:
+        """The ids of the tree nodes whose rows the tree view shows now (a slider step writes
+        only those: `LayerTreeModel.shown`); None when the view is not laid out yet."""
+        view = self.tree
+        model = self.tree_model
+        index = view.indexAt(QPoint(0, 0))
+        if not view.isVisible() or not index.isValid():
+            return None
+        rows = view.viewport().height() // max(1, view.rowHeight(index)) + 2
+        shown = set()
+        for _ in range(rows):
+            if not index.isValid():
+                break
+            node = model.node_at(index)
+            if node is not None:
+                shown.add(id(node))
+            index = view.indexBelow(index)
+        return shown
 
     def tree_selected_names(self) -> tuple[str, ...]:
         rows = self.tree.selectionModel().selectedRows()

@@ -94,6 +94,12 @@ class LayerTreeModel(QStandardItemModel):
         #: is brought up to date when it is shown again (`live` = True).
         self._live = False
         self._stale = False
+        #: ``shown()``: the ids of the nodes whose rows the view shows now (None: all; set by
+        #: `app.widgets.layer_table.LayerTable`). Cells of rows out of view are not written
+        #: per step: they wait in ``_pending`` until their row is painted
+        #: (`flush_pending`), so a whole-model step writes the dozen rows in view, not all.
+        self.shown: Callable[[], set[int] | None] = lambda: None
+        self._pending: dict[int, tuple[_Node, int, int]] = {}
         source.modelReset.connect(self.rebuild)
         source.dataChanged.connect(self._on_source_dataChanged)
         self.rebuild()
@@ -134,6 +140,7 @@ class LayerTreeModel(QStandardItemModel):
         self._written = {}
         self._leaves_of = {}
         self._stale = False
+        self._pending = {}
 
         def build(node: _Node, path: str, parent_item: QStandardItem) -> None:
             for child_path in tree.get(path, []):
@@ -173,6 +180,7 @@ class LayerTreeModel(QStandardItemModel):
 
     def _refresh_all(self) -> None:
         self._stale = False
+        self._pending = {}
         self._fill(self._root)
 
     def _set(self, node: _Node, col: int, role: int, value: object) -> None:
@@ -290,20 +298,47 @@ class LayerTreeModel(QStandardItemModel):
 
     def _rows_changed(self, rows: dict[int, tuple[int, int]]) -> None:
         """Source ``rows`` changed (``{row: (first column, last column)}``): copy those cells
-        into the leaves and re-add the Packed sum of every group above a leaf whose Packed
-        cell changed. Only cells whose value differs are written; each write repaints its
-        cell alone (`_TreeView` in `app.widgets.layer_table` paints the dirty region
-        rectangle by rectangle)."""
+        into the leaves in view and re-add the Packed sum of every group in view above a
+        leaf whose Packed cell changed; the others wait in ``_pending``. Only cells whose
+        value differs are written; each write repaints its cell alone (`_TreeView` in
+        `app.widgets.layer_table` paints the dirty region rectangle by rectangle)."""
+        shown = self.shown()
         groups: dict[int, _Node] = {}
         for row, (first, last) in rows.items():
             leaf = self._by_row.get(row)
             if leaf is None:
                 continue
-            self._write_leaf(leaf, first, last)
+            self._change(leaf, first, last, shown)
             if first <= PACKED_COLUMN <= last:
                 node = leaf.parent
                 while node is not None and node is not self._root and id(node) not in groups:
                     groups[id(node)] = node
                     node = node.parent
         for node in groups.values():
+            self._change(node, PACKED_COLUMN, PACKED_COLUMN, shown)
+
+    def _change(self, node: _Node, first: int, last: int, shown: set[int] | None) -> None:
+        """Write ``node``'s changed cells now if its row is in view, else later."""
+        old = self._pending.pop(id(node), None)
+        if old is not None:
+            first, last = min(first, old[1]), max(last, old[2])
+        if shown is None or id(node) in shown:
+            self._write_node(node, first, last)
+        else:
+            self._pending[id(node)] = (node, first, last)
+
+    def _write_node(self, node: _Node, first: int, last: int) -> None:
+        if node.row >= 0:
+            self._write_leaf(node, first, last)
+        else:
             self._write_group(node)
+
+    def flush_pending(self, shown: set[int] | None = None) -> None:
+        """Write the waiting cells of the rows in ``shown`` (None: all of them), with their
+        change signals (a view painting them now asks for them again)."""
+        if not self._pending:
+            return
+        ready = [pending for key, pending in self._pending.items() if shown is None or key in shown]
+        for node, first, last in ready:
+            del self._pending[id(node)]
+            self._write_node(node, first, last)

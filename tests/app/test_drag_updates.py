@@ -150,13 +150,16 @@ def _shown_table(qtbot, stats, *, grouped: bool) -> LayerTable:
 
 
 def test_tree_writes_exactly_the_changed_cells(qtbot, stats):
-    """A step in the grouped tree writes (and so signals, and repaints) every cell whose
-    text or tooltip changed, in view or not, and no other: not the BatchNorm rows between
-    the convolutions, not the names; a group only its summed Packed cell. What it shows
-    then equals the table's cells (leaves) and the sums of its leaves (groups)."""
+    """A step in the grouped tree writes (and so signals, and repaints) every changed cell
+    of the rows in view and no other: not the BatchNorm rows between the convolutions, not
+    the names; a group only its summed Packed cell. The rows out of view get theirs when
+    they are painted (`flush_pending`); what the tree then holds equals the table's cells
+    (leaves) and the sums of its leaves (groups)."""
     table = _shown_table(qtbot, stats, grouped=True)
     tree = table.tree_model
+    table.tree.scrollTo(tree.index_of("layer2.0.conv2"))
     table.set_preview(preview(stats, simple_plan(0.3, 6)))
+    tree.flush_pending()
     before = _tree_cells(tree)
     signalled = set()
 
@@ -168,9 +171,17 @@ def test_tree_writes_exactly_the_changed_cells(qtbot, stats):
 
     tree.dataChanged.connect(on_changed)
     table.set_preview(preview(stats, simple_plan(0.5, 6)))
+    shown = table._tree_rows_shown()
+    in_view = {
+        tree_node(tree, path).path for path, _ in before if id(tree_node(tree, path)) in shown
+    }
+    assert 10 < len(in_view) < len({path for path, _ in before})
+    written_now = set(signalled)
+    tree.flush_pending()  # what painting the other rows does
     after = _tree_cells(tree)
     changed = {key for key in after if after[key] != before[key]}
     assert len({path for path, _ in changed}) > 40  # a whole-model step: most layers
+    assert written_now == {key for key in changed if key[0] in in_view}
     assert signalled == changed
     for path, col in changed:
         if path not in tree._leaves:
@@ -250,7 +261,9 @@ def test_the_incremental_repaint_shows_what_a_full_repaint_shows(qtbot, stats, g
     assert shown_pixels() == painted()
     # The check can fail: cells changed behind the view's back stay stale on screen.
     # (the views paint Qt item models holding copies of the cells: theirs are the signals
-    # to block)
+    # to block; first every waiting cell written and repainted)
+    table.tree_model.flush_pending()
+    shown_pixels()
     with signals_blocked(table.tree_model if grouped else table.items):
         table.set_preview(cache.preview(simple_plan(0.9, 8)))
     assert shown_pixels() != painted()
