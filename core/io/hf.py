@@ -547,13 +547,7 @@ def load_hf_folder(
     progress(0.8, "running the model once")
     refused = _forward_refused(module, example)
     if refused:
-        # Multi-input models (CLIP: text and images at once) need inputs the workbench does
-        # not make: their weights are still compressed and exported, without a forward pass.
-        meta["notes"] = [
-            f"{arch} does not run on {'images' if images else 'text'} alone ({refused}): "
-            "opened weights-only (compress and export work; evaluation, gradients and "
-            "fine-tuning need a forward pass)"
-        ]
+        meta["notes"] = [_weights_only_note(arch, images, refused)]
     progress(1.0, f"opened {path.name}")
     return LoadedModel(
         module,
@@ -596,6 +590,17 @@ def _forward_refused(module: HFForward, example: torch.Tensor) -> str:
     except Exception as exc:  # noqa: BLE001 - the model's own code, any failure
         return f"{type(exc).__name__}: {_first(exc)}"
     return ""
+
+
+def _weights_only_note(arch: str, images: bool, refused: str) -> str:
+    """Why a folder opened weights-only. Multi-input models (CLIP: text and images at once)
+    need inputs the workbench does not make: their weights are still compressed and
+    exported, without a forward pass."""
+    return (
+        f"{arch} does not run on {'images' if images else 'text'} alone ({refused}): "
+        "opened weights-only (compress and export work; evaluation, gradients and "
+        "fine-tuning need a forward pass)"
+    )
 
 
 def _input_name(model: Any, arch: str, path: Path) -> str:
