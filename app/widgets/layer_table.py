@@ -420,27 +420,26 @@ def row_runs(spans: dict[int, tuple[int, int]]) -> list[tuple[int, int, int, int
     return runs
 
 
-class LayerTableItems(QStandardItemModel):
-    """The flat table's cells in Qt's own item model, copied from a `LayerTableModel`.
+class CellCopies(QStandardItemModel):
+    """A Qt item model holding copies of a `LayerTableModel`'s cells, for a view to paint
+    without calling into Python (`LayerTableItems`, `app.widgets.layer_tree.LayerTreeModel`).
 
-    The view (through the filtering and sorting proxy) paints from here without calling
-    into Python: a Python model was asked ~0.8k times per slider step (each index checked
-    against its row and column counts, each painted cell's roles). The table's change
-    signals are copied in as they come, only the cells whose value differs. The sort keys
-    are written only when a sort needs them (`refresh_sort_keys`; rows do not move during a
-    drag). A hidden table (the module tree shown) is brought up to date when shown again.
+    Subclasses write the copies (`rebuild` on a reset, `_on_source_dataChanged` per change,
+    `_refresh_all`). While ``live`` is off (its view hidden) changes only mark it stale; it
+    is refreshed when ``live`` is turned on again.
     """
 
-    def __init__(self, source: LayerTableModel, parent=None):
+    def __init__(self, source: LayerTableModel, parent=None, *, live: bool = True):
         super().__init__(parent)
         self.source = source
         self.setColumnCount(len(COLUMNS))
-        self._written: dict[tuple[int, int, int], object] = {}
-        self._sort_stale = True
-        self._live = True
+        self._live = live
         self._stale = False
-        source.modelReset.connect(self.rebuild)
-        source.dataChanged.connect(self._on_source_dataChanged)
+
+    def _follow(self) -> None:
+        """Build the copies and follow the source's resets and changes (end of __init__)."""
+        self.source.modelReset.connect(self.rebuild)
+        self.source.dataChanged.connect(self._on_source_dataChanged)
         self.rebuild()
 
     @property
@@ -453,11 +452,38 @@ class LayerTableItems(QStandardItemModel):
         if on and self._stale:
             self._refresh_all()
 
-    def layer(self, row: int):
-        return self.source.layer(row)
-
     def headerData(self, section, orientation, role=Qt.ItemDataRole.DisplayRole):
         return self.source.headerData(section, orientation, role)
+
+    def rebuild(self) -> None:
+        raise NotImplementedError
+
+    def _refresh_all(self) -> None:
+        raise NotImplementedError
+
+    def _on_source_dataChanged(self, *args) -> None:  # noqa: N802 - Qt's naming
+        raise NotImplementedError
+
+
+class LayerTableItems(CellCopies):
+    """The flat table's cells in Qt's own item model, copied from a `LayerTableModel`.
+
+    The view (through the filtering and sorting proxy) paints from here without calling
+    into Python: a Python model was asked ~0.8k times per slider step (each index checked
+    against its row and column counts, each painted cell's roles). The table's change
+    signals are copied in as they come, only the cells whose value differs. The sort keys
+    are written only when a sort needs them (`refresh_sort_keys`; rows do not move during a
+    drag). A hidden table (the module tree shown) is brought up to date when shown again.
+    """
+
+    def __init__(self, source: LayerTableModel, parent=None):
+        super().__init__(source, parent)
+        self._written: dict[tuple[int, int, int], object] = {}
+        self._sort_stale = True
+        self._follow()
+
+    def layer(self, row: int):
+        return self.source.layer(row)
 
     def rebuild(self) -> None:
         self.beginResetModel()

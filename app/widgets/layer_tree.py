@@ -19,12 +19,13 @@ from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 
 from PySide6.QtCore import QModelIndex, Qt
-from PySide6.QtGui import QStandardItem, QStandardItemModel
+from PySide6.QtGui import QStandardItem
 
 from app.style import human_bytes, human_count
 from app.widgets.layer_table import (
     COLUMNS,
     ITEM_FLAGS,
+    CellCopies,
     LayerTableModel,
     copy_row,
 )
@@ -66,7 +67,7 @@ def group_paths(names: Sequence[str]) -> dict[str, list[str]]:
     return children
 
 
-class LayerTreeModel(QStandardItemModel):
+class LayerTreeModel(CellCopies):
     """Tree over ``source`` (a `LayerTableModel`), leaves filtered by ``accept(row)``.
 
     The tree's cells live in Qt's own item model: a repaint (index, parent, each cell's
@@ -77,9 +78,7 @@ class LayerTreeModel(QStandardItemModel):
     """
 
     def __init__(self, source: LayerTableModel, parent=None):
-        super().__init__(parent)
-        self.source = source
-        self.setColumnCount(len(COLUMNS))
+        super().__init__(source, parent, live=False)
         self._root = _Node("", "", None)
         self._leaves: dict[str, _Node] = {}
         self._by_row: dict[int, _Node] = {}
@@ -90,29 +89,13 @@ class LayerTreeModel(QStandardItemModel):
         self._accept: Callable[[int], bool] = lambda _row: True
         #: Inside `batched`: the source rows changed so far and the span of their columns.
         self._batch: dict[int, tuple[int, int]] | None = None
-        #: Whether a view shows the tree. A hidden tree is not kept up to date per step; it
-        #: is brought up to date when it is shown again (`live` = True).
-        self._live = False
-        self._stale = False
         #: ``shown()``: the ids of the nodes whose rows the view shows now (None: all; set by
         #: `app.widgets.layer_table.LayerTable`). Cells of rows out of view are not written
         #: per step: they wait in ``_pending`` until their row is painted
         #: (`flush_pending`), so a whole-model step writes the dozen rows in view, not all.
         self.shown: Callable[[], set[int] | None] = lambda: None
         self._pending: dict[int, tuple[_Node, int, int]] = {}
-        source.modelReset.connect(self.rebuild)
-        source.dataChanged.connect(self._on_source_dataChanged)
-        self.rebuild()
-
-    @property
-    def live(self) -> bool:
-        return self._live
-
-    @live.setter
-    def live(self, on: bool) -> None:
-        self._live = on
-        if on and self._stale:
-            self._refresh_all()
+        self._follow()
 
     # ------------------------------------------------------------------ structure
     def set_filter(self, accept: Callable[[int], bool]) -> None:
@@ -236,9 +219,6 @@ class LayerTreeModel(QStandardItemModel):
                 return None
             node = node.children[row]
         return node if rows else None
-
-    def headerData(self, section, orientation, role=Qt.ItemDataRole.DisplayRole):
-        return self.source.headerData(section, orientation, role)
 
     def index_of(self, name: str) -> QModelIndex:
         node = self._leaves.get(name)
