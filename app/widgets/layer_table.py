@@ -87,13 +87,11 @@ _ROLES = frozenset(
         Qt.ItemDataRole.ForegroundRole,
     )
 )
-#: Every role a cell may answer with something other than None (`LayerTableModel.cell`).
-CELL_ROLES = _ROLES | {_DISPLAY}
 #: Columns before this one (name, type, parameters) do not depend on the preview.
 _FIRST_NUMBER_COLUMN = 3
 _TOOLTIP = Qt.ItemDataRole.ToolTipRole
 #: The Packed column: its tooltip has the layer's sizes; every other cell's is the layer's.
-_PACKED_COLUMN = COLUMNS.index("Packed")
+PACKED_COLUMN = COLUMNS.index("Packed")
 #: A cell's roles that do not follow the plan (copied when an item model is built).
 STATIC_ROLES = (NAME_ROLE, _ALIGNMENT, _FOREGROUND)
 #: Cells are selectable, not editable or draggable (a QAbstractItemModel's default).
@@ -113,7 +111,7 @@ def copy_row(source, row: int, first: int, last: int, put, *, static=False, name
             put(0, OVERRIDE_ROLE, source.cell(row, 0, OVERRIDE_ROLE))
         else:
             put(col, _DISPLAY, source.cell(row, col))
-        put(col, _TOOLTIP, source.cell(row, col, _TOOLTIP) if col == _PACKED_COLUMN else tip)
+        put(col, _TOOLTIP, source.cell(row, col, _TOOLTIP) if col == PACKED_COLUMN else tip)
         if static:
             for role in STATIC_ROLES:
                 value = source.cell(row, col, role)
@@ -257,34 +255,9 @@ class LayerTableModel(QAbstractTableModel):
             return None
         return self.cell(index.row(), index.column(), role)
 
-    def multiData(self, index, span) -> None:  # noqa: N802 - Qt signature
-        if index.isValid():
-            self.fill(index.row(), index.column(), span)
-
-    def fill(self, row: int, col: int, span, display: str | None = None) -> None:
-        """`cell` for every role of ``span`` (a `QModelRoleDataSpan`) in one call: the item
-        delegate asks each cell it paints for seven roles at once, one Python call instead
-        of seven. ``display``: the text shown instead of the cell's (the tree's short
-        names)."""
-        for k in range(len(span)):
-            slot = span[k]
-            role = slot.role()
-            if role == _DISPLAY:
-                value = self._cells[row][col] if display is None else display
-            elif role in _ROLES:
-                value = self.cell(row, col, role)
-            else:
-                value = None
-            # Every slot is written: a span's slots can hold the previous cell's values (Qt
-            # reuses them), so an unanswered role must be cleared, not skipped.
-            if value is None:
-                slot.clearData()
-            else:
-                slot.setData(value)
-
     def cell(self, row: int, col: int, role=Qt.ItemDataRole.DisplayRole):
-        """`data` of the cell at ``row``, ``col`` without a model index (the module tree
-        reads its leaves' cells here: a repaint asks for every visible cell and role)."""
+        """`data` of the cell at ``row``, ``col`` without a model index (what the views'
+        item-model copies, `CellCopies`, are filled from)."""
         if role == _DISPLAY:
             return self._cells[row][col]
         if role not in _ROLES:

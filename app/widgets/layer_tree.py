@@ -22,16 +22,15 @@ from PySide6.QtCore import QModelIndex, Qt
 from PySide6.QtGui import QStandardItem
 
 from app.style import human_bytes, human_count
-from app.widgets.layer_table import (
+from app.widgets.layer_table import (  # PACKED_COLUMN: a group row's one plan column
     COLUMNS,
     ITEM_FLAGS,
+    PACKED_COLUMN,
     CellCopies,
     LayerTableModel,
     copy_row,
 )
 
-#: The one column of a group row that follows the plan (its leaves' summed packed bytes).
-PACKED_COLUMN = COLUMNS.index("Packed")
 _DISPLAY = Qt.ItemDataRole.DisplayRole
 _TOOLTIP = Qt.ItemDataRole.ToolTipRole
 _ALIGNMENT = Qt.ItemDataRole.TextAlignmentRole

@@ -23,6 +23,7 @@ from core.export.deploy import cost_block
 from core.export.devices import device_block, fits_line, get_device
 from core.export.formats import check_formats, parse_formats
 from core.export.outputs import owned_names, write_into
+from core.export.report import stored_narrower
 from core.export.stream import archive_evals, can_stream_outputs, latency_warnings, stream_into
 from core.io.data import make_dataset
 from core.recipe.edits import ReplacePlan
@@ -472,10 +473,7 @@ def _print_notices(event: str, payload: Any) -> None:
 
 def _as_stored(report: dict[str, Any]) -> str:
     """`` (N B as stored)`` when the original is narrower than fp32 (bfloat16/float16)."""
-    stored = report.get("stored_bytes")
-    if not stored or stored >= report["original_bytes"]:
-        return ""
-    return f" ({stored:,} B as stored)"
+    return f" ({report['stored_bytes']:,} B as stored)" if stored_narrower(report) else ""
 
 
 def _summary_line(model: str, report: dict[str, Any], out: Path) -> str:

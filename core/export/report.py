@@ -458,19 +458,20 @@ def _html_histograms(parts: list[str], result: Any) -> None:
     parts.append("</div>")
 
 
-def _narrow(data: Mapping[str, Any]) -> bool:
-    """Whether the original is stored narrower than fp32 (a bfloat16/float16 checkpoint)."""
+def stored_narrower(data: Mapping[str, Any]) -> bool:
+    """Whether a report's original is stored narrower than fp32 (a bfloat16/float16
+    checkpoint): its size as stored is then shown beside the fp32 one."""
     stored = data.get("stored_bytes")
     return bool(stored) and stored < data["original_bytes"]
 
 
 def _stored_card(data: Mapping[str, Any]) -> list[tuple[str, str]]:
-    return [("size as stored", f"{data['stored_bytes']:,} B")] if _narrow(data) else []
+    return [("size as stored", f"{data['stored_bytes']:,} B")] if stored_narrower(data) else []
 
 
 def _vs_stored(data: Mapping[str, Any]) -> str:
     ratio = data.get("compression_ratio_vs_stored")
-    return f" ({_fmt(ratio, '.1f')}× vs stored)" if _narrow(data) and ratio else ""
+    return f" ({_fmt(ratio, '.1f')}× vs stored)" if stored_narrower(data) and ratio else ""
 
 
 def render_html(result: Any, data: Mapping[str, Any]) -> str:

@@ -90,6 +90,9 @@ SIDE_FILES = (
 INSTALL_HINT = 'install the optional Hugging Face support: pip install -e ".[hf]"'
 KINDS = ("encoder", "classifier", "causal_lm", "token_logits")
 POOLING_MODES = ("mean", "cls", "max")
+#: Largest example image an image model is run on when it opens (`image_shape`).
+MAX_IMAGE_CHANNELS = 16
+MAX_IMAGE_PIXELS = 1024 * 1024
 #: Channels of the packed input tensor ``x[:, c, :]``.
 IDS, MASK, TYPES = 0, 1, 2
 
@@ -627,9 +630,13 @@ def image_shape(config: Any) -> tuple[int, int, int]:
         height, width = (int(size[0]), int(size[-1])) if size else (224, 224)
     else:
         height = width = int(size)
-    if not (0 < channels <= 64 and 0 < height <= 4096 and 0 < width <= 4096):
+    # The folder is run on two such images when it opens: a crafted config must not make
+    # that forward pass take gigabytes (1024x1024 covers the largest real inputs, SAM's).
+    if not (0 < channels <= MAX_IMAGE_CHANNELS and 0 < height * width <= MAX_IMAGE_PIXELS):
         raise ModelLoadError(
-            f"config.json gives an image of {channels}x{height}x{width}, which is out of range",
+            f"config.json gives an image of {channels}x{height}x{width}, beyond the "
+            f"{MAX_IMAGE_CHANNELS} channels and {MAX_IMAGE_PIXELS:,} pixels the workbench "
+            "runs an image model on",
             hint="check num_channels and image_size in config.json",
         )
     return channels, height, width

@@ -154,3 +154,28 @@ def test_a_model_needing_two_inputs_opens_weights_only_with_a_note(tmp_path):
     data = load_data(hf_models.write_txt(tmp_path / "s.txt", 8), loaded)
     with pytest.raises((CompressionError, WorkbenchError), match="forward|weights-only"):
         evaluate(loaded, data, latency=False)
+
+
+@pytest.mark.parametrize(
+    ("change", "what"),
+    [({"image_size": 4000}, "pixels"), ({"image_size": [1, 1 << 40]}, "pixels")],
+)
+def test_a_crafted_image_size_is_refused_before_the_model_runs(tmp_path, change, what):
+    """The folder runs once on example images shaped by config.json: a crafted size (on a
+    convolutional model, whose weights do not depend on it) is refused in one line instead
+    of a forward pass over gigabytes."""
+    import json
+
+    import transformers
+
+    folder = tmp_path / "resnet"
+    torch.manual_seed(0)
+    config = transformers.ResNetConfig(
+        embedding_size=8, hidden_sizes=[8, 16], depths=[1, 1], num_labels=3
+    )
+    transformers.ResNetForImageClassification(config).save_pretrained(str(folder))
+    assert tuple(load_model(folder).example_input.shape) == (2, 3, 224, 224)
+    data = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**data, **change}))
+    with pytest.raises(ModelLoadError, match=what):
+        load_model(folder)
