@@ -59,7 +59,7 @@ NAME_FIT = 18
 #: The Type column gives up width down to this before layer names are elided.
 TYPE_MIN_WIDTH = 56
 #: The widest text each number column shows (sizes the column once per model).
-WIDEST_VALUES = {3: "100.0 %", 4: "16 bit", 5: "999.9 KiB", 6: "-99.9 dB"}
+WIDEST_VALUES = {3: "100.0 %", 4: "16 bit", 5: "1023.99 KiB", 6: "-99.9 dB"}
 #: Pixels beside a column title (the header's padding and a little air).
 HEADER_MARGIN = 12
 #: Role under which each cell exposes a number for sorting.
